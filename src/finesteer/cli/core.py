@@ -1,0 +1,135 @@
+"""Engine commands: list models, describe one, generate with or without an intervention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from finesteer.cli.common import emit_json, run_command, stderr_console
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+
+
+def models(json_out: JsonFlag = False) -> None:
+    """List the offline model registry and what is already in the local cache."""
+    from finesteer.models.offline import registry_status
+    from finesteer.models.tiny import TINY_CONFIGS
+    from finesteer.paths import cache_root
+
+    rows = run_command(registry_status)
+    if json_out:
+        emit_json({"cache_root": str(cache_root()), "models": rows, "tiny_models": list(TINY_CONFIGS)})
+        return
+    table = Table(title=f"finesteer registry (cache: {cache_root()})")
+    for column in ("name", "family", "cached", "size", "description"):
+        table.add_column(column)
+    for row in rows:
+        size = f"{row['size_bytes'] / 1e6:.0f} MB" if row["size_bytes"] else "-"
+        table.add_row(row["name"], row["family"], "yes" if row["cached"] else "no", size, row["description"])
+    Console().print(table)
+    Console().print(f"tiny test models (random weights): {', '.join(TINY_CONFIGS)}")
+
+
+def info(
+    model: Annotated[
+        str, typer.Argument(help="Registry name, tiny-* name, HF folder, .gguf file or hub id.")
+    ],
+    json_out: JsonFlag = False,
+) -> None:
+    """Show a model's architecture: layers, query heads, kv heads, head_dim, hidden size."""
+    from finesteer.models import load_model
+
+    lm = run_command(lambda: load_model(model))
+    result = {
+        "model": model,
+        **lm.info.to_dict(),
+        "fingerprint": lm.fingerprint,
+        "chat_template": lm.has_chat_template,
+    }
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=model, show_header=False)
+    for key in (
+        "family",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "hidden_size",
+        "vocab_size",
+        "chat_template",
+    ):
+        table.add_row(key, str(result[key]))
+    Console().print(table)
+
+
+def generate(
+    model: Annotated[str, typer.Argument(help="Model to load.")],
+    prompt: Annotated[str, typer.Argument(help="User message (the chat template is applied unless --raw).")],
+    intervention: Annotated[
+        Path | None, typer.Option("--intervention", "-i", help="Artifact folder to apply while generating.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Use the prompt text as is, without chat template.")
+    ] = False,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also generate without the intervention, side by side.")
+    ] = False,
+    allow_other_weights: Annotated[
+        bool, typer.Option(help="Apply an artifact fitted on other weights of the same shape.")
+    ] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Generate a reply, optionally with a saved intervention applied."""
+    from finesteer.artifacts import load_intervention
+    from finesteer.data.prompts import chat_prompt
+    from finesteer.generation import GenerationConfig
+    from finesteer.generation import generate as run_generate
+    from finesteer.models import load_model
+
+    def work() -> dict[str, object]:
+        artifact = load_intervention(intervention) if intervention else None
+        lm = load_model(model)
+        if artifact is not None:
+            artifact.check_model(lm, strict=not allow_other_weights)
+        text = prompt if raw else chat_prompt(lm.tokenizer, prompt, system=system)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, seed=seed
+        )
+        stderr_console().print(f"generating with {model}" + (f" + {intervention}" if intervention else ""))
+        steered = run_generate(lm, [text], config, intervention=artifact.intervention if artifact else None)[
+            0
+        ]
+        result: dict[str, object] = {
+            "model": model,
+            "prompt": prompt,
+            "intervention": str(intervention or ""),
+            "output": steered,
+        }
+        if compare and artifact is not None:
+            result["baseline_output"] = run_generate(lm, [text], config)[0]
+        return result
+
+    result = run_command(work)
+    if json_out:
+        emit_json(result)
+        return
+    console = Console()
+    if "baseline_output" in result:
+        table = Table(show_lines=True)
+        table.add_column("without intervention")
+        table.add_column("with intervention")
+        table.add_row(str(result["baseline_output"]), str(result["output"]))
+        console.print(table)
+    else:
+        console.print(str(result["output"]), highlight=False, markup=False)

@@ -1,0 +1,18 @@
+"""Loading models and describing where their heads live."""
+
+from finesteer.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedArchitectureError, adapter_for
+from finesteer.models.info import ModelInfo
+from finesteer.models.loading import LoadedModel, describe_model, load_model, unpack_model, wrap_model
+
+__all__ = [
+    "ADAPTERS",
+    "ArchitectureAdapter",
+    "LoadedModel",
+    "ModelInfo",
+    "UnsupportedArchitectureError",
+    "adapter_for",
+    "describe_model",
+    "load_model",
+    "unpack_model",
+    "wrap_model",
+]

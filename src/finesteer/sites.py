@@ -1,0 +1,146 @@
+"""Named places in a model where activations are read or changed.
+
+A `Site` is (layer, component, head). Names follow TransformerLens hook names
+(`blocks.3.attn.hook_z`, `blocks.3.hook_resid_post`, …) so results line up with TL, SAELens and
+Neuronpedia; a single head is written `blocks.3.attn.hook_z[5]`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, get_args
+
+from finesteer.models.info import ModelInfo
+
+Component = Literal["z", "q", "resid_pre", "resid_post", "attn_out", "mlp_out", "ln_final"]
+HEAD_COMPONENTS: frozenset[str] = frozenset({"z", "q"})
+
+_TL_NAMES = MappingProxyType(
+    {
+        "z": "blocks.{layer}.attn.hook_z",
+        "q": "blocks.{layer}.attn.hook_q",
+        "resid_pre": "blocks.{layer}.hook_resid_pre",
+        "resid_post": "blocks.{layer}.hook_resid_post",
+        "attn_out": "blocks.{layer}.hook_attn_out",
+        "mlp_out": "blocks.{layer}.hook_mlp_out",
+        "ln_final": "ln_final.hook_normalized",
+    }
+)
+_DESCRIPTIONS = MappingProxyType(
+    {
+        "z": "head output: the head's slice of the o_proj input",
+        "q": "head query before RoPE (after q_norm where the family has one)",
+        "resid_pre": "residual stream entering the block",
+        "resid_post": "residual stream leaving the block",
+        "attn_out": "attention output after o_proj",
+        "mlp_out": "MLP output",
+        "ln_final": "final normalised hidden state (input of the unembedding)",
+    }
+)
+_PATTERN = re.compile(
+    r"^(?:blocks\.(?P<layer>-?\d+)\.(?:attn\.)?hook_(?P<comp>z|q|resid_pre|resid_post|attn_out|mlp_out)"
+    r"|ln_final\.hook_normalized)(?:\[(?P<head>-?\d+)\])?$"
+)
+
+
+class SiteError(ValueError):
+    """A site that does not exist in the model (bad layer, head, or component name)."""
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One hookable place. `head=None` on a head component means all heads of that layer."""
+
+    layer: int
+    component: Component
+    head: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.component not in get_args(Component):
+            raise SiteError(
+                f"unknown component '{self.component}'; choose from {', '.join(get_args(Component))}"
+            )
+        if self.head is not None and self.component not in HEAD_COMPONENTS:
+            raise SiteError(f"component '{self.component}' has no heads; only z and q take a head index")
+
+    @property
+    def name(self) -> str:
+        base = _TL_NAMES[self.component].format(layer=self.layer)
+        return base if self.head is None else f"{base}[{self.head}]"
+
+    @property
+    def is_head(self) -> bool:
+        return self.component in HEAD_COMPONENTS
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, text: str, n_layers: int | None = None) -> Site:
+        """Read a TL-style name; `ln_final.hook_normalized` needs `n_layers` (it follows the last block)."""
+        match = _PATTERN.match(text.strip())
+        if match is None:
+            raise SiteError(
+                f"cannot parse site '{text}': expected e.g. 'blocks.3.attn.hook_z[5]' or "
+                "'blocks.3.hook_resid_post'"
+            )
+        head = int(match["head"]) if match["head"] is not None else None
+        if match["comp"] is None:
+            if head is not None:
+                raise SiteError(f"'{text}': ln_final has no heads")
+            return cls(layer=(n_layers - 1) if n_layers else -1, component="ln_final")
+        return cls(layer=int(match["layer"]), component=match["comp"], head=head)  # type: ignore[arg-type]
+
+    def validate(self, info: ModelInfo) -> None:
+        """Fail with the model's actual ranges when the site is outside them."""
+        if self.component == "ln_final":
+            return
+        if not 0 <= self.layer < info.n_layers:
+            raise SiteError(
+                f"site {self.name}: layer {self.layer} out of range; model has {info.n_layers} layers "
+                f"(0..{info.n_layers - 1})"
+            )
+        if self.head is not None and not 0 <= self.head < info.n_heads:
+            raise SiteError(
+                f"site {self.name}: head {self.head} out of range; model has {info.n_heads} query heads "
+                f"(0..{info.n_heads - 1}) per layer"
+            )
+
+    def width(self, info: ModelInfo) -> int:
+        """Size of the activation vector at this site (what an added vector must have)."""
+        if self.is_head:
+            return info.head_dim if self.head is not None else info.z_dim
+        return info.hidden_size
+
+
+def head(layer: int, head_index: int) -> Site:
+    """The output (o_proj input slice) of one attention head."""
+    return Site(layer, "z", head_index)
+
+
+def head_query(layer: int, head_index: int) -> Site:
+    return Site(layer, "q", head_index)
+
+
+def resid_post(layer: int) -> Site:
+    return Site(layer, "resid_post")
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """Parse a CLI head list such as '12.3,13.1' (layer.head) into pairs."""
+    heads = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pieces = part.replace("L", "").replace("H", ".").split(".")
+        pieces = [p for p in pieces if p]
+        if len(pieces) != 2 or not all(p.lstrip("-").isdigit() for p in pieces):
+            raise SiteError(f"cannot parse head '{part}': write heads as LAYER.HEAD, e.g. '12.3,13.1'")
+        heads.append((int(pieces[0]), int(pieces[1])))
+    if not heads:
+        raise SiteError("empty head list: write heads as LAYER.HEAD, e.g. '12.3,13.1'")
+    return heads
+
+
+def describe(component: Component) -> str:
+    return _DESCRIPTIONS[component]
