@@ -154,14 +154,16 @@ def test_last_scope_touches_last_prompt_token_then_each_generated_token(
 
 
 def test_prompt_generated_and_from_scopes(tiny: LoadedModel, prompts: list[str]) -> None:
-    seen: dict[str, list[torch.Tensor]] = {"prompt": [], "generated": [], "from": []}
+    scopes = {
+        "prompt": Scope("prompt"),
+        "generated": Scope("generated"),
+        "from": Scope.parse("from:3"),
+        "from_end": Scope.parse("from_end:2"),
+    }
+    seen: dict[str, list[torch.Tensor]] = {kind: [] for kind in scopes}
 
     def record(act: torch.Tensor, ctx) -> None:
-        for kind, scope in (
-            ("prompt", Scope("prompt")),
-            ("generated", Scope("generated")),
-            ("from", Scope.parse("from:3")),
-        ):
+        for kind, scope in scopes.items():
             seen[kind].append(ctx.index[scope.mask(ctx)])
 
     hooks = HookSet(tiny.model, tiny.adapter)
@@ -172,6 +174,8 @@ def test_prompt_generated_and_from_scopes(tiny: LoadedModel, prompts: list[str])
     assert torch.cat(seen["prompt"]).tolist() == list(range(n))
     assert torch.cat(seen["generated"]).tolist() == list(range(n, n + 3))
     assert torch.cat(seen["from"]).tolist() == list(range(3, n + 3))
+    assert torch.cat(seen["from_end"]).tolist() == list(range(n - 2, n + 3))
+    assert str(scopes["from_end"]) == "from_end:2" and Scope.parse("from_end:2") == scopes["from_end"]
 
 
 def test_project_out_removes_direction(tiny: LoadedModel, prompts: list[str]) -> None:

@@ -1,4 +1,8 @@
-"""The `finesteer` command line: one sub-command per stage or recipe."""
+"""The `finesteer` command line: one sub-command per stage or recipe.
+
+Each area lives in its own module and registers its commands on the groups in `cli.apps`; importing
+the modules below is what makes the commands exist.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,8 @@ from typing import Annotated
 import typer
 
 from finesteer.cli import core
+from finesteer.cli.apps import app
 from finesteer.cli.common import setup_logging
-
-app = typer.Typer(
-    name="finesteer",
-    help="Locate the attention heads and SAE atoms behind a behaviour, and steer or ablate exactly those.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
 
 
 @app.callback()
@@ -28,6 +25,8 @@ def _root(
 app.command("models")(core.models)
 app.command("info")(core.info)
 app.command("generate")(core.generate)
+
+# Area modules register their commands on import (keep one import per area, alphabetical).
 
 
 def main() -> None:
