@@ -157,3 +157,15 @@ def test_capture_answer_mean_matches_manual(tiny: LoadedModel) -> None:
         fs.capture(tiny, [prompt], ["blocks.1.hook_resid_post"], position="answer_mean")
     with pytest.raises(CaptureError, match="outside a prompt"):
         fs.capture(tiny, ["ab"], ["blocks.1.hook_resid_post"], position=-5)
+
+
+def test_peek_model_info_without_loading(tiny_models: dict[str, LoadedModel], tmp_path: Path) -> None:
+    from finesteer.models import peek_model_info
+    from finesteer.models.registry import REGISTRY
+
+    for name, lm in tiny_models.items():
+        assert peek_model_info(name) == lm.info
+    assert peek_model_info("smollm2-135m-instruct") == REGISTRY["smollm2-135m-instruct"].info
+    tiny_models["tiny-qwen2"].model.config.save_pretrained(tmp_path)
+    assert peek_model_info(tmp_path) == tiny_models["tiny-qwen2"].info
+    assert peek_model_info(tmp_path / "missing") is None

@@ -20,7 +20,13 @@ def smollm2() -> fs.LoadedModel:
 
 def test_info_matches_published_architecture(smollm2: fs.LoadedModel) -> None:
     info = smollm2.info
-    assert (info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim, info.hidden_size) == (30, 9, 3, 64, 576)
+    assert (info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim, info.hidden_size) == (
+        30,
+        9,
+        3,
+        64,
+        576,
+    )
 
 
 def test_capture_steer_save_load(smollm2: fs.LoadedModel, tmp_path: Path) -> None:
@@ -45,3 +51,25 @@ def test_capture_steer_save_load(smollm2: fs.LoadedModel, tmp_path: Path) -> Non
     loaded = fs.load_intervention(folder)
     loaded.check_model(smollm2)
     assert fs.generate(smollm2, question, max_new_tokens=24, intervention=loaded.intervention) == after
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_cli_info_and_registry_shape(name: str) -> None:
+    """`finesteer info NAME --json` reports the architecture; the registry's recorded shape agrees."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from finesteer.cli import app
+    from finesteer.models.registry import REGISTRY
+
+    result = CliRunner().invoke(app, ["info", name, "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = REGISTRY[name].info
+    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"], info["head_dim"]) == (
+        expected.n_layers,
+        expected.n_heads,
+        expected.n_kv_heads,
+        expected.head_dim,
+    )

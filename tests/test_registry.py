@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from finesteer.models import offline
+from finesteer.models.info import ModelInfo
 from finesteer.models.offline import (
     SOURCE_FILENAME,
     ChecksumMismatchError,
@@ -40,6 +41,7 @@ def _fake_entry(tmp_name: str = "fake-model", sha: str = JOINED_SHA) -> Registry
         gguf_sha256=sha,
         approx_size_bytes=len(JOINED),
         has_chat_template=False,
+        info=ModelInfo("llama", 2, 4, 2, 8, 32, 100),
     )
 
 

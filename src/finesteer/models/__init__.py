@@ -2,7 +2,14 @@
 
 from finesteer.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedArchitectureError, adapter_for
 from finesteer.models.info import ModelInfo
-from finesteer.models.loading import LoadedModel, describe_model, load_model, unpack_model, wrap_model
+from finesteer.models.loading import (
+    LoadedModel,
+    describe_model,
+    load_model,
+    peek_model_info,
+    unpack_model,
+    wrap_model,
+)
 
 __all__ = [
     "ADAPTERS",
@@ -13,6 +20,7 @@ __all__ = [
     "adapter_for",
     "describe_model",
     "load_model",
+    "peek_model_info",
     "unpack_model",
     "wrap_model",
 ]

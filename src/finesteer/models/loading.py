@@ -119,3 +119,29 @@ def load_model(
     loaded = wrap_model(model.to(device), tokenizer, name, fingerprint)
     log.info("loaded %s (%s) in %.1fs", name, loaded.info.family, time.perf_counter() - started)
     return loaded
+
+
+def peek_model_info(name_or_path: str | Path) -> ModelInfo | None:
+    """A model's shape without loading (or downloading) its weights, or None when it can't be known.
+
+    Recipes use it to reject out-of-range layers and heads before any heavy work starts.
+    """
+    from finesteer.models.adapters import ADAPTERS
+    from finesteer.models.registry import REGISTRY
+    from finesteer.models.tiny import TINY_CONFIGS, tiny_tokenizer
+
+    name = str(name_or_path)
+    if name in TINY_CONFIGS:
+        config = TINY_CONFIGS[name](len(tiny_tokenizer()))
+        return ModelInfo.from_config(config, family=config.model_type)
+    if name in REGISTRY:
+        return REGISTRY[name].info
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        family = config.model_type if config.model_type in ADAPTERS else str(config.model_type)
+        return ModelInfo.from_config(text_config, family=family)
+    return None

