@@ -1,0 +1,68 @@
+"""End-to-end pipelines driven by a typed recipe, writing a resumable run folder with a report."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from finesteer.recipes.config import (
+    HSIRecipe,
+    RecipeError,
+    ShipsRecipe,
+    STARecipe,
+    check_against_model,
+    load_recipe,
+    parse_recipe,
+)
+from finesteer.recipes.run import RunFolder, StepInterrupted
+
+#: method → "module:function" running that recipe on a RunFolder (imported only when used).
+RUNNERS = MappingProxyType(
+    {
+        "hsi": "finesteer.recipes.hsi:run",
+        "ships": "finesteer.recipes.ships:run",
+        "sta": "finesteer.recipes.sta:run",
+    }
+)
+
+
+def runner_for(method: str) -> Callable[..., dict[str, Any]]:
+    module, function = RUNNERS[method].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def prepare(recipe: HSIRecipe | ShipsRecipe | STARecipe) -> None:
+    """Every check that can fail before the model is loaded: data names, layer and head ranges."""
+    from finesteer.data import CATALOG
+    from finesteer.models import peek_model_info
+
+    for field in ("behaviour", "attribution_data", "evaluation_data"):
+        name = getattr(recipe, field, None)
+        if name is not None and name not in CATALOG and not Path(name).is_file():
+            raise RecipeError(f"invalid recipe: {field}: unknown dataset {name!r}; see `finesteer data list`")
+    check_against_model(recipe, peek_model_info(recipe.model))
+
+
+def execute(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every step of the run's recipe; returns the final metrics."""
+    prepare(run.recipe)  # type: ignore[arg-type]
+    return runner_for(run.recipe.method)(run, progress=progress)  # type: ignore[attr-defined]
+
+
+__all__ = [
+    "RUNNERS",
+    "HSIRecipe",
+    "RecipeError",
+    "RunFolder",
+    "STARecipe",
+    "ShipsRecipe",
+    "StepInterrupted",
+    "execute",
+    "load_recipe",
+    "parse_recipe",
+    "prepare",
+    "runner_for",
+]

@@ -1,0 +1,194 @@
+"""Typed recipe configs: one pydantic model per method, read from YAML, validated before any work.
+
+Everything a run needs is in the config (model, data, method parameters, evaluation, judge, seed), so
+a run folder's `recipe.yaml` is enough to reproduce it. Errors name the offending field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, field_validator
+
+from finesteer.models.info import ModelInfo
+from finesteer.sites import SiteError, parse_heads
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: unknown method, missing or mistyped field, head out of range."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerationSection(Section):
+    """Decoding for every generation in the run (greedy by default: reproducible)."""
+
+    max_new_tokens: PositiveInt = 48
+    batch_size: PositiveInt = 8
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+
+
+class RecipeBase(Section):
+    """Fields every recipe has."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = "smollm2-135m-instruct"
+    seed: int = 0
+    generation: GenerationSection = GenerationSection()
+    judge: Literal["keyword", "gcg", "llm", "local", "none"] = "keyword"
+    examples: PositiveInt = Field(4, description="prompts shown before/after in the report")
+
+    def head_fields(self) -> dict[str, list[tuple[int, int]]]:
+        """Head lists in this recipe (field name → heads), checked against the model's shape."""
+        return {}
+
+
+def _check_heads(value: list[str] | None) -> list[str] | None:
+    if value is not None:
+        for item in value:
+            parse_heads(item)
+    return value
+
+
+class HSIRecipe(RecipeBase):
+    """Locate heads by A/B sensitivity, steer them (HSI), compare with baselines on one behaviour."""
+
+    method: Literal["hsi"]
+    behaviour: str = "coordinate-other-ais"
+    train_limit: PositiveInt = 120
+    sweep_limit: PositiveInt = 24
+    val_limit: PositiveInt = 24
+    test_limit: PositiveInt = 50
+    open_ended_limit: int = Field(6, ge=0)
+    heads: list[str] | None = Field(None, description="restrict the sweep to these heads (LAYER.HEAD)")
+    layers: list[int] | None = Field(None, description="restrict the sweep to these layers")
+    alphas: list[float] = Field(default_factory=lambda: [-8.0, 8.0])
+    k: PositiveInt = 4
+    baselines: list[Literal["prompt", "caa", "iti"]] = Field(default_factory=list)
+
+    _heads = field_validator("heads")(classmethod(lambda cls, v: _check_heads(v)))
+
+    def head_fields(self) -> dict[str, list[tuple[int, int]]]:
+        return {"heads": [h for item in self.heads for h in parse_heads(item)]} if self.heads else {}
+
+
+class ShipsRecipe(RecipeBase):
+    """Score heads by ablation (Ships), grow a group (Sahara), measure ASR against random heads."""
+
+    method: Literal["ships"]
+    model: str = "qwen2.5-coder-0.5b-instruct"
+    attribution_data: str = "refusal-direction-harmful"
+    attribution_split: str | None = "train"
+    attribution_limit: PositiveInt = 32
+    evaluation_data: str = "jailbreakbench"
+    evaluation_limit: PositiveInt = 40
+    mode: Literal["ua", "sc"] = "ua"
+    eps: float = Field(1e-5, ge=0)
+    level: Literal["query", "dataset"] = "query"
+    sahara_group_size: int = Field(0, ge=0, description="0 skips Sahara")
+    top_k: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 3])
+    random_seeds: int = Field(3, ge=0)
+    heads: list[str] | None = Field(None, description="score only these heads (LAYER.HEAD)")
+
+    _heads = field_validator("heads")(classmethod(lambda cls, v: _check_heads(v)))
+
+    def head_fields(self) -> dict[str, list[tuple[int, int]]]:
+        return {"heads": [h for item in self.heads for h in parse_heads(item)]} if self.heads else {}
+
+
+class STARecipe(RecipeBase):
+    """Train (or load) an SAE, select target atoms, steer, compare with CAA and prompting."""
+
+    method: Literal["sta"]
+    layer: int = Field(12, ge=0)
+    sae_path: str | None = None
+    sae_width: PositiveInt = 4608
+    sae_k: PositiveInt = 32
+    sae_tokens: PositiveInt = 200_000
+    train_limit: PositiveInt = 64
+    test_limit: PositiveInt = 40
+    multipliers: list[float] = Field(default_factory=lambda: [1.0, 2.0])
+    trim: float = Field(0.35, gt=0, le=1)
+
+
+Recipe = Annotated[HSIRecipe | ShipsRecipe | STARecipe, Field(discriminator="method")]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Recipe)
+METHODS = ("hsi", "ships", "sta")
+
+
+def _format(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not (isinstance(p, str) and p in METHODS))
+        msg = item["msg"]
+        if item["type"] == "union_tag_invalid":
+            msg = f"unknown method {item['input'].get('method')!r}; choose one of {', '.join(METHODS)}"
+            loc = "method"
+        elif item["type"] == "union_tag_not_found":
+            msg = f"missing field 'method' (one of {', '.join(METHODS)})"
+            loc = "method"
+        lines.append(f"{loc or '<recipe>'}: {msg}")
+    return "invalid recipe: " + "; ".join(lines)
+
+
+def parse_recipe(data: dict[str, Any]) -> HSIRecipe | ShipsRecipe | STARecipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise RecipeError(_format(exc)) from None
+    except SiteError as exc:
+        raise RecipeError(f"invalid recipe: heads: {exc}") from None
+
+
+def load_recipe(path: str | Path) -> HSIRecipe | ShipsRecipe | STARecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        return parse_recipe(data)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+
+
+def dump_recipe(recipe: RecipeBase) -> str:
+    data = recipe.model_dump(mode="json")
+    ordered = {"method": data.pop("method"), **data}
+    return yaml.safe_dump(ordered, sort_keys=False)
+
+
+def check_against_model(recipe: RecipeBase, info: ModelInfo | None) -> None:
+    """Reject layers and heads outside the model before any weights are loaded."""
+    if info is None:
+        return
+    for field, heads in recipe.head_fields().items():
+        for i, (layer, head) in enumerate(heads):
+            if not 0 <= layer < info.n_layers:
+                raise RecipeError(
+                    f"invalid recipe: {field}[{i}]: layer {layer} out of range; {recipe.model} has "
+                    f"{info.n_layers} layers (0..{info.n_layers - 1})"
+                )
+            if not 0 <= head < info.n_heads:
+                raise RecipeError(
+                    f"invalid recipe: {field}[{i}]: head {head} out of range; {recipe.model} has "
+                    f"{info.n_heads} heads per layer (0..{info.n_heads - 1})"
+                )
+    layers = getattr(recipe, "layers", None) or []
+    layer_field = getattr(recipe, "layer", None)
+    for i, layer in enumerate([*layers, *([layer_field] if layer_field is not None else [])]):
+        if not 0 <= layer < info.n_layers:
+            name = f"layers[{i}]" if i < len(layers) else "layer"
+            raise RecipeError(
+                f"invalid recipe: {name}: layer {layer} out of range; "
+                f"{recipe.model} has {info.n_layers} layers"
+            )
