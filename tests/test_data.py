@@ -73,6 +73,7 @@ EXPECTED_ROWS: dict[tuple[str, str], tuple[int, type]] = {
     ("xstest", "safe"): (250, PromptItem),
     ("xstest", "unsafe"): (200, PromptItem),
     ("xstest", "all"): (450, PromptItem),
+    ("finesteer-mc", "test"): (40, ABItem),
 }
 
 CHATML = (
@@ -138,7 +139,8 @@ def test_vendored_files_match_provenance_sha256() -> None:
                 name, digest = match.groups()
                 assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
                 checked += 1
-    assert checked == 36  # 21 CAA + 3 HSI + 1 Anthropic + 1 AdvBench + 2 JBB + 1 XSTest + 6 RD + 1 Alpaca
+    # 21 CAA + 3 HSI + 1 Anthropic + 1 AdvBench + 2 JBB + 1 XSTest + 6 RD + 1 Alpaca + 1 finesteer-mc
+    assert checked == 37
     assert (VENDORED_DIR / "README.md").is_file()
     assert (VENDORED_DIR / "refusal_direction" / "harmful_row_origins.csv").is_file()
 

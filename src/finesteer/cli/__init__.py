@@ -27,6 +27,7 @@ app.command("info")(core.info)
 app.command("generate")(core.generate)
 
 # Area modules register their commands on import (keep one import per area, alphabetical).
+from finesteer.cli import evaluate as _evaluate  # noqa: E402,F401
 
 
 def main() -> None:

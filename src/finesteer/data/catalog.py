@@ -371,6 +371,16 @@ def _build_catalog() -> Mapping[str, DatasetSpec]:
             ),
             default_split="all",
         ),
+        DatasetSpec(
+            name="finesteer-mc",
+            description="40 hand-written 4-option general-knowledge / arithmetic / common-sense questions "
+            "(helpfulness check; matching = the correct answer)",
+            licence="CC0-1.0 (written for finesteer)",
+            non_commercial=False,
+            provenance="finesteer_mc/PROVENANCE.md",
+            splits=MappingProxyType({"test": SplitSpec("ab", "finesteer_mc/mc_questions.jsonl", 40, _ab)}),
+            default_split="test",
+        ),
     ]
     return MappingProxyType({entry.name: entry for entry in entries})
 

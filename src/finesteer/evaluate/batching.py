@@ -1,0 +1,169 @@
+"""Right-padded scoring forwards, and per-row interventions that follow items across batches.
+
+Evaluation reads next-token distributions at chosen positions (the answer letter after "(", an
+option's tokens, the last prompt token). Batches are right-padded so every real token keeps the
+position it has when the prompt runs alone: a batched score then equals an unbatched one.
+
+Row-specific edits (`Intervention.per_row`) name rows of *the evaluated item list*, not of one
+batch: `rows_for_batch` re-indexes them for each batch, so a scan gives the same numbers whatever
+the batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from finesteer.interventions.apply import intervene
+from finesteer.interventions.edit import Intervention, InterventionError
+from finesteer.models.loading import LoadedModel
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot give a meaningful number (no items, untokenisable answer, NaN logits)."""
+
+
+def check_rows(intervention: Intervention | None, n_items: int) -> None:
+    """Refuse row-specific edits that name an item beyond the list (they would silently do nothing)."""
+    if intervention is None:
+        return
+    for edit in intervention.edits:
+        if edit.rows is not None and edit.rows and max(edit.rows) >= n_items:
+            raise InterventionError(
+                f"edit at {edit.site} targets item row {max(edit.rows)} but only {n_items} items are "
+                "evaluated (per-row interventions name rows of the item list)"
+            )
+
+
+def has_row_edits(intervention: Intervention | None) -> bool:
+    return intervention is not None and any(edit.rows is not None for edit in intervention.edits)
+
+
+def rows_for_batch(intervention: Intervention | None, indices: Sequence[int]) -> Intervention | None:
+    """The edits that apply to a batch made of the items `indices`, rows renumbered 0..len-1.
+
+    Edits without rows apply to every row and are kept as they are; a row-specific edit keeps only
+    the rows in this batch and is dropped when none are.
+    """
+    if intervention is None or not has_row_edits(intervention):
+        return intervention
+    position = {item: row for row, item in enumerate(indices)}
+    edits = []
+    for edit in intervention.edits:
+        if edit.rows is None:
+            edits.append(edit)
+            continue
+        rows = tuple(position[r] for r in edit.rows if r in position)
+        if rows:
+            edits.append(replace(edit, rows=rows))
+    return Intervention(tuple(edits))
+
+
+def applied(lm: LoadedModel, intervention: Intervention | None) -> Any:
+    """Context manager applying `intervention` (or nothing)."""
+    return intervene(lm, intervention) if intervention is not None else nullcontext()
+
+
+def intervention_digest(intervention: Intervention | None) -> str:
+    """A short hash of an intervention's exact content (sites, ops, vectors, scopes, rows).
+
+    Lets a resumed run check it continues with the same intervention it started with.
+    """
+    if intervention is None:
+        return "none"
+    digest = hashlib.sha256()
+    for edit in intervention.edits:
+        spec = {
+            "site": edit.site.name,
+            "op": edit.op.kind,
+            "params": edit.op.params(),
+            "scope": str(edit.scope),
+            "rows": list(edit.rows) if edit.rows is not None else None,
+        }
+        digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
+        for key, tensor in sorted(edit.op.tensors().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """[B, S] input ids and attention mask, each row's tokens first, padding after."""
+    if not sequences:
+        raise EvaluationError("no sequences to batch")
+    width = max(len(s) for s in sequences)
+    if width == 0:
+        raise EvaluationError("cannot score an empty token sequence")
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        if not tokens:
+            raise EvaluationError(f"row {row} has no tokens")
+        ids[row, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+def log_probs_at(
+    lm: LoadedModel, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]
+) -> Tensor:
+    """Next-token log-probabilities [B, K, V] (float32) at `positions[b]` (K per row) of each sequence.
+
+    One forward over the right-padded batch. Only the requested positions are projected onto the
+    vocabulary (HF `logits_to_keep` with per-row indices), so memory stays small for long prompts.
+    """
+    counts = {len(p) for p in positions}
+    if len(counts) != 1 or len(positions) != len(sequences):
+        raise EvaluationError("log_probs_at needs the same number of positions for every sequence")
+    for row, (seq, pos) in enumerate(zip(sequences, positions, strict=True)):
+        if any(not 0 <= p < len(seq) for p in pos):
+            raise EvaluationError(f"row {row}: positions {list(pos)} outside a sequence of {len(seq)} tokens")
+    ids, mask = right_pad(sequences, lm.tokenizer.pad_token_id)
+    index = torch.tensor([list(p) for p in positions], dtype=torch.long)
+    device = lm.device
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+    with torch.no_grad():
+        try:
+            logits = lm.model(**inputs, logits_to_keep=index.to(device)).logits
+        except TypeError:  # a model class whose forward has no logits_to_keep
+            logits = lm.model(**inputs).logits
+    if logits.shape[1] != index.shape[1]:  # every position was projected: pick the requested ones
+        if logits.shape[1] != ids.shape[1]:
+            raise EvaluationError(f"model returned logits for {logits.shape[1]} positions of {ids.shape[1]}")
+        logits = torch.take_along_dim(logits, index.to(logits.device)[..., None], dim=1)
+    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+    if torch.isnan(logp).any():
+        raise EvaluationError("the model produced NaN logits (check the intervention's scale)")
+    return logp
+
+
+def token_log_probs(
+    lm: LoadedModel, sequences: Sequence[Sequence[int]], starts: Sequence[int]
+) -> list[Tensor]:
+    """Log-probability of every token of `sequences[b]` from index `starts[b]` on, given the tokens before.
+
+    Returns one float32 tensor per row (length `len(seq) - start`). `starts[b]` must be ≥ 1: the
+    first token has no prediction. One forward for the whole batch.
+    """
+    positions: list[list[int]] = []
+    for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+        if not 1 <= start < len(seq):
+            raise EvaluationError(
+                f"row {row}: scored span starts at {start} in a sequence of {len(seq)} tokens"
+            )
+        positions.append(list(range(start - 1, len(seq) - 1)))
+    width = max(len(p) for p in positions)
+    padded = [p + [p[-1]] * (width - len(p)) for p in positions]
+    logp = log_probs_at(lm, sequences, padded)
+    out = []
+    for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+        targets = torch.tensor(list(seq[start:]), dtype=torch.long)
+        out.append(logp[row, : len(targets)].gather(1, targets[:, None])[:, 0])
+    return out

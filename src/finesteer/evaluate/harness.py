@@ -1,0 +1,226 @@
+"""Generation harness: generate for many prompts, judge, and stream one JSON row per prompt to disk.
+
+Long generation runs get interrupted (a kill, a judge endpoint failing). Every finished batch is
+appended to a JSONL file and flushed, and a run started again on the same file skips the ids
+already there: nothing is lost and nothing is written twice. A last line cut short by a kill is
+dropped and that prompt generated again. A sidecar `<file>.meta.json` records the model, decoding
+settings, intervention and judges, and a resumed run with other settings is refused rather than
+mixing two experiments in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from finesteer.data.items import ABItem, OpenEndedItem, PromptItem
+from finesteer.data.prompts import chat_prompt
+from finesteer.evaluate.batching import EvaluationError, check_rows, intervention_digest, rows_for_batch
+from finesteer.evaluate.judges import Judge, Verdict
+from finesteer.generation import GenerationConfig, generate
+from finesteer.interventions.edit import Intervention
+from finesteer.models.loading import LoadedModel
+
+HarnessItem = PromptItem | OpenEndedItem | ABItem | tuple[str, str]
+"""A prompt to generate for: a dataset row, or an (id, user text) pair."""
+
+
+class ResumeError(EvaluationError):
+    """The output file cannot be resumed (corrupt row, other settings, duplicate ids)."""
+
+
+def item_id(item: HarnessItem) -> str:
+    return str(item[0]) if isinstance(item, tuple) else item.id
+
+
+def item_text(item: HarnessItem) -> str:
+    """The user text of an item: a prompt item's prompt, an A/B or open-ended item's question."""
+    if isinstance(item, tuple):
+        return item[1]
+    if isinstance(item, PromptItem):
+        return item.prompt
+    return item.question
+
+
+def verdict_record(verdict: Verdict) -> dict[str, Any]:
+    return {"label": verdict.label, "score": verdict.score, "reason": verdict.reason, "raw": verdict.raw}
+
+
+def _meta_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".meta.json")
+
+
+def read_rows(out_path: str | Path) -> list[dict[str, Any]]:
+    """The complete rows of a harness JSONL file, repairing a last line cut short by a kill.
+
+    A final line without its newline is an interrupted write: it is removed from the file (so the
+    next append starts on a clean line) and not returned. A malformed line elsewhere is an error
+    naming the line, because silently skipping it would lose a row.
+    """
+    path = Path(out_path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(complete)
+    rows: list[dict[str, Any]] = []
+    for line_no, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ResumeError(
+                f"{path}, line {line_no}: not valid JSON ({exc.msg}); fix or delete it"
+            ) from exc
+        if not isinstance(row, dict) or "id" not in row or "response" not in row:
+            raise ResumeError(f"{path}, line {line_no}: not a harness row (needs 'id' and 'response')")
+        rows.append(row)
+    return rows
+
+
+def _check_meta(out_path: Path, meta: dict[str, Any], resuming: bool) -> None:
+    """Record the run's settings, or, when resuming, check they are the ones the file was made with."""
+    meta_path = _meta_path(out_path)
+    if not resuming:
+        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return
+    if not meta_path.exists():
+        raise ResumeError(f"{out_path} has rows but no {meta_path.name}; cannot check it is the same run")
+    old = json.loads(meta_path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+    if changed:
+        details = "; ".join(f"{k}: was {old.get(k)!r}, now {meta.get(k)!r}" for k in changed)
+        raise ResumeError(
+            f"{out_path} holds a run with other settings ({details}); use another output path "
+            "or delete the file to start over"
+        )
+
+
+def _describe_judge(judge: Judge) -> str:
+    """The judge's settings as text (its repr), or its class name when the repr is only an address."""
+    text = repr(judge)
+    return type(judge).__qualname__ if " at 0x" in text else text
+
+
+def _truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def run_generations(
+    lm: LoadedModel,
+    items: Sequence[HarnessItem],
+    out_path: str | Path | None,
+    *,
+    format_fn: Callable[[str], str] | None = None,
+    config: GenerationConfig | None = None,
+    intervention: Intervention | None = None,
+    judges: Mapping[str, Judge] | None = None,
+    stop: Sequence[str] = (),
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Generate a reply for every item, judge it, and return one row per item, in item order.
+
+    Row: `id`, `index` (position in `items`), `prompt` (user text), `formatted_prompt`, `response`
+    and, with judges, `verdicts` {judge name: {label, score, reason, raw}}. `format_fn` turns the
+    user text into the model input (default: the chat template, no system prompt). `stop` strings
+    cut the response at the first occurrence (after generation; the EOS token already stops it).
+
+    With `out_path` rows are appended batch by batch to that JSONL file and a re-run resumes (see
+    the module doc); `None` keeps everything in memory. Greedy by default; with sampling, batch b is
+    seeded `config.seed + index of its first item`, so a resumed sampled run matches an
+    uninterrupted one only when its batches start at the same items. A per-row intervention gives
+    item i (its position in `items`) the i-th intervention.
+    """
+    config = config or GenerationConfig()
+    items = list(items)
+    if not items:
+        raise EvaluationError("no prompts to generate for")
+    ids = [item_id(item) for item in items]
+    duplicates = sorted(key for key, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise EvaluationError(f"item ids must be unique to resume a run; repeated: {duplicates[:5]}")
+    check_rows(intervention, len(items))
+    if intervention is not None:
+        intervention.validate(lm.info)
+    judges = dict(judges or {})
+    for name, judge in judges.items():
+        if not isinstance(judge, Judge):
+            raise EvaluationError(f"judge {name!r} has no judge()/judge_many() methods")
+    fmt = format_fn or (lambda text: chat_prompt(lm.tokenizer, text))
+
+    done: dict[str, dict[str, Any]] = {}
+    path = Path(out_path) if out_path is not None else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existing = read_rows(path)
+        meta = {
+            "model": lm.name,
+            "fingerprint": lm.fingerprint,
+            # the batch size is left out: a resumed run may use another one
+            "config": {k: v for k, v in asdict(config).items() if k != "batch_size"},
+            "intervention": intervention_digest(intervention),
+            "judges": {name: _describe_judge(judge) for name, judge in sorted(judges.items())},
+            "stop": list(stop),
+        }
+        _check_meta(path, meta, resuming=bool(existing))
+        for line_no, row in enumerate(existing, start=1):
+            if row["id"] in done:
+                raise ResumeError(f"{path}: id {row['id']!r} appears twice (row {line_no})")
+            done[row["id"]] = row
+
+    todo = [i for i, item_key in enumerate(ids) if item_key not in done]
+    bar = tqdm(
+        total=len(items), initial=len(items) - len(todo), desc="generate", unit="prompt", disable=not progress
+    )
+    handle = path.open("a", encoding="utf-8") if path is not None else None
+    try:
+        for start in range(0, len(todo), config.batch_size):
+            indices = todo[start : start + config.batch_size]
+            texts = [item_text(items[i]) for i in indices]
+            formatted = [fmt(text) for text in texts]
+            batch_config = replace(
+                config,
+                batch_size=len(indices),
+                seed=None if config.seed is None else config.seed + indices[0],
+            )
+            responses = generate(
+                lm, formatted, batch_config, intervention=rows_for_batch(intervention, indices)
+            )
+            responses = [_truncate_at_stop(r, stop) for r in responses] if stop else responses
+            verdicts = {
+                name: judge.judge_many(list(zip(texts, responses, strict=True)))
+                for name, judge in judges.items()
+            }
+            for row_in_batch, i in enumerate(indices):
+                row: dict[str, Any] = {
+                    "id": ids[i],
+                    "index": i,
+                    "prompt": texts[row_in_batch],
+                    "formatted_prompt": formatted[row_in_batch],
+                    "response": responses[row_in_batch],
+                }
+                if judges:
+                    row["verdicts"] = {name: verdict_record(v[row_in_batch]) for name, v in verdicts.items()}
+                done[ids[i]] = row
+                if handle is not None:
+                    handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
+            bar.update(len(indices))
+    finally:
+        bar.close()
+        if handle is not None:
+            handle.close()
+    return [done[i] for i in ids]
