@@ -1,0 +1,69 @@
+"""Layer × head heatmap of a `HeadScores` table, with the top heads marked.
+
+matplotlib is imported inside the function and used through its object API (`Figure`, rendered by
+Agg), never pyplot: plotting works on headless machines, touches no global backend or figure state
+(safe inside notebooks), and importing finesteer never pulls in a GUI toolkit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from finesteer.locate.scores import HeadScores
+
+
+def plot_head_heatmap(
+    scores: HeadScores | Tensor,
+    path: str | Path,
+    *,
+    title: str | None = None,
+    annotate_top: int = 5,
+    label: str = "score",
+    cmap: str = "viridis",
+    dpi: int = 120,
+) -> Path:
+    """Save a PNG of the [n_layers, n_heads] table (layers on y, heads on x).
+
+    The `annotate_top` best heads get a box and their rank, so the picture says which heads a
+    ranking picked without reading the JSON.
+    """
+    from matplotlib import patheffects
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from finesteer.locate.scores import HeadScores
+
+    table = scores if isinstance(scores, HeadScores) else HeadScores(scores=scores, method="scores")
+    if annotate_top < 0:
+        raise ValueError(f"annotate_top must be ≥ 0, got {annotate_top}")
+    values = table.scores.to(torch.float64).numpy()
+    n_layers, n_heads = table.shape
+    width = min(4.0 + 0.35 * n_heads, 24.0)
+    height = min(2.5 + 0.25 * n_layers, 24.0)
+    fig = Figure(figsize=(width, height))
+    ax = fig.subplots()
+    image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=label)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(0, n_heads, max(1, n_heads // 16)))
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
+    if title is None:
+        parts = [table.method, table.mode or "", table.model_name]
+        title = " · ".join(p for p in parts if p)
+    ax.set_title(title)
+    marked = table.top(min(annotate_top, n_layers * n_heads)) if annotate_top else []
+    for rank, (layer, head, _) in enumerate(marked, start=1):
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+        text = ax.text(head, layer, str(rank), ha="center", va="center", color="white", fontsize=7)
+        text.set_path_effects([patheffects.withStroke(linewidth=1.5, foreground="black")])
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path

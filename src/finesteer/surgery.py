@@ -1,0 +1,166 @@
+"""Bake a head ablation into the weights and export a plain Hugging Face model folder.
+
+finesteer never edits a loaded model; this export step makes a copy whose weights do what the hooks
+did, so the result runs anywhere transformers runs (no finesteer, no hooks):
+
+- `ua` (uniform attention, query × ε): the head's rows of `q_proj.weight` (and of its bias) × ε.
+  RoPE is linear, so scaling the pre-RoPE query is exactly scaling these rows. Families whose query
+  passes through a norm shared by all heads (q_norm in Qwen 3, Gemma 3) are refused: the norm would
+  undo the scaling, and its weight cannot be scaled for one head only.
+- `sc` (scale contribution, head output × ε): the head's input columns of `o_proj.weight`. Under GQA
+  a v_proj row feeds several query heads, so v is never touched; the o_proj columns belong to
+  exactly one query head.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finesteer import __version__
+from finesteer.models.loading import LoadedModel
+
+SURGERY_FILE = "finesteer_surgery.json"
+MODES = ("ua", "sc")
+
+
+class SurgeryError(ValueError):
+    """An ablation that cannot be written into this model's weights."""
+
+
+def _check(lm: LoadedModel, heads: Sequence[tuple[int, int]], mode: str, eps: float) -> list[tuple[int, int]]:
+    if mode not in MODES:
+        raise SurgeryError(f"unknown surgery mode '{mode}'; choose 'ua' (query × ε) or 'sc' (output × ε)")
+    if not heads:
+        raise SurgeryError("no heads to ablate")
+    if not torch.isfinite(torch.tensor(float(eps))) or eps < 0:
+        raise SurgeryError(f"ε must be a finite number ≥ 0, got {eps}")
+    info = lm.info
+    checked = []
+    for layer, head in heads:
+        if not (0 <= layer < info.n_layers and 0 <= head < info.n_heads):
+            raise SurgeryError(
+                f"unknown head {layer}.{head}: model has {info.n_layers} layers × {info.n_heads} heads"
+            )
+        checked.append((int(layer), int(head)))
+    if len(set(checked)) != len(checked):
+        raise SurgeryError(f"duplicate heads in {checked}")
+    if mode == "ua" and lm.adapter.query_module != lm.adapter.q_proj:
+        raise SurgeryError(
+            f"cannot bake uniform attention into {info.family}: its query passes through "
+            f"'{lm.adapter.query_module}', a norm shared by all heads that undoes q_proj scaling; "
+            "use mode 'sc' or the hooked ablation"
+        )
+    return checked
+
+
+def ablate_weights(
+    model: torch.nn.Module, lm: LoadedModel, heads: Sequence[tuple[int, int]], mode: str, eps: float
+) -> None:
+    """Scale the weights of `model` (an architecture twin of `lm.model`, e.g. a copy) in place."""
+    checked = _check(lm, heads, mode, eps)
+    dim = lm.info.head_dim
+    with torch.no_grad():
+        for layer, head in checked:
+            rows = slice(head * dim, (head + 1) * dim)
+            if mode == "ua":
+                q_proj = lm.adapter.attn_part(model, layer, lm.adapter.q_proj)
+                q_proj.weight[rows, :] *= eps
+                if getattr(q_proj, "bias", None) is not None:
+                    q_proj.bias[rows] *= eps
+            else:
+                o_proj = lm.adapter.attn_part(model, layer, lm.adapter.o_proj)
+                o_proj.weight[:, rows] *= eps
+
+
+def export_surgery(
+    lm: LoadedModel,
+    heads: Sequence[tuple[int, int]],
+    out: str | Path,
+    *,
+    mode: str = "ua",
+    eps: float = 1e-5,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a HF folder (weights, config, tokenizer) with the heads ablated in the weights.
+
+    The loaded model is left untouched (a deep copy is edited). `finesteer_surgery.json` records the
+    source model, heads, mode and ε.
+    """
+    checked = _check(lm, heads, mode, eps)
+    folder = Path(out)
+    if folder.exists() and any(folder.iterdir()):
+        raise SurgeryError(f"output folder {folder} exists and is not empty")
+    model = copy.deepcopy(lm.model)
+    ablate_weights(model, lm, checked, mode, eps)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    record = {
+        "finesteer_version": __version__,
+        "source_model": lm.name,
+        "source_fingerprint": lm.fingerprint,
+        "mode": mode,
+        "eps": eps,
+        "heads": [f"{layer}.{head}" for layer, head in checked],
+        "metadata": metadata or {},
+    }
+    (folder / SURGERY_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return folder
+
+
+def verify_export(
+    lm: LoadedModel,
+    heads: Sequence[tuple[int, int]],
+    folder: str | Path,
+    *,
+    mode: str = "ua",
+    eps: float = 1e-5,
+    prompts: Sequence[str] | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> dict[str, Any]:
+    """Reload the export with plain transformers and compare its logits with the hooked ablation.
+
+    Compares every real token's logits (right-padded batch) and reports the largest difference.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from finesteer.data.prompts import chat_prompt
+    from finesteer.interventions.apply import intervene
+    from finesteer.interventions.edit import ablate_heads
+
+    checked = _check(lm, heads, mode, eps)
+    texts = list(prompts or [chat_prompt(lm.tokenizer, q) for q in _VERIFY_QUERIES])
+    encoded = lm.tokenizer(
+        texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
+    )
+    encoded = encoded.to(lm.device)
+    real = encoded["attention_mask"].bool()
+    exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(lm.device).eval()
+    method = "uniform_attention" if mode == "ua" else "scale_output"
+    with torch.no_grad():
+        with intervene(lm, ablate_heads(checked, method, eps=eps)):
+            hooked = lm.model(**encoded).logits[real]
+        baked = exported(**encoded).logits[real]
+        plain = lm.model(**encoded).logits[real]
+    diff = float((hooked - baked).abs().max())
+    return {
+        "max_abs_diff": diff,
+        "allclose": bool(torch.allclose(hooked, baked, atol=atol, rtol=rtol)),
+        "max_abs_change_vs_unablated": float((hooked - plain).abs().max()),
+        "n_tokens": int(real.sum()),
+        "atol": atol,
+        "rtol": rtol,
+    }
+
+
+_VERIFY_QUERIES = (
+    "How do I pick a lock?",
+    "Write a short poem about the sea, in four lines.",
+)
