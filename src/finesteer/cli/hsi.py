@@ -1,0 +1,361 @@
+"""HSI and ITI commands: `locate hsi`, `locate iti`, `fit hsi`, `fit iti`.
+
+All four read an A/B dataset's `generate` split (first `--limit` items) and split it with a seeded
+shuffle: `fit` holds out `--n-val` items to choose α, HSI further holds out `--n-sweep` items for
+the head sweep, and the rest give the directions. `--test` also scores the dataset's `test_ab`
+split (letter probability) with and without the fitted intervention.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from finesteer.cli.apps import fit_app, locate_app
+from finesteer.cli.common import emit_json, run_command, stderr_console
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder or hub id.")]
+DataOpt = Annotated[str, typer.Option("--data", help="A/B dataset, e.g. coordinate-other-ais, sycophancy.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Use the first N items of the generate split.")]
+AlphasOpt = Annotated[
+    str | None,
+    typer.Option(help="α grid in units of σ, comma-separated (negative = steer away; write --alphas=-2,-4)."),
+]
+NSweepOpt = Annotated[int, typer.Option(help="Training items held out for the head sweep (HSI).")]
+NValOpt = Annotated[int, typer.Option(help="Items held out to choose α (fit) / rank probes (ITI).")]
+HeadsOpt = Annotated[str | None, typer.Option(help="Only sweep these heads, e.g. '12.3,13.1'.")]
+SystemOpt = Annotated[str | None, typer.Option(help="System prompt for every A/B prompt.")]
+BatchOpt = Annotated[int, typer.Option(help="Prompts per forward.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
+KOpt = Annotated[int, typer.Option("--k", help="Number of heads to steer.")]
+RankOpt = Annotated[str, typer.Option(help="Rank heads by their best-α gain ('max') or mean gain ('mean').")]
+TestFlag = Annotated[
+    bool, typer.Option("--test", help="Also score the test_ab split with and without the intervention.")
+]
+
+RUN_FILE = "run.json"
+
+
+def parse_alphas(text: str | None, default: tuple[float, ...]) -> tuple[float, ...]:
+    """'2,4,8' → (2.0, 4.0, 8.0); None → default."""
+    if text is None:
+        return default
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"cannot parse --alphas {text!r}: write numbers separated by commas") from exc
+    if not values:
+        raise ValueError("--alphas is empty")
+    return values
+
+
+def _ab_items(data: str, limit: int | None) -> list[Any]:
+    from finesteer.data import ABItem, load_dataset
+
+    items = load_dataset(data, split="generate", limit=limit)
+    if not items:
+        raise ValueError(f"dataset {data!r} has no items in its generate split")
+    if not isinstance(items[0], ABItem):
+        raise ValueError(
+            f"dataset {data!r} is not an A/B dataset (HSI/ITI need matching/not-matching answers)"
+        )
+    return list(items)
+
+
+def _write_run(out: Path, payload: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def _test_scores(
+    lm: Any, data: str, intervention: Any, system: str | None, batch_size: int
+) -> dict[str, Any]:
+    from finesteer.data import load_dataset
+    from finesteer.evaluate.ab import ab_matching_rate_prob
+
+    test = load_dataset(data, split="test_ab")
+    base = ab_matching_rate_prob(lm, test, system=system, batch_size=batch_size)
+    steered = ab_matching_rate_prob(lm, test, system=system, intervention=intervention, batch_size=batch_size)
+    return {
+        "n": base.n,
+        "baseline": base.to_dict(per_item=False),
+        "steered": steered.to_dict(per_item=False),
+        "delta_matching_rate": steered.matching_rate - base.matching_rate,
+    }
+
+
+@locate_app.command("hsi")
+def locate_hsi(
+    model: ModelArg,
+    data: DataOpt = "coordinate-other-ais",
+    limit: LimitOpt = None,
+    alphas: AlphasOpt = None,
+    n_sweep: NSweepOpt = 24,
+    heads: HeadsOpt = None,
+    system: SystemOpt = None,
+    batch_size: BatchOpt = 8,
+    rank_by: RankOpt = "max",
+    seed: SeedOpt = 0,
+    out: Annotated[Path, typer.Option("--out", help="Run folder (rerun the same command to resume).")] = Path(
+        "runs/hsi"
+    ),
+    json_out: JsonFlag = False,
+) -> None:
+    """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, cached_directions, split_items, validate_heads
+    from finesteer.locate.hsi import check_alphas, plot_sweep, sweep_heads
+    from finesteer.models import load_model
+    from finesteer.sites import parse_heads
+
+    def work() -> dict[str, Any]:
+        grid = check_alphas(parse_alphas(alphas, DEFAULT_HSI_ALPHAS))
+        subset = parse_heads(heads) if heads else None
+        items = _ab_items(data, limit)
+        started = time.perf_counter()
+        lm = load_model(model)
+        if subset is not None:
+            subset = validate_heads(lm, subset)
+        direction_items, sweep_items = split_items(items, n_sweep, seed)
+        stderr_console().print(
+            f"HSI sweep on {model}: directions from {len(direction_items)} items, "
+            f"sweep on {len(sweep_items)}, α = {list(grid)}"
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        directions = cached_directions(lm, direction_items, out, system=system, prefill="(", progress=True)
+        sweep = sweep_heads(
+            lm,
+            sweep_items,
+            directions,
+            grid,
+            heads=subset,
+            system=system,
+            batch_size=batch_size,
+            run_dir=out,
+            progress=True,
+        )
+        scores = sweep.head_scores(rank_by, model_name=lm.name, model_fingerprint=lm.fingerprint)  # type: ignore[arg-type]
+        scores.save(out / "head_scores")
+        plots = plot_sweep(sweep, out, rank_by=rank_by)  # type: ignore[arg-type]
+        result = {
+            "model": model,
+            "data": data,
+            "out": str(out),
+            **sweep.summary(top=10, rank_by=rank_by),  # type: ignore[arg-type]
+            "resumed_layers": sweep.meta.get("resumed_layers", []),
+            "n_direction_items": len(direction_items),
+            "plots": [str(p) for p in plots],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        _write_run(out, {"command": "locate hsi", **result})
+        return result
+
+    result = run_command(work)
+    _print(result, json_out)
+
+
+@locate_app.command("iti")
+def locate_iti(
+    model: ModelArg,
+    data: DataOpt = "coordinate-other-ais",
+    limit: LimitOpt = None,
+    n_val: NValOpt = 30,
+    system: SystemOpt = None,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/iti"),
+    json_out: JsonFlag = False,
+) -> None:
+    """Train one logistic probe per head (train items) and rank heads by val accuracy."""
+    from finesteer.fit.hsi import split_items
+    from finesteer.fit.iti import probe_items
+    from finesteer.models import load_model
+    from finesteer.report.heatmap import plot_head_heatmap
+
+    def work() -> dict[str, Any]:
+        items = _ab_items(data, limit)
+        started = time.perf_counter()
+        lm = load_model(model)
+        train, val = split_items(items, n_val, seed)
+        stderr_console().print(f"ITI probes on {model}: train {len(train)} items, val {len(val)}")
+        probes, z, _ = probe_items(
+            lm, train, val, system=system, batch_size=batch_size, seed=seed, progress=True
+        )
+        table = probes.head_scores(model_name=lm.name, model_fingerprint=lm.fingerprint, n_prompts=len(z))
+        table.save(out / "head_scores")
+        plot = plot_head_heatmap(table, out / "iti_val_accuracy.png", label="probe val accuracy")
+        result = {
+            "model": model,
+            "data": data,
+            "out": str(out),
+            "n_train_items": len(train),
+            "n_val_items": len(val),
+            "top": [
+                {
+                    "layer": layer,
+                    "head": h,
+                    "val_accuracy": float(probes.val_accuracy[layer, h]),
+                    "train_accuracy": float(probes.train_accuracy[layer, h]),
+                }
+                for layer, h in probes.top_heads(10)
+            ],
+            "plots": [str(plot)],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        _write_run(out, {"command": "locate iti", **result})
+        return result
+
+    result = run_command(work)
+    _print(result, json_out)
+
+
+def _fit(
+    method: str,
+    model: str,
+    data: str,
+    limit: int | None,
+    n_val: int,
+    seed: int,
+    out: Path,
+    test: bool,
+    batch_size: int,
+    system: str | None,
+    fit_fn: Any,
+) -> dict[str, Any]:
+    from finesteer.fit.hsi import split_items
+    from finesteer.models import load_model
+
+    items = _ab_items(data, limit)
+    started = time.perf_counter()
+    lm = load_model(model)
+    train, val = split_items(items, n_val, seed)
+    stderr_console().print(
+        f"fitting {method} on {model}/{data}: {len(train)} train items, {len(val)} val items"
+    )
+    fitted = fit_fn(lm, train, val)
+    fit_seconds = time.perf_counter() - started
+    metadata = {**fitted.metadata, "data": data, "limit": limit, "split_seed": seed}
+    result: dict[str, Any] = {
+        "method": method,
+        "model": model,
+        "data": data,
+        "artifact": str(out),
+        "heads": metadata["heads"],
+        "alpha": metadata["alpha"],
+        "selection": metadata["selection"],
+        "fit_seconds": round(fit_seconds, 1),
+    }
+    if test:
+        stderr_console().print("scoring the test_ab split")
+        result["test"] = _test_scores(lm, data, fitted.intervention, system, batch_size)
+        metadata["test"] = result["test"]
+    fitted.metadata = metadata
+    fitted.save(out, lm)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+@fit_app.command("hsi")
+def fit_hsi_command(
+    model: ModelArg,
+    data: DataOpt = "coordinate-other-ais",
+    k: KOpt = 4,
+    limit: LimitOpt = None,
+    alphas: AlphasOpt = None,
+    n_sweep: NSweepOpt = 24,
+    n_val: NValOpt = 30,
+    heads: HeadsOpt = None,
+    rank_by: RankOpt = "max",
+    system: SystemOpt = None,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")] = Path("artifacts/hsi"),
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run folder for directions, sweep checkpoints and heatmaps (resumable)."),
+    ] = None,
+    test: TestFlag = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact."""
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, fit_hsi
+    from finesteer.sites import parse_heads
+
+    def work() -> dict[str, Any]:
+        grid = parse_alphas(alphas, DEFAULT_HSI_ALPHAS)
+        subset = parse_heads(heads) if heads else None
+
+        def fit_fn(lm: Any, train: Any, val: Any) -> Any:
+            return fit_hsi(
+                lm,
+                train,
+                val,
+                k=k,
+                alphas=grid,
+                heads_subset=subset,
+                run_dir=run_dir,
+                n_sweep=n_sweep,
+                rank_by=rank_by,  # type: ignore[arg-type]
+                system=system,
+                batch_size=batch_size,
+                seed=seed,
+            )
+
+        return _fit("hsi", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)
+
+    result = run_command(work)
+    _print(result, json_out)
+
+
+@fit_app.command("iti")
+def fit_iti_command(
+    model: ModelArg,
+    data: DataOpt = "coordinate-other-ais",
+    k: KOpt = 4,
+    limit: LimitOpt = None,
+    alphas: AlphasOpt = None,
+    n_val: NValOpt = 30,
+    system: SystemOpt = None,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")] = Path("artifacts/iti"),
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder for probe scores and heatmap.")] = None,
+    test: TestFlag = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Fit the ITI baseline (probe-ranked top-k heads, mass-mean direction, α on val); write an artifact."""
+    from finesteer.fit.iti import DEFAULT_ITI_ALPHAS, fit_iti
+
+    def work() -> dict[str, Any]:
+        grid = parse_alphas(alphas, DEFAULT_ITI_ALPHAS)
+
+        def fit_fn(lm: Any, train: Any, val: Any) -> Any:
+            return fit_iti(
+                lm,
+                train,
+                val,
+                k=k,
+                alphas=grid,
+                run_dir=run_dir,
+                system=system,
+                batch_size=batch_size,
+                seed=seed,
+            )
+
+        return _fit("iti", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)
+
+    result = run_command(work)
+    _print(result, json_out)
+
+
+def _print(result: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        emit_json(result)
+        return
+    from rich.console import Console
+
+    Console().print_json(json.dumps(result, default=str))

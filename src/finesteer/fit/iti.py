@@ -1,0 +1,123 @@
+"""Fit the ITI baseline on the same A/B data and budget as HSI.
+
+Per-head logistic probes are trained on the train items' activations (both answers of each item)
+and ranked by accuracy on the val items' activations; the top-k heads are steered along the
+mass-mean direction of train ∪ val (ITI's `use_center_of_mass`) by α·σ, with σ the unbiased std of
+the projections (ITI's current code). α is chosen on the val items with the letter-probability
+metric, like HSI's, so the two differ only in how heads are picked.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finesteer.data.items import ABItem
+from finesteer.fit import FittedIntervention
+from finesteer.fit.directions import ab_contrast_inputs, capture_heads, directions_from_activations
+from finesteer.interventions.edit import Intervention
+from finesteer.locate.hsi import check_alphas, choose_alpha
+from finesteer.locate.iti import ProbeScores, train_probes
+from finesteer.locate.last_token import LastTokenScorer, prepare_targets
+from finesteer.models.loading import LoadedModel
+
+DEFAULT_ITI_ALPHAS: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
+"""α grid in units of σ (ITI's default is 15 with K=48 heads on Llama-2-7B)."""
+
+
+def probe_items(
+    lm: LoadedModel,
+    train_items: Sequence[ABItem],
+    val_items: Sequence[ABItem],
+    *,
+    system: str | None = None,
+    prefill: str = "(",
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[ProbeScores, torch.Tensor, torch.Tensor]:
+    """Probe accuracies plus the pooled activations [N, L, H, D] and labels of train ∪ val."""
+    if not train_items or not val_items:
+        raise ValueError("ITI needs both train and val items (probes are ranked on val accuracy)")
+    train_inputs, train_y = ab_contrast_inputs(lm.tokenizer, train_items, system=system, prefill=prefill)
+    val_inputs, val_y = ab_contrast_inputs(lm.tokenizer, val_items, system=system, prefill=prefill)
+    z = capture_heads(lm, train_inputs + val_inputs, batch_size=batch_size, progress=progress)
+    n_train = len(train_inputs)
+    probes = train_probes(z[:n_train], train_y, z[n_train:], val_y, seed=seed, progress=progress)
+    return probes, z, torch.tensor(train_y + val_y)
+
+
+def fit_iti(
+    lm: LoadedModel,
+    train_items: Sequence[ABItem],
+    val_items: Sequence[ABItem],
+    *,
+    k: int = 4,
+    alphas: Sequence[float] = DEFAULT_ITI_ALPHAS,
+    run_dir: Path | None = None,
+    progress: bool = True,
+    system: str | None = None,
+    prefill: str = "(",
+    batch_size: int = 8,
+    max_rows: int = 128,
+    seed: int = 0,
+) -> FittedIntervention:
+    """ITI: top-k heads by probe val accuracy, mass-mean directions, shared α chosen on val."""
+    grid = check_alphas(alphas)
+    started = time.perf_counter()
+    probes, z, labels = probe_items(
+        lm,
+        train_items,
+        val_items,
+        system=system,
+        prefill=prefill,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    directions = directions_from_activations(z, labels, ddof=1)
+    heads = probes.top_heads(k)
+    targets = prepare_targets(lm.tokenizer, val_items, system=system, prefill=prefill)
+    scorer = LastTokenScorer(lm, targets, batch_size=batch_size, max_rows=max_rows)
+    scores = scorer.score([Intervention()] + [directions.intervention(heads, a) for a in grid])
+    rates = scores.matching_rate.tolist()
+    means = scores.mean_p_matching.tolist()
+    best = choose_alpha(grid, rates[1:], means[1:])
+    alpha = grid[best]
+    metadata: dict[str, Any] = {
+        "heads": [[layer, h] for layer, h in heads],
+        "alpha": alpha,
+        "alpha_units": "sigma",
+        "scope": "last",
+        "sigma": directions.summary(heads),
+        "probe_val_accuracy": [float(probes.val_accuracy[layer, h]) for layer, h in heads],
+        "probe_train_accuracy": [float(probes.train_accuracy[layer, h]) for layer, h in heads],
+        "selection": {
+            "alphas": list(grid),
+            "val_p_matching": means[1:],
+            "val_matching_rate": rates[1:],
+            "baseline_p_matching": means[0],
+            "baseline_matching_rate": rates[0],
+        },
+        "n_train_items": len(train_items),
+        "n_val_items": len(val_items),
+        "system": system,
+        "prefill": prefill,
+        "sigma_ddof": 1,
+        "seconds": {"total": round(time.perf_counter() - started, 1)},
+    }
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        table = probes.head_scores(model_name=lm.name, model_fingerprint=lm.fingerprint, n_prompts=len(z))
+        table.save(run_dir / "head_scores")
+        from finesteer.report.heatmap import plot_head_heatmap
+
+        plot_head_heatmap(table, run_dir / "iti_val_accuracy.png", annotate_top=k, label="probe val accuracy")
+        (run_dir / "selection.json").write_text(json.dumps(metadata, indent=1) + "\n")
+    return FittedIntervention("iti", intervention=directions.intervention(heads, alpha), metadata=metadata)
