@@ -1,0 +1,297 @@
+"""Baseline and comparison commands: `fit caa` and `compare`.
+
+Both read a behaviour dataset's `generate` split and divide it with a seeded shuffle into train and
+val (`finesteer.methods.load_behaviour_data`), so `fit caa` fits exactly what `compare` fits.
+`compare` evaluates on the `test_ab` and `test_open_ended` splits; rerunning it with the same
+`--out` skips the methods already finished there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from finesteer.cli.apps import app, fit_app
+from finesteer.cli.common import emit_json, run_command, stderr_console
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder or hub id.")]
+DataOpt = Annotated[
+    str,
+    typer.Option("--data", help="CAA-style A/B behaviour: coordinate-other-ais, sycophancy, myopic-reward…"),
+]
+TrainLimitOpt = Annotated[int | None, typer.Option(help="Use the first N training items (after the split).")]
+ValLimitOpt = Annotated[int | None, typer.Option(help="Use the first N validation items.")]
+ValFractionOpt = Annotated[float, typer.Option(help="Share of the generate split held out for validation.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
+BatchOpt = Annotated[int, typer.Option(help="Prompts per forward.")]
+
+DEFAULT_METHODS = "baseline,prompt,caa,iti,lora,hsi"
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError as exc:
+        raise ValueError(f"cannot parse {what} {text!r}: write numbers separated by commas") from exc
+    if not values:
+        raise ValueError(f"{what} is empty")
+    return values
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError as exc:
+        raise ValueError(f"cannot parse {what} {text!r}: write integers separated by commas") from exc
+    if not values:
+        raise ValueError(f"{what} is empty")
+    return values
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "_", Path(text).name if "/" in text else text)
+
+
+def parse_settings(text: str | None) -> dict[str, dict[str, Any]]:
+    """--settings: a JSON object (or a path to a .json file) mapping method name → its settings."""
+    if text is None:
+        return {}
+    path = Path(text)
+    raw = path.read_text(encoding="utf-8") if path.suffix == ".json" and path.is_file() else text
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f'--settings must be JSON like \'{{"caa": {{"multipliers": [1, 2]}}}}\' or a .json file: {exc}'
+        ) from exc
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError("--settings must map each method name to an object of settings")
+    return value
+
+
+@fit_app.command("caa")
+def fit_caa_command(
+    model: ModelArg,
+    data: DataOpt = "coordinate-other-ais",
+    out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")] = Path("runs/caa"),
+    layers: Annotated[
+        str | None, typer.Option(help="Layers to sweep, e.g. '8,10,12' (default: all).")
+    ] = None,
+    multipliers: Annotated[
+        str | None, typer.Option(help="Multiplier grid, comma-separated (default 0.5,1,2,5).")
+    ] = None,
+    direction: Annotated[str, typer.Option(help="'towards' the behaviour or 'away' from it.")] = "towards",
+    system: Annotated[str | None, typer.Option(help="System prompt for every A/B prompt.")] = None,
+    train_limit: TrainLimitOpt = None,
+    val_limit: ValLimitOpt = None,
+    val_fraction: ValFractionOpt = 0.2,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
+    json_out: JsonFlag = False,
+) -> None:
+    """CAA: residual vectors at the answer letter, layer × multiplier chosen on val; writes an artifact."""
+    from finesteer.fit.caa import DEFAULT_MULTIPLIERS, fit_caa
+    from finesteer.methods import load_behaviour_data
+    from finesteer.models import load_model
+
+    def work() -> dict[str, Any]:
+        grid = _floats(multipliers, "--multipliers") or DEFAULT_MULTIPLIERS
+        chosen_layers = _ints(layers, "--layers")
+        behaviour = load_behaviour_data(
+            data, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit, seed=seed
+        )
+        started = time.perf_counter()
+        lm = load_model(model)
+        stderr_console().print(
+            f"CAA on {model}: vectors from {len(behaviour.train)} items, layer × multiplier sweep on "
+            f"{len(behaviour.val)} items"
+        )
+        fitted = fit_caa(
+            lm,
+            list(behaviour.train),
+            list(behaviour.val),
+            layers=chosen_layers,
+            multipliers=grid,
+            direction=direction,  # type: ignore[arg-type]
+            system=system,
+            batch_size=batch_size,
+            run_dir=out,
+        )
+        fitted.save(out, lm)
+        meta = fitted.metadata
+        return {
+            "model": model,
+            "data": data,
+            "artifact": str(out),
+            "layer": meta["layer"],
+            "multiplier": meta["multiplier"],
+            "vector_norm": meta["vector_norm"],
+            "scope": meta["scope"],
+            "val_mean_p_matching": meta["val_mean_p_matching"],
+            "val_matching_rate": meta["val_matching_rate"],
+            "val_baseline_mean_p_matching": meta["val_baseline_mean_p_matching"],
+            "val_baseline_matching_rate": meta["val_baseline_matching_rate"],
+            "data_splits": behaviour.summary(),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+
+    result = run_command(work)
+    if json_out:
+        emit_json(result)
+        return
+    stderr_console().print(
+        f"layer {result['layer']}, multiplier {result['multiplier']:g} (|v| = {result['vector_norm']:.3g}), "
+        f"scope {result['scope']}: val p(matching) {result['val_baseline_mean_p_matching']:.3f} → "
+        f"{result['val_mean_p_matching']:.3f}, matching rate {result['val_baseline_matching_rate']:.2f} → "
+        f"{result['val_matching_rate']:.2f}"
+    )
+    typer.echo(str(out))
+
+
+@app.command("compare")
+def compare_command(
+    model: ModelArg,
+    data: DataOpt = "coordinate-other-ais",
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated methods (registry names, or 'module:function' targets)."),
+    ] = DEFAULT_METHODS,
+    train_limit: TrainLimitOpt = None,
+    val_limit: ValLimitOpt = None,
+    test_limit: Annotated[int | None, typer.Option(help="Use the first N A/B test items.")] = None,
+    open_ended_limit: Annotated[
+        int | None, typer.Option(help="Use the first N open-ended questions.")
+    ] = None,
+    harmless_data: Annotated[str, typer.Option(help="Harmless prompts for the KL column.")] = "alpaca",
+    harmless_limit: Annotated[int, typer.Option(help="Harmless prompts for the KL (0 = no KL).")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per open-ended reply.")] = 64,
+    ab_max_new_tokens: Annotated[int, typer.Option(help="Tokens per generated A/B answer.")] = 32,
+    judge: Annotated[str, typer.Option(help="auto | llm | local | none (auto: llm if configured).")] = "auto",
+    judge_model: Annotated[str, typer.Option(help="Registry model used by the local judge.")] = (
+        "qwen2.5-coder-0.5b-instruct"
+    ),
+    settings: Annotated[
+        str | None,
+        typer.Option(help='Per-method settings as JSON or a .json file, e.g. \'{"hsi": {"k": 4}}\'.'),
+    ] = None,
+    val_fraction: ValFractionOpt = 0.2,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Results folder (default runs/compare-<model>-<data>).")
+    ] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Fit and evaluate several steering methods on one behaviour; prints the comparison table."""
+    from rich.console import Console
+
+    from finesteer.data import load_dataset
+    from finesteer.evaluate.compare import CompareSettings, PendingSetup, compare_setups, make_judge
+    from finesteer.generation import GenerationConfig
+    from finesteer.methods import fit_method, load_behaviour_data, resolve_method
+    from finesteer.models import load_model
+
+    def work() -> Any:
+        names = [n.strip() for n in methods.split(",") if n.strip()]
+        if not names:
+            raise ValueError("--methods is empty")
+        specs = [resolve_method(n) for n in names]
+        per_method = parse_settings(settings)
+        unknown = sorted(set(per_method) - {s.name for s in specs})
+        if unknown:
+            raise ValueError(f"--settings names method(s) {unknown} that are not in --methods")
+        behaviour = load_behaviour_data(
+            data,
+            val_fraction=val_fraction,
+            train_limit=train_limit,
+            val_limit=val_limit,
+            test_limit=test_limit,
+            open_ended_limit=open_ended_limit,
+            seed=seed,
+        )
+        harmless = (
+            [item.prompt for item in load_dataset(harmless_data, limit=harmless_limit)]
+            if harmless_limit
+            else []
+        )
+        folder = out or Path("runs") / f"compare-{_slug(model)}-{_slug(data)}"
+        console = stderr_console()
+        started = time.perf_counter()
+        lm = load_model(model)
+        judge_obj, judge_name = (None, "none (no open-ended questions)")
+        if behaviour.open_ended:
+            judge_obj, judge_name = make_judge(data, judge, local_model=judge_model)  # type: ignore[arg-type]
+        console.print(
+            f"comparing {', '.join(s.name for s in specs)} on {model} · {data}: "
+            f"train {len(behaviour.train)}, val {len(behaviour.val)}, A/B test {len(behaviour.test_ab)}, "
+            f"open-ended {len(behaviour.open_ended)}; judge {judge_name}; results in {folder}"
+        )
+
+        def build(name: str, target: str) -> Any:
+            def fit() -> Any:
+                console.print(f"[bold]{name}[/]: fitting")
+                t0 = time.perf_counter()
+                setup = fit_method(target, lm, behaviour, per_method.get(name, {}), folder / "fits" / name)
+                setup.metadata.setdefault("fit_seconds_total", round(time.perf_counter() - t0, 1))
+                console.print(f"[bold]{name}[/]: fitted in {time.perf_counter() - t0:.0f}s; evaluating")
+                return setup
+
+            return fit
+
+        pending = [
+            PendingSetup(
+                spec.name,
+                build(spec.name, names[i]),
+                key={
+                    "target": spec.target,
+                    "settings": per_method.get(spec.name, {}),
+                    "data": behaviour.summary(),
+                },
+            )
+            for i, spec in enumerate(specs)
+        ]
+
+        def report(name: str, row: dict[str, Any], resumed: bool) -> None:
+            how = (
+                "already finished, skipped" if resumed else f"evaluated in {row.get('eval_seconds', 0):.0f}s"
+            )
+            console.print(
+                f"[bold]{name}[/]: {how}: A/B {row['ab_matching_rate']:.2f} (prob), "
+                f"open-ended {row.get('open_ended_score')}"
+            )
+
+        comparison = compare_setups(
+            pending,
+            reference=lm,
+            ab_items=list(behaviour.test_ab),
+            open_ended_items=list(behaviour.open_ended),
+            harmless_prompts=harmless,
+            judge=judge_obj,
+            judge_name=judge_name,
+            settings=CompareSettings(
+                open_ended=GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size),
+                ab_generation=GenerationConfig(max_new_tokens=ab_max_new_tokens, batch_size=batch_size),
+                batch_size=batch_size,
+            ),
+            out_dir=folder,
+            info={"model": model, "data": data, "data_splits": behaviour.summary()},
+            on_method=report,
+        )
+        console.print(f"done in {time.perf_counter() - started:.0f}s")
+        return comparison
+
+    comparison = run_command(work)
+    if json_out:
+        emit_json(comparison.to_json())
+        return
+    Console().print(comparison.table())
