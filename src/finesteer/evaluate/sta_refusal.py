@@ -1,0 +1,256 @@
+"""The STA refusal experiment: baseline, prompting, CAA, SAE-all-atoms and STA across a λ sweep.
+
+Positive = refusing a harmful request, negative = complying. All steering vectors come from the
+same contrast pairs (`finesteer.fit.refusal_pairs`) at the SAE's layer and are applied at every
+position: CAA is the answer-token-mean residual difference, SAE-all decodes every atom's Δa, STA
+decodes the selected atoms' Δa, the last two rescaled to CAA's norm, so at equal λ the three differ
+only in direction. "prompt" is the refusal system prompt itself; "prompt_caa" / "prompt_sta" are that
+system prompt turned into vectors (with − without it). Everything is measured by
+`compare_refusal` on held-out JailbreakBench (refusal) and XSTest-safe (over-refusal) prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finesteer.data import PromptItem, load_dataset
+from finesteer.evaluate.compare import ComparisonError, PendingSetup, SteeringSetup
+from finesteer.evaluate.refusal_compare import RefusalSettings, compare_refusal
+from finesteer.fit.prompt_vector import prompt_vectors
+from finesteer.fit.refusal_pairs import REFUSAL_SYSTEM_PROMPT, harmful_training_prompts, refusal_triples
+from finesteer.fit.sta import (
+    DEFAULT_TRIM,
+    AtomStats,
+    answer_pairs,
+    atom_statistics,
+    fit_caa_from_stats,
+    fit_from_stats,
+)
+
+if TYPE_CHECKING:
+    from finesteer.models.loading import LoadedModel
+    from finesteer.sae.model import SparseAutoencoder
+
+METHODS: tuple[str, ...] = ("baseline", "prompt", "caa", "sae_all", "sta", "sta_amplitude", "sta_frequency",
+                            "prompt_caa", "prompt_sta")  # fmt: skip
+SWEPT: frozenset[str] = frozenset(
+    {"caa", "sae_all", "sta", "sta_amplitude", "sta_frequency", "prompt_caa", "prompt_sta"}
+)
+_MODES = {"sae_all": "all", "sta": "sta", "sta_amplitude": "amplitude", "sta_frequency": "frequency"}
+
+
+def spread(items: Sequence[PromptItem], n: int) -> list[PromptItem]:
+    """`n` items evenly spaced over the list (JailbreakBench is ordered by category: keep them all)."""
+    if n <= 0 or not items:
+        raise ComparisonError("need at least one evaluation prompt")
+    if n >= len(items):
+        return list(items)
+    return [items[math.floor(i * len(items) / n)] for i in range(n)]
+
+
+def evaluation_sets(n_harmful: int, n_harmless: int) -> tuple[list[PromptItem], list[PromptItem]]:
+    """Held-out harmful (JailbreakBench) and safe-but-scary (XSTest safe) prompts."""
+    harmful = spread(load_dataset("jailbreakbench"), n_harmful)  # type: ignore[arg-type]
+    harmless = spread(load_dataset("xstest", "safe"), n_harmless)  # type: ignore[arg-type]
+    return harmful, harmless
+
+
+def label(method: str, multiplier: float) -> str:
+    return f"{method}@{multiplier:g}"
+
+
+def run_sta_refusal(
+    lm: LoadedModel,
+    sae: SparseAutoencoder,
+    out_dir: str | Path,
+    *,
+    methods: Sequence[str] = ("baseline", "prompt", "caa", "sae_all", "sta"),
+    multipliers: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+    headline: float = 1.0,
+    trim: float = DEFAULT_TRIM,
+    n_pairs: int = 160,
+    n_harmful: int = 40,
+    n_harmless: int = 40,
+    n_prompt_messages: int = 64,
+    system_prompt: str = REFUSAL_SYSTEM_PROMPT,
+    settings: RefusalSettings | None = None,
+    sae_path: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit every method once, evaluate every (method, λ), and write `results.json` + `table.md`.
+
+    `methods` in the JSON maps each method to its result at λ = `headline` (the paper's λ = 1 by
+    default); `sweep` maps each swept method to {λ: result}. Resumable: statistics are cached and
+    each finished (method, λ) is skipped on a rerun with the same settings.
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ComparisonError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    mults = sorted({float(m) for m in multipliers} | {float(headline)})
+    if any(not math.isfinite(m) for m in mults):
+        raise ComparisonError("multipliers must be finite numbers")
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    n_ab = max(0, n_pairs // 5)
+    triples = refusal_triples(n_harmful=n_pairs - n_ab, n_ab=n_ab)
+    stats_path = folder / "atom_stats.safetensors"
+    needs_answer_stats = any(m in _MODES or m == "caa" for m in methods)
+    stats: AtomStats | None = None
+    if needs_answer_stats:
+        t0 = time.perf_counter()
+        if stats_path.exists():
+            stats = AtomStats.load(stats_path)
+        else:
+            stats = atom_statistics(lm, sae, answer_pairs(lm.tokenizer, triples), progress=progress)
+            stats.save(stats_path)
+        timings["answer_stats_s"] = round(time.perf_counter() - t0, 1)
+    prompt_fits: dict[str, Any] = {}
+    if any(m.startswith("prompt_") for m in methods):
+        t0 = time.perf_counter()
+        harmful_msgs = [p.prompt for p in harmful_training_prompts()[: n_prompt_messages // 2]]
+        harmless_msgs = [
+            p.prompt
+            for p in load_dataset("refusal-direction-harmless", "train", limit=n_prompt_messages // 2)
+        ]  # type: ignore[union-attr]
+        prompt_fits = prompt_vectors(
+            lm, sae, system_prompt, harmful_msgs + harmless_msgs, trim=trim, progress=progress
+        )
+        timings["prompt_stats_s"] = round(time.perf_counter() - t0, 1)
+
+    def fitted(method: str) -> Any:
+        if method == "caa":
+            assert stats is not None
+            return fit_caa_from_stats(stats, sae)
+        if method in _MODES:
+            assert stats is not None
+            return fit_from_stats(stats, sae, mode=_MODES[method], trim=trim, sae_path=sae_path)  # type: ignore[arg-type]
+        return prompt_fits[method]
+
+    setups: list[SteeringSetup | PendingSetup] = []
+    for method in methods:
+        if method == "baseline":
+            setups.append(SteeringSetup("baseline", lm))
+        elif method == "prompt":
+            setups.append(
+                SteeringSetup("prompt", lm, system_prompt=system_prompt, metadata={"method": "prompt"})
+            )
+        else:
+            fit = fitted(method)
+            for m in mults:
+                meta = {**fit.metadata, "multiplier": m}
+                setups.append(SteeringSetup(label(method, m), lm, fit.intervention.scaled(m), metadata=meta))
+    settings = settings or RefusalSettings()
+    harmful, harmless = evaluation_sets(n_harmful, n_harmless)
+    t0 = time.perf_counter()
+    results = compare_refusal(setups, harmful=harmful, harmless=harmless, settings=settings, out_dir=folder,
+                              progress=progress)  # fmt: skip
+    timings["evaluation_s"] = round(time.perf_counter() - t0, 1)
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    headline_methods = {
+        method: results[method if method not in SWEPT else label(method, headline)] for method in methods
+    }
+    sweep = {
+        method: {f"{m:g}": results[label(method, m)] for m in mults} for method in methods if method in SWEPT
+    }
+    payload = {
+        "model": lm.name,
+        "sae": sae_path,
+        "hook_name": sae.cfg.hook_name,
+        "headline_multiplier": headline,
+        "multipliers": mults,
+        "trim": trim,
+        "n_pairs": len(triples),
+        "n_harmful": len(harmful),
+        "n_harmless": len(harmless),
+        "harmful_set": "jailbreakbench (evenly spaced)",
+        "harmless_set": "xstest safe (evenly spaced)",
+        "system_prompt": system_prompt,
+        "settings": settings.to_dict(),
+        "methods": headline_methods,
+        "sweep": sweep,
+        "timings": timings,
+    }
+    payload["at_equal_fluency"] = equal_fluency_summary(payload)
+    (folder / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (folder / "table.md").write_text(markdown_table(payload) + "\n")
+    return payload
+
+
+def equal_fluency_summary(payload: dict[str, Any], tolerance: float = 0.1) -> dict[str, Any]:
+    """Per swept method, the λ with the highest refusal rate whose fluency stays within `tolerance`
+    (relative) of the unsteered model's: the "refusal gain at equal fluency" comparison.
+
+    Ties on refusal go to the lower over-refusal, then the smaller λ. Needs the baseline method.
+    """
+    baseline = payload["methods"].get("baseline")
+    if baseline is None or baseline.get("fluency") is None:
+        return {}
+    floor = baseline["fluency"] * (1 - tolerance)
+    summary: dict[str, Any] = {"fluency_floor": floor, "tolerance": tolerance}
+    for method, points in payload["sweep"].items():
+        ok = [
+            (float(m), r) for m, r in points.items() if r.get("fluency") is not None and r["fluency"] >= floor
+        ]
+        if not ok:
+            summary[method] = None
+            continue
+        mult, best = max(ok, key=lambda mr: (mr[1]["refusal_rate"], -mr[1]["over_refusal_rate"], -mr[0]))
+        summary[method] = {
+            "multiplier": mult,
+            "refusal_rate": best["refusal_rate"],
+            "over_refusal_rate": best["over_refusal_rate"],
+            "fluency": best["fluency"],
+            "refusal_gain": best["refusal_rate"] - baseline["refusal_rate"],
+        }
+    return summary
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return (
+        "–"
+        if value is None or (isinstance(value, float) and not math.isfinite(value))
+        else f"{value:.{digits}f}"
+    )
+
+
+def markdown_table(payload: dict[str, Any]) -> str:
+    """One row per (method, λ): refusal rate [95% CI], over-refusal [CI], fluency, atoms, cos(v, CAA)."""
+    lines = [
+        "| method | λ | refusal (JBB) | over-refusal (XSTest safe) | fluency | atoms | cos to CAA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(name: str, mult: str, r: dict[str, Any]) -> str:
+        lo, hi = r["refusal_ci95"]
+        olo, ohi = r["over_refusal_ci95"]
+        fit = r.get("fit") or {}
+        return (
+            f"| {name} | {mult} | {_fmt(r['refusal_rate'])} [{_fmt(lo)}, {_fmt(hi)}] | "
+            f"{_fmt(r['over_refusal_rate'])} [{_fmt(olo)}, {_fmt(ohi)}] | {_fmt(r['fluency'])} | "
+            f"{fit.get('n_atoms', '–')} | {_fmt(fit.get('cosine_to_caa'))} |"
+        )
+
+    for name, result in payload["methods"].items():
+        if name in payload["sweep"]:
+            for mult, r in payload["sweep"][name].items():
+                lines.append(row(name, mult, r))
+        else:
+            lines.append(row(name, "–", result))
+    return "\n".join(lines)
+
+
+__all__ = [
+    "METHODS",
+    "equal_fluency_summary",
+    "evaluation_sets",
+    "markdown_table",
+    "run_sta_refusal",
+    "spread",
+]

@@ -1,0 +1,169 @@
+"""Model → corpus → activation store → trained SAE folder, resumable at every stage.
+
+A run folder holds `activations/` (the sharded store), `checkpoint.pt` (training state) and
+`training.json`; the finished SAE is written in SAELens format to `out`. Rerunning with
+`resume=True` reuses finished shards and continues training from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finesteer.paths import cache_root
+from finesteer.sae.corpus import CorpusSpec, heldout_texts, training_texts, with_generations
+from finesteer.sae.io import save_sae
+from finesteer.sae.metrics import SAEMetrics, evaluate_sae
+from finesteer.sae.model import SAEError, SparseAutoencoder
+from finesteer.sae.store import collect, common_prefix_length, load_split, site_activations
+from finesteer.sae.train import TrainConfig, train_sae, write_history
+from finesteer.sites import Site
+
+if TYPE_CHECKING:
+    from finesteer.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def default_sae_dir(model_name: str, layer: int, d_sae: int, k: int) -> Path:
+    """`<cache>/saes/<model>/blocks.<L>.hook_resid_post/topk-<d_sae>-k<k>`."""
+    return cache_root() / "saes" / model_name / f"blocks.{layer}.hook_resid_post" / f"topk-{d_sae}-k{k}"
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class PipelineResult:
+    sae: SparseAutoencoder
+    out: Path
+    heldout: SAEMetrics
+    timings: dict[str, float]
+    n_train_tokens: int
+    n_texts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sae_dir": str(self.out),
+            "hook_name": self.sae.cfg.hook_name,
+            "d_sae": self.sae.cfg.d_sae,
+            "k": self.sae.cfg.k,
+            "heldout": self.heldout.to_dict(),
+            "timings": self.timings,
+            "n_train_tokens": self.n_train_tokens,
+            "n_texts": self.n_texts,
+        }
+
+
+def train_on_model(
+    lm: LoadedModel,
+    layer: int,
+    out: str | Path,
+    *,
+    tokens: int = 200_000,
+    config: TrainConfig | None = None,
+    corpus: CorpusSpec | None = None,
+    generations: int = 0,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> PipelineResult:
+    """Train a TopK SAE on `blocks.<layer>.hook_resid_post` from ~`tokens` training tokens.
+
+    Held-out metrics come from every 10th corpus text, never trained on. Wall and CPU seconds of
+    collection and training are reported separately (the CPU may be shared).
+    """
+    config = config or TrainConfig()
+    corpus = corpus or CorpusSpec()
+    site = Site(layer, "resid_post")
+    site.validate(lm.info)
+    out = Path(out).expanduser()
+    run = Path(run_dir) if run_dir is not None else out / "run"
+    if not resume and (run / "checkpoint.pt").exists():
+        raise SAEError(f"{run} already has a training checkpoint; pass resume=True or choose another folder")
+    timings: dict[str, float] = {}
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    texts = [text for _, text in training_texts(lm.tokenizer, corpus)]
+    if generations:
+        texts = [t for _, t in with_generations(lm, training_texts(lm.tokenizer, corpus), generations)]
+    store = collect(
+        lm, texts, site, run / "activations", max_tokens=tokens, batch_size=batch_size, progress=progress
+    )
+    train = load_split(store, "train")
+    heldout = load_split(store, "heldout")
+    timings["collect_wall_s"] = round(time.perf_counter() - wall, 1)
+    timings["collect_cpu_s"] = round(_cpu_seconds() - cpu, 1)
+    log.info("collected %d train / %d held-out tokens at %s", len(train), len(heldout), site.name)
+
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    n_eval = min(len(heldout), 20_000)
+
+    def heldout_ev(step: int, sae: SparseAutoencoder) -> dict[str, float]:
+        m = evaluate_sae(sae, heldout[:n_eval])
+        return {"heldout_ev": m.explained_variance, "heldout_l0": m.l0}
+
+    result = train_sae(
+        train,
+        config,
+        hook_name=site.name,
+        model_name=lm.name,
+        run_dir=run,
+        resume=resume and (run / "checkpoint.pt").exists(),
+        progress=progress,
+        on_interval=heldout_ev,
+    )
+    timings["train_wall_s"] = round(time.perf_counter() - wall, 1)
+    timings["train_cpu_s"] = round(_cpu_seconds() - cpu, 1)
+    metrics = evaluate_sae(result.sae, heldout)
+    write_history(run, result, metrics)
+    final = result.sae.folded()
+    final.cfg = replace(
+        final.cfg,
+        metadata={
+            **final.cfg.metadata,
+            "prepend_bos": False,
+            "context_size": None,
+            "dataset_path": "finesteer corpus: " + json.dumps(asdict(corpus)),
+            "exclude_positions": "first token of each text; shared template prefix kept once",
+            "training": {
+                "config": asdict(config),
+                "n_train_tokens": len(train),
+                "n_heldout_tokens": len(heldout),
+                "heldout": metrics.to_dict(),
+                "timings": timings,
+            },
+        },
+    )
+    save_sae(final, out)
+    return PipelineResult(final, out, metrics, timings, len(train), len(texts))
+
+
+def heldout_metrics(
+    lm: LoadedModel, sae: SparseAutoencoder, *, n_per_source: int = 100, batch_size: int = 16
+) -> SAEMetrics:
+    """Metrics on fresh test-split texts (never in a training corpus) at the SAE's site."""
+    site = sae.cfg.site
+    site.validate(lm.info)
+    if site.width(lm.info) != sae.cfg.d_in:
+        raise SAEError(
+            f"SAE reads d_in={sae.cfg.d_in} but {site} of {lm.name} has width {site.width(lm.info)}"
+        )
+    texts = [t for _, t in heldout_texts(lm.tokenizer, n_per_source)]
+    token_lists = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    shared = common_prefix_length(token_lists)
+    starts = [min(len(t), max(1, shared if i else 0)) for i, t in enumerate(token_lists)]
+    acts = site_activations(lm, token_lists, site, starts, batch_size=batch_size)
+    return evaluate_sae(sae, torch.cat(acts))
+
+
+__all__ = ["PipelineResult", "default_sae_dir", "heldout_metrics", "train_on_model"]

@@ -1,0 +1,284 @@
+"""Train a TopK SAE on collected activations, with AuxK for dead latents, checkpoints and resume.
+
+Recipe (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", as in SAELens' TopK trainer):
+inputs scaled by s = √d_in / mean‖x‖ (folded into the weights on save); b_dec initialised to the
+data mean; tied init W_enc = W_decᵀ with unit-norm decoder rows, renormalised after every Adam step;
+loss = ‖x − x̂‖² / ‖x − x̄‖² (normalised MSE) + aux_coef · AuxK, where AuxK reconstructs the
+residual x − x̂ with the top `aux_k` *dead* latents (no activation for `dead_after` tokens), which
+pulls dead latents back into use. LR: linear warm-up, constant, linear decay over the last 20 %.
+
+Decoding in training uses only the k active latents (`embedding_bag`), so a step costs one dense
+encoder matmul plus k·d_in per token.
+
+Resume is exact: each epoch's shuffle comes from a generator seeded by (seed, epoch), and the
+checkpoint holds the weights, Adam state, step and dead-latent counters, so an interrupted run
+continued with `resume=True` ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from finesteer.sae.metrics import SAEMetrics, evaluate_sae
+from finesteer.sae.model import SAEConfig, SAEError, SparseAutoencoder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters; `epochs` passes over the collected activations."""
+
+    d_sae: int = 4608
+    k: int = 64
+    epochs: float = 4.0
+    batch_size: int = 1024
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    aux_k: int = 256
+    aux_coef: float = 1 / 32
+    dead_after: int = 50_000
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_sae < 1 or not 1 <= self.k <= self.d_sae:
+            raise SAEError(f"need 1 ≤ k ≤ d_sae, got k={self.k}, d_sae={self.d_sae}")
+        if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
+            raise SAEError("epochs, batch_size and lr must be positive")
+        if not 0 <= self.decay_fraction <= 1:
+            raise SAEError("decay_fraction must be in [0, 1]")
+
+
+@dataclass
+class TrainResult:
+    """The trained SAE (normalisation not yet folded), per-interval training stats and timings."""
+
+    sae: SparseAutoencoder
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    train_seconds: float = 0.0
+    finished: bool = True
+
+
+def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = int(total * (1 - cfg.decay_fraction))
+    if step >= decay_start and total > decay_start:
+        return max(0.0, (total - step) / (total - decay_start))
+    return 1.0
+
+
+def _sparse_decode(sae: SparseAutoencoder, values: Tensor, indices: Tensor) -> Tensor:
+    """Σ_j values[:, j] · W_dec[indices[:, j]] without materialising the dense latent vector."""
+    return F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
+
+
+def train_step_loss(
+    sae: SparseAutoencoder, x: Tensor, dead: Tensor, cfg: TrainConfig
+) -> tuple[Tensor, dict[str, float], Tensor]:
+    """Loss for one batch of *scaled* inputs, its parts, and the indices of latents that fired."""
+    pre = (
+        (x - sae.b_dec) @ sae.W_enc + sae.b_enc if sae.cfg.apply_b_dec_to_input else x @ sae.W_enc + sae.b_enc
+    )
+    values, indices = pre.topk(cfg.k, dim=-1)
+    values = torch.relu(values)
+    recon = _sparse_decode(sae, values, indices) + sae.b_dec
+    residual = x - recon
+    variance = ((x - x.mean(0)) ** 2).sum(-1).mean().clamp(min=1e-12)
+    nmse = (residual**2).sum(-1).mean() / variance
+    loss = nmse
+    aux_value = 0.0
+    n_dead = int(dead.sum())
+    if n_dead > 0 and cfg.aux_coef > 0:
+        k_aux = min(cfg.aux_k, n_dead)
+        aux_pre = pre.masked_fill(~dead, float("-inf"))
+        aux_values, aux_indices = aux_pre.topk(k_aux, dim=-1)
+        aux_recon = _sparse_decode(sae, torch.relu(aux_values), aux_indices)
+        target = residual.detach()
+        aux = ((target - aux_recon) ** 2).sum(-1).mean() / (target**2).sum(-1).mean().clamp(min=1e-12)
+        loss = loss + cfg.aux_coef * aux
+        aux_value = float(aux.detach())
+    fired = indices[values > 0].unique()
+    return loss, {"nmse": float(nmse.detach()), "aux": aux_value}, fired
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def train_sae(
+    acts: Tensor,
+    cfg: TrainConfig,
+    *,
+    hook_name: str = "",
+    model_name: str = "",
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    on_interval: Callable[[int, SparseAutoencoder], dict[str, float]] | None = None,
+) -> TrainResult:
+    """Train on activations [N, d_in]; checkpoints to `run_dir` every `cfg.checkpoint_every` steps.
+
+    `resume=True` continues from `run_dir/checkpoint.pt` (same data and config required);
+    `stop_after` ends this call after that many total steps (the run can be resumed later).
+    `on_interval(step, sae)` may return extra numbers to log (e.g. held-out explained variance).
+    """
+    if acts.dim() != 2 or len(acts) < cfg.batch_size:
+        raise SAEError(
+            f"need at least one batch of activations [N ≥ {cfg.batch_size}, d_in], got {tuple(acts.shape)}"
+        )
+    if not torch.isfinite(acts).all():
+        raise SAEError("training activations contain NaN or inf")
+    acts = acts.float()
+    d_in = acts.shape[1]
+    steps_per_epoch = len(acts) // cfg.batch_size
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    ckpt_path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
+    if resume and (ckpt_path is None or not ckpt_path.exists()):
+        raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {run_dir}")
+
+    if resume:
+        assert ckpt_path is not None
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["train_config"] != asdict(cfg) or state["n_acts"] != len(acts) or state["d_in"] != d_in:
+            raise SAEError(
+                f"checkpoint in {run_dir} was made with another config or data "
+                f"({state['train_config']}, {state['n_acts']} activations); start a new run"
+            )
+        sae = SparseAutoencoder.from_state(SAEConfig(**state["sae_config"]), state["sae_state"])
+        step, since_fired = state["step"], state["since_fired"]
+        history, elapsed = state["history"], state["train_seconds"]
+    else:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        sample = acts[torch.randperm(len(acts), generator=generator)[: min(len(acts), 100_000)]]
+        scale = math.sqrt(d_in) / float(sample.norm(dim=-1).mean())
+        sae_cfg = SAEConfig(
+            d_in=d_in,
+            d_sae=cfg.d_sae,
+            architecture="topk",
+            k=cfg.k,
+            hook_name=hook_name,
+            model_name=model_name,
+            normalize_activations="expected_average_only_in",
+            norm_scaling_factor=scale,
+        )
+        sae = SparseAutoencoder(sae_cfg).initialize(generator)
+        with torch.no_grad():
+            sae.b_dec.copy_(sample.mean(0) * scale)
+        step, since_fired, history, elapsed = 0, torch.zeros(cfg.d_sae, dtype=torch.long), [], 0.0
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+    scale = sae.cfg.scale
+    end = total if stop_after is None else min(total, stop_after)
+    bar = tqdm(total=total, initial=step, desc="train SAE", unit="step", disable=not progress)
+    window: list[dict[str, float]] = []
+    started = time.perf_counter()
+
+    def checkpoint() -> None:
+        if ckpt_path is None:
+            return
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "sae_config": {**sae.cfg.__dict__, "metadata": dict(sae.cfg.metadata)},
+                "sae_state": {k: v.detach().clone() for k, v in sae.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "since_fired": since_fired,
+                "history": history,
+                "train_seconds": elapsed + time.perf_counter() - started,
+                "train_config": asdict(cfg),
+                "n_acts": len(acts),
+                "d_in": d_in,
+            },
+        )
+
+    while step < end:
+        epoch, offset = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        for batch_index in range(offset, steps_per_epoch):
+            if step >= end:
+                break
+            x = acts[perm[batch_index * cfg.batch_size : (batch_index + 1) * cfg.batch_size]] * scale
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, total, cfg)
+            loss, parts, fired = train_step_loss(sae, x, since_fired > cfg.dead_after, cfg)
+            if not math.isfinite(float(loss.detach())):
+                raise SAEError(
+                    f"training diverged at step {step} (loss {float(loss.detach())}); lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sae.normalize_decoder()
+            since_fired += cfg.batch_size
+            since_fired[fired] = 0
+            step += 1
+            bar.update(1)
+            window.append(parts)
+            if step % cfg.checkpoint_every == 0 or step == end:
+                record = {
+                    "step": float(step),
+                    "nmse": sum(w["nmse"] for w in window) / len(window),
+                    "aux": sum(w["aux"] for w in window) / len(window),
+                    "dead_share": float((since_fired > cfg.dead_after).float().mean()),
+                    "lr": cfg.lr * _lr_factor(step - 1, total, cfg),
+                }
+                if on_interval is not None:
+                    record.update(on_interval(step, sae))
+                history.append(record)
+                window = []
+                bar.set_postfix(nmse=f"{record['nmse']:.3f}", dead=f"{record['dead_share']:.2f}")
+                checkpoint()
+    bar.close()
+    seconds = elapsed + time.perf_counter() - started
+    return TrainResult(sae, history, step, seconds, finished=step >= total)
+
+
+def write_history(run_dir: str | Path, result: TrainResult, metrics: SAEMetrics | None = None) -> Path:
+    """`training.json`: the loss curve, step count, time and final held-out metrics."""
+    path = Path(run_dir) / "training.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "steps": result.steps,
+        "train_seconds": round(result.train_seconds, 1),
+        "finished": result.finished,
+        "history": result.history,
+        "heldout": metrics.to_dict() if metrics else None,
+    }
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+__all__ = [
+    "CHECKPOINT",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate_sae",
+    "train_sae",
+    "train_step_loss",
+    "write_history",
+]
