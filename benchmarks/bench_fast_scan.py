@@ -1,0 +1,308 @@
+"""Query-level Ships (KL, one head ablated at a time) over every head: finesteer's engines vs peers.
+
+    python benchmarks/bench_fast_scan.py --model smollm2-135m-instruct --prompts 16 --repeats 3
+    python benchmarks/bench_fast_scan.py --model qwen2.5-coder-0.5b-instruct --json
+
+Rows (each timed `--repeats` times in this one process, median reported; every method computes its
+own unablated base as well):
+
+- raw-hooks loop: what a user writes by hand — a torch forward hook on the head's query projection,
+  one forward of all prompts per head (right padding, logits read at each prompt's last token);
+- nnsight / TransformerLens: the same loop written with each library (skipped with the reason when
+  the library is missing or cannot load the model);
+- finesteer simple: `scan` (one hooked forward per head);
+- finesteer fast: `fast_scan` (heads × prompts batched into rows, layers before the head reused);
+- finesteer pre-ranked: attribution estimate of every head, then `fast_scan` of the `--top-n` best.
+
+Columns: seconds, speed-up over the raw-hooks loop, max |score difference| from it (pre-ranked: over
+the verified heads), and how many of its top-10 heads are the raw loop's top 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from _bench import load_note, log, print_table
+from torch import Tensor
+
+from finesteer.data import load_dataset
+from finesteer.locate.attribution import KLDivergence, PreRankedScan, pre_ranked_scan, spearman
+from finesteer.locate.fast_scan import fast_scan
+from finesteer.locate.scan import EncodedPrompts, KLFromBase, LastLogits, encode_prompts, scan
+from finesteer.locate.ships import ablation, all_heads, format_queries
+from finesteer.models import LoadedModel, load_model
+
+COLUMNS = ("model", "method", "seconds", "speedup", "max_abs_diff", "top10_overlap", "note")
+
+
+def _right_padded(lm: LoadedModel, encoded: EncodedPrompts) -> tuple[Tensor, Tensor, Tensor]:
+    width = max(len(ids) for ids in encoded.ids)
+    input_ids = torch.full((len(encoded), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded.ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask, mask.sum(1) - 1
+
+
+def _kl(base: Tensor, logits: Tensor) -> Tensor:
+    p = torch.log_softmax(base.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def raw_hooks_loop(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float) -> Tensor:
+    """The hand-written baseline: torch hooks only, no finesteer machinery."""
+    model, info = lm.model, lm.info
+    input_ids, mask, last = _right_padded(lm, encoded)
+    rows = torch.arange(len(last))
+
+    def forward() -> Tensor:
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=mask).logits[rows, last]
+
+    base = forward()
+    table = torch.zeros(info.n_layers, info.n_heads)
+    for layer in range(info.n_layers):
+        attn = model.model.layers[layer].self_attn
+        module = attn.q_proj if mode == "ua" else attn.o_proj
+        for head in range(info.n_heads):
+            cols = slice(head * info.head_dim, (head + 1) * info.head_dim)
+
+            def scale_output(mod: Any, args: Any, out: Tensor, cols: slice = cols) -> Tensor:
+                out = out.clone()
+                out[..., cols] *= eps
+                return out
+
+            def scale_input(mod: Any, args: Any, cols: slice = cols) -> tuple[Tensor]:
+                x = args[0].clone()
+                x[..., cols] *= eps
+                return (x,)
+
+            handle = (
+                module.register_forward_hook(scale_output)
+                if mode == "ua"
+                else module.register_forward_pre_hook(scale_input)
+            )
+            try:
+                table[layer, head] = _kl(base, forward()).mean()
+            finally:
+                handle.remove()
+    return table
+
+
+def nnsight_loop(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float) -> Tensor:
+    """The same loop with nnsight: one traced forward per head, editing the query/o_proj input."""
+    from nnsight import LanguageModel
+
+    nn_model = LanguageModel(lm.model, tokenizer=lm.tokenizer)
+    info = lm.info
+    input_ids, mask, last = _right_padded(lm, encoded)
+    rows = torch.arange(len(last))
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    with torch.no_grad(), nn_model.trace(inputs):
+        base_logits = nn_model.output.logits.save()
+    base = base_logits[rows, last]
+    table = torch.zeros(info.n_layers, info.n_heads)
+    for layer in range(info.n_layers):
+        for head in range(info.n_heads):
+            lo, hi = head * info.head_dim, (head + 1) * info.head_dim
+            with torch.no_grad(), nn_model.trace(inputs):
+                attn = nn_model.model.layers[layer].self_attn
+                if mode == "ua":
+                    attn.q_proj.output[..., lo:hi] *= eps
+                else:
+                    attn.o_proj.input[..., lo:hi] *= eps
+                logits = nn_model.output.logits.save()
+            table[layer, head] = _kl(base, logits[rows, last]).mean()
+    return table
+
+
+def transformer_lens_loop(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float) -> Tensor:
+    """The same loop with TransformerLens (TransformerBridge around the loaded HF model)."""
+    from transformer_lens import TransformerBridge
+
+    from finesteer.models.offline import resolve_registry_model
+
+    bridge = TransformerBridge.boot_transformers(
+        str(resolve_registry_model(lm.name)), hf_model=lm.model, tokenizer=lm.tokenizer, dtype=torch.float32
+    )
+    info = lm.info
+    input_ids, mask, last = _right_padded(lm, encoded)
+    rows = torch.arange(len(last))
+    hook_name = "hook_q" if mode == "ua" else "hook_z"
+
+    def forward(hooks: list[tuple[str, Callable[..., Tensor]]]) -> Tensor:
+        with torch.no_grad():
+            logits = bridge.run_with_hooks(input_ids, attention_mask=mask, fwd_hooks=hooks)
+        return logits[rows, last]
+
+    base = forward([])
+    table = torch.zeros(info.n_layers, info.n_heads)
+    for layer in range(info.n_layers):
+        for head in range(info.n_heads):
+
+            def scale(act: Tensor, hook: Any, head: int = head) -> Tensor:
+                act = act.clone()
+                act[:, :, head] *= eps  # [batch, seq, heads, head_dim]
+                return act
+
+            table[layer, head] = _kl(base, forward([(f"blocks.{layer}.attn.{hook_name}", scale)])).mean()
+    return table
+
+
+def finesteer_engine(engine: str) -> Callable[[LoadedModel, EncodedPrompts, str, float, int], Tensor]:
+    def run(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float, batch_size: int) -> Tensor:
+        heads = all_heads(lm.info)
+        candidates = [ablation([h], mode, eps) for h in heads]
+        scanner = scan if engine == "simple" else fast_scan
+        base = scanner(
+            lm, encoded, [ablation([], mode, eps)], LastLogits(), batch_size=batch_size, progress=False
+        )
+        kl = scanner(lm, encoded, candidates, KLFromBase(base[0]), batch_size=batch_size, progress=False)
+        return kl.mean(1).reshape(lm.info.n_layers, lm.info.n_heads).float()
+
+    return run
+
+
+def _top_heads(table: Tensor, k: int) -> set[tuple[int, int]]:
+    flat = table.flatten().tolist()
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
+    return {(i // table.shape[1], i % table.shape[1]) for i in order}
+
+
+def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    lm = load_model(name)
+    queries = [item.prompt for item in load_dataset(args.data, limit=args.prompts)]
+    encoded = encode_prompts(lm, format_queries(lm, queries))
+    lengths = [len(ids) for ids in encoded.ids]
+    log(f"{name}: {len(encoded)} prompts of {min(lengths)}–{max(lengths)} tokens, {load_note()}")
+    mode, eps, batch = args.mode, args.eps, args.batch_size
+
+    def pre_ranked() -> PreRankedScan:
+        return pre_ranked_scan(
+            lm,
+            encoded,
+            KLDivergence(args.outcomes),
+            mode=mode,
+            eps=eps,
+            top_n=args.top_n,
+            batch_size=batch,
+            progress=False,
+        )
+
+    candidates: dict[str, Callable[[], Any]] = {
+        "raw hooks loop (a)": lambda: raw_hooks_loop(lm, encoded, mode, eps),
+        "nnsight loop (b)": lambda: nnsight_loop(lm, encoded, mode, eps),
+        "TransformerLens loop (b)": lambda: transformer_lens_loop(lm, encoded, mode, eps),
+        "finesteer simple scan (c)": lambda: finesteer_engine("simple")(lm, encoded, mode, eps, batch),
+        "finesteer fast scan (d)": lambda: finesteer_engine("fast")(lm, encoded, mode, eps, batch),
+        "finesteer pre-ranked (e)": pre_ranked,
+    }
+    skipped = {m for m in candidates if m in args.skip}
+    notes: dict[str, str] = {m: "skipped (--skip)" for m in skipped}
+    results: dict[str, Any] = {}
+    times: dict[str, list[float]] = {m: [] for m in candidates}
+    for repeat in range(args.repeats):  # interleaved, so load drift hits every method alike
+        for method, fn in candidates.items():
+            if method in skipped or method in notes:
+                continue
+            started = time.perf_counter()
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    results[method] = fn()
+            except Exception as exc:  # a peer that cannot load or run this model: say why, go on
+                first = str(exc).splitlines()[0][:160] if str(exc) else ""
+                notes[method] = f"not run: {type(exc).__name__}: {first}"
+                log(f"  {method}: {notes[method]}")
+                continue
+            times[method].append(time.perf_counter() - started)
+            log(f"  run {repeat + 1}/{args.repeats} {method}: {times[method][-1]:.1f} s ({load_note()})")
+
+    reference = results["raw hooks loop (a)"]
+    reference_seconds = statistics.median(times["raw hooks loop (a)"])
+    reference_top = _top_heads(reference, 10)
+    rows = []
+    for method in candidates:
+        row: dict[str, Any] = {
+            "model": name,
+            "method": method,
+            "seconds": None,
+            "speedup": None,
+            "max_abs_diff": None,
+            "top10_overlap": None,
+            "note": notes.get(method, ""),
+        }
+        if method in results:
+            seconds = statistics.median(times[method])
+            value = results[method]
+            if isinstance(value, PreRankedScan):
+                verified = torch.zeros_like(reference, dtype=torch.bool)
+                for layer, head in value.verified:
+                    verified[layer, head] = True
+                diff = float((value.scores.scores - reference).abs()[verified].max())
+                overlap = len(reference_top & set(value.top_heads(10)))
+                row["note"] = (
+                    f"top {args.top_n} of {reference.numel()} heads verified, KL estimate over "
+                    f"{args.outcomes} tokens + rest; estimate {value.seconds['estimate']:.1f} s + verify "
+                    f"{value.seconds['verify']:.1f} s; Spearman(estimate, exact) over verified "
+                    f"{value.agreement['spearman_verified']:.2f}, over all heads "
+                    f"{spearman(value.estimate.scores, reference):.2f}"
+                )
+            else:
+                diff = float((value - reference).abs().max())
+                overlap = len(reference_top & _top_heads(value, 10))
+            row.update(
+                seconds=round(seconds, 2),
+                speedup=round(reference_seconds / seconds, 2),
+                max_abs_diff=diff,
+                top10_overlap=overlap,
+            )
+            runs = ", ".join(f"{t:.1f}" for t in times[method])
+            row["note"] = (row["note"] + "; " if row["note"] else "") + f"runs {runs} s"
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="Registry model (repeatable); default: both.")
+    parser.add_argument("--data", default="advbench")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--mode", choices=("ua", "sc"), default="ua")
+    parser.add_argument("--eps", type=float, default=1e-5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--top-n", type=int, default=16)
+    parser.add_argument("--outcomes", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="Method name to leave out (repeatable), e.g. 'nnsight loop (b)'.",
+    )
+    parser.add_argument("--json", action="store_true", help="Print the table as JSON records.")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be ≥ 1")
+    models = args.model or ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]
+    rows = [row for name in models for row in bench_model(args, name)]
+    title = (
+        f"Query-level Ships ({args.mode}, ε={args.eps:g}) over all heads, {args.prompts} {args.data} "
+        f"prompts; median of {args.repeats} runs, torch threads {torch.get_num_threads()}, {load_note()}"
+    )
+    print_table(title, rows, COLUMNS, args.json)
+    if not args.json:
+        print(f"\n{load_note()} at the end", flush=True)
+
+
+if __name__ == "__main__":
+    main()
