@@ -89,3 +89,12 @@ def test_run_folder_steps_resume(tmp_path: Path) -> None:
     assert calls == ["one", "two", "three"]
     with pytest.raises(FileExistsError, match="resume it"):
         RunFolder.create(tmp_path, recipe, "again", folder=run.path)
+
+
+def test_shipped_recipes_validate() -> None:
+    root = Path(__file__).resolve().parents[1]
+    examples = sorted((root / "examples" / "recipes").glob("*.yaml"))
+    paths = [*examples, root / "src/finesteer/recipes/demo.yaml"]
+    assert len(paths) >= 3
+    for path in paths:
+        prepare(load_recipe(path))

@@ -27,7 +27,12 @@ app.command("info")(core.info)
 app.command("generate")(core.generate)
 
 # Area modules register their commands on import (keep one import per area, alphabetical).
+from finesteer.cli import compare as _compare  # noqa: E402,F401
 from finesteer.cli import evaluate as _evaluate  # noqa: E402,F401
+from finesteer.cli import hsi as _hsi  # noqa: E402,F401
+from finesteer.cli import locate as _locate  # noqa: E402,F401
+from finesteer.cli import run as _run  # noqa: E402,F401
+from finesteer.cli import sta as _sta  # noqa: E402,F401
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ locate_app = typer.Typer(
 fit_app = typer.Typer(
     help="Fit an intervention (directions and strengths); writes an artifact.", no_args_is_help=True
 )
-eval_app = typer.Typer(help="Measure behaviour and ability, with or without an intervention.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Measure behaviour and ability, with or without an intervention.", no_args_is_help=True
+)
 
 app.add_typer(locate_app, name="locate")
 app.add_typer(fit_app, name="fit")

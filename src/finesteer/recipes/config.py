@@ -83,7 +83,7 @@ class ShipsRecipe(RecipeBase):
     method: Literal["ships"]
     model: str = "qwen2.5-coder-0.5b-instruct"
     attribution_data: str = "refusal-direction-harmful"
-    attribution_split: str | None = "train"
+    attribution_split: str | None = None
     attribution_limit: PositiveInt = 32
     evaluation_data: str = "jailbreakbench"
     evaluation_limit: PositiveInt = 40
@@ -106,13 +106,18 @@ class STARecipe(RecipeBase):
 
     method: Literal["sta"]
     layer: int = Field(12, ge=0)
-    sae_path: str | None = None
+    sae_path: str | None = Field(None, description="a SAELens-format folder; trained here when absent")
     sae_width: PositiveInt = 4608
-    sae_k: PositiveInt = 32
-    sae_tokens: PositiveInt = 200_000
-    train_limit: PositiveInt = 64
-    test_limit: PositiveInt = 40
-    multipliers: list[float] = Field(default_factory=lambda: [1.0, 2.0])
+    sae_k: PositiveInt = 64
+    sae_tokens: PositiveInt = 120_000
+    n_pairs: PositiveInt = 160
+    n_harmful: PositiveInt = 40
+    n_harmless: PositiveInt = 40
+    methods: list[Literal["baseline", "prompt", "caa", "sae_all", "sta"]] = Field(
+        default_factory=lambda: ["baseline", "prompt", "caa", "sae_all", "sta"]
+    )
+    multipliers: list[float] = Field(default_factory=lambda: [0.5, 1.0, 1.5])
+    headline: float = 1.0
     trim: float = Field(0.35, gt=0, le=1)
 
 

@@ -1,0 +1,117 @@
+"""HSI recipe: locate the heads that carry an A/B behaviour, steer them, measure, report.
+
+Steps (each checkpointed in the run folder): baseline A/B rate on the test split → HSI fit
+(directions, per-head α sweep, head + α selection; writes the sweep heatmap) → steered A/B rate →
+optional baselines on the same data → open-ended generations before/after → report.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from finesteer.recipes.config import HSIRecipe
+from finesteer.recipes.run import RunFolder
+from finesteer.recipes.summary import AB_COLUMNS, ab_row, examples_step, finish_report
+
+log = logging.getLogger(__name__)
+
+
+def _heads_subset(recipe: HSIRecipe, n_heads: int) -> list[tuple[int, int]] | None:
+    heads = recipe.head_fields().get("heads")
+    if heads:
+        return heads
+    if recipe.layers:
+        return [(layer, h) for layer in recipe.layers for h in range(n_heads)]
+    return None
+
+
+def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
+    from finesteer.artifacts import load_intervention
+    from finesteer.evaluate.ab import ab_matching_rate_prob
+    from finesteer.fit.hsi import fit_hsi
+    from finesteer.methods import fit_method, load_behaviour_data
+    from finesteer.models import load_model
+
+    recipe: HSIRecipe = run.recipe  # type: ignore[assignment]
+    data = load_behaviour_data(
+        recipe.behaviour,
+        train_limit=recipe.train_limit,
+        val_limit=recipe.val_limit,
+        test_limit=recipe.test_limit,
+        open_ended_limit=recipe.open_ended_limit,
+        seed=recipe.seed,
+    )
+    run.update(data_hashes=data.summary())
+    lm = load_model(recipe.model)
+    run.update(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
+
+    def ab(intervention: Any = None, system: str | None = None) -> dict[str, Any]:
+        result = ab_matching_rate_prob(
+            lm, data.test_ab, intervention=intervention, system=system, progress=progress
+        )
+        return result.to_dict(per_item=False)
+
+    baseline = run.step("baseline", lambda folder: ab())
+    artifact_dir = run.path / "artifacts" / "hsi"
+
+    def fit(folder: Path) -> dict[str, Any]:
+        fitted = fit_hsi(
+            lm,
+            data.train,
+            data.val,
+            k=recipe.k,
+            alphas=recipe.alphas,
+            heads_subset=_heads_subset(recipe, lm.info.n_heads),
+            run_dir=folder,
+            progress=progress,
+            n_sweep=recipe.sweep_limit,
+            seed=recipe.seed,
+        )
+        fitted.save(artifact_dir, lm)
+        return fitted.metadata
+
+    fitted = run.step("locate_and_fit", fit)
+    steer = load_intervention(artifact_dir).intervention
+    steered = run.step("steered", lambda folder: ab(steer))
+    methods = {"baseline": ab_row(baseline), "hsi": ab_row(steered)}
+    for name in recipe.baselines:
+
+        def other(folder: Path, name: str = name) -> dict[str, Any]:
+            setup = fit_method(name, lm, data, {"progress": progress} if name != "prompt" else {}, folder)
+            if setup.intervention is not None:
+                from finesteer.artifacts import save_intervention
+
+                save_intervention(
+                    run.path / "artifacts" / name, setup.intervention, lm, metadata=setup.metadata
+                )
+            return {**ab(setup.intervention, setup.system_prompt), "metadata": setup.metadata}
+
+        methods[name] = ab_row(run.step(f"baseline_{name}", other))
+
+    questions = [item.question for item in data.open_ended]
+    examples = run.step("examples", examples_step(run, lm, questions, steer))
+    heads = ", ".join(f"{layer}.{head}" for layer, head in fitted["heads"])
+    summary = {
+        "behaviour": recipe.behaviour,
+        "model": recipe.model,
+        "heads (layer.head)": heads,
+        "alpha (units of sigma)": fitted["alpha"],
+        "A/B matching rate, unmodified": baseline["matching_rate"],
+        "A/B matching rate, HSI": steered["matching_rate"],
+        "change": round(steered["matching_rate"] - baseline["matching_rate"], 4),
+        "test items": baseline["n"],
+    }
+    metrics = {"summary": summary, "methods": methods, "hsi": fitted}
+    images = sorted((run.path / "steps" / "locate_and_fit").glob("*.png"))
+    finish_report(
+        run,
+        metrics,
+        title=f"HSI: {recipe.behaviour} on {recipe.model}",
+        table=("A/B matching rate on the test split", ["method", *AB_COLUMNS]),
+        rows=[[name, *(values[c] for c in AB_COLUMNS)] for name, values in methods.items()],
+        images=images,
+        examples=examples,
+    )
+    return metrics

@@ -1,0 +1,138 @@
+"""Ships/Sahara recipe: score every head by ablation on harmful prompts, optionally grow a Sahara
+group, then measure how ablating the top heads moves the attack success rate against random heads.
+
+Attribution and evaluation prompts come from different datasets (or are de-duplicated), so the
+ASR effect is measured on prompts the heads were not chosen on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finesteer.recipes.config import ShipsRecipe
+from finesteer.recipes.run import RunFolder, data_hash
+from finesteer.recipes.summary import examples_step, finish_report
+
+
+def _texts(name: str, split: str | None, limit: int) -> list[str]:
+    from finesteer.data import load_dataset
+
+    items = load_dataset(name, split=split, limit=limit)
+    return [getattr(item, "prompt", None) or item.question for item in items]
+
+
+def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
+    from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
+    from finesteer.locate.sahara import sahara
+    from finesteer.locate.ships import ablation, format_queries, ships_scores
+    from finesteer.models import load_model
+    from finesteer.report.heatmap import plot_head_heatmap
+
+    recipe: ShipsRecipe = run.recipe  # type: ignore[assignment]
+    attribution = _texts(recipe.attribution_data, recipe.attribution_split, recipe.attribution_limit)
+    seen = {q.strip().lower() for q in attribution}
+    evaluation = [
+        q
+        for q in _texts(recipe.evaluation_data, None, recipe.evaluation_limit)
+        if q.strip().lower() not in seen
+    ]
+    if not evaluation:
+        raise ValueError("every evaluation prompt is also an attribution prompt; choose other data")
+    run.update(data_hashes={"attribution": data_hash(attribution), "evaluation": data_hash(evaluation)})
+    lm = load_model(recipe.model)
+    run.update(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
+    attr_prompts = format_queries(lm, attribution)
+    eval_prompts = format_queries(lm, evaluation)
+
+    def locate(folder: Path) -> dict[str, Any]:
+        scores = ships_scores(
+            lm,
+            attr_prompts,
+            levels=(recipe.level,),
+            mode=recipe.mode,
+            eps=recipe.eps,
+            checkpoint=folder / "scan",
+            progress=progress,
+        )[recipe.level]
+        scores.save(folder / "scores")
+        plot_head_heatmap(
+            scores, folder / "ships_heatmap.png", title=f"Ships ({recipe.level}, {recipe.mode})"
+        )
+        return {"top": [[layer, head, score] for layer, head, score in scores.top(10)]}
+
+    located = run.step("ships", locate)
+    ranking = [(layer, head) for layer, head, _ in located["top"]]
+    if recipe.sahara_group_size:
+
+        def grow(folder: Path) -> dict[str, Any]:
+            result = sahara(
+                lm,
+                attr_prompts,
+                group_size=recipe.sahara_group_size,
+                mode=recipe.mode,
+                eps=recipe.eps,
+                candidates=recipe.head_fields().get("heads"),
+                checkpoint=folder / "checkpoint",
+                progress=progress,
+            )
+            return result.to_dict()
+
+        group = [tuple(h) for h in run.step("sahara", grow)["group"]]
+        ranking = [*group, *(h for h in ranking if h not in group)]
+
+    def measure(folder: Path) -> dict[str, Any]:
+        settings = AsrSettings(
+            ks=tuple(recipe.top_k),
+            mode=recipe.mode,
+            eps=recipe.eps,
+            random_seeds=tuple(range(recipe.random_seeds)),
+            max_new_tokens=recipe.generation.max_new_tokens,
+            batch_size=recipe.generation.batch_size,
+        )
+        return asr_effect(
+            lm, ranking, eval_prompts, settings=settings, out=folder, resume=True, progress=progress
+        )
+
+    asr = run.step("asr", measure)
+    kmax = max(recipe.top_k)
+    ablate = ablation(ranking[:kmax], recipe.mode, recipe.eps)
+    examples = run.step("examples", examples_step(run, lm, evaluation, ablate))
+    for example in examples["examples"]:
+        example["prompt"] = example["prompt"][:300]
+    rows = [["unmodified", "-", asr["baseline"]["asr"], "-"]]
+    for k in recipe.top_k:
+        top = asr["ablated"][str(k)] if str(k) in asr["ablated"] else asr["ablated"][k]
+        rand = asr["random"].get(str(k), asr["random"].get(k, {}))
+        rows.append(
+            [
+                f"top-{k} heads",
+                ", ".join(f"{a}.{b}" for a, b in ranking[:k]),
+                top["asr"],
+                rand.get("mean", "-"),
+            ]
+        )
+    summary = {
+        "model": recipe.model,
+        "mode": recipe.mode,
+        "level": recipe.level,
+        "top heads (layer.head)": ", ".join(f"{a}.{b}" for a, b in ranking[:5]),
+        "ASR unmodified": asr["baseline"]["asr"],
+        f"ASR with top-{kmax} ablated": rows[-1][2],
+        f"ASR with {kmax} random heads (mean)": rows[-1][3],
+        "evaluation prompts": len(eval_prompts),
+    }
+    metrics = {"summary": summary, "ranking": ranking, "asr": asr}
+    finish_report(
+        run,
+        metrics,
+        title=f"Safety heads of {recipe.model} (Ships{' + Sahara' if recipe.sahara_group_size else ''})",
+        table=(
+            "Attack success rate on held-out harmful prompts",
+            ["condition", "heads", "ASR", "random heads ASR"],
+        ),
+        rows=rows,
+        images=sorted((run.path / "steps" / "ships").glob("*.png")),
+        examples=examples,
+    )
+    return metrics
