@@ -126,3 +126,21 @@ def test_sta_recipe_on_tiny_model(tmp_path: Path) -> None:
     folder = next(tmp_path.iterdir())
     assert (folder / "artifacts" / "sta" / "intervention.json").is_file()
     assert (folder / "report.html").is_file()
+
+
+def test_compare_run_folders_side_by_side(tmp_path: Path) -> None:
+    runs = []
+    for name, alpha in (("tiny-a", 4.0), ("tiny-b", -4.0)):
+        recipe = parse_recipe({**TINY_HSI, "name": name, "alphas": [alpha], "open_ended_limit": 1})
+        run = RunFolder.create(tmp_path / "runs", recipe, "test")
+        execute(run, progress=False)
+        runs.append(str(run.path))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", *runs, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {row["run"] for row in payload["rows"]} == {Path(r).name for r in runs}
+    page = Path(payload["report"]).read_text()
+    assert "All runs, all methods" in page and Path(runs[0]).name in page
+    bad = CliRunner().invoke(app, ["compare", runs[0], str(tmp_path)])
+    assert bad.exit_code == 2 and "is not a run folder" in bad.output

@@ -160,7 +160,13 @@ def fit_caa_command(
 
 @app.command("compare")
 def compare_command(
-    model: ModelArg,
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help="One model (fit and compare methods on a behaviour), or several finished run folders "
+            "(put them side by side in one report).",
+        ),
+    ],
     data: DataOpt = "coordinate-other-ais",
     methods: Annotated[
         str,
@@ -192,8 +198,35 @@ def compare_command(
     ] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Fit and evaluate several steering methods on one behaviour; prints the comparison table."""
+    """Fit and evaluate several steering methods on one behaviour, or compare finished run folders."""
     from rich.console import Console
+
+    from finesteer.report.runs import compare_runs, is_run_folder
+
+    if targets and all(is_run_folder(t) for t in targets):
+        report = Path(out) / "compare.html" if out else Path("runs") / "compare-runs.html"
+
+        def side_by_side() -> dict[str, Any]:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            return compare_runs(targets, report)
+
+        result = run_command(side_by_side)
+        if json_out:
+            emit_json(result)
+        else:
+            Console().print(
+                f"{len(result['rows'])} method rows from {len(targets)} runs; report: {result['report']}"
+            )
+        return
+    if len(targets) != 1:
+        not_runs = [t for t in targets if not is_run_folder(t)]
+        Console(stderr=True).print(
+            f"[bold red]error:[/] give one model, or only finished run folders ({', '.join(not_runs)} "
+            "is not a run folder)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=2)
+    model = targets[0]
 
     from finesteer.data import load_dataset
     from finesteer.evaluate.compare import CompareSettings, PendingSetup, compare_setups, make_judge

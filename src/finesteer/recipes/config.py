@@ -64,7 +64,7 @@ class HSIRecipe(RecipeBase):
     sweep_limit: PositiveInt = 24
     val_limit: PositiveInt = 24
     test_limit: PositiveInt = 50
-    open_ended_limit: int = Field(6, ge=0)
+    open_ended_limit: PositiveInt = 6
     heads: list[str] | None = Field(None, description="restrict the sweep to these heads (LAYER.HEAD)")
     layers: list[int] | None = Field(None, description="restrict the sweep to these layers")
     alphas: list[float] = Field(default_factory=lambda: [-8.0, 8.0])
