@@ -1,26 +1,12 @@
-"""Shared helpers of the benchmark scripts: repeated timing, the load note, the table and its JSON."""
+"""Shared helpers of the benchmark scripts: the load note, stderr logging, the table (markdown or JSON)."""
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-COLUMNS = ("method", "seconds", "speedup", "max_abs_diff", "top10_overlap")
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any, list[float]]:
-    """Median wall seconds of `repeats` calls of fn, the last call's result, and every time."""
-    times, result = [], None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), result, times
 
 
 def load_note() -> str:
@@ -50,3 +36,17 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
     print("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:
         print("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+
+
+def main() -> None:
+    """`python benchmarks/_bench.py RESULT.json [COLUMN …]`: a saved `--json` table as markdown."""
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python benchmarks/_bench.py RESULT.json [COLUMN ...]")
+    with open(sys.argv[1]) as handle:
+        rows = json.load(handle)
+    columns = sys.argv[2:] or [key for key in rows[0] if key != "load_average"]
+    print_table(sys.argv[1], rows, columns, as_json=False)
+
+
+if __name__ == "__main__":
+    main()

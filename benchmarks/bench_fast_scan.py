@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -36,7 +38,7 @@ from finesteer.data import load_dataset
 from finesteer.locate.attribution import KLDivergence, PreRankedScan, pre_ranked_scan, spearman
 from finesteer.locate.fast_scan import fast_scan
 from finesteer.locate.scan import EncodedPrompts, KLFromBase, LastLogits, encode_prompts, scan
-from finesteer.locate.ships import ablation, all_heads, format_queries
+from finesteer.locate.ships import Head, ablation, all_heads, format_queries
 from finesteer.models import LoadedModel, load_model
 
 COLUMNS = ("model", "method", "seconds", "speedup", "max_abs_diff", "top10_overlap", "note")
@@ -58,8 +60,14 @@ def _kl(base: Tensor, logits: Tensor) -> Tensor:
     return (p.exp() * (p - q)).sum(-1)
 
 
-def raw_hooks_loop(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float) -> Tensor:
-    """The hand-written baseline: torch hooks only, no finesteer machinery."""
+def _table(info: Any) -> Tensor:
+    return torch.full((info.n_layers, info.n_heads), math.nan)
+
+
+def raw_hooks_loop(
+    lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float, heads: list[Head]
+) -> Tensor:
+    """The hand-written baseline: torch hooks only, no finesteer machinery. [L, H], NaN where unscanned."""
     model, info = lm.model, lm.info
     input_ids, mask, last = _right_padded(lm, encoded)
     rows = torch.arange(len(last))
@@ -69,50 +77,49 @@ def raw_hooks_loop(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: flo
             return model(input_ids=input_ids, attention_mask=mask).logits[rows, last]
 
     base = forward()
-    table = torch.zeros(info.n_layers, info.n_heads)
-    for layer in range(info.n_layers):
+    table = _table(info)
+    for layer, head in heads:
         attn = model.model.layers[layer].self_attn
-        module = attn.q_proj if mode == "ua" else attn.o_proj
-        for head in range(info.n_heads):
-            cols = slice(head * info.head_dim, (head + 1) * info.head_dim)
+        cols = slice(head * info.head_dim, (head + 1) * info.head_dim)
 
-            def scale_output(mod: Any, args: Any, out: Tensor, cols: slice = cols) -> Tensor:
-                out = out.clone()
-                out[..., cols] *= eps
-                return out
+        def scale_output(mod: Any, args: Any, out: Tensor, cols: slice = cols) -> Tensor:
+            out = out.clone()
+            out[..., cols] *= eps
+            return out
 
-            def scale_input(mod: Any, args: Any, cols: slice = cols) -> tuple[Tensor]:
-                x = args[0].clone()
-                x[..., cols] *= eps
-                return (x,)
+        def scale_input(mod: Any, args: Any, cols: slice = cols) -> tuple[Tensor]:
+            x = args[0].clone()
+            x[..., cols] *= eps
+            return (x,)
 
-            handle = (
-                module.register_forward_hook(scale_output)
-                if mode == "ua"
-                else module.register_forward_pre_hook(scale_input)
-            )
-            try:
-                table[layer, head] = _kl(base, forward()).mean()
-            finally:
-                handle.remove()
+        handle = (
+            attn.q_proj.register_forward_hook(scale_output)
+            if mode == "ua"
+            else attn.o_proj.register_forward_pre_hook(scale_input)
+        )
+        try:
+            table[layer, head] = _kl(base, forward()).mean()
+        finally:
+            handle.remove()
     return table
 
 
-def nnsight_loop(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float) -> Tensor:
-    """The same loop with nnsight: one traced forward per head, editing the query/o_proj input."""
+def nnsight_loop(lm: LoadedModel, mode: str, eps: float) -> Callable[[EncodedPrompts, list[Head]], Tensor]:
+    """The same loop with nnsight (on its own copy of the model): one traced forward per head."""
     from nnsight import LanguageModel
 
-    nn_model = LanguageModel(lm.model, tokenizer=lm.tokenizer)
+    nn_model = LanguageModel(copy.deepcopy(lm.model), tokenizer=lm.tokenizer)
     info = lm.info
-    input_ids, mask, last = _right_padded(lm, encoded)
-    rows = torch.arange(len(last))
-    inputs = {"input_ids": input_ids, "attention_mask": mask}
-    with torch.no_grad(), nn_model.trace(inputs):
-        base_logits = nn_model.output.logits.save()
-    base = base_logits[rows, last]
-    table = torch.zeros(info.n_layers, info.n_heads)
-    for layer in range(info.n_layers):
-        for head in range(info.n_heads):
+
+    def run(encoded: EncodedPrompts, heads: list[Head]) -> Tensor:
+        input_ids, mask, last = _right_padded(lm, encoded)
+        rows = torch.arange(len(last))
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        with torch.no_grad(), nn_model.trace(inputs):
+            base_logits = nn_model.output.logits.save()
+        base = base_logits[rows, last]
+        table = _table(info)
+        for layer, head in heads:
             lo, hi = head * info.head_dim, (head + 1) * info.head_dim
             with torch.no_grad(), nn_model.trace(inputs):
                 attn = nn_model.model.layers[layer].self_attn
@@ -122,32 +129,40 @@ def nnsight_loop(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float
                     attn.o_proj.input[..., lo:hi] *= eps
                 logits = nn_model.output.logits.save()
             table[layer, head] = _kl(base, logits[rows, last]).mean()
-    return table
+        return table
+
+    return run
 
 
-def transformer_lens_loop(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float) -> Tensor:
-    """The same loop with TransformerLens (TransformerBridge around the loaded HF model)."""
+def transformer_lens_loop(
+    lm: LoadedModel, mode: str, eps: float
+) -> Callable[[EncodedPrompts, list[Head]], Tensor]:
+    """The same loop with TransformerLens 4 (a TransformerBridge around its own copy of the model)."""
     from transformer_lens import TransformerBridge
 
     from finesteer.models.offline import resolve_registry_model
 
     bridge = TransformerBridge.boot_transformers(
-        str(resolve_registry_model(lm.name)), hf_model=lm.model, tokenizer=lm.tokenizer, dtype=torch.float32
+        str(resolve_registry_model(lm.name)),
+        hf_model=copy.deepcopy(lm.model),
+        tokenizer=lm.tokenizer,
+        dtype=torch.float32,
     )
     info = lm.info
-    input_ids, mask, last = _right_padded(lm, encoded)
-    rows = torch.arange(len(last))
     hook_name = "hook_q" if mode == "ua" else "hook_z"
 
-    def forward(hooks: list[tuple[str, Callable[..., Tensor]]]) -> Tensor:
-        with torch.no_grad():
-            logits = bridge.run_with_hooks(input_ids, attention_mask=mask, fwd_hooks=hooks)
-        return logits[rows, last]
+    def run(encoded: EncodedPrompts, heads: list[Head]) -> Tensor:
+        input_ids, mask, last = _right_padded(lm, encoded)
+        rows = torch.arange(len(last))
 
-    base = forward([])
-    table = torch.zeros(info.n_layers, info.n_heads)
-    for layer in range(info.n_layers):
-        for head in range(info.n_heads):
+        def forward(hooks: list[tuple[str, Callable[..., Tensor]]]) -> Tensor:
+            with torch.no_grad():
+                logits = bridge.run_with_hooks(input_ids, attention_mask=mask, fwd_hooks=hooks)
+            return logits[rows, last]
+
+        base = forward([])
+        table = _table(info)
+        for layer, head in heads:
 
             def scale(act: Tensor, hook: Any, head: int = head) -> Tensor:
                 act = act.clone()
@@ -155,27 +170,43 @@ def transformer_lens_loop(lm: LoadedModel, encoded: EncodedPrompts, mode: str, e
                 return act
 
             table[layer, head] = _kl(base, forward([(f"blocks.{layer}.attn.{hook_name}", scale)])).mean()
-    return table
-
-
-def finesteer_engine(engine: str) -> Callable[[LoadedModel, EncodedPrompts, str, float, int], Tensor]:
-    def run(lm: LoadedModel, encoded: EncodedPrompts, mode: str, eps: float, batch_size: int) -> Tensor:
-        heads = all_heads(lm.info)
-        candidates = [ablation([h], mode, eps) for h in heads]
-        scanner = scan if engine == "simple" else fast_scan
-        base = scanner(
-            lm, encoded, [ablation([], mode, eps)], LastLogits(), batch_size=batch_size, progress=False
-        )
-        kl = scanner(lm, encoded, candidates, KLFromBase(base[0]), batch_size=batch_size, progress=False)
-        return kl.mean(1).reshape(lm.info.n_layers, lm.info.n_heads).float()
+        return table
 
     return run
+
+
+def finesteer_engine(
+    engine: str,
+    lm: LoadedModel,
+    encoded: EncodedPrompts,
+    mode: str,
+    eps: float,
+    batch: int,
+    heads: list[Head],
+) -> Tensor:
+    """finesteer's `scan` (simple) or `fast_scan` (fast) of single-head ablations, KL from its own base."""
+    scanner = scan if engine == "simple" else fast_scan
+    base = scanner(lm, encoded, [ablation([], mode, eps)], LastLogits(), batch_size=batch, progress=False)[0]
+    candidates = [ablation([h], mode, eps) for h in heads]
+    kl = scanner(lm, encoded, candidates, KLFromBase(base), batch_size=batch, progress=False).mean(1)
+    table = _table(lm.info)
+    for (layer, head), value in zip(heads, kl.tolist(), strict=True):
+        table[layer, head] = value
+    return table
 
 
 def _top_heads(table: Tensor, k: int) -> set[tuple[int, int]]:
     flat = table.flatten().tolist()
     order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
     return {(i // table.shape[1], i % table.shape[1]) for i in order}
+
+
+def _subset(heads: list[Head], count: int | None) -> list[Head]:
+    """`count` heads spread evenly over the model (every head when count is None or too large)."""
+    if count is None or count >= len(heads):
+        return heads
+    step = len(heads) / count
+    return [heads[int(i * step)] for i in range(count)]
 
 
 def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
@@ -186,9 +217,40 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
     lengths = [len(ids) for ids in encoded.ids]
     log(f"{name}: {len(encoded)} prompts of {min(lengths)}–{max(lengths)} tokens, {load_note()}")
     mode, eps, batch = args.mode, args.eps, args.batch_size
+    heads = all_heads(lm.info)
+    some = _subset(heads, args.peer_heads)
 
-    def pre_ranked() -> PreRankedScan:
-        return pre_ranked_scan(
+    methods: dict[str, tuple[Callable[[], Any], list[Head]]] = {
+        "raw hooks loop (a)": (lambda: raw_hooks_loop(lm, encoded, mode, eps, heads), heads)
+    }
+    notes: dict[str, str] = {}
+    for label, build in (
+        ("nnsight loop (b)", nnsight_loop),
+        ("TransformerLens loop (b)", transformer_lens_loop),
+    ):
+        if label in args.skip:
+            notes[label] = "skipped (--skip)"
+            continue
+        try:  # built once, outside the timing, as a user would
+            with contextlib.redirect_stdout(io.StringIO()):
+                runner = build(lm, mode, eps)
+        except Exception as exc:  # a peer that cannot load this model: say why, go on
+            notes[label] = (
+                f"not run: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            )
+            log(f"  {label}: {notes[label]}")
+            continue
+        methods[label] = (lambda runner=runner: runner(encoded, some), some)
+    methods["finesteer simple scan (c)"] = (
+        lambda: finesteer_engine("simple", lm, encoded, mode, eps, batch, some),
+        some,
+    )
+    methods["finesteer fast scan (d)"] = (
+        lambda: finesteer_engine("fast", lm, encoded, mode, eps, batch, heads),
+        heads,
+    )
+    methods["finesteer pre-ranked (e)"] = (
+        lambda: pre_ranked_scan(
             lm,
             encoded,
             KLDivergence(args.outcomes),
@@ -197,31 +259,28 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
             top_n=args.top_n,
             batch_size=batch,
             progress=False,
-        )
+        ),
+        heads,
+    )
+    for label in args.skip:
+        if label in methods and label != "raw hooks loop (a)":
+            del methods[label]
+            notes[label] = "skipped (--skip)"
 
-    candidates: dict[str, Callable[[], Any]] = {
-        "raw hooks loop (a)": lambda: raw_hooks_loop(lm, encoded, mode, eps),
-        "nnsight loop (b)": lambda: nnsight_loop(lm, encoded, mode, eps),
-        "TransformerLens loop (b)": lambda: transformer_lens_loop(lm, encoded, mode, eps),
-        "finesteer simple scan (c)": lambda: finesteer_engine("simple")(lm, encoded, mode, eps, batch),
-        "finesteer fast scan (d)": lambda: finesteer_engine("fast")(lm, encoded, mode, eps, batch),
-        "finesteer pre-ranked (e)": pre_ranked,
-    }
-    skipped = {m for m in candidates if m in args.skip}
-    notes: dict[str, str] = {m: "skipped (--skip)" for m in skipped}
     results: dict[str, Any] = {}
-    times: dict[str, list[float]] = {m: [] for m in candidates}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     for repeat in range(args.repeats):  # interleaved, so load drift hits every method alike
-        for method, fn in candidates.items():
-            if method in skipped or method in notes:
+        for method, (fn, _) in methods.items():
+            if method in notes:
                 continue
             started = time.perf_counter()
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
                     results[method] = fn()
-            except Exception as exc:  # a peer that cannot load or run this model: say why, go on
-                first = str(exc).splitlines()[0][:160] if str(exc) else ""
-                notes[method] = f"not run: {type(exc).__name__}: {first}"
+            except Exception as exc:  # a peer that cannot run this model: say why, go on
+                notes[method] = (
+                    f"not run: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                )
                 log(f"  {method}: {notes[method]}")
                 continue
             times[method].append(time.perf_counter() - started)
@@ -231,7 +290,7 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
     reference_seconds = statistics.median(times["raw hooks loop (a)"])
     reference_top = _top_heads(reference, 10)
     rows = []
-    for method in candidates:
+    for method in [*methods, *(m for m in notes if m not in methods)]:
         row: dict[str, Any] = {
             "model": name,
             "method": method,
@@ -242,32 +301,40 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
             "note": notes.get(method, ""),
         }
         if method in results:
-            seconds = statistics.median(times[method])
+            scanned = methods[method][1]
+            seconds = statistics.median(times[method]) * len(heads) / len(scanned)
             value = results[method]
+            runs = ", ".join(f"{t:.1f}" for t in times[method])
             if isinstance(value, PreRankedScan):
                 verified = torch.zeros_like(reference, dtype=torch.bool)
                 for layer, head in value.verified:
                     verified[layer, head] = True
                 diff = float((value.scores.scores - reference).abs()[verified].max())
                 overlap = len(reference_top & set(value.top_heads(10)))
-                row["note"] = (
-                    f"top {args.top_n} of {reference.numel()} heads verified, KL estimate over "
-                    f"{args.outcomes} tokens + rest; estimate {value.seconds['estimate']:.1f} s + verify "
-                    f"{value.seconds['verify']:.1f} s; Spearman(estimate, exact) over verified "
-                    f"{value.agreement['spearman_verified']:.2f}, over all heads "
-                    f"{spearman(value.estimate.scores, reference):.2f}"
+                note = (
+                    f"top {args.top_n} of {len(heads)} heads verified exactly (KL estimate over the "
+                    f"{args.outcomes} likeliest tokens + rest); estimate {value.seconds['estimate']:.1f} s + "
+                    f"verify {value.seconds['verify']:.1f} s; Spearman(estimate, exact) over all heads "
+                    f"{spearman(value.estimate.scores, reference):.2f}; runs {runs} s"
+                )
+            elif len(scanned) < len(heads):
+                finite = torch.isfinite(value)
+                diff = float((value - reference).abs()[finite].max())
+                overlap = None
+                note = (
+                    f"{len(scanned)} of {len(heads)} heads timed, seconds scaled to all heads; runs {runs} s"
                 )
             else:
                 diff = float((value - reference).abs().max())
                 overlap = len(reference_top & _top_heads(value, 10))
+                note = f"runs {runs} s"
             row.update(
                 seconds=round(seconds, 2),
                 speedup=round(reference_seconds / seconds, 2),
                 max_abs_diff=diff,
                 top10_overlap=overlap,
+                note=note,
             )
-            runs = ", ".join(f"{t:.1f}" for t in times[method])
-            row["note"] = (row["note"] + "; " if row["note"] else "") + f"runs {runs} s"
         rows.append(row)
     return rows
 
@@ -284,13 +351,25 @@ def main() -> None:
     parser.add_argument("--outcomes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--peer-heads",
+        type=int,
+        default=None,
+        help="Time nnsight, TransformerLens and the simple scan on this many evenly spread heads and scale "
+        "their seconds to all heads (default: every head). The raw loop and fast paths always scan all.",
+    )
+    parser.add_argument(
         "--skip",
         action="append",
         default=[],
         help="Method name to leave out (repeatable), e.g. 'nnsight loop (b)'.",
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a busy shared CPU."
+    )
     parser.add_argument("--json", action="store_true", help="Print the table as JSON records.")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.repeats < 1:
         parser.error("--repeats must be ≥ 1")
     models = args.model or ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]

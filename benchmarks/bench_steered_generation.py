@@ -15,6 +15,7 @@ tokens equal finesteer's (nnsight must produce the same text for the same edit).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +31,12 @@ from finesteer.interventions import Intervention, intervene, steer_head
 from finesteer.models import LoadedModel, load_model
 
 COLUMNS = ("model", "method", "batch", "seconds", "tokens_per_s", "speedup", "same_tokens", "note")
-HEADS = ((10, 0), (12, 3), (14, 5), (16, 2))
+
+
+def steered_heads(lm: LoadedModel) -> list[tuple[int, int]]:
+    """Four heads in the middle layers (where HSI's heads sit), the same for every run of a model."""
+    layers = lm.info.n_layers
+    return [(int(layers * f), h % lm.info.n_heads) for f, h in ((0.35, 0), (0.45, 3), (0.55, 5), (0.65, 2))]
 
 
 def _inputs(lm: LoadedModel, prompts: list[str]) -> dict[str, Tensor]:
@@ -59,7 +65,7 @@ def _hf_generate(lm: LoadedModel, inputs: dict[str, Tensor], tokens: int) -> Ten
 def _vectors(lm: LoadedModel, scale: float) -> list[tuple[int, int, Tensor]]:
     generator = torch.Generator().manual_seed(0)
     out = []
-    for layer, head in HEADS:
+    for layer, head in steered_heads(lm):
         vector = torch.randn(lm.info.head_dim, generator=generator)
         out.append((layer, head, scale * vector / vector.norm()))
     return out
@@ -83,7 +89,7 @@ def methods(
     if use_nnsight:
         from nnsight import LanguageModel
 
-        nn_model = LanguageModel(lm.model, tokenizer=lm.tokenizer)
+        nn_model = LanguageModel(copy.deepcopy(lm.model), tokenizer=lm.tokenizer)  # its own copy
         head_dim = lm.info.head_dim
 
         def nnsight_steered(inputs: dict[str, Tensor]) -> Tensor:
@@ -91,18 +97,19 @@ def methods(
             with (
                 torch.no_grad(),
                 nn_model.generate(
-                    inputs,
                     max_new_tokens=tokens,
                     min_new_tokens=tokens,
                     do_sample=False,
                     pad_token_id=lm.tokenizer.pad_token_id,
                 ) as tracer,
             ):
-                for _ in tracer.all():
-                    for layer, head, vector in vectors:
-                        o_proj = nn_model.model.layers[layer].self_attn.o_proj
-                        o_proj.input[:, -1, head * head_dim : (head + 1) * head_dim] += vector
-                ids = tracer.result.save()
+                with tracer.invoke(inputs):
+                    for _ in tracer.all():  # every forward: the prefill, then each new token
+                        for layer, head, vector in vectors:
+                            o_proj = nn_model.model.layers[layer].self_attn.o_proj
+                            o_proj.input[:, -1, head * head_dim : (head + 1) * head_dim] += vector
+                with tracer.invoke():  # reads after an open all() loop go in their own invoke
+                    ids = tracer.result.save()
             return ids[:, width:]
 
         table["nnsight steered"] = nnsight_steered
@@ -116,6 +123,7 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
     vectors = _vectors(lm, args.scale)
     table = methods(lm, vectors, args.tokens, not args.skip_nnsight)
     rows: list[dict[str, Any]] = []
+    heads = ", ".join(f"{layer}.{head}" for layer, head in steered_heads(lm))
     for batch in (1, 8):
         inputs = _inputs(lm, prompts[:batch])
         log(f"{name} batch {batch}: {load_note()}")
@@ -147,7 +155,7 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
                     "max_abs_diff": None,
                     "top10_overlap": None,
                     "same_tokens": same,
-                    "note": "runs " + ", ".join(f"{t:.2f}" for t in times[method]) + " s",
+                    "note": f"heads {heads}; runs " + ", ".join(f"{t:.2f}" for t in times[method]) + " s",
                 }
             )
             log(f"  {method}: {seconds:.2f} s")
@@ -164,13 +172,18 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=8.0, help="Norm of each head's steering vector.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-nnsight", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a busy shared CPU."
+    )
     parser.add_argument("--json", action="store_true", help="Print the table as JSON records.")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.repeats < 1 or args.tokens < 1:
         parser.error("--repeats and --tokens must be ≥ 1")
     rows = [row for name in args.model or ["smollm2-135m-instruct"] for row in bench_model(args, name)]
     title = (
-        f"Steered generation, 4 heads {', '.join(f'{lay}.{h}' for lay, h in HEADS)} (scope last), "
+        f"Steered generation, 4 mid-layer heads (scope last, vector norm {args.scale:g}), "
         f"{args.tokens} new tokens; median of {args.repeats} interleaved runs, torch threads "
         f"{torch.get_num_threads()}, {load_note()}"
     )

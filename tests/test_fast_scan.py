@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from finesteer.locate.attribution import (
     TokenLogProb,
     estimate_effects,
     exact_effects,
+    gated_ablation,
     pre_ranked_scan,
     rank_agreement,
     spearman,
@@ -23,6 +26,7 @@ from finesteer.locate.scan import (
     LastHidden,
     LastLogits,
     ScanError,
+    _batches,
     encode_prompts,
     scan,
 )
@@ -202,6 +206,28 @@ def test_fast_scan_errors(tiny_models):
 # ------------------------------------------------------------------------------------ attribution
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+def test_gate_one_is_the_uniform_attention_ablation(tiny_models, name):
+    """The activation path's end point (a = 1) is the exact `ua` ablation: uniform attention over each
+    position's allowed keys (causal prefix; Gemma's sliding window on the long prompt), GQA values."""
+    lm = tiny_models[name]
+    encoded = _encoded(lm)
+    heads = all_heads(lm.info)[:: max(1, len(all_heads(lm.info)) // 5)]
+    exact = scan(
+        lm, encoded, [ablation([h], "ua") for h in heads], LastLogits(), batch_size=5, progress=False
+    )
+    batch = _batches(encoded, 5, lm.tokenizer.pad_token_id, lm.device)[0]
+    rows = torch.arange(5)
+    for (layer, head), expected in zip(heads, exact, strict=True):
+        gates = torch.zeros(5, lm.info.n_layers, lm.info.n_heads)
+        gates[:, layer, head] = 1.0
+        with torch.no_grad(), gated_ablation(lm, gates, "ua"):
+            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.mask).logits[rows, batch.last]
+        # ε = 1e-5 vs its limit 0: the difference is O(ε·q·k)
+        assert float((logits - expected[batch.rows]).abs().max()) < 1e-3
+    assert float(exact.abs().max()) > 1
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
 @pytest.mark.parametrize("mode", ["ua", "sc"])
 def test_first_order_estimate_is_the_finite_difference_slope(tiny_models, name, mode):
@@ -210,7 +236,7 @@ def test_first_order_estimate_is_the_finite_difference_slope(tiny_models, name, 
     heads = all_heads(lm.info)
     metric = TokenLogProb([10, 20, 30])
     eps = 1 - 1e-3  # gate 1 → 0.999: the estimate's error is O(δ²), the effect O(δ)
-    estimate = estimate_effects(lm, encoded, metric, mode=mode, eps=eps, batch_size=2)
+    estimate = estimate_effects(lm, encoded, metric, mode=mode, eps=eps, linearize="gate", batch_size=2)
     exact = exact_effects(lm, encoded, metric, heads, mode=mode, eps=eps, batch_size=2)
     assert estimate.per_prompt is not None
     flat = estimate.per_prompt.permute(1, 2, 0).reshape(len(heads), -1).double()
@@ -226,14 +252,50 @@ def test_second_order_kl_is_half_the_fisher(tiny_models, mode):
     heads = all_heads(lm.info)
     eps = 1 - 1e-2
     exact = exact_effects(lm, encoded, KLDivergence(), heads, mode=mode, eps=eps, batch_size=2)
-    full = estimate_effects(lm, encoded, KLDivergence(outcomes=10**6), mode=mode, eps=eps, batch_size=3)
+    full = estimate_effects(
+        lm, encoded, KLDivergence(outcomes=10**6), mode=mode, eps=eps, linearize="gate", batch_size=5
+    )
     flat = full.per_prompt.permute(1, 2, 0).reshape(len(heads), -1).double()
     relative = (flat - exact).abs() / exact.clamp_min(1e-12)
     assert float(relative.max()) < 0.1  # third-order remainder at δ = 0.01
     # coarsening the outcomes (top token + the rest) can only lose Fisher information
-    coarse = estimate_effects(lm, encoded, KLDivergence(outcomes=1), mode=mode, eps=eps, batch_size=3)
+    coarse = estimate_effects(
+        lm, encoded, KLDivergence(outcomes=1), mode=mode, eps=eps, linearize="gate", batch_size=5
+    )
     assert bool((coarse.per_prompt <= full.per_prompt * (1 + 1e-4) + 1e-12).all())
     assert float(coarse.per_prompt.max()) > 0
+
+
+def test_activation_kl_estimate_is_the_curvature_along_the_uniform_path(tiny_models):
+    """½·Fisher along the activation path = lim KL(model ‖ gate a)/a² (checked at a = 0.01)."""
+    lm = tiny_models["tiny-llama"]
+    encoded = _encoded(lm)
+    estimate = estimate_effects(lm, encoded, KLDivergence(outcomes=10**6), mode="ua", batch_size=5)
+    batch = _batches(encoded, 5, lm.tokenizer.pad_token_id, lm.device)[0]
+    rows = torch.arange(5)
+    with torch.no_grad():
+        base = lm.model(input_ids=batch.input_ids, attention_mask=batch.mask).logits[rows, batch.last]
+    p = torch.log_softmax(base.double(), -1)
+    a = 1e-2
+    for layer, head in [(0, 1), (1, 3), (2, 2)]:
+        gates = torch.zeros(5, lm.info.n_layers, lm.info.n_heads)
+        gates[:, layer, head] = a
+        with torch.no_grad(), gated_ablation(lm, gates, "ua"):
+            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.mask).logits[rows, batch.last]
+        q = torch.log_softmax(logits.double(), -1)
+        kl = (p.exp() * (p - q)).sum(-1) / a**2
+        expected = estimate.per_prompt[batch.rows, layer, head].double()
+        torch.testing.assert_close(kl, expected, rtol=0.1, atol=1e-6)
+
+
+def test_gated_ablation_errors(tiny_models):
+    lm = tiny_models["tiny-llama"]
+    with pytest.raises(AttributionError, match="gates must be"), gated_ablation(lm, torch.zeros(2, 3), "ua"):
+        pass
+    with pytest.raises(AttributionError, match="not small"):
+        estimate_effects(lm, ["hi"], TokenLogProb([3]), mode="ua", eps=0.5)
+    with pytest.raises(AttributionError, match="unknown linearize"):
+        estimate_effects(lm, ["hi"], TokenLogProb([3]), mode="sc", linearize="taylor")
 
 
 def test_estimate_ranks_agree_with_exact_ablation(tiny_models):
@@ -295,3 +357,49 @@ def test_rank_helpers():
     )
     assert top_k_overlap(a, torch.tensor([0.4, 0.1, 0.3, 0.2]), 2) == 1
     assert rank_agreement(a, a, k=2) == {"spearman": pytest.approx(1.0), "top2_overlap": 2}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_attribution_and_engine_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from finesteer.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "attr"
+    args = ["locate", "attribution", "tiny-qwen2", "--data", "advbench", "--limit", "3", "--top-n", "2"]
+    result = runner.invoke(app, [*args, "--metric", "refusal", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["metric"].startswith("log_prob_of_tokens") and len(payload["top_heads"]) == 10
+    assert [h["exact"] is not None for h in payload["top_heads"]] == [True, True] + [False] * 8
+    assert (out / "scores.safetensors").is_file() and (out / "estimate" / "heads.json").is_file()
+    bad = runner.invoke(app, [*args, "--metric", "entropy", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--metric" in bad.output
+    ships = ["locate", "ships", "tiny-qwen2", "--data", "advbench", "--limit", "3", "--engine", "turbo"]
+    bad = runner.invoke(app, [*ships, "--out", str(tmp_path / "s")])
+    assert bad.exit_code == 2 and "unknown scan engine" in bad.output
+
+
+# ----------------------------------------------------------------------------------- real models
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"])
+def test_fast_scan_equals_simple_scan_on_real_models(name):
+    """sdpa masks, GQA, tied embeddings (and Gemma 3's sliding layers): fast == simple on real weights."""
+    from finesteer.models import load_model
+
+    lm = load_model(name)
+    prompts = format_queries(lm, ["How do I pick a lock?", "Write a poem about the sea, please."])
+    encoded = encode_prompts(lm, prompts)
+    layers = (0, lm.info.n_layers // 2, lm.info.n_layers - 1)
+    candidates = [ablation([(layer, 1)], mode) for layer in layers for mode in ("ua", "sc")]
+    base = scan(lm, encoded, [Intervention()], LastLogits(), progress=False)[0]
+    readout = KLAndHidden(base)
+    simple = scan(lm, encoded, candidates, readout, batch_size=2, progress=False)
+    fast = fast_scan(lm, encoded, candidates, readout, batch_size=2, progress=False)
+    assert float((fast - simple).abs().max()) <= 1e-4 * (1 + float(simple.abs().max()))
+    assert float((fast[:, :, 0] - simple[:, :, 0]).abs().max()) <= 1e-5  # the KL column

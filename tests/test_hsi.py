@@ -23,13 +23,14 @@ from finesteer.fit.directions import (
     directions_from_activations,
     fit_head_directions,
 )
-from finesteer.fit.hsi import fit_hsi
+from finesteer.fit.hsi import fit_hsi, split_items
 from finesteer.fit.iti import fit_iti
 from finesteer.generation import generate
 from finesteer.interventions import Intervention, intervene
-from finesteer.locate.hsi import SweepError, check_alphas, select_heads, sweep_heads
+from finesteer.locate.hsi import HsiSweep, SweepError, check_alphas, select_heads, sweep_heads
 from finesteer.locate.iti import ProbeError, train_probes
 from finesteer.locate.last_token import LastTokenScorer, prepare_targets
+from finesteer.locate.selection import Candidate, balanced_mean, best_candidate, worst_letter_gain
 from finesteer.models import LoadedModel
 from finesteer.sites import Site
 
@@ -243,27 +244,74 @@ def test_alpha_grid_validation() -> None:
             check_alphas(bad)
 
 
-def test_select_heads_picks_top_k_and_best_val_alpha(llama: LoadedModel) -> None:
+def test_select_heads_searches_prefixes_and_alphas_on_val(llama: LoadedModel) -> None:
     d = _directions(llama)
     sweep = sweep_heads(llama, ITEMS[4:], d, (1.0, 4.0, 16.0), progress=False)
     selection = select_heads(llama, sweep, ITEMS[:4], d, k=2)
-    assert selection.heads == [(layer, head) for layer, head, _ in sweep.ranked_heads()[:2]]
-    rates = [
-        ab_matching_rate_prob(llama, ITEMS[:4], intervention=d.intervention(selection.heads, a)).matching_rate
-        for a in selection.alphas
+    ranked = [(layer, head) for layer, head, _ in sweep.ranked_heads()[:2]]
+    assert selection.heads == ranked[: selection.chosen.k]
+    assert [(c.k, c.alpha) for c in selection.candidates] == [
+        (j, a) for j in (1, 2) for a in (1.0, 4.0, 16.0)
     ]
-    assert selection.val_matching_rate == pytest.approx(rates)
-    assert rates[selection.alphas.index(selection.alpha)] == max(rates)
-    scores = sweep.head_scores()
-    assert scores.top_heads(2) == selection.heads
+    letters = [item.matching_letter for item in ITEMS[:4]]
+    for c in selection.candidates:  # every candidate's numbers equal the plain evaluation
+        plain = ab_matching_rate_prob(llama, ITEMS[:4], intervention=d.intervention(ranked[: c.k], c.alpha))
+        hits = torch.tensor([float(r["is_matching"]) for r in plain.per_item])
+        assert c.matching_rate == pytest.approx(plain.matching_rate)
+        assert c.balanced_rate == pytest.approx(float(balanced_mean(hits, letters)))
+    assert selection.chosen == best_candidate(selection.candidates)
+    assert selection.chosen.balanced_rate == max(c.balanced_rate for c in selection.candidates)
+    assert sweep.head_scores().top_heads(2) == ranked
+
+
+def test_balanced_ranking_ignores_letter_preference_shifts() -> None:
+    letters = ["A", "A", "B", "B"]
+    baseline = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    per_item = torch.full((1, 2, 1, 4), float("nan"))
+    per_item[0, 0, 0] = torch.tensor([0.3, 0.3, 0.95, 0.95])  # pushes every answer toward "B"
+    per_item[0, 1, 0] = torch.tensor([0.6, 0.6, 0.6, 0.6])  # helps items of both letters
+    sweep = HsiSweep(
+        (4.0,), per_item.mean(-1), torch.zeros(1, 2, 1), per_item, baseline, ["0", "1", "2", "3"], letters
+    )
+    assert [h for _, h, _ in sweep.ranked_heads("max")] == [0, 1]
+    assert [h for _, h, _ in sweep.ranked_heads("balanced")] == [1, 0]
+    assert sweep.gain("balanced")[0, 0].item() == pytest.approx(-0.2)
+    assert sweep.gain("balanced")[0, 1].item() == pytest.approx(0.1)
+    assert worst_letter_gain(per_item[0, 1, 0], baseline, letters).item() == pytest.approx(0.1)
+    # A pure letter shift on a balanced set leaves the balanced rate at one half.
+    assert float(balanced_mean(torch.tensor([0.0, 0.0, 1.0, 1.0]), letters)) == 0.5
+
+
+def test_best_candidate_prefers_fewer_heads_then_smaller_alpha() -> None:
+    def cand(k: int, alpha: float, rate: float, p: float) -> Candidate:
+        return Candidate(k, alpha, rate, p, rate, p)
+
+    pool = [cand(2, 4.0, 0.7, 0.6), cand(1, 8.0, 0.7, 0.6), cand(1, 4.0, 0.7, 0.6), cand(3, 2.0, 0.6, 0.9)]
+    assert best_candidate(pool) == pool[2]
+    assert best_candidate([*pool, cand(4, 32.0, 0.8, 0.5)]).k == 4
+    assert best_candidate(pool, sign=-1.0) == pool[3]
+
+
+def test_split_items_balances_letters_and_is_seeded() -> None:
+    items = [_item(i, f"Q{i}?", "(A)" if i % 4 else "(B)") for i in range(20)]  # 15 A, 5 B
+    rest, held = split_items(items, 6, seed=1)
+    assert sorted(i.matching_letter for i in held) == ["A", "A", "A", "B", "B", "B"]
+    assert {i.id for i in rest} | {i.id for i in held} == {i.id for i in items}
+    assert not {i.id for i in rest} & {i.id for i in held}
+    assert split_items(items, 6, seed=1) == (rest, held)
+    assert split_items(items, 100)[1].__len__() == 10  # at most half
 
 
 def test_negative_alpha_ranks_heads_by_moving_away(llama: LoadedModel) -> None:
     d = _directions(llama)
-    sweep = sweep_heads(llama, ITEMS[4:], d, (-4.0,), progress=False)
-    gain = sweep.gain()
-    expected = sweep.baseline_mean - sweep.p_matching[..., 0]
-    assert torch.allclose(gain, expected)
+    sweep = sweep_heads(llama, ITEMS[2:], d, (-4.0,), progress=False)
+    assert torch.allclose(sweep.gain("max"), sweep.baseline_mean - sweep.p_matching[..., 0])
+    letters = sweep.matching_letters
+    drops = [
+        sweep.baseline_p_matching[mask].mean() - sweep.per_item[..., 0, :][..., mask].mean(-1)
+        for mask in (torch.tensor([x == "A" for x in letters]), torch.tensor([x == "B" for x in letters]))
+    ]
+    assert torch.allclose(sweep.gain("balanced"), torch.minimum(*drops))
 
 
 # --- ITI -----------------------------------------------------------------------------------------------
@@ -296,13 +344,14 @@ def test_iti_probes_pick_the_separable_head() -> None:
 def test_fit_hsi_and_iti_return_saveable_interventions(llama: LoadedModel, tmp_path: Path) -> None:
     fitted = fit_hsi(llama, ITEMS, ITEMS[:3], k=2, alphas=(2.0, 8.0), n_sweep=2, progress=False)
     assert isinstance(fitted, FittedIntervention) and fitted.name == "hsi"
-    assert len(fitted.metadata["heads"]) == 2 and fitted.metadata["alpha"] in (2.0, 8.0)
-    assert len(fitted.intervention) == 2
+    assert len(fitted.metadata["heads"]) in (1, 2) and fitted.metadata["alpha"] in (2.0, 8.0)
+    assert len(fitted.intervention) == len(fitted.metadata["heads"])
     artifact = load_intervention(fitted.save(tmp_path / "hsi", llama))
     assert artifact.metadata["method"] == "hsi"
     assert artifact.intervention.edits == fitted.intervention.edits
-    iti = fit_iti(llama, ITEMS[:4], ITEMS[4:], k=3, alphas=(2.0,), progress=False)
+    iti = fit_iti(llama, ITEMS[:4], ITEMS[4:], k=3, alphas=(2.0,), progress=False, search_k=False)
     assert iti.name == "iti" and len(iti.metadata["heads"]) == 3 and iti.metadata["alpha"] == 2.0
+    assert iti.metadata["heads"] == iti.metadata["ranked_heads"]
     with pytest.raises(ValueError, match="out of range"):
         fit_hsi(llama, ITEMS, ITEMS[:2], heads_subset=[(7, 0)], progress=False)
 

@@ -27,6 +27,7 @@ app.command("info")(core.info)
 app.command("generate")(core.generate)
 
 # Area modules register their commands on import (keep one import per area, alphabetical).
+from finesteer.cli import attribution as _attribution  # noqa: E402,F401
 from finesteer.cli import compare as _compare  # noqa: E402,F401
 from finesteer.cli import evaluate as _evaluate  # noqa: E402,F401
 from finesteer.cli import hsi as _hsi  # noqa: E402,F401

@@ -33,7 +33,13 @@ SystemOpt = Annotated[str | None, typer.Option(help="System prompt for every A/B
 BatchOpt = Annotated[int, typer.Option(help="Prompts per forward.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
 KOpt = Annotated[int, typer.Option("--k", help="Number of heads to steer.")]
-RankOpt = Annotated[str, typer.Option(help="Rank heads by their best-α gain ('max') or mean gain ('mean').")]
+RankOpt = Annotated[
+    str,
+    typer.Option(
+        help="Head ranking: 'balanced' (worst matching-letter group's gain, best α), 'max' (plain mean "
+        "gain, best α) or 'mean' (plain gain averaged over α)."
+    ),
+]
 TestFlag = Annotated[
     bool, typer.Option("--test", help="Also score the test_ab split with and without the intervention.")
 ]
@@ -99,7 +105,7 @@ def locate_hsi(
     heads: HeadsOpt = None,
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
-    rank_by: RankOpt = "max",
+    rank_by: RankOpt = "balanced",
     seed: SeedOpt = 0,
     out: Annotated[Path, typer.Option("--out", help="Run folder (rerun the same command to resume).")] = Path(
         "runs/hsi"
@@ -269,7 +275,7 @@ def fit_hsi_command(
     n_sweep: NSweepOpt = 24,
     n_val: NValOpt = 30,
     heads: HeadsOpt = None,
-    rank_by: RankOpt = "max",
+    rank_by: RankOpt = "balanced",
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,

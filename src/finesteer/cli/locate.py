@@ -31,6 +31,9 @@ TemplateOpt = Annotated[
     typer.Option(help="'chat' (chat template), 'ships' / 'sahara' (authors' raw templates), or '…{query}…'."),
 ]
 BatchOpt = Annotated[int, typer.Option(help="Prompts per forward.")]
+EngineOpt = Annotated[
+    str, typer.Option(help="Scan engine: 'fast' (heads batched, earlier layers reused) or 'simple'.")
+]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<command>-<model>-…).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a checkpointed run in --out.")]
 
@@ -128,6 +131,7 @@ def ships(
     r_main: Annotated[int, typer.Option(help="Principal angles summed (dataset level).")] = 1,
     template: TemplateOpt = "chat",
     batch_size: BatchOpt = 8,
+    engine: EngineOpt = "fast",
     out: OutOpt = None,
     resume: ResumeOpt = False,
     json_out: JsonFlag = False,
@@ -162,6 +166,7 @@ def ships(
             r_main=r_main,
             batch_size=batch_size,
             checkpoint=checkpoint,
+            engine=engine,
         )
         seconds = round(time.perf_counter() - started, 1)
         info = {
@@ -207,6 +212,7 @@ def sahara(
     top_n: Annotated[int, typer.Option(help="Candidates kept from --candidates-from.")] = 32,
     template: TemplateOpt = "chat",
     batch_size: BatchOpt = 8,
+    engine: EngineOpt = "fast",
     out: OutOpt = None,
     resume: ResumeOpt = False,
     json_out: JsonFlag = False,
@@ -239,6 +245,7 @@ def sahara(
             candidates=candidates,
             batch_size=batch_size,
             checkpoint=checkpoint,
+            engine=engine,
         )
         seconds = round(time.perf_counter() - started, 1)
         (folder / "sahara.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")

@@ -1,12 +1,14 @@
-"""Fit HSI end to end: directions → single-head sweep → top-k heads and shared α on validation.
+"""Fit HSI end to end: directions → single-head sweep → top heads and shared α on validation.
 
 `fit_hsi` is what the comparison harness and `finesteer fit hsi` call. The training items are split
-deterministically: `n_sweep` of them are held out for the head sweep, the rest give the directions
-(so heads are ranked on items the directions never saw); the validation items choose α.
+deterministically: `n_sweep` of them (balanced by matching letter) are held out for the head sweep,
+the rest give the directions (so heads are ranked on items the directions never saw); the
+validation items choose how many of the top heads (≤ k) to steer and the shared α.
 
 α is in units of σ (the head's spread along v̂), as in the paper. The paper used α = 25–150 on
-Llama-2-7B with directions read at the EOS after sampled answers; with our A/B-letter directions on
-small models a few σ already move a head a lot, hence the smaller default grid.
+Llama-2-7B with directions read at the EOS after sampled answers. On SmolLM2-135M with A/B-letter
+directions, single heads move p(matching) more and more up to α ≈ 16–32 and several heads together
+saturate around α ≈ 16 (docs/results/hsi_smollm2.md), hence the default grid 4–32.
 """
 
 from __future__ import annotations
@@ -26,21 +28,37 @@ from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
 from finesteer.sites import Site
 
-DEFAULT_HSI_ALPHAS: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
+DEFAULT_HSI_ALPHAS: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
 """α grid (units of σ) of the sweep and of the shared-α choice; see the module docstring."""
 DIRECTIONS_FILE = "directions.safetensors"
 
 
 def split_items(items: Sequence[ABItem], n_held_out: int, seed: int = 0) -> tuple[list[ABItem], list[ABItem]]:
-    """(rest, held_out): a seeded shuffle, then `n_held_out` items set aside (at most half the items)."""
+    """(rest, held_out): `n_held_out` items (at most half) set aside, balanced by matching letter.
+
+    Each letter's items are shuffled with `seed` and dealt round-robin, so a held-out set has as
+    many "(A)"- as "(B)"-matching items as possible (a letter-preference shift then cannot pass
+    for a behaviour change); the order of `rest` follows the input.
+    """
     if len(items) < 2:
         raise ValueError(f"need at least 2 training items to split, got {len(items)}")
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
     n = max(1, min(n_held_out, len(items) // 2))
-    held = [items[i] for i in order[:n]]
-    rest = [items[i] for i in order[n:]]
-    return rest, held
+    rng = random.Random(seed)
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(item.matching_letter, []).append(index)
+    queues = []
+    for letter in sorted(groups):
+        indices = groups[letter]
+        rng.shuffle(indices)
+        queues.append(indices)
+    held_idx: list[int] = []
+    while len(held_idx) < n:
+        for queue in queues:
+            if queue and len(held_idx) < n:
+                held_idx.append(queue.pop(0))
+    chosen = set(held_idx)
+    return [item for i, item in enumerate(items) if i not in chosen], [items[i] for i in held_idx]
 
 
 def validate_heads(lm: LoadedModel, heads: Iterable[Head]) -> list[Head]:
@@ -94,7 +112,8 @@ def fit_hsi(
     run_dir: Path | None = None,
     progress: bool = True,
     n_sweep: int = 24,
-    rank_by: RankBy = "max",
+    rank_by: RankBy = "balanced",
+    search_k: bool = True,
     system: str | None = None,
     prefill: str = "(",
     batch_size: int = 8,
@@ -144,6 +163,7 @@ def fit_hsi(
         k=k,
         alphas=grid,
         rank_by=rank_by,
+        search_k=search_k,
         system=system,
         prefill=prefill,
         batch_size=batch_size,

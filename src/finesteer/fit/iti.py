@@ -3,8 +3,8 @@
 Per-head logistic probes are trained on the train items' activations (both answers of each item)
 and ranked by accuracy on the val items' activations; the top-k heads are steered along the
 mass-mean direction of train ∪ val (ITI's `use_center_of_mass`) by α·σ, with σ the unbiased std of
-the projections (ITI's current code). α is chosen on the val items with the letter-probability
-metric, like HSI's, so the two differ only in how heads are picked.
+the projections (ITI's current code). The number of heads (≤ k) and α are chosen on the val items
+with HSI's letter-balanced criterion, so the two differ only in how heads are ranked.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import torch
 from finesteer.data.items import ABItem
 from finesteer.fit import FittedIntervention
 from finesteer.fit.directions import ab_contrast_inputs, capture_heads, directions_from_activations
-from finesteer.interventions.edit import Intervention
-from finesteer.locate.hsi import check_alphas, choose_alpha
+from finesteer.locate.hsi import check_alphas
 from finesteer.locate.iti import ProbeScores, train_probes
-from finesteer.locate.last_token import LastTokenScorer, prepare_targets
+from finesteer.locate.selection import select_prefix_and_alpha
 from finesteer.models.loading import LoadedModel
 
-DEFAULT_ITI_ALPHAS: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
+DEFAULT_ITI_ALPHAS: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
 """α grid in units of σ (ITI's default is 15 with K=48 heads on Llama-2-7B)."""
 
 
@@ -66,8 +65,13 @@ def fit_iti(
     batch_size: int = 8,
     max_rows: int = 128,
     seed: int = 0,
+    search_k: bool = True,
 ) -> FittedIntervention:
-    """ITI: top-k heads by probe val accuracy, mass-mean directions, shared α chosen on val."""
+    """ITI: top heads by probe val accuracy, mass-mean directions, head count (≤ k) and α chosen on val.
+
+    The head count and α are chosen exactly as for HSI (letter-balanced val matching rate over the
+    top-1 … top-k prefixes × α), so the two methods differ only in how heads are ranked.
+    """
     grid = check_alphas(alphas)
     started = time.perf_counter()
     probes, z, labels = probe_items(
@@ -81,14 +85,21 @@ def fit_iti(
         progress=progress,
     )
     directions = directions_from_activations(z, labels, ddof=1)
-    heads = probes.top_heads(k)
-    targets = prepare_targets(lm.tokenizer, val_items, system=system, prefill=prefill)
-    scorer = LastTokenScorer(lm, targets, batch_size=batch_size, max_rows=max_rows)
-    scores = scorer.score([Intervention()] + [directions.intervention(heads, a) for a in grid])
-    rates = scores.matching_rate.tolist()
-    means = scores.mean_p_matching.tolist()
-    best = choose_alpha(grid, rates[1:], means[1:])
-    alpha = grid[best]
+    ranked = probes.top_heads(k)
+    selection = select_prefix_and_alpha(
+        lm,
+        ranked,
+        directions,
+        val_items,
+        grid,
+        k=k,
+        search_k=search_k,
+        system=system,
+        prefill=prefill,
+        batch_size=batch_size,
+        max_rows=max_rows,
+    )
+    heads, alpha = selection.heads, selection.alpha
     metadata: dict[str, Any] = {
         "heads": [[layer, h] for layer, h in heads],
         "alpha": alpha,
@@ -97,13 +108,8 @@ def fit_iti(
         "sigma": directions.summary(heads),
         "probe_val_accuracy": [float(probes.val_accuracy[layer, h]) for layer, h in heads],
         "probe_train_accuracy": [float(probes.train_accuracy[layer, h]) for layer, h in heads],
-        "selection": {
-            "alphas": list(grid),
-            "val_p_matching": means[1:],
-            "val_matching_rate": rates[1:],
-            "baseline_p_matching": means[0],
-            "baseline_matching_rate": rates[0],
-        },
+        "selection": selection.to_dict(),
+        "ranked_heads": [[layer, h] for layer, h in ranked],
         "n_train_items": len(train_items),
         "n_val_items": len(val_items),
         "system": system,

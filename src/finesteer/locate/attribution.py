@@ -1,23 +1,36 @@
 """Gradient pre-ranking (attribution patching) of single-head ablations, then exact verification.
 
-Every head gets a gate g (one per prompt row, layer and head) multiplying its query (Ships `ua`) or
-its output (`sc`) at every position; g = 1 is the unmodified model and g = ε is exactly the Ships
-ablation of that head (the same site and `Scale` op). One forward and a few backward passes, with
-the weights frozen so only gate gradients are computed, estimate every head's effect at once:
+Every head gets a gate a (one per prompt row, layer and head) that moves it from the model (a = 0)
+to its Ships ablation (a = 1), at every position:
+
+- `linearize="gate"`: the head's query (`ua`) or output (`sc`) is multiplied by 1 + a(ε − 1), so
+  a = 1 is exactly the `Scale(ε)` op the exact scan applies;
+- `linearize="activation"` (default; for `sc` it is the same path): the head's output z moves along
+  z + a·Δz, where for `ua` Δz = (its output under uniform attention) − z, computed for every head at
+  once from the layer's own values and mask (softmax of the mask alone = uniform over what each
+  position may attend to). a = 1 is then the ε → 0 limit of the `ua` ablation, so the attention
+  softmax — the part the query gate linearises badly when ε ≈ 0 — is exact, and only the effect of
+  the changed output on later layers is linearised (attribution patching, Nanda 2023). On
+  smollm2-135m-instruct (16 advbench prompts, ua, ε = 1e-5, 2 outcomes) this lifts the Spearman
+  correlation with the exact query-level Ships scan over all 270 heads from 0.56 (gate) to 0.91.
+
+One forward and a few backward passes, with the weights frozen so only gate gradients are computed,
+estimate every head's effect at once:
 
 - **first order** (a behaviour metric m, e.g. the log-probability of refusal tokens or the A/B
-  letter margin): m(ε) − m(1) ≈ ∂m/∂g · (ε − 1). Importance is the drop, m(1) − m(ε).
-- **second order** (KL(p_base ‖ p_ablated), whose value and gradient vanish at g = 1):
-  KL ≈ ½ (1 − ε)² F_hh, with F_hh = Σ_y p_y (∂ log p_y / ∂g_h)² the Fisher information of the
-  next-token distribution along the head's gate (the Hessian of KL at g = 1 is the Fisher, as the
-  gradient term Σ_y ∂²p_y vanishes). Computing it over the whole vocabulary needs one backward per
-  token, so the outcomes are coarsened to the `outcomes` most likely tokens (of the base model, per
-  prompt) plus one "every other token" outcome: F is then the Fisher of that coarser variable, a
-  lower bound of the full one (data processing) that is exact once the kept tokens carry all the mass
-  or cover the vocabulary. Cost: forward + (outcomes + 1) gate-only backward passes.
+  letter margin): m(1) − m(0) ≈ ∂m/∂a. Importance is the drop, −∂m/∂a.
+- **second order** (KL(p_base ‖ p_a), whose value and gradient vanish at a = 0):
+  KL ≈ ½ F_hh with F_hh = Σ_y p_y (∂ log p_y / ∂a_h)², the Fisher information of the next-token
+  distribution along the head's gate (the Hessian of KL at a = 0 is the Fisher, as the term
+  Σ_y ∂²p_y vanishes). Over the whole vocabulary that needs one backward per token, so the outcomes
+  are coarsened to the `outcomes` likeliest tokens (of the base model, per prompt) plus one "every
+  other token" outcome: F is then the Fisher of that coarser variable, a lower bound of the full
+  one (data processing), exact once the kept tokens carry all the mass or cover the vocabulary.
+  Cost: one forward + (outcomes + 1) gate-only backward passes.
 
 `pre_ranked_scan` ranks all heads by the estimate, runs the exact (fast) scan on the `top_n` best and
-reports how well the estimate ranked them (Spearman over the verified heads).
+reports how well the estimate ranked them (Spearman over the verified heads); `rank_agreement`
+compares an estimate with a full exact scan.
 """
 
 from __future__ import annotations
@@ -53,6 +66,8 @@ from finesteer.sites import Site
 
 DEFAULT_OUTCOMES = 2
 DEFAULT_TOP_N = 16
+LINEARIZE: tuple[str, ...] = ("activation", "gate")
+MAX_UNIFORM_EPS = 1e-3
 
 
 class AttributionError(ValueError):
@@ -154,6 +169,21 @@ class KLDivergence(Metric):
         return f"kl_second_order:{self.outcomes}"
 
 
+REFUSAL_OPENINGS: tuple[str, ...] = ("I", "Sorry", "As", "Unfortunately", "I'm", "Cannot")
+
+
+def refusal_token_ids(tokenizer: Any, openings: Sequence[str] = REFUSAL_OPENINGS) -> list[int]:
+    """First token of each typical refusal opening, as the response's first token (a `TokenLogProb`
+    over them is the log-probability that the answer starts like a refusal)."""
+    ids = []
+    for text in openings:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise AttributionError(f"refusal opening {text!r} tokenises to nothing")
+        ids.append(int(tokens[0]))
+    return sorted(set(ids))
+
+
 class MetricReadout(Readout):
     """A metric as a scan readout, so the exact ablation effect uses the same code as the estimate."""
 
@@ -186,16 +216,95 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def _gate_hook(gates: Tensor, layer: int, head_dim: int) -> Any:
-    def multiply(act: Tensor, ctx: CallContext) -> Tensor:
-        scale = gates[:, layer].repeat_interleave(head_dim, dim=-1)
-        return act * scale[:, None, :].to(act.dtype)
+def _scale_hook(gates: Tensor, layer: int, head_dim: int, eps: float) -> Any:
+    """act · (1 + a(ε − 1)) per head: a = 0 is the model, a = 1 the Ships `Scale(ε)` ablation."""
 
-    return multiply
+    def scale(act: Tensor, ctx: CallContext) -> Tensor:
+        factor = 1 + gates[:, layer].repeat_interleave(head_dim, dim=-1) * (eps - 1)
+        return act * factor[:, None, :].to(act.dtype)
+
+    return scale
+
+
+def _uniform_weights(mask: Any, batch: int, seq: int, device: torch.device) -> Tensor:
+    """[b, 1|heads, S, S] attention weights of a head whose scores are all 0: softmax of the layer's
+    mask alone (uniform over what each position may attend to: causal prefix, sliding window)."""
+    if mask is None:
+        allowed = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None]
+        scores = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, -math.inf)
+    elif isinstance(mask, Tensor) and mask.dtype == torch.bool:
+        scores = torch.zeros(mask.shape, device=device).masked_fill(~mask, -math.inf)
+    elif isinstance(mask, Tensor) and mask.is_floating_point():
+        scores = mask.float()
+    else:
+        raise AttributionError(
+            f"unsupported attention mask {type(mask).__name__} for the uniform-attention estimate; "
+            "use linearize='gate'"
+        )
+    if scores.dim() != 4 or scores.shape[-2] != seq or scores.shape[-1] != seq:
+        raise AttributionError(f"attention mask of shape {tuple(scores.shape)} for {seq} tokens")
+    return torch.softmax(scores, dim=-1)
+
+
+def _uniform_hooks(lm: LoadedModel, gates: Tensor, layer: int, hooks: HookSet, handles: list[Any]) -> None:
+    """act + a·Δz at the head outputs, Δz = (uniform attention over the layer's own values) − z:
+    the exact change of one head's output under `ua` with ε → 0, computed for all heads at once."""
+    info = lm.info
+    seen: dict[str, Any] = {}
+
+    def keep_mask(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    def keep_values(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        seen["values"] = output.detach()
+
+    def add_delta(act: Tensor, ctx: CallContext) -> Tensor:
+        batch, seq = act.shape[0], act.shape[1]
+        values = seen["values"].view(batch, seq, info.n_kv_heads, info.head_dim)
+        values = values.repeat_interleave(info.n_heads // info.n_kv_heads, dim=2)
+        weights = _uniform_weights(seen["mask"], batch, seq, act.device).to(values.dtype)
+        uniform = torch.einsum("bhts,bshd->bthd", weights.expand(batch, info.n_heads, seq, seq), values)
+        delta = uniform.reshape(batch, seq, info.z_dim) - act.detach()
+        return act + gates[:, layer].repeat_interleave(info.head_dim, dim=-1)[:, None, :] * delta
+
+    block = lm.adapter.block(lm.model, layer)
+    handles.append(block.register_forward_pre_hook(keep_mask, with_kwargs=True))
+    handles.append(
+        lm.adapter.attn_part(lm.model, layer, lm.adapter.v_proj).register_forward_hook(keep_values)
+    )
+    hooks.add(Site(layer, "z"), add_delta)
+
+
+@contextmanager
+def gated_ablation(
+    lm: LoadedModel, gates: Tensor, mode: str, eps: float = DEFAULT_EPS, linearize: str = "activation"
+) -> Iterator[None]:
+    """Within the block, head (l, h) of batch row b is ablated to the degree gates[b, l, h]: 0 = the
+    model, 1 = the Ships ablation (`linearize='activation'` with `ua`: its ε → 0 limit). Gradients
+    flow to `gates`; this is the path along which the estimates are derivatives."""
+    _check_linearize(mode, check_eps(eps), linearize)
+    if gates.dim() != 3 or tuple(gates.shape[1:]) != (lm.info.n_layers, lm.info.n_heads):
+        raise AttributionError(
+            f"gates must be [batch, {lm.info.n_layers}, {lm.info.n_heads}], got {tuple(gates.shape)}"
+        )
+    uniform = ablation_method(mode) == "uniform_attention"
+    handles: list[Any] = []
+    with HookSet(lm.model, lm.adapter) as hooks:
+        try:
+            for layer in range(lm.info.n_layers):
+                if uniform and linearize == "activation":
+                    _uniform_hooks(lm, gates, layer, hooks, handles)
+                else:
+                    site = Site(layer, "q" if uniform else "z")
+                    hooks.add(site, _scale_hook(gates, layer, lm.info.head_dim, eps))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _fisher(logits: Tensor, gates: Tensor, outcomes: int) -> Tensor:
-    """Σ_o p_o (∂ log p_o / ∂g)² per row, layer and head over the top tokens + 'the rest'."""
+    """Σ_o p_o (∂ log p_o / ∂a)² per row, layer and head over the top tokens + 'the rest'."""
     log_probs = torch.log_softmax(logits.double(), dim=-1)
     vocab = log_probs.shape[-1]
     k = min(outcomes, vocab)
@@ -213,29 +322,56 @@ def _fisher(logits: Tensor, gates: Tensor, outcomes: int) -> Tensor:
     return fisher
 
 
+def _check_linearize(mode: str, eps: float, linearize: str) -> None:
+    if linearize not in LINEARIZE:
+        raise AttributionError(f"unknown linearize '{linearize}'; choose {' or '.join(LINEARIZE)}")
+    if ablation_method(mode) == "uniform_attention" and linearize == "activation" and eps > MAX_UNIFORM_EPS:
+        raise AttributionError(
+            f"the activation estimate of 'ua' takes the ε → 0 limit (uniform attention); ε = {eps:g} is "
+            f"not small (> {MAX_UNIFORM_EPS:g}): use linearize='gate'"
+        )
+
+
 def gate_gradients(
     lm: LoadedModel,
     prompts: EncodedPrompts | Sequence[str],
     metric: Metric,
     *,
     mode: str = "ua",
+    eps: float = DEFAULT_EPS,
+    linearize: str = "activation",
     batch_size: int = 8,
     progress: bool = False,
 ) -> Tensor:
-    """Per prompt, layer and head: ∂m/∂g (first-order metrics) or the Fisher F (KL), [P, L, H]."""
+    """Per prompt, layer and head [P, L, H]: ∂m/∂a (first-order metrics) or the Fisher Σ_o p_o
+    (∂ log p_o/∂a)² (KL), with a the head's gate from the model (0) to its ablation (1)."""
     encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
-    component = "q" if ablation_method(mode) == "uniform_attention" else "z"
+    return _gate_pass(lm, encoded, metric, mode, check_eps(eps), linearize, batch_size, progress)[0]
+
+
+def _gate_pass(
+    lm: LoadedModel,
+    encoded: EncodedPrompts,
+    metric: Metric,
+    mode: str,
+    eps: float,
+    linearize: str,
+    batch_size: int,
+    progress: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gate derivatives [P, L, H] and the model's own last-position logits [P, vocab] (all gates at 0
+    add exact zeros / multiply by exactly 1, so these are the unablated logits)."""
+    _check_linearize(mode, eps, linearize)
     info = lm.info
     out = torch.empty((len(encoded), info.n_layers, info.n_heads), dtype=torch.float64)
+    base: Tensor | None = None
     batches = _batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
     with _frozen(lm.model):
         for batch in tqdm(batches, desc=f"attribution {mode}", unit="batch", disable=not progress):
             size = int(batch.input_ids.shape[0])
-            gates = torch.ones((size, info.n_layers, info.n_heads), device=lm.device, requires_grad=True)
+            gates = torch.zeros((size, info.n_layers, info.n_heads), device=lm.device, requires_grad=True)
             positions = torch.unique(batch.last)
-            with HookSet(lm.model, lm.adapter) as hooks, torch.enable_grad():
-                for layer in range(info.n_layers):
-                    hooks.add(Site(layer, component), _gate_hook(gates, layer, info.head_dim))
+            with gated_ablation(lm, gates, mode, eps, linearize), torch.enable_grad():
                 output = lm.model(
                     input_ids=batch.input_ids,
                     attention_mask=batch.mask,
@@ -255,7 +391,11 @@ def gate_gradients(
             if not bool(torch.isfinite(values).all()):
                 raise AttributionError(f"attribution gave NaN/inf for prompts {batch.rows.tolist()}")
             out[batch.rows] = values.detach().double().cpu()
-    return out
+            if base is None:
+                base = torch.empty((len(encoded), logits.shape[-1]))
+            base[batch.rows] = logits.detach().float().cpu()
+    assert base is not None
+    return out, base
 
 
 def estimate_effects(
@@ -265,19 +405,32 @@ def estimate_effects(
     *,
     mode: str = "ua",
     eps: float = DEFAULT_EPS,
+    linearize: str = "activation",
     batch_size: int = 8,
     progress: bool = False,
 ) -> HeadScores:
     """Estimated importance of ablating each head (per prompt and mean), higher = more important.
 
-    First-order metrics: m(1) − m(ε) ≈ (1 − ε)·∂m/∂g (the drop in the behaviour). KL: ½(1 − ε)²·F.
+    First-order metrics: the drop m(model) − m(ablated) ≈ −∂m/∂a. KL: ½·Fisher along a.
     """
-    eps = check_eps(eps)
     encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
+    return _estimate(lm, encoded, metric, mode, check_eps(eps), linearize, batch_size, progress)[0]
+
+
+def _estimate(
+    lm: LoadedModel,
+    encoded: EncodedPrompts,
+    metric: Metric,
+    mode: str,
+    eps: float,
+    linearize: str,
+    batch_size: int,
+    progress: bool,
+) -> tuple[HeadScores, Tensor]:
     started = time.perf_counter()
-    raw = gate_gradients(lm, encoded, metric, mode=mode, batch_size=batch_size, progress=progress)
-    per_prompt = 0.5 * (1 - eps) ** 2 * raw if metric.order == 2 else (1 - eps) * raw
-    return HeadScores(
+    raw, base = _gate_pass(lm, encoded, metric, mode, eps, linearize, batch_size, progress)
+    per_prompt = 0.5 * raw if metric.order == 2 else -raw
+    scores = HeadScores(
         scores=per_prompt.mean(0).float(),
         method="attribution",
         mode=mode,
@@ -286,9 +439,15 @@ def estimate_effects(
         model_fingerprint=lm.fingerprint,
         prompts_hash=encoded.texts_hash,
         n_prompts=len(encoded),
-        extra={"metric": metric.key(), "order": metric.order, "seconds": _since(started)},
+        extra={
+            "metric": metric.key(),
+            "order": metric.order,
+            "linearize": linearize,
+            "seconds": _since(started),
+        },
         per_prompt=per_prompt.float(),
     )
+    return scores, base
 
 
 def exact_effects(
@@ -301,13 +460,19 @@ def exact_effects(
     eps: float = DEFAULT_EPS,
     batch_size: int = 8,
     engine: str = "fast",
+    base_logits: Tensor | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Exact importance of ablating each head alone, [len(heads), P] (same convention as the estimate)."""
+    """Exact importance of ablating each head alone, [len(heads), P] (same convention as the estimate).
+
+    `base_logits` [P, vocab] are the unablated last-position logits when already known.
+    """
     encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
     candidates = [ablation([h], mode, eps) for h in heads]
     options: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "engine": engine}
-    base = run_scan(lm, encoded, [Intervention()], LastLogits(), **{**options, "progress": False})[0]
+    base = base_logits
+    if base is None:
+        base = run_scan(lm, encoded, [Intervention()], LastLogits(), **{**options, "progress": False})[0]
     if metric.order == 2:
         return run_scan(lm, encoded, candidates, KLFromBase(base), desc="verify", **options)
     readout = MetricReadout(metric)
@@ -389,6 +554,7 @@ def pre_ranked_scan(
     mode: str = "ua",
     eps: float = DEFAULT_EPS,
     top_n: int = DEFAULT_TOP_N,
+    linearize: str = "activation",
     batch_size: int = 8,
     engine: str = "fast",
     progress: bool = True,
@@ -401,9 +567,7 @@ def pre_ranked_scan(
     if not 1 <= top_n <= len(heads):
         raise AttributionError(f"top_n must be in 1..{len(heads)}, got {top_n}")
     started = time.perf_counter()
-    estimate = estimate_effects(
-        lm, encoded, metric, mode=mode, eps=eps, batch_size=batch_size, progress=progress
-    )
+    estimate, base = _estimate(lm, encoded, metric, mode, check_eps(eps), linearize, batch_size, progress)
     mid = time.perf_counter()
     verified = [(lay, h) for lay, h, _ in estimate.ranked()[:top_n]]
     exact = exact_effects(
@@ -415,6 +579,7 @@ def pre_ranked_scan(
         eps=eps,
         batch_size=batch_size,
         engine=engine,
+        base_logits=base,
         progress=progress,
     )
     table = torch.zeros(lm.info.n_layers, lm.info.n_heads)

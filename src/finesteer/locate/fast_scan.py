@@ -14,10 +14,15 @@ Same interface, readouts and checkpoint folder format as `finesteer.locate.scan.
   on those modules and fire as usual, with the per-call position context fed through the same
   `CallTracker` the base model's pre-hook uses.
 
+The HSI sweep's `finesteer.locate.last_token.LastTokenScorer` is the same idea along the other
+axis: its edits (scope "last") touch only the final token, so it reuses the KV cache of every earlier
+token and runs one token per candidate row. Ships/Sahara ablations act at every position, so here
+the reusable prefix is the stack of layers before the first edit instead.
+
 Per-layer keyword arguments are recorded per layer, so models whose layers get different masks or
-rotary tables (Gemma 3 sliding/full attention) are handled. Each call replays one recorded batch with
-its rows permuted and checks it reproduces the model's own outputs, so a model whose forward does
-something the replay misses fails loudly (use `engine="simple"`) instead of giving wrong scores.
+rotary tables (Gemma 3 sliding/full attention) are handled. Each call replays two rows of one
+recorded batch, swapped, and checks they reproduce the model's own outputs, so a model whose forward
+does something the replay misses fails loudly (use `engine="simple"`) instead of giving wrong scores.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +53,6 @@ from finesteer.locate.scan import (
 )
 from finesteer.models.loading import LoadedModel
 
-Engine = Literal["simple", "fast"]
 ENGINES: tuple[str, ...] = ("simple", "fast")
 DEFAULT_MAX_ROWS = 64
 DEFAULT_PREFIX_BYTES = 2 * 1024**3
@@ -209,10 +213,12 @@ def _replay(
 
 
 def _check_replay(lm: LoadedModel, prefix: _Prefix) -> None:
-    """Replay the recorded batch, rows reversed, from its first recorded layer; it must reproduce the
-    model's own forward, else the model does something the replay misses."""
+    """Replay the recorded batch's last and first rows, swapped, from its first recorded layer: it must
+    reproduce the model's own forward, else the model does something the replay misses."""
     size = int(prefix.batch.input_ids.shape[0])
-    order = torch.arange(size - 1, -1, -1)
+    order = (
+        torch.tensor([size - 1, 0]) if size > 1 else torch.tensor([0])
+    )  # swapped rows: cheap, still a remap
     logits, hidden = _replay(lm, prefix, min(prefix.calls), order, Intervention(), need_logits=True)
     assert logits is not None
     pairs = (("logits", logits, prefix.logits[order]), ("hidden", hidden, prefix.hidden[order]))

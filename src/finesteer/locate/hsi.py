@@ -2,8 +2,10 @@
 
 For every head (or a subset), steer that head alone by α·σ·v̂ at the last position for each α of a
 grid and measure the behaviour-matching A/B letter probabilities. The result is a layer × head × α
-table (`HsiSweep`); its best-over-α gain is a `HeadScores` ranking. `select_heads` then takes the
-top-k heads and picks one shared α on a validation split by steering all k together.
+table (`HsiSweep`); its best-over-α gain is a `HeadScores` ranking. By default the gain is
+letter-balanced (the worst matching-letter group's gain), so heads that merely shift the model's
+A/B letter preference do not rank. `select_heads` then steers the top heads together and picks how
+many (≤ k) and one shared α on a validation split.
 
 Sweeps are exact but cheap: every edit acts on the last prompt token only, so each prompt's prefix
 KV cache is computed once and many (head, α) rows share it (`LastTokenScorer`). A run folder gets one
@@ -31,11 +33,13 @@ from finesteer.fit.directions import Head, HeadDirections, directions_fingerprin
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.last_token import LastTokenScorer, prepare_targets
 from finesteer.locate.scores import HeadScores, hash_prompts
+from finesteer.locate.selection import Selection, select_prefix_and_alpha, worst_letter_gain
 from finesteer.models.loading import LoadedModel
 
 SWEEP_DIR = "sweep"
 BASELINE_FILE = "baseline.safetensors"
-RankBy = Literal["max", "mean"]
+RankBy = Literal["balanced", "max", "mean"]
+RANK_BY: tuple[str, ...] = ("balanced", "max", "mean")
 
 
 class SweepError(ValueError):
@@ -67,8 +71,9 @@ class HsiSweep:
     """Per-head single-head steering results.
 
     `p_matching` and `matching_rate` are [n_layers, n_heads, n_alphas] (NaN for heads not swept),
-    `per_item` is [n_layers, n_heads, n_alphas, n_items] p_matching; `baseline_*` are the unsteered
-    model's values on the same items.
+    `per_item` is [n_layers, n_heads, n_alphas, n_items] p_matching; `baseline_p_matching` is the
+    unsteered model's per-item value; `matching_letters` the items' matching letters (for the
+    letter-balanced ranking, see `finesteer.locate.selection`).
     """
 
     alphas: tuple[float, ...]
@@ -77,6 +82,7 @@ class HsiSweep:
     per_item: Tensor
     baseline_p_matching: Tensor
     item_ids: list[str]
+    matching_letters: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -92,20 +98,31 @@ class HsiSweep:
         """[n_layers, n_heads] bool: which heads were measured."""
         return ~torch.isnan(self.p_matching).any(dim=-1)
 
-    def gain(self, rank_by: RankBy = "max") -> Tensor:
-        """[n_layers, n_heads] signed change of mean p_matching (toward the grid's sign); NaN if unswept.
+    def gain_per_alpha(self, rank_by: RankBy = "balanced") -> Tensor:
+        """[n_layers, n_heads, n_alphas] change of p_matching in the grid's direction (NaN if unswept).
 
-        'max' takes the best α (a head that works at some strength), 'mean' averages over the grid
-        (a head that works across strengths, which a shared α needs).
+        Positive = the head moved the answers the way the α sign asks (toward the behaviour for α > 0,
+        away from it for α < 0).
+
+        'balanced': the worst letter group's change of mean p_matching (a head must help items of
+        every matching letter, so a mere letter-preference shift scores ≤ 0); 'max' / 'mean': the
+        change of the plain mean over all items.
         """
-        delta = _sign(self.alphas) * (self.p_matching - self.baseline_mean)
-        if rank_by == "max":
-            return delta.max(dim=-1).values
-        if rank_by == "mean":
-            return delta.mean(dim=-1)
-        raise SweepError(f"unknown rank_by {rank_by!r}: use 'max' or 'mean'")
+        sign = _sign(self.alphas)
+        if rank_by == "balanced":
+            return worst_letter_gain(
+                sign * self.per_item, sign * self.baseline_p_matching, self.matching_letters
+            )
+        if rank_by in ("max", "mean"):
+            return sign * (self.p_matching - self.baseline_mean)
+        raise SweepError(f"unknown rank_by {rank_by!r}: use one of {', '.join(RANK_BY)}")
 
-    def ranked_heads(self, rank_by: RankBy = "max") -> list[tuple[int, int, float]]:
+    def gain(self, rank_by: RankBy = "balanced") -> Tensor:
+        """[n_layers, n_heads] ranking score: best α's gain ('balanced', 'max') or the grid mean ('mean')."""
+        per_alpha = self.gain_per_alpha(rank_by)
+        return per_alpha.mean(dim=-1) if rank_by == "mean" else per_alpha.max(dim=-1).values
+
+    def ranked_heads(self, rank_by: RankBy = "balanced") -> list[tuple[int, int, float]]:
         """Swept heads, best first (ties in (layer, head) order)."""
         gain = self.gain(rank_by)
         n_heads = gain.shape[1]
@@ -113,7 +130,7 @@ class HsiSweep:
         order = sorted((i for i, v in enumerate(flat) if not math.isnan(v)), key=lambda i: (-flat[i], i))
         return [(i // n_heads, i % n_heads, flat[i]) for i in order]
 
-    def head_scores(self, rank_by: RankBy = "max", **provenance: Any) -> HeadScores:
+    def head_scores(self, rank_by: RankBy = "balanced", **provenance: Any) -> HeadScores:
         """The gain as a `HeadScores` table; unswept heads get the lowest swept score (listed in extra)."""
         gain = self.gain(rank_by)
         swept = self.swept
@@ -139,10 +156,10 @@ class HsiSweep:
             **provenance,
         )
 
-    def summary(self, top: int = 10, rank_by: RankBy = "max") -> dict[str, Any]:
+    def summary(self, top: int = 10, rank_by: RankBy = "balanced") -> dict[str, Any]:
         """JSON-able digest: baseline, best heads with their best α and values."""
         rows = []
-        best_alpha = (_sign(self.alphas) * self.p_matching).argmax(dim=-1)
+        best_alpha = self.gain_per_alpha(rank_by).nan_to_num(float("-inf")).argmax(dim=-1)
         for layer, head, gain in self.ranked_heads(rank_by)[:top]:
             a = int(best_alpha[layer, head])
             rows.append(
@@ -159,6 +176,7 @@ class HsiSweep:
             "alphas": list(self.alphas),
             "n_items": len(self.item_ids),
             "n_swept": int(self.swept.sum()),
+            "rank_by": rank_by,
             "baseline_p_matching": self.baseline_mean,
             "baseline_matching_rate": self.baseline_rate,
             "top": rows,
@@ -173,7 +191,12 @@ class HsiSweep:
             "per_item": self.per_item.contiguous(),
             "baseline_p_matching": self.baseline_p_matching.contiguous(),
         }
-        header = {"alphas": list(self.alphas), "item_ids": self.item_ids, "meta": self.meta}
+        header = {
+            "alphas": list(self.alphas),
+            "item_ids": self.item_ids,
+            "matching_letters": self.matching_letters,
+            "meta": self.meta,
+        }
         save_file(tensors, str(path), metadata={"finesteer_hsi_sweep": json.dumps(header)})
         return path
 
@@ -192,6 +215,7 @@ class HsiSweep:
             tensors["per_item"],
             tensors["baseline_p_matching"],
             header["item_ids"],
+            header["matching_letters"],
             header.get("meta", {}),
         )
 
@@ -334,47 +358,11 @@ def sweep_heads(
         "prefill": prefill,
         "model_name": lm.name,
     }
-    sweep = HsiSweep(alphas, p_matching, rate, per_item, baseline_p, [t.id for t in targets], meta)
+    letters = [item.matching_letter for item in items]
+    sweep = HsiSweep(alphas, p_matching, rate, per_item, baseline_p, [t.id for t in targets], letters, meta)
     if folder is not None:
         sweep.save(folder.parent / "sweep.safetensors")
     return sweep
-
-
-@dataclass
-class HeadSelection:
-    """The chosen heads and shared α, with the validation numbers behind the choice."""
-
-    heads: list[Head]
-    alpha: float
-    alphas: tuple[float, ...]
-    val_p_matching: list[float]
-    val_matching_rate: list[float]
-    baseline_p_matching: float
-    baseline_matching_rate: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "heads": [[layer, h] for layer, h in self.heads],
-            "alpha": self.alpha,
-            "alphas": list(self.alphas),
-            "val_p_matching": self.val_p_matching,
-            "val_matching_rate": self.val_matching_rate,
-            "baseline_p_matching": self.baseline_p_matching,
-            "baseline_matching_rate": self.baseline_matching_rate,
-        }
-
-
-def choose_alpha(alphas: Sequence[float], rates: Sequence[float], p_matching: Sequence[float]) -> int:
-    """Index of the α with the best validation matching rate (toward the grid's sign).
-
-    Ties go to the higher mean p_matching, then to the smaller |α|: the weakest edit that does the
-    job disturbs the rest of the model least.
-    """
-    sign = _sign(alphas)
-    order = sorted(
-        range(len(alphas)), key=lambda i: (-sign * rates[i], -sign * p_matching[i], abs(alphas[i]))
-    )
-    return order[0]
 
 
 def select_heads(
@@ -385,15 +373,17 @@ def select_heads(
     *,
     k: int = 4,
     alphas: Sequence[float] | None = None,
-    rank_by: RankBy = "max",
+    rank_by: RankBy = "balanced",
+    search_k: bool = True,
     system: str | None = None,
     prefill: str = "(",
     batch_size: int = 8,
     max_rows: int = 128,
-) -> HeadSelection:
-    """Top-k heads of the sweep, steered together; the shared α is chosen on `val_items`.
+) -> Selection:
+    """Steer the sweep's top heads together and choose how many (≤ k) and the shared α on `val_items`.
 
-    `alphas` defaults to the sweep's grid. Scoring uses the same exact cached-prefix path as the sweep.
+    `alphas` defaults to the sweep's grid; the criterion is the letter-balanced validation matching
+    rate (`finesteer.locate.selection`). Without `search_k` exactly k heads are used.
     """
     if k < 1:
         raise SweepError(f"k must be ≥ 1, got {k}")
@@ -401,17 +391,24 @@ def select_heads(
     ranked = sweep.ranked_heads(rank_by)
     if len(ranked) < k:
         raise SweepError(f"asked for k={k} heads but only {len(ranked)} were swept")
-    heads = [(layer, head) for layer, head, _ in ranked[:k]]
-    targets = prepare_targets(lm.tokenizer, val_items, system=system, prefill=prefill)
-    scorer = LastTokenScorer(lm, targets, batch_size=batch_size, max_rows=max_rows)
-    scores = scorer.score([Intervention()] + [directions.intervention(heads, a) for a in grid])
-    rates = scores.matching_rate.tolist()
-    means = scores.mean_p_matching.tolist()
-    best = choose_alpha(grid, rates[1:], means[1:])
-    return HeadSelection(heads, grid[best], grid, means[1:], rates[1:], means[0], rates[0])
+    return select_prefix_and_alpha(
+        lm,
+        [(layer, head) for layer, head, _ in ranked[:k]],
+        directions,
+        val_items,
+        grid,
+        k=k,
+        search_k=search_k,
+        system=system,
+        prefill=prefill,
+        batch_size=batch_size,
+        max_rows=max_rows,
+    )
 
 
-def plot_sweep(sweep: HsiSweep, folder: str | Path, *, rank_by: RankBy = "max", top: int = 8) -> list[Path]:
+def plot_sweep(
+    sweep: HsiSweep, folder: str | Path, *, rank_by: RankBy = "balanced", top: int = 8
+) -> list[Path]:
     """Heatmaps: the ranking gain, and mean p_matching at each α (one PNG each)."""
     from finesteer.report.heatmap import plot_head_heatmap
 
@@ -422,7 +419,7 @@ def plot_sweep(sweep: HsiSweep, folder: str | Path, *, rank_by: RankBy = "max", 
         plot_head_heatmap(
             scores,
             folder / "hsi_gain.png",
-            title=f"HSI {rank_by} gain in p(matching) · {model}",
+            title=f"HSI {rank_by} gain in p(matching), best α · {model}",
             annotate_top=top,
             label="Δ p(matching)",
             cmap="RdBu_r",

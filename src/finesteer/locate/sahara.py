@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from finesteer.locate.scan import EncodedPrompts, LastHidden, ScanError, encode_prompts, scan
+from finesteer.locate.fast_scan import run_scan
+from finesteer.locate.scan import EncodedPrompts, LastHidden, ScanError, encode_prompts
 from finesteer.locate.scores import HeadScores
 from finesteer.locate.ships import (
     DEFAULT_EPS,
@@ -130,11 +131,13 @@ def sahara(
     checkpoint_every: int = 8,
     progress: bool = True,
     on_candidate: Callable[[int], None] | None = None,
+    engine: str = "fast",
 ) -> SaharaResult:
     """Greedy head group of `group_size` heads (default: search over every head of the model).
 
     `candidates` restricts the search (e.g. to the top-N dataset-level Ships heads, which makes each
     step N forwards instead of all heads). Ties go to the first head in (layer, head) order.
+    `engine` picks the scan engine ('fast' or 'simple', `finesteer.locate.fast_scan.run_scan`).
     """
     encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
     pool = check_heads(lm.info, candidates) if candidates is not None else all_heads(lm.info)
@@ -163,11 +166,12 @@ def sahara(
         step = len(result.group)
         started = time.perf_counter()
         remaining = [h for h in pool if h not in result.group]
-        hidden = scan(
+        hidden = run_scan(
             lm,
             encoded,
             [ablation([*result.group, h], mode, eps) for h in remaining],
             LastHidden(),
+            engine=engine,
             batch_size=batch_size,
             checkpoint=folder / f"step-{step + 1}" if folder else None,
             checkpoint_every=checkpoint_every,

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from finesteer.data.prompts import SAHARA_TEMPLATE, SHIPS_TEMPLATE, chat_prompt, raw_prompt
 from finesteer.interventions.edit import AblationMethod, Intervention, ablate_heads
+from finesteer.locate.fast_scan import run_scan
 from finesteer.locate.scan import (
     EncodedPrompts,
     KLAndHidden,
@@ -187,8 +188,12 @@ def ships_scores(
     checkpoint_every: int = 8,
     progress: bool = True,
     on_candidate: Callable[[int], None] | None = None,
+    engine: str = "fast",
 ) -> dict[str, HeadScores]:
     """Ships for every single-head ablation, at the requested levels, from ONE scan of the model.
+
+    `engine`: 'fast' (heads batched into rows, layers before each head reused; same scores up to
+    float rounding) or 'simple' (one hooked forward per head), see `finesteer.locate.fast_scan`.
 
     query: `per_prompt` [P, L, H] KL(p_base ‖ p_ablated) at the last position, `scores` their mean.
     dataset: sum of the first `r_main` principal angles (degrees) between the top left singular
@@ -212,11 +217,12 @@ def ships_scores(
         readout = KLFromBase(logits) if levels == ("query",) else KLAndHidden(logits)
         if "dataset" in levels:
             base = base_hidden(lm, encoded, batch_size=batch_size)
-    values = scan(
+    values = run_scan(
         lm,
         encoded,
         candidates,
         readout,
+        engine=engine,
         batch_size=batch_size,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,

@@ -1,0 +1,139 @@
+"""`locate attribution`: gradient pre-ranking of every head, then exact verification of the best.
+
+Writes OUT/estimate/ (the attribution estimate of every head, a HeadScores folder), OUT/ (exact
+scores of the verified heads, 0 elsewhere), heatmaps, `prompts.jsonl` and `run.json` with the final
+ranking (verified heads by exact score first), the rank agreement and the timing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from finesteer.cli.apps import locate_app
+from finesteer.cli.common import run_command, stderr_console
+from finesteer.cli.locate import (
+    RUN_FILE,
+    BatchOpt,
+    DataOpt,
+    EngineOpt,
+    EpsOpt,
+    JsonFlag,
+    LimitOpt,
+    ModelArg,
+    ModeOpt,
+    SplitOpt,
+    TemplateOpt,
+    _queries,
+    _show,
+    _slug,
+    _write_prompts,
+)
+
+METRICS: tuple[str, ...] = ("kl", "refusal")
+
+
+@locate_app.command("attribution")
+def attribution(
+    model: ModelArg,
+    data: DataOpt,
+    split: SplitOpt = None,
+    limit: LimitOpt = None,
+    mode: ModeOpt = "ua",
+    eps: EpsOpt = 1e-5,
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="kl (query-level Ships: KL from the unablated next-token distribution, second order) or "
+            "refusal (drop in log p(refusal opening tokens), first order)."
+        ),
+    ] = "kl",
+    top_n: Annotated[int, typer.Option(help="Heads verified exactly (the estimate's best).")] = 16,
+    outcomes: Annotated[int, typer.Option(help="KL: likeliest tokens kept as outcomes (+ the rest).")] = 2,
+    linearize: Annotated[
+        str, typer.Option(help="activation (ua: exact uniform-attention output change) or gate.")
+    ] = "activation",
+    template: TemplateOpt = "chat",
+    batch_size: BatchOpt = 8,
+    engine: EngineOpt = "fast",
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Estimate every head's ablation effect from one forward + backward, verify the top ones exactly."""
+
+    def work() -> dict[str, Any]:
+        from finesteer.locate import ships as ships_lib
+        from finesteer.locate.attribution import (
+            KLDivergence,
+            Metric,
+            TokenLogProb,
+            pre_ranked_scan,
+            refusal_token_ids,
+        )
+        from finesteer.models import load_model
+        from finesteer.report.heatmap import plot_head_heatmap
+
+        if metric not in METRICS:
+            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        ships_lib.ablation_method(mode)
+        folder = out or Path("runs") / _slug("attribution", model, data, mode, metric)
+        queries, ids = _queries(data, split, limit)
+        lm = load_model(model)
+        prompts = ships_lib.format_queries(lm, queries, template)
+        chosen: Metric = (
+            KLDivergence(outcomes) if metric == "kl" else TokenLogProb(refusal_token_ids(lm.tokenizer))
+        )
+        n_heads = lm.info.n_layers * lm.info.n_heads
+        stderr_console().print(
+            f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} on {len(prompts)} "
+            f"prompts, verifying the top {top_n}"
+        )
+        started = time.perf_counter()
+        result = pre_ranked_scan(
+            lm,
+            prompts,
+            chosen,
+            mode=mode,
+            eps=eps,
+            top_n=top_n,
+            linearize=linearize,
+            batch_size=batch_size,
+            engine=engine,
+        )
+        seconds = round(time.perf_counter() - started, 1)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_prompts(folder, queries, ids)
+        result.estimate.save(folder / "estimate")
+        result.scores.save(folder)
+        plot_head_heatmap(result.estimate, folder / "estimate" / "heatmap.png", title=f"estimate · {model}")
+        plot_head_heatmap(result.scores, folder / "heatmap.png", title=f"verified heads · {model}")
+        ranking = result.ranking()
+        exact = dict(zip(result.verified, result.exact.mean(1).tolist(), strict=True))
+        payload = {
+            "command": "locate attribution",
+            "model": model,
+            "data": data,
+            "split": split,
+            "limit": limit,
+            "n_prompts": len(prompts),
+            "mode": mode,
+            "eps": eps,
+            "metric": chosen.key(),
+            "linearize": linearize,
+            "top_n": top_n,
+            "top_heads": [
+                {"head": f"{layer}.{head}", "exact": exact.get((layer, head))} for layer, head in ranking[:10]
+            ],
+            "agreement": result.agreement,
+            "seconds": seconds,
+            "timing": result.seconds,
+            "out": str(folder),
+        }
+        (folder / RUN_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+        return payload
+
+    _show(run_command(work), json_out)
