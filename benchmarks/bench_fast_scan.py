@@ -1,21 +1,27 @@
 """Query-level Ships (KL, one head ablated at a time) over every head: finesteer's engines vs peers.
 
-    python benchmarks/bench_fast_scan.py --model smollm2-135m-instruct --prompts 16 --repeats 3
-    python benchmarks/bench_fast_scan.py --model qwen2.5-coder-0.5b-instruct --json
+    python benchmarks/bench_fast_scan.py --model smollm2-135m-instruct --repeats 3 --threads 1
+    python benchmarks/bench_fast_scan.py --model qwen2.5-coder-0.5b-instruct --peer-heads 24 --json
 
-Rows (each timed `--repeats` times in this one process, median reported; every method computes its
-own unablated base as well):
+Rows (every method computes its own unablated base too; repeats are interleaved across methods so a
+shared machine's load drifts onto all of them alike; medians are reported):
 
-- raw-hooks loop: what a user writes by hand — a torch forward hook on the head's query projection,
-  one forward of all prompts per head (right padding, logits read at each prompt's last token);
-- nnsight / TransformerLens: the same loop written with each library (skipped with the reason when
-  the library is missing or cannot load the model);
-- finesteer simple: `scan` (one hooked forward per head);
-- finesteer fast: `fast_scan` (heads × prompts batched into rows, layers before the head reused);
-- finesteer pre-ranked: attribution estimate of every head, then `fast_scan` of the `--top-n` best.
+- raw hooks loop (a): what a user writes by hand — a torch forward hook on the head's query
+  projection (ua) or o_proj input (sc), one forward of all prompts per head (right padding, logits
+  read at each prompt's last token);
+- nnsight / TransformerLens loop (b): the same loop written with each library, on its own copy of
+  the model (a row says why when the library is missing or cannot load the model);
+- finesteer simple scan (c): `scan` (one hooked forward per head);
+- finesteer fast scan (d): `fast_scan` (heads × prompts batched into rows, layers before each head
+  reused);
+- finesteer pre-ranked (e): attribution estimate of every head, then `fast_scan` of the `--top-n`
+  best (`pre_ranked_scan`).
 
-Columns: seconds, speed-up over the raw-hooks loop, max |score difference| from it (pre-ranked: over
-the verified heads), and how many of its top-10 heads are the raw loop's top 10.
+Columns: wall seconds and speed-up over (a); process CPU seconds and CPU speed-up (with `--threads
+1` the CPU time is the compute itself, far less sensitive to other jobs on a shared machine than
+wall time); max |score difference| from (a) (pre-ranked: over its verified heads); how many of its
+top-10 heads are (a)'s top 10. `--peer-heads N` times (b) and (c) on N evenly spread heads and
+scales their seconds to all heads (their top-10 overlap is then not available).
 """
 
 from __future__ import annotations
@@ -41,7 +47,17 @@ from finesteer.locate.scan import EncodedPrompts, KLFromBase, LastLogits, encode
 from finesteer.locate.ships import Head, ablation, all_heads, format_queries
 from finesteer.models import LoadedModel, load_model
 
-COLUMNS = ("model", "method", "seconds", "speedup", "max_abs_diff", "top10_overlap", "note")
+COLUMNS = (
+    "model",
+    "method",
+    "seconds",
+    "speedup",
+    "cpu_seconds",
+    "cpu_speedup",
+    "max_abs_diff",
+    "top10_overlap",
+    "note",
+)
 
 
 def _right_padded(lm: LoadedModel, encoded: EncodedPrompts) -> tuple[Tensor, Tensor, Tensor]:
@@ -269,11 +285,12 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
 
     results: dict[str, Any] = {}
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     for repeat in range(args.repeats):  # interleaved, so load drift hits every method alike
         for method, (fn, _) in methods.items():
             if method in notes:
                 continue
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
                     results[method] = fn()
@@ -284,10 +301,15 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
                 log(f"  {method}: {notes[method]}")
                 continue
             times[method].append(time.perf_counter() - started)
-            log(f"  run {repeat + 1}/{args.repeats} {method}: {times[method][-1]:.1f} s ({load_note()})")
+            cpu[method].append(time.process_time() - started_cpu)
+            log(
+                f"  run {repeat + 1}/{args.repeats} {method}: {times[method][-1]:.1f} s, "
+                f"cpu {cpu[method][-1]:.1f} s ({load_note()})"
+            )
 
     reference = results["raw hooks loop (a)"]
     reference_seconds = statistics.median(times["raw hooks loop (a)"])
+    reference_cpu = statistics.median(cpu["raw hooks loop (a)"])
     reference_top = _top_heads(reference, 10)
     rows = []
     for method in [*methods, *(m for m in notes if m not in methods)]:
@@ -296,6 +318,8 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
             "method": method,
             "seconds": None,
             "speedup": None,
+            "cpu_seconds": None,
+            "cpu_speedup": None,
             "max_abs_diff": None,
             "top10_overlap": None,
             "note": notes.get(method, ""),
@@ -303,6 +327,7 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
         if method in results:
             scanned = methods[method][1]
             seconds = statistics.median(times[method]) * len(heads) / len(scanned)
+            cpu_seconds = statistics.median(cpu[method]) * len(heads) / len(scanned)
             value = results[method]
             runs = ", ".join(f"{t:.1f}" for t in times[method])
             if isinstance(value, PreRankedScan):
@@ -331,6 +356,8 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
             row.update(
                 seconds=round(seconds, 2),
                 speedup=round(reference_seconds / seconds, 2),
+                cpu_seconds=round(cpu_seconds, 2),
+                cpu_speedup=round(reference_cpu / cpu_seconds, 2),
                 max_abs_diff=diff,
                 top10_overlap=overlap,
                 note=note,

@@ -4,7 +4,9 @@ finesteer and by nnsight (scope "last": the last prompt token at prefill, then e
     python benchmarks/bench_steered_generation.py --model smollm2-135m-instruct --tokens 32 --repeats 3
     python benchmarks/bench_steered_generation.py --json
 
-Every row generates exactly `--tokens` new tokens per prompt (greedy, min = max new tokens, so a
+Columns: wall seconds, tokens/s and ratio to plain generation; the same from process CPU time (with
+`--threads 1` that is the compute itself, robust to other jobs on a shared machine). Every row
+generates exactly `--tokens` new tokens per prompt (greedy, min = max new tokens, so a
 steered run cannot stop early), batch 1 and batch 8 (left padding, as `finesteer.generate` does).
 finesteer's row is `lm.model.generate` inside `finesteer.intervene`, which is what
 `finesteer.generation.generate` runs. Repeats are interleaved across methods so a shared machine's
@@ -30,7 +32,19 @@ from finesteer.data.prompts import chat_prompt
 from finesteer.interventions import Intervention, intervene, steer_head
 from finesteer.models import LoadedModel, load_model
 
-COLUMNS = ("model", "method", "batch", "seconds", "tokens_per_s", "speedup", "same_tokens", "note")
+COLUMNS = (
+    "model",
+    "method",
+    "batch",
+    "seconds",
+    "tokens_per_s",
+    "speedup",
+    "cpu_seconds",
+    "cpu_tokens_per_s",
+    "cpu_speedup",
+    "same_tokens",
+    "note",
+)
 
 
 def steered_heads(lm: LoadedModel) -> list[tuple[int, int]]:
@@ -128,17 +142,20 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
         inputs = _inputs(lm, prompts[:batch])
         log(f"{name} batch {batch}: {load_note()}")
         times: dict[str, list[float]] = {m: [] for m in table}
+        cpu: dict[str, list[float]] = {m: [] for m in table}
         outputs: dict[str, Tensor] = {}
         for method, fn in table.items():  # warm-up, and the tokens to compare
             outputs[method] = fn(inputs)
         for _ in range(args.repeats):
             for method, fn in table.items():
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 fn(inputs)
                 times[method].append(time.perf_counter() - started)
+                cpu[method].append(time.process_time() - started_cpu)
         plain_seconds = statistics.median(times["plain HF generate"])
+        plain_cpu = statistics.median(cpu["plain HF generate"])
         for method in table:
-            seconds = statistics.median(times[method])
+            seconds, cpu_seconds = statistics.median(times[method]), statistics.median(cpu[method])
             same = (
                 None
                 if method == "plain HF generate"
@@ -152,13 +169,18 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
                     "seconds": round(seconds, 3),
                     "tokens_per_s": round(batch * args.tokens / seconds, 2),
                     "speedup": round(plain_seconds / seconds, 3),
+                    "cpu_seconds": round(cpu_seconds, 3),
+                    "cpu_tokens_per_s": round(batch * args.tokens / cpu_seconds, 2),
+                    "cpu_speedup": round(plain_cpu / cpu_seconds, 3),
                     "max_abs_diff": None,
                     "top10_overlap": None,
                     "same_tokens": same,
-                    "note": f"heads {heads}; runs " + ", ".join(f"{t:.2f}" for t in times[method]) + " s",
+                    "note": f"heads {heads}; wall runs "
+                    + ", ".join(f"{t:.2f}" for t in times[method])
+                    + " s",
                 }
             )
-            log(f"  {method}: {seconds:.2f} s")
+            log(f"  {method}: {seconds:.2f} s, cpu {cpu_seconds:.2f} s")
         steered_changed = not torch.equal(outputs["plain HF generate"], outputs["finesteer steered"])
         rows[-len(table)]["note"] += f"; steering changed the tokens: {steered_changed}"
     return rows
@@ -170,7 +192,7 @@ def main() -> None:
     parser.add_argument("--data", default="alpaca")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--scale", type=float, default=8.0, help="Norm of each head's steering vector.")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-nnsight", action="store_true")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a busy shared CPU."

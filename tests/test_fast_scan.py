@@ -344,6 +344,8 @@ def test_letter_margin_metric_and_errors(tiny_models):
         TokenLogProb([])
     with pytest.raises(ValueError, match="unknown Ships mode"):
         estimate_effects(lm, encoded, metric, mode="xx")
+    with pytest.raises(ValueError, match=r"unknown head 9\.0"):
+        exact_effects(lm, encoded, metric, [(9, 0)])
     with pytest.raises(AttributionError, match="top_n"):
         pre_ranked_scan(lm, encoded, top_n=0, progress=False)
 

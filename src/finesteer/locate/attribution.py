@@ -60,7 +60,15 @@ from finesteer.locate.scan import (
     encode_prompts,
 )
 from finesteer.locate.scores import HeadScores
-from finesteer.locate.ships import DEFAULT_EPS, Head, ablation, ablation_method, all_heads, check_eps
+from finesteer.locate.ships import (
+    DEFAULT_EPS,
+    Head,
+    ablation,
+    ablation_method,
+    all_heads,
+    check_eps,
+    check_heads,
+)
 from finesteer.models.loading import LoadedModel
 from finesteer.sites import Site
 
@@ -468,7 +476,7 @@ def exact_effects(
     `base_logits` [P, vocab] are the unablated last-position logits when already known.
     """
     encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
-    candidates = [ablation([h], mode, eps) for h in heads]
+    candidates = [ablation([h], mode, eps) for h in check_heads(lm.info, heads)]
     options: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "engine": engine}
     base = base_logits
     if base is None:
