@@ -87,8 +87,10 @@ def test_ships_recipe_on_tiny_model(tmp_path: Path) -> None:
             "evaluation_data": "jailbreakbench",
             "evaluation_limit": 3,
             "sahara_group_size": 2,
+            "sahara_candidates": 4,
             "top_k": [1, 2],
             "random_seeds": 1,
+            "harmless_limit": 2,
             "examples": 1,
             "generation": {"max_new_tokens": 4},
         }
@@ -96,6 +98,11 @@ def test_ships_recipe_on_tiny_model(tmp_path: Path) -> None:
     metrics = execute(RunFolder.create(tmp_path, recipe, "test"), progress=False)
     assert len(metrics["ranking"]) >= 2 and set(metrics["asr"]) >= {"baseline", "ablated", "random"}
     folder = next(tmp_path.iterdir())
+    ships_top = json.loads((folder / "steps" / "ships" / "result.json").read_text())["top"]
+    group = json.loads((folder / "steps" / "sahara" / "result.json").read_text())["group"]
+    assert {tuple(h) for h in group} <= {(lay, h) for lay, h, _ in ships_top[:4]}  # searched top 4
+    assert set(metrics["asr"]["helpfulness"]) == {"baseline", "top-2"}
+    assert 0.0 <= metrics["asr"]["helpfulness"]["top-2"]["mc_accuracy"] <= 1.0
     assert (folder / "steps" / "ships" / "ships_heatmap.png").is_file()
     assert (folder / "report.html").is_file()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -33,6 +34,8 @@ from finesteer.interventions.edit import Intervention
 from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
 from finesteer.sites import Site
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "scan.json"
 PART_PREFIX = "part-"
@@ -359,6 +362,13 @@ def scan(
     keys = [intervention_key(c) for c in candidates]
     store = _Checkpoint(Path(checkpoint), _manifest(lm, encoded, readout, keys)) if checkpoint else None
     results: dict[int, Tensor] = store.load() if store else {}
+    if results:
+        log.info(
+            "resuming from %s: %d of %d candidates already done, not recomputed",
+            checkpoint,
+            len(results),
+            len(candidates),
+        )
     pending: dict[int, Tensor] = {}
     batches = _batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
     todo = [i for i in range(len(candidates)) if i not in results]

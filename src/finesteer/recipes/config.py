@@ -91,8 +91,16 @@ class ShipsRecipe(RecipeBase):
     eps: float = Field(1e-5, ge=0)
     level: Literal["query", "dataset"] = "query"
     sahara_group_size: int = Field(0, ge=0, description="0 skips Sahara")
+    sahara_candidates: PositiveInt | None = Field(
+        None, description="search the Sahara group among the top N Ships heads (None: every head)"
+    )
     top_k: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 3])
     random_seeds: int = Field(3, ge=0)
+    harmless_data: str | None = Field(
+        "jailbreakbench-benign", description="harmless prompts for the helpfulness cost (None skips it)"
+    )
+    harmless_limit: PositiveInt = 40
+    mc_data: str | None = Field("finesteer-mc", description="multiple-choice set for accuracy")
     heads: list[str] | None = Field(None, description="score only these heads (LAYER.HEAD)")
 
     _heads = field_validator("heads")(classmethod(lambda cls, v: _check_heads(v)))

@@ -44,6 +44,13 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     run.update(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
     attr_prompts = format_queries(lm, attribution)
     eval_prompts = format_queries(lm, evaluation)
+    harmless_prompts = mc_items = None
+    if recipe.harmless_data:
+        harmless_prompts = format_queries(lm, _texts(recipe.harmless_data, None, recipe.harmless_limit))
+        if recipe.mc_data:
+            from finesteer.data import load_dataset
+
+            mc_items = load_dataset(recipe.mc_data)
 
     def locate(folder: Path) -> dict[str, Any]:
         scores = ships_scores(
@@ -59,7 +66,8 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         plot_head_heatmap(
             scores, folder / "ships_heatmap.png", title=f"Ships ({recipe.level}, {recipe.mode})"
         )
-        return {"top": [[layer, head, score] for layer, head, score in scores.top(10)]}
+        top = scores.top(max(10, recipe.sahara_candidates or 0))
+        return {"top": [[layer, head, score] for layer, head, score in top]}
 
     located = run.step("ships", locate)
     ranking = [(layer, head) for layer, head, _ in located["top"]]
@@ -72,7 +80,11 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
                 group_size=recipe.sahara_group_size,
                 mode=recipe.mode,
                 eps=recipe.eps,
-                candidates=recipe.head_fields().get("heads"),
+                candidates=(
+                    ranking[: recipe.sahara_candidates]
+                    if recipe.sahara_candidates
+                    else recipe.head_fields().get("heads")
+                ),
                 checkpoint=folder / "checkpoint",
                 progress=progress,
             )
@@ -89,9 +101,18 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
             random_seeds=tuple(range(recipe.random_seeds)),
             max_new_tokens=recipe.generation.max_new_tokens,
             batch_size=recipe.generation.batch_size,
+            helpfulness_ks=(max(recipe.top_k),),
         )
         return asr_effect(
-            lm, ranking, eval_prompts, settings=settings, out=folder, resume=True, progress=progress
+            lm,
+            ranking,
+            eval_prompts,
+            harmless_prompts=harmless_prompts,
+            mc_items=mc_items,
+            settings=settings,
+            out=folder,
+            resume=True,
+            progress=progress,
         )
 
     asr = run.step("asr", measure)
@@ -122,6 +143,10 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         f"ASR with {kmax} random heads (mean)": rows[-1][3],
         "evaluation prompts": len(eval_prompts),
     }
+    for key, entry in (asr.get("helpfulness") or {}).items():
+        summary[f"helpfulness {key}: over-refusal / KL / MC accuracy"] = (
+            f"{entry['over_refusal']:.2f} / {entry['kl_mean']:.3f} / {entry.get('mc_accuracy', '-')}"
+        )
     metrics = {"summary": summary, "ranking": ranking, "asr": asr}
     finish_report(
         run,
