@@ -283,6 +283,33 @@ def test_sta_refusal_experiment_json_and_resume(llama: LoadedModel, tmp_path: Pa
         run_sta_refusal(llama, sae, tmp_path / "run", **other)  # type: ignore[arg-type]
 
 
+def test_cli_compare_refusal_task_maps_methods_to_refusal_metrics(llama: LoadedModel, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from finesteer.cli import app
+    from finesteer.sae import save_sae
+
+    save_sae(tiny_sae(llama, arch="topk"), tmp_path / "sae")
+    small = ["--n-pairs", "10", "--n-harmful", "2", "--n-harmless", "2", "--trim", "0.9"]
+    small += ["--lambdas", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(
+        app, ["compare", "tiny-llama", "--sae", str(tmp_path / "sae"), *small, "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(payload["methods"]) == {"baseline", "prompt", "caa", "sae_all", "sta"}
+    for row in payload["methods"].values():
+        assert 0 <= row["refusal_rate"] <= 1 and 0 <= row["over_refusal_rate"] <= 1
+        assert row["fluency"] == row["fluency"]  # a number, not NaN
+    assert (tmp_path / "run" / "results.json").is_file()
+    no_sae = CliRunner().invoke(app, ["compare", "tiny-llama", "--task", "refusal", *small])
+    assert no_sae.exit_code != 0 and "--sae" in no_sae.output
+    bad = CliRunner().invoke(app, ["compare", "tiny-llama", "--task", "nope"])
+    assert bad.exit_code == 2 and "unknown --task" in bad.output
+
+
 def test_cli_fit_sta_writes_a_loadable_artifact(llama: LoadedModel, tmp_path: Path) -> None:
     import json
 

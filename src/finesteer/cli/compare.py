@@ -32,6 +32,8 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
 BatchOpt = Annotated[int, typer.Option(help="Prompts per forward.")]
 
 DEFAULT_METHODS = "baseline,prompt,caa,iti,lora,hsi"
+DEFAULT_REFUSAL_METHODS = "baseline,prompt,caa,sae_all,sta"
+TASKS = ("auto", "ab", "refusal")
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -169,9 +171,31 @@ def compare_command(
     ],
     data: DataOpt = "coordinate-other-ais",
     methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated methods (registry names, or 'module:function' targets). Default: "
+            f"{DEFAULT_METHODS} (A/B task), {DEFAULT_REFUSAL_METHODS} (refusal task)."
+        ),
+    ] = None,
+    task: Annotated[
         str,
-        typer.Option(help="Comma-separated methods (registry names, or 'module:function' targets)."),
-    ] = DEFAULT_METHODS,
+        typer.Option(
+            help="ab: a CAA-style A/B behaviour (--data); refusal: steer towards refusing harmful "
+            "requests and measure refusal, over-refusal and fluency (needs --sae for sae_all/sta); "
+            "auto: refusal when --sae is given."
+        ),
+    ] = "auto",
+    sae: Annotated[
+        Path | None, typer.Option("--sae", help="SAE folder (refusal task), e.g. from `finesteer sae train`.")
+    ] = None,
+    lambdas: Annotated[
+        str, typer.Option(help="Refusal task: multipliers λ swept for the vector methods.")
+    ] = "0.5,1,1.5,2",
+    headline: Annotated[float, typer.Option(help="Refusal task: λ reported under `methods`.")] = 1.0,
+    n_harmful: Annotated[int, typer.Option(help="Refusal task: JailbreakBench prompts.")] = 40,
+    n_harmless: Annotated[int, typer.Option(help="Refusal task: XSTest-safe prompts.")] = 40,
+    n_pairs: Annotated[int, typer.Option(help="Refusal task: training triples.")] = 160,
+    trim: Annotated[float, typer.Option(help="Refusal task: STA trim fraction.")] = 0.35,
     train_limit: TrainLimitOpt = None,
     val_limit: ValLimitOpt = None,
     test_limit: Annotated[int | None, typer.Option(help="Use the first N A/B test items.")] = None,
@@ -227,6 +251,16 @@ def compare_command(
         )
         raise typer.Exit(code=2)
     model = targets[0]
+    if task not in TASKS:
+        Console(stderr=True).print(f"[bold red]error:[/] unknown --task {task!r}; choose {', '.join(TASKS)}")
+        raise typer.Exit(code=2)
+    if task == "refusal" or (task == "auto" and sae is not None):
+        _compare_refusal(
+            model, sae, out, methods or DEFAULT_REFUSAL_METHODS, lambdas, headline, n_harmful, n_harmless,
+            n_pairs, trim, max_new_tokens, batch_size, json_out,
+        )  # fmt: skip
+        return
+    methods = methods or DEFAULT_METHODS
 
     from finesteer.data import load_dataset
     from finesteer.evaluate.compare import CompareSettings, PendingSetup, compare_setups, make_judge
@@ -328,3 +362,51 @@ def compare_command(
         emit_json(comparison.to_json())
         return
     Console().print(comparison.table())
+
+
+def _compare_refusal(
+    model: str,
+    sae: Path | None,
+    out: Path | None,
+    methods: str,
+    lambdas: str,
+    headline: float,
+    n_harmful: int,
+    n_harmless: int,
+    n_pairs: int,
+    trim: float,
+    max_new_tokens: int,
+    batch_size: int,
+    json_out: bool,
+) -> None:
+    """`compare --task refusal`: the STA refusal experiment (`eval sta-refusal`) under `compare`."""
+    from finesteer.cli.sta import refusal_comparison
+
+    def work() -> dict[str, Any]:
+        if sae is None:
+            raise ValueError(
+                "the refusal task steers through an SAE: pass --sae FOLDER (train one with "
+                "`finesteer sae train`)"
+            )
+        folder = out or Path("runs") / f"compare-{_slug(model)}-refusal"
+        return refusal_comparison(
+            model, sae, folder, methods=methods, lambdas=lambdas, headline=headline,
+            n_harmful=n_harmful, n_harmless=n_harmless, n_pairs=n_pairs, trim=trim,
+            max_new_tokens=max_new_tokens, batch_size=batch_size,
+        )  # fmt: skip
+
+    result = run_command(work)
+    if json_out:
+        emit_json(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Refusal steering on {model} (λ = {headline:g})")
+    for column in ("method", "refusal rate", "over-refusal rate", "fluency"):
+        table.add_column(column)
+    for name, row in result["methods"].items():
+        table.add_row(
+            name, f"{row['refusal_rate']:.2f}", f"{row['over_refusal_rate']:.2f}", f"{row['fluency']:.2f}"
+        )
+    Console().print(table)

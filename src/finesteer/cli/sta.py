@@ -266,32 +266,58 @@ def sta_refusal_command(
     json_out: JsonFlag = False,
 ) -> None:
     """Refusal steering head to head: prompting vs CAA vs SAE-all-atoms vs STA across λ."""
+
+    def work() -> dict[str, object]:
+        return refusal_comparison(
+            model, sae, out, methods=methods, lambdas=lambdas, headline=headline, trim=trim,
+            n_pairs=n_pairs, n_harmful=n_harmful, n_harmless=n_harmless, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, judge=judge,
+        )  # fmt: skip
+
+    result = run_command(work)
+    if json_out:
+        emit_json(result)
+
+
+def refusal_comparison(
+    model: str,
+    sae: Path,
+    out: Path,
+    *,
+    methods: str = "baseline,prompt,caa,sae_all,sta",
+    lambdas: str = "0.5,1,1.5,2",
+    headline: float = 1.0,
+    trim: float = 0.35,
+    n_pairs: int = 160,
+    n_harmful: int = 40,
+    n_harmless: int = 40,
+    max_new_tokens: int = 32,
+    batch_size: int = 40,
+    judge: str = "gcg+",
+) -> dict[str, object]:
+    """The refusal experiment behind `eval sta-refusal` and `compare --task refusal`: one payload
+    whose `methods` maps each method to refusal_rate, over_refusal_rate and fluency at λ = headline."""
     from finesteer.evaluate.refusal_compare import RefusalSettings
     from finesteer.evaluate.sta_refusal import markdown_table, run_sta_refusal
     from finesteer.generation import GenerationConfig
     from finesteer.models import load_model
     from finesteer.sae import load_sae
 
-    def work() -> dict[str, object]:
-        started = time.perf_counter()
-        method_list = [m.strip() for m in methods.split(",") if m.strip()]
-        try:
-            mults = [float(x) for x in lambdas.split(",") if x.strip()]
-        except ValueError as exc:
-            raise ValueError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
-        settings = RefusalSettings(
-            GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), judge
-        )  # type: ignore[arg-type]
-        loaded = load_sae(sae)
-        lm = load_model(model)
-        payload = run_sta_refusal(
-            lm, loaded, out, methods=method_list, multipliers=mults, headline=headline, trim=trim,
-            n_pairs=n_pairs, n_harmful=n_harmful, n_harmless=n_harmless, settings=settings, sae_path=str(sae),
-        )  # fmt: skip
-        payload["wall_s"] = round(time.perf_counter() - started, 1)
-        stderr_console().print(markdown_table(payload), highlight=False, markup=False)
-        return payload
-
-    result = run_command(work)
-    if json_out:
-        emit_json(result)
+    started = time.perf_counter()
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    if not method_list:
+        raise ValueError("--methods is empty")
+    try:
+        mults = [float(x) for x in lambdas.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
+    settings = RefusalSettings(GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), judge)  # type: ignore[arg-type]
+    loaded = load_sae(sae)
+    lm = load_model(model)
+    payload = run_sta_refusal(
+        lm, loaded, out, methods=method_list, multipliers=mults, headline=headline, trim=trim,
+        n_pairs=n_pairs, n_harmful=n_harmful, n_harmless=n_harmless, settings=settings, sae_path=str(sae),
+    )  # fmt: skip
+    payload["wall_s"] = round(time.perf_counter() - started, 1)
+    stderr_console().print(markdown_table(payload), highlight=False, markup=False)
+    return payload
