@@ -243,6 +243,17 @@ def test_cli_ab_json(monkeypatch: pytest.MonkeyPatch) -> None:
         app, ["eval", "ab", "tiny-qwen2", "--data", "advbench", "--limit", "2", "--json"]
     )
     assert bad.exit_code == 2 and "not an A/B set" in bad.output
+    args = ["eval", "ab", "tiny-qwen2", "--data", "coordinate-other-ais", "--limit", "3", "--method", "prob"]
+    balanced = CliRunner().invoke(app, [*args, "--balanced", "--json"])
+    assert balanced.exit_code == 0, balanced.output
+    both = json.loads(balanced.stdout)
+    assert both["letter_balanced"] and both["n"] == 6
+    letters = [row.get("matching") for row in both["prob"]["per_item"]]
+    assert letters[0::2] == payload_letters(payload) and letters[0::2] != letters[1::2]
+
+
+def payload_letters(payload: dict) -> list:
+    return [row.get("matching") for row in payload["prob"]["per_item"]]
 
 
 def test_log_probs_at_without_logits_to_keep_support(lm: LoadedModel) -> None:

@@ -346,6 +346,13 @@ def test_fit_hsi_and_iti_return_saveable_interventions(llama: LoadedModel, tmp_p
     assert isinstance(fitted, FittedIntervention) and fitted.name == "hsi"
     assert len(fitted.metadata["heads"]) in (1, 2) and fitted.metadata["alpha"] in (2.0, 8.0)
     assert len(fitted.intervention) == len(fitted.metadata["heads"])
+    meta = fitted.metadata  # letter-balanced by default: every item also scored with options swapped
+    assert meta["balance_letters"] and (meta["n_sweep_items"], meta["n_val_items"]) == (4, 6)
+    assert meta["n_direction_items"] == 2 * (len(ITEMS) - 2)
+    plain = fit_hsi(
+        llama, ITEMS, ITEMS[:3], k=2, alphas=(2.0,), n_sweep=2, progress=False, balance_letters=False
+    )
+    assert (plain.metadata["n_sweep_items"], plain.metadata["n_val_items"]) == (2, 3)
     artifact = load_intervention(fitted.save(tmp_path / "hsi", llama))
     assert artifact.metadata["method"] == "hsi"
     assert artifact.intervention.edits == fitted.intervention.edits

@@ -79,6 +79,13 @@ def ab(
         str, typer.Option(help="Generated answers: hsi (answer-format instruction) or caa ('(' pre-filled).")
     ] = "hsi",
     system: SystemOpt = None,
+    balanced: Annotated[
+        bool,
+        typer.Option(
+            "--balanced",
+            help="Score every item in both option orders, so a pure A/B letter bias scores 0.5.",
+        ),
+    ] = False,
     batch_size: BatchOpt = 8,
     allow_other_weights: OtherWeightsOpt = False,
     json_out: JsonFlag = False,
@@ -101,6 +108,10 @@ def ab(
             raise ValueError(f"dataset {data!r} (split {split or 'default'}) has no items")
         if not all(isinstance(item, ABItem) for item in items):
             raise ValueError(f"dataset {data!r} split {split or 'default'} is not an A/B set")
+        if balanced:
+            from finesteer.data.balance import letter_balanced
+
+            items = letter_balanced(items)  # type: ignore[arg-type]
         lm, iv = _load(model, intervention, allow_other_weights)
         log = stderr_console()
         log.print(f"A/B evaluation of {model} on {data} ({len(items)} items, method {method})")
@@ -110,6 +121,7 @@ def ab(
             "split": split,
             "intervention": str(intervention or ""),
             "n": len(items),
+            "letter_balanced": balanced,
             "matching_rate_prob": None,
             "mean_p_matching": None,
             "matching_rate_generated": None,

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.fit import FittedIntervention
 from finesteer.fit.directions import Head, HeadDirections, fit_head_directions
@@ -119,6 +120,7 @@ def fit_hsi(
     batch_size: int = 8,
     max_rows: int = 128,
     seed: int = 0,
+    balance_letters: bool = True,
 ) -> FittedIntervention:
     """HSI: steer the k heads most sensitive to their behaviour direction, with one shared α.
 
@@ -126,7 +128,9 @@ def fit_hsi(
     `heads_subset`) is swept over `alphas`; the top-k heads are then steered together on
     `val_items` for each α and the best α kept (ties → smaller α). Negative `alphas` steer away
     from the behaviour. With `run_dir` the directions, sweep checkpoints and heatmaps are written
-    there and a rerun resumes.
+    there and a rerun resumes. `balance_letters` scores the sweep and α choice on every item in both
+    option orders (`finesteer.data.balance`), so an edit that only shifts the model's A/B letter
+    bias cannot look like a behaviour change; directions then come from both orders as well.
     """
     if not val_items:
         raise ValueError("fit_hsi needs validation items to choose α")
@@ -137,6 +141,10 @@ def fit_hsi(
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     direction_items, sweep_items = split_items(train_items, n_sweep, seed)
+    if balance_letters:
+        direction_items = letter_balanced(direction_items)
+        sweep_items = letter_balanced(sweep_items)
+        val_items = letter_balanced(val_items)
     directions = cached_directions(
         lm, direction_items, run_dir, system=system, prefill=prefill, batch_size=batch_size, progress=progress
     )
@@ -179,6 +187,7 @@ def fit_hsi(
         "selection": selection.to_dict(),
         "sweep": sweep.summary(top=max(10, k), rank_by=rank_by),
         "rank_by": rank_by,
+        "balance_letters": balance_letters,
         "n_direction_items": len(direction_items),
         "n_sweep_items": len(sweep_items),
         "n_val_items": len(val_items),

@@ -1,0 +1,54 @@
+"""Letter balancing for A/B items: the same question with its two options' texts exchanged.
+
+Why: a model's A/B answers carry a letter bias, and a steering edit that only shifts that bias (say,
+towards "B") scores as a behaviour change on any item set whose matching letters are not exactly
+half A and half B. Scoring every item in both orders makes "always A" and "always B" worth exactly
+0.5, so what remains is the behaviour. Used by HSI's head and α selection and by `eval ab --balanced`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from finesteer.data.items import ABItem
+
+_OPTION_LINE = re.compile(r"^([ \t]*)\(([A-Z])\)(.*)$", re.MULTILINE)
+
+
+class SwapError(ValueError):
+    """The item cannot be mirrored (it does not list exactly two options, one per line)."""
+
+
+def swap_options(item: ABItem) -> ABItem:
+    """`item` with the texts of its two options exchanged and its answers relabelled to match.
+
+    "(A) Yes / (B) No, matching (A)" becomes "(A) No / (B) Yes, matching (B)"; the id gets "~swap".
+    """
+    lines = list(_OPTION_LINE.finditer(item.question))
+    letters = [m.group(2) for m in lines]
+    if len(lines) != 2 or len(set(letters)) != 2:
+        raise SwapError(f"item {item.id}: needs exactly two option lines to swap, found {letters or 'none'}")
+    first, second = lines
+    text = (
+        item.question[: first.start()]
+        + f"{first.group(1)}({first.group(2)}){second.group(3)}"
+        + item.question[first.end() : second.start()]
+        + f"{second.group(1)}({second.group(2)}){first.group(3)}"
+        + item.question[second.end() :]
+    )
+    other = {first.group(2): second.group(2), second.group(2): first.group(2)}
+    return ABItem(
+        question=text,
+        matching=f"({other[item.matching_letter]})",
+        not_matching=f"({other[item.not_matching_letter]})",
+        id=f"{item.id}~swap",
+    )
+
+
+def letter_balanced(items: Sequence[ABItem]) -> list[ABItem]:
+    """Every item followed by its mirror, so matching letters are exactly balanced.
+
+    Items that cannot be mirrored (more than two options) raise `SwapError` naming the item.
+    """
+    return [mirrored for item in items for mirrored in (item, swap_options(item))]
