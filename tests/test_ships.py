@@ -110,7 +110,7 @@ def test_kl_readout_matches_direct_computation(lm):
         assert kl[i].item() == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-4, abs=1e-7)
 
 
-def test_scan_resume_skips_finished_candidates(lm, tmp_path):
+def test_scan_resume_skips_finished_candidates(lm, tmp_path, caplog):
     prompts = encode_prompts(lm, _prompts(lm))
     candidates = [ablate_head(layer, 0, "scale_output", eps=1e-5) for layer in range(3)]
     candidates += [ablate_head(layer, 1, "uniform_attention", eps=1e-5) for layer in range(3)]
@@ -134,6 +134,7 @@ def test_scan_resume_skips_finished_candidates(lm, tmp_path):
         )
     counter = ForwardCounter(lm)
     done: list[int] = []
+    caplog.set_level("INFO", logger="finesteer.locate.scan")
     try:
         resumed = scan(
             lm,
@@ -148,6 +149,7 @@ def test_scan_resume_skips_finished_candidates(lm, tmp_path):
     finally:
         counter.handle.remove()
     assert done == [4, 5]
+    assert "4 candidates already done, not recomputed" in caplog.text  # the user is told
     assert counter.count == 2 * 2  # 2 remaining candidates × 2 batches, nothing else
     assert torch.equal(resumed, full)
     with pytest.raises(ScanError, match="different scan"):

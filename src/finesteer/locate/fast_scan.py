@@ -27,7 +27,6 @@ does something the replay misses fails loudly (use `engine="simple"`) instead of
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +52,6 @@ from finesteer.locate.scan import (
     scan,
 )
 from finesteer.models.loading import LoadedModel
-
-log = logging.getLogger(__name__)
 
 ENGINES: tuple[str, ...] = ("simple", "fast")
 DEFAULT_MAX_ROWS = 64
@@ -345,13 +342,6 @@ def fast_scan(
     keys = [intervention_key(c) for c in candidates]
     store = _Checkpoint(Path(checkpoint), _manifest(lm, encoded, readout, keys)) if checkpoint else None
     results: dict[int, Tensor] = store.load() if store else {}
-    if results:
-        log.info(
-            "resuming from %s: %d of %d candidates already done, not recomputed",
-            checkpoint,
-            len(results),
-            len(candidates),
-        )
     batches = _batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
     starts = [start_layer(c, lm.info.n_layers) for c in candidates]
     todo = sorted((i for i in range(len(candidates)) if i not in results), key=lambda i: (starts[i], i))

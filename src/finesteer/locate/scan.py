@@ -307,6 +307,8 @@ class _Checkpoint:
             for index, value in zip(tensors["index"].tolist(), tensors["values"], strict=True):
                 done[int(index)] = value
         self._next_part = len(parts)
+        if done:
+            log.info("resuming from %s: %d candidates already done, not recomputed", self.folder, len(done))
         return done
 
     def write(self, finished: dict[int, Tensor]) -> None:
@@ -362,13 +364,6 @@ def scan(
     keys = [intervention_key(c) for c in candidates]
     store = _Checkpoint(Path(checkpoint), _manifest(lm, encoded, readout, keys)) if checkpoint else None
     results: dict[int, Tensor] = store.load() if store else {}
-    if results:
-        log.info(
-            "resuming from %s: %d of %d candidates already done, not recomputed",
-            checkpoint,
-            len(results),
-            len(candidates),
-        )
     pending: dict[int, Tensor] = {}
     batches = _batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
     todo = [i for i in range(len(candidates)) if i not in results]
