@@ -37,3 +37,5 @@ def test_items_with_more_than_two_options_cannot_be_swapped() -> None:
     item = ABItem("Q\n (A) x\n (B) y\n (C) z", "(A)", "(C)", "9")
     with pytest.raises(SwapError, match=r"item 9: needs exactly two option lines.*\['A', 'B', 'C'\]"):
         letter_balanced([item])
+    two = ABItem("Q\n (A) x\n (B) y", "(B)", "(A)", "1")
+    assert [i.id for i in letter_balanced([item, two], strict=False)] == ["9", "1", "1~swap"]

@@ -8,11 +8,13 @@ half A and half B. Scoring every item in both orders makes "always A" and "alway
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 
 from finesteer.data.items import ABItem
 
+log = logging.getLogger(__name__)
 _OPTION_LINE = re.compile(r"^([ \t]*)\(([A-Z])\)(.*)$", re.MULTILINE)
 
 
@@ -46,9 +48,25 @@ def swap_options(item: ABItem) -> ABItem:
     )
 
 
-def letter_balanced(items: Sequence[ABItem]) -> list[ABItem]:
+def letter_balanced(items: Sequence[ABItem], *, strict: bool = True) -> list[ABItem]:
     """Every item followed by its mirror, so matching letters are exactly balanced.
 
-    Items that cannot be mirrored (more than two options) raise `SwapError` naming the item.
+    Items that cannot be mirrored (more than two options, as in some survival-instinct rows) raise
+    `SwapError` naming the item; with `strict=False` they are kept once, unmirrored, and logged.
     """
-    return [mirrored for item in items for mirrored in (item, swap_options(item))]
+    out: list[ABItem] = []
+    kept_once: list[str] = []
+    for item in items:
+        out.append(item)
+        try:
+            out.append(swap_options(item))
+        except SwapError:
+            if strict:
+                raise
+            kept_once.append(item.id)
+    if kept_once:
+        log.warning(
+            "%d of %d items have more than two options and were not mirrored (ids %s%s)",
+            len(kept_once), len(items), ", ".join(kept_once[:5]), "…" if len(kept_once) > 5 else "",
+        )  # fmt: skip
+    return out

@@ -142,9 +142,9 @@ def fit_hsi(
         run_dir.mkdir(parents=True, exist_ok=True)
     direction_items, sweep_items = split_items(train_items, n_sweep, seed)
     if balance_letters:
-        direction_items = letter_balanced(direction_items)
-        sweep_items = letter_balanced(sweep_items)
-        val_items = letter_balanced(val_items)
+        direction_items = letter_balanced(direction_items, strict=False)
+        sweep_items = letter_balanced(sweep_items, strict=False)
+        val_items = letter_balanced(val_items, strict=False)
     directions = cached_directions(
         lm, direction_items, run_dir, system=system, prefill=prefill, batch_size=batch_size, progress=progress
     )
