@@ -426,3 +426,8 @@ def test_cli_fit_caa_and_compare(tmp_path: Path) -> None:
     )
     res = runner.invoke(app, [*args[:-1], "--settings", '{"hsi": {"k": 2}}'])
     assert res.exit_code == 2 and "not in --methods" in res.output
+    out_dir = str(tmp_path / "cmp-balanced")
+    res = runner.invoke(app, [*args[:-2], out_dir, "--methods", "baseline", "--balanced", "--json"])
+    assert res.exit_code == 0, res.output
+    balanced = json.loads(res.stdout.strip().splitlines()[-1])
+    assert balanced["methods"]["baseline"]["ab_n"] == 4  # the 2 test items in both option orders

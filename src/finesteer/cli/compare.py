@@ -202,6 +202,13 @@ def compare_command(
     open_ended_limit: Annotated[
         int | None, typer.Option(help="Use the first N open-ended questions.")
     ] = None,
+    balanced: Annotated[
+        bool,
+        typer.Option(
+            "--balanced",
+            help="Score the A/B test split in both option orders (a pure letter bias scores 0.5).",
+        ),
+    ] = False,
     harmless_data: Annotated[str, typer.Option(help="Harmless prompts for the KL column.")] = "alpaca",
     harmless_limit: Annotated[int, typer.Option(help="Harmless prompts for the KL (0 = no KL).")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per open-ended reply.")] = 64,
@@ -286,6 +293,15 @@ def compare_command(
             open_ended_limit=open_ended_limit,
             seed=seed,
         )
+        if balanced:
+            import dataclasses
+
+            from finesteer.data.balance import letter_balanced
+
+            test = tuple(letter_balanced(behaviour.test_ab, strict=False))
+            behaviour = dataclasses.replace(
+                behaviour, test_ab=test, meta={**behaviour.meta, "balanced": True}
+            )
         harmless = (
             [item.prompt for item in load_dataset(harmless_data, limit=harmless_limit)]
             if harmless_limit
