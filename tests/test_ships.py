@@ -364,3 +364,40 @@ def test_cli_ships_then_ablate_then_resume_guard(tmp_path):
     ]
     bad = runner.invoke(app, ["ablate", "tiny-llama", "--heads", "9.9", "--data", "advbench", "--limit", "2"])
     assert bad.exit_code == 2 and "unknown head" in bad.output
+
+
+def test_cli_overlap_of_two_head_tables(tmp_path):
+    runner = CliRunner()
+
+    def ships(model: str, mode: str, folder: str):
+        out = tmp_path / folder
+        args = [
+            "locate",
+            "ships",
+            model,
+            "--data",
+            "advbench",
+            "--limit",
+            "2",
+            "--mode",
+            mode,
+            "--out",
+            str(out),
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return out
+
+    ua, sc = ships("tiny-llama", "ua", "ua"), ships("tiny-llama", "sc", "sc")
+    same = runner.invoke(app, ["locate", "overlap", str(ua), str(ua), "--k", "5", "--json"])
+    assert same.exit_code == 0, same.output
+    payload = json.loads(same.stdout.strip().splitlines()[-1])
+    assert payload["jaccard"] == 1.0 and len(payload["shared"]) == 5 and payload["spearman"] == 1.0
+    cross = json.loads(runner.invoke(app, ["locate", "overlap", str(ua), str(sc), "--json"]).stdout)
+    a, b = HeadScores.load(ua), HeadScores.load(sc)
+    assert cross["jaccard"] == len(set(a.top_heads(10)) & set(b.top_heads(10))) / len(
+        set(a.top_heads(10)) | set(b.top_heads(10))
+    )
+    other = ships("tiny-mistral", "ua", "mistral")  # 3 × 8 heads vs 3 × 4
+    refused = runner.invoke(app, ["locate", "overlap", str(ua), str(other)])
+    assert refused.exit_code != 0 and "cannot compare head tables of shapes" in refused.output

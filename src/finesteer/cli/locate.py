@@ -483,3 +483,52 @@ def _show(result: dict[str, Any], json_out: bool) -> None:
         text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
         table.add_row(key, text)
     Console().print(table)
+
+
+def _scores_folder(path: Path) -> Path:
+    """A scores folder, or a run folder holding one (the Ships step's `scores`)."""
+    for candidate in (path, path / "scores", path / "steps" / "ships" / "scores"):
+        if (candidate / "scores.safetensors").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no scores.safetensors here, in scores/ or in steps/ships/scores/")
+
+
+@locate_app.command("overlap")
+def overlap_command(
+    first: Annotated[Path, typer.Argument(help="Scores folder (or a run folder holding one).")],
+    second: Annotated[Path, typer.Argument(help="The other scores folder or run folder.")],
+    k: Annotated[int, typer.Option(help="How many top heads to compare.")] = 10,
+    json_out: JsonFlag = False,
+) -> None:
+    """How much two head tables agree: top-k Jaccard, shared heads and Spearman over all heads.
+
+    For two methods or modes on one model, or two checkpoints of one architecture (e.g. a base and a
+    fine-tuned model); tables of different shapes are refused.
+    """
+
+    def work() -> dict[str, Any]:
+        from finesteer.locate.attribution import spearman
+        from finesteer.locate.scores import HeadScores, jaccard_top_k
+
+        a, b = (HeadScores.load(_scores_folder(p)) for p in (first, second))
+        jaccard = jaccard_top_k(a, b, k)
+        shared = sorted(set(a.top_heads(k)) & set(b.top_heads(k)))
+        return {
+            "first": {"path": str(first), "model": a.model_name, "method": a.method, "mode": a.mode},
+            "second": {"path": str(second), "model": b.model_name, "method": b.method, "mode": b.mode},
+            "k": k,
+            "jaccard": jaccard,
+            "shared": [f"{layer}.{head}" for layer, head in shared],
+            "spearman": spearman(a.scores.flatten(), b.scores.flatten()),
+            "top_first": [f"{layer}.{head}" for layer, head in a.top_heads(k)],
+            "top_second": [f"{layer}.{head}" for layer, head in b.top_heads(k)],
+        }
+
+    result = run_command(work)
+    if json_out:
+        emit_json(result)
+        return
+    stderr_console().print(
+        f"top-{k} Jaccard {result['jaccard']:.2f} ({len(result['shared'])} shared: "
+        f"{', '.join(result['shared']) or 'none'}); Spearman over all heads {result['spearman']:.2f}"
+    )
