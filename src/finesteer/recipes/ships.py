@@ -23,6 +23,7 @@ def _texts(name: str, split: str | None, limit: int) -> list[str]:
 
 
 def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
+    from finesteer.data import load_dataset
     from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
     from finesteer.locate.sahara import sahara
     from finesteer.locate.ships import ablation, format_queries, ships_scores
@@ -48,8 +49,6 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     if recipe.harmless_data:
         harmless_prompts = format_queries(lm, _texts(recipe.harmless_data, None, recipe.harmless_limit))
         if recipe.mc_data:
-            from finesteer.data import load_dataset
-
             mc_items = load_dataset(recipe.mc_data)
 
     def locate(folder: Path) -> dict[str, Any]:
