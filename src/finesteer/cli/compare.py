@@ -36,25 +36,15 @@ DEFAULT_REFUSAL_METHODS = "baseline,prompt,caa,sae_all,sta"
 TASKS = ("auto", "ab", "refusal")
 
 
-def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+def _numbers(text: str | None, what: str, kind: type = float) -> tuple[Any, ...] | None:
+    """A comma-separated option ('8,10,12') as numbers of `kind`; None when the option is not given."""
     if text is None:
         return None
+    noun = "integers" if kind is int else "numbers"
     try:
-        values = tuple(float(p) for p in text.split(",") if p.strip())
+        values = tuple(kind(p) for p in text.split(",") if p.strip())
     except ValueError as exc:
-        raise ValueError(f"cannot parse {what} {text!r}: write numbers separated by commas") from exc
-    if not values:
-        raise ValueError(f"{what} is empty")
-    return values
-
-
-def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError as exc:
-        raise ValueError(f"cannot parse {what} {text!r}: write integers separated by commas") from exc
+        raise ValueError(f"cannot parse {what} {text!r}: write {noun} separated by commas") from exc
     if not values:
         raise ValueError(f"{what} is empty")
     return values
@@ -107,8 +97,8 @@ def fit_caa_command(
     from finesteer.models import load_model
 
     def work() -> dict[str, Any]:
-        grid = _floats(multipliers, "--multipliers") or DEFAULT_MULTIPLIERS
-        chosen_layers = _ints(layers, "--layers")
+        grid = _numbers(multipliers, "--multipliers") or DEFAULT_MULTIPLIERS
+        chosen_layers = _numbers(layers, "--layers", int)
         behaviour = load_behaviour_data(
             data, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit, seed=seed
         )
