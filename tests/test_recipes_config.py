@@ -98,3 +98,11 @@ def test_shipped_recipes_validate() -> None:
     assert len(paths) >= 3
     for path in paths:
         prepare(load_recipe(path))
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("examples/recipes/*.yaml")), ids=str)
+def test_every_example_recipe_is_valid(path: Path) -> None:
+    import yaml
+
+    recipe = parse_recipe(yaml.safe_load(path.read_text()))
+    assert recipe.name and recipe.method in ("hsi", "ships", "sta")

@@ -107,6 +107,37 @@ def test_ships_recipe_on_tiny_model(tmp_path: Path) -> None:
     assert (folder / "report.html").is_file()
 
 
+def test_ships_recipe_with_the_refusal_score(tmp_path: Path) -> None:
+    recipe = parse_recipe(
+        {
+            "method": "ships",
+            "name": "tiny-ships-refusal",
+            "model": "tiny-llama",
+            "attribution_data": "advbench",
+            "attribution_limit": 3,
+            "evaluation_data": "jailbreakbench",
+            "evaluation_limit": 2,
+            "score": "refusal",
+            "mode": "sc",
+            "verify_top": 4,
+            "top_k": [1, 3],
+            "random_seeds": 1,
+            "harmless_data": None,
+            "examples": 1,
+            "generation": {"max_new_tokens": 3},
+        }
+    )
+    metrics = execute(RunFolder.create(tmp_path, recipe, "test"), progress=False)
+    folder = next(tmp_path.iterdir())
+    top = json.loads((folder / "steps" / "ships" / "result.json").read_text())["top"]
+    verified = [row[2] for row in top[:4]]
+    assert all(v is not None for v in verified) and verified == sorted(verified, reverse=True)
+    assert all(row[2] is None for row in top[4:])  # ranked by the estimate only
+    assert [tuple(h) for h in metrics["ranking"][:4]] == [(row[0], row[1]) for row in top[:4]]
+    assert (folder / "steps" / "ships" / "estimate" / "scores.safetensors").is_file()
+    assert set(metrics["asr"]["ablated"]) == {"1", "3"}
+
+
 def test_sta_recipe_on_tiny_model(tmp_path: Path) -> None:
     recipe = parse_recipe(
         {

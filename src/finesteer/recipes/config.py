@@ -90,6 +90,12 @@ class ShipsRecipe(RecipeBase):
     mode: Literal["ua", "sc"] = "ua"
     eps: float = Field(1e-5, ge=0)
     level: Literal["query", "dataset"] = "query"
+    score: Literal["ships", "refusal"] = Field(
+        "ships",
+        description="ships: rank heads by the Ships score of `level`; refusal: by the drop in log "
+        "p(refusal opening tokens), estimated for every head and verified exactly for the top `verify_top`",
+    )
+    verify_top: PositiveInt = 16
     sahara_group_size: int = Field(0, ge=0, description="0 skips Sahara")
     sahara_candidates: PositiveInt | None = Field(
         None, description="search the Sahara group among the top N Ships heads (None: every head)"

@@ -22,6 +22,27 @@ def _texts(name: str, split: str | None, limit: int) -> list[str]:
     return [getattr(item, "prompt", None) or item.question for item in items]
 
 
+def _refusal_ranking(lm: Any, prompts: list[str], recipe: ShipsRecipe, folder: Path) -> dict[str, Any]:
+    """Heads ranked by how much ablating them lowers log p(refusal opening tokens): a gradient
+    estimate for every head, the best `verify_top` verified exactly (`pre_ranked_scan`)."""
+    from finesteer.locate.attribution import TokenLogProb, pre_ranked_scan, refusal_token_ids
+    from finesteer.report.heatmap import plot_head_heatmap
+
+    metric = TokenLogProb(refusal_token_ids(lm.tokenizer))
+    top_n = min(recipe.verify_top, lm.info.n_layers * lm.info.n_heads)
+    result = pre_ranked_scan(lm, prompts, metric, mode=recipe.mode, eps=recipe.eps, top_n=top_n)
+    result.estimate.save(folder / "estimate")
+    result.scores.save(folder / "scores")
+    plot_head_heatmap(result.scores, folder / "ships_heatmap.png", title=f"refusal drop ({recipe.mode})")
+    exact = dict(zip(result.verified, result.exact.mean(1).tolist(), strict=True))
+    count = max(10, recipe.sahara_candidates or 0)
+    return {
+        "top": [[lay, h, exact.get((lay, h))] for lay, h in result.ranking()[:count]],
+        "metric": metric.key(),
+        "agreement": result.agreement,
+    }
+
+
 def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     from finesteer.data import load_dataset
     from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
@@ -52,6 +73,8 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
             mc_items = load_dataset(recipe.mc_data)
 
     def locate(folder: Path) -> dict[str, Any]:
+        if recipe.score == "refusal":
+            return _refusal_ranking(lm, attr_prompts, recipe, folder)
         scores = ships_scores(
             lm,
             attr_prompts,
@@ -104,7 +127,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         )
         return asr_effect(
             lm,
-            ranking,
+            ranking[: max(recipe.top_k)],  # random controls avoid exactly the heads under test
             eval_prompts,
             harmless_prompts=harmless_prompts,
             mc_items=mc_items,
@@ -135,7 +158,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     summary = {
         "model": recipe.model,
         "mode": recipe.mode,
-        "level": recipe.level,
+        "level": recipe.level if recipe.score == "ships" else "refusal log-prob drop (pre-ranked)",
         "top heads (layer.head)": ", ".join(f"{a}.{b}" for a, b in ranking[:5]),
         "ASR unmodified": asr["baseline"]["asr"],
         f"ASR with top-{kmax} ablated": rows[-1][2],
