@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 #: Environment variable that overrides the cache location (tests, shared CI caches).
 CACHE_ENV_VAR = "FINESTEER_CACHE"
@@ -21,3 +23,10 @@ def cache_root() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("finesteer"))
+
+
+def write_json(path: Path, data: Any, *, indent: int = 2) -> None:
+    """Write JSON atomically (temp file + rename), so a killed run never leaves half a file behind."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

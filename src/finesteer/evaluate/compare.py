@@ -44,6 +44,7 @@ from finesteer.evaluate.judges import (
 )
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
+from finesteer.paths import write_json
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -505,9 +506,7 @@ def compare_setups(
                 "setup_key": setup.key(),
                 "result": result,
             }
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
-            tmp.replace(path)
+            write_json(path, record, indent=1)
         del setup
         if on_method is not None:
             on_method(entry.name, result, False)

@@ -28,6 +28,7 @@ from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.judges import GCG_REFUSAL_PREFIXES, KeywordRefusalJudge
 from finesteer.evaluate.scores import fluency, refusal_rate
 from finesteer.generation import GenerationConfig
+from finesteer.paths import write_json
 
 JudgeName = Literal["gcg+", "gcg", "ships"]
 JUDGES: tuple[str, ...] = ("gcg+", "gcg", "ships")
@@ -196,9 +197,7 @@ def compare_refusal(
                 "setup_key": setup.key(),
                 "result": result,
             }
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
-            tmp.replace(path)
+            write_json(path, record, indent=1)
         if on_method is not None:
             on_method(entry.name, result, False)
     return results

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from finesteer import __version__
+from finesteer.paths import write_json
 from finesteer.recipes.config import RecipeBase, dump_recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,6 @@ PACKAGES = ("torch", "transformers", "safetensors", "numpy", "scikit-learn", "pe
 
 class StepInterrupted(RuntimeError):
     """Raised by `stop_after` to simulate a killed run in tests."""
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically so a kill never leaves half a file behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def environment() -> dict[str, Any]:
