@@ -19,6 +19,8 @@ from finesteer.recipes.run import RunFolder, StepInterrupted
         ({"method": "hsi"}, r"name: Field required"),
         ({"method": "hsi", "name": "x", "k": "many"}, r"k: Input should be a valid integer"),
         ({"method": "hsi", "name": "x", "alphas": "big"}, r"alphas: Input should be a valid list"),
+        ({"method": "hsi", "name": "x", "alphas": [-8, 8]}, r"alphas: .*mixes signs"),
+        ({"method": "hsi", "name": "x", "directions_from": "x"}, r"directions_from: Input should be 'ab'"),
         ({"method": "ships", "name": "x", "mode": "zz"}, r"mode: Input should be 'ua' or 'sc'"),
         ({"method": "hsi", "name": "x", "surprise": 1}, r"surprise: Extra inputs are not permitted"),
         ({"method": "hsi", "name": "x", "generation": {"max_new_tokens": 0}}, r"generation.max_new_tokens"),
@@ -28,6 +30,11 @@ from finesteer.recipes.run import RunFolder, StepInterrupted
 def test_invalid_recipes_name_the_field(data: dict, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         parse_recipe(data)
+
+
+def test_hsi_recipe_defaults_are_runnable() -> None:
+    recipe = parse_recipe({"method": "hsi", "name": "x"})
+    assert recipe.alphas == [4.0, 8.0, 16.0, 32.0] and recipe.directions_from == "ab"  # type: ignore[union-attr]
 
 
 def test_head_and_layer_ranges_checked_without_loading(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,21 @@ RankOpt = Annotated[
         "gain, best α) or 'mean' (plain gain averaged over α)."
     ),
 ]
+DirectionsFromOpt = Annotated[
+    str,
+    typer.Option(
+        help="Read HSI directions from 'ab' (both answer letters after each prompt), 'sampled' (the "
+        "model's own sampled answers, labelled by the option they name: the paper's recipe), 'both', "
+        "or 'given' (only --completions)."
+    ),
+]
+CompletionsOpt = Annotated[
+    Path | None,
+    typer.Option(help="JSONL of labelled completions {prompt, completion, label} added to the directions."),
+]
+NSamplesOpt = Annotated[
+    int, typer.Option(help="Sampled answers per training item (--directions-from sampled).")
+]
 TestFlag = Annotated[
     bool, typer.Option("--test", help="Also score the test_ab split with and without the intervention.")
 ]
@@ -106,6 +121,9 @@ def locate_hsi(
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     rank_by: RankOpt = "balanced",
+    directions_from: DirectionsFromOpt = "ab",
+    completions: CompletionsOpt = None,
+    n_samples: NSamplesOpt = 2,
     seed: SeedOpt = 0,
     out: Annotated[Path, typer.Option("--out", help="Run folder (rerun the same command to resume).")] = Path(
         "runs/hsi"
@@ -113,7 +131,14 @@ def locate_hsi(
     json_out: JsonFlag = False,
 ) -> None:
     """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
-    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, cached_directions, split_items, validate_heads
+    from finesteer.fit.completions import load_labelled_completions
+    from finesteer.fit.hsi import (
+        DEFAULT_HSI_ALPHAS,
+        cached_directions,
+        direction_completions,
+        split_items,
+        validate_heads,
+    )
     from finesteer.locate.hsi import check_alphas, plot_sweep, sweep_heads
     from finesteer.models import load_model
     from finesteer.sites import parse_heads
@@ -132,7 +157,27 @@ def locate_hsi(
             f"sweep on {len(sweep_items)}, α = {list(grid)}"
         )
         out.mkdir(parents=True, exist_ok=True)
-        directions = cached_directions(lm, direction_items, out, system=system, prefill="(", progress=True)
+        given = load_labelled_completions(completions) if completions is not None else []
+        labelled, sampled = direction_completions(
+            lm,
+            direction_items,
+            directions_from,  # type: ignore[arg-type]
+            given,
+            run_dir=out,
+            n_samples=n_samples,
+            system=system,
+            batch_size=batch_size,
+            progress=True,
+        )
+        directions = cached_directions(
+            lm,
+            direction_items if directions_from in ("ab", "both") else [],
+            out,
+            completions=labelled,
+            system=system,
+            prefill="(",
+            progress=True,
+        )
         sweep = sweep_heads(
             lm,
             sweep_items,
@@ -154,6 +199,9 @@ def locate_hsi(
             **sweep.summary(top=10, rank_by=rank_by),  # type: ignore[arg-type]
             "resumed_layers": sweep.meta.get("resumed_layers", []),
             "n_direction_items": len(direction_items),
+            "directions_from": directions_from,
+            "n_completions": len(labelled),
+            "sampled": sampled,
             "plots": [str(p) for p in plots],
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -276,6 +324,9 @@ def fit_hsi_command(
     n_val: NValOpt = 30,
     heads: HeadsOpt = None,
     rank_by: RankOpt = "balanced",
+    directions_from: DirectionsFromOpt = "ab",
+    completions: CompletionsOpt = None,
+    n_samples: NSamplesOpt = 2,
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
@@ -288,12 +339,14 @@ def fit_hsi_command(
     json_out: JsonFlag = False,
 ) -> None:
     """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact."""
+    from finesteer.fit.completions import load_labelled_completions
     from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, fit_hsi
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
         grid = parse_alphas(alphas, DEFAULT_HSI_ALPHAS)
         subset = parse_heads(heads) if heads else None
+        given = load_labelled_completions(completions) if completions is not None else []
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
             return fit_hsi(
@@ -309,6 +362,9 @@ def fit_hsi_command(
                 system=system,
                 batch_size=batch_size,
                 seed=seed,
+                directions_from=directions_from,  # type: ignore[arg-type]
+                completions=given,
+                n_samples=n_samples,
             )
 
         return _fit("hsi", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)

@@ -17,13 +17,21 @@ import json
 import random
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.fit import FittedIntervention
-from finesteer.fit.directions import Head, HeadDirections, fit_head_directions
+from finesteer.fit.completions import (
+    DEFAULT_SAMPLING,
+    CompletionError,
+    CompletionSet,
+    check_both_classes,
+    sample_labelled_completions,
+)
+from finesteer.fit.directions import Head, HeadDirections, LabelledCompletion, fit_head_directions
 from finesteer.locate.hsi import RankBy, check_alphas, plot_sweep, select_heads, sweep_heads
 from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
@@ -32,6 +40,9 @@ from finesteer.sites import Site
 DEFAULT_HSI_ALPHAS: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
 """α grid (units of σ) of the sweep and of the shared-α choice; see the module docstring."""
 DIRECTIONS_FILE = "directions.safetensors"
+SAMPLED_FILE = "sampled_answers.jsonl"
+DirectionsFrom = Literal["ab", "sampled", "both", "given"]
+DIRECTIONS_FROM: tuple[str, ...] = ("ab", "sampled", "both", "given")
 
 
 def split_items(items: Sequence[ABItem], n_held_out: int, seed: int = 0) -> tuple[list[ABItem], list[ABItem]]:
@@ -76,6 +87,10 @@ def items_hash(items: Iterable[ABItem]) -> str:
     return hash_prompts(f"{i.id}\x00{i.question}\x00{i.matching}" for i in items)[:16]
 
 
+def completions_hash(completions: Iterable[LabelledCompletion]) -> str:
+    return hash_prompts(f"{p}\x00{c}\x00{int(label)}" for p, c, label in completions)[:16]
+
+
 def cached_directions(
     lm: LoadedModel,
     items: Sequence[ABItem],
@@ -83,23 +98,78 @@ def cached_directions(
     *,
     system: str | None,
     prefill: str,
+    completions: Sequence[LabelledCompletion] = (),
     ddof: int = 0,
     batch_size: int = 8,
     progress: bool = False,
 ) -> HeadDirections:
-    """Directions, reused from `run_dir` when they were fitted on the same model, items and format."""
-    key = json.dumps([lm.name, lm.fingerprint, items_hash(items), system, prefill, ddof])
+    """Directions, reused from `run_dir` when they were fitted on the same model, data and format."""
+    parts: list[Any] = [lm.name, lm.fingerprint, items_hash(items), system, prefill, ddof]
+    if completions:
+        parts.append(completions_hash(completions))
+    key = json.dumps(parts)
     stamp = run_dir / (DIRECTIONS_FILE + ".key") if run_dir else None
     path = run_dir / DIRECTIONS_FILE if run_dir else None
     if path is not None and stamp is not None and stamp.is_file() and stamp.read_text() == key:
         return HeadDirections.load(path)
     directions = fit_head_directions(
-        lm, items, system=system, prefill=prefill, ddof=ddof, batch_size=batch_size, progress=progress
+        lm,
+        items,
+        completions=completions,
+        system=system,
+        prefill=prefill,
+        ddof=ddof,
+        batch_size=batch_size,
+        progress=progress,
     )
     if path is not None and stamp is not None:
         directions.save(path)
         stamp.write_text(key)
     return directions
+
+
+def direction_completions(
+    lm: LoadedModel,
+    items: Sequence[ABItem],
+    directions_from: DirectionsFrom,
+    given: Sequence[LabelledCompletion] = (),
+    *,
+    run_dir: Path | None = None,
+    n_samples: int = 2,
+    temperature: float = 0.8,
+    system: str | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[list[LabelledCompletion], dict[str, Any] | None]:
+    """The labelled completions directions are read from, plus sampling stats (None if nothing sampled).
+
+    Sampled answers are saved in `run_dir` and reused by a rerun with the same items and settings.
+    """
+    if directions_from not in DIRECTIONS_FROM:
+        raise ValueError(
+            f"directions_from must be one of {', '.join(DIRECTIONS_FROM)}, got {directions_from!r}"
+        )
+    labelled = list(given)
+    if directions_from == "given" and not labelled:
+        raise CompletionError("directions_from='given' needs labelled completions")
+    if directions_from not in ("sampled", "both"):
+        return labelled, None
+    config = replace(DEFAULT_SAMPLING, temperature=temperature, batch_size=max(batch_size, 1))
+    key = json.dumps([lm.name, lm.fingerprint, items_hash(items), system, n_samples, repr(config)])
+    path = run_dir / SAMPLED_FILE if run_dir is not None else None
+    stamp = run_dir / (SAMPLED_FILE + ".key") if run_dir is not None else None
+    if path is not None and stamp is not None and stamp.is_file() and stamp.read_text() == key:
+        answers = CompletionSet.load(path)
+    else:
+        answers = sample_labelled_completions(
+            lm, items, n_samples=n_samples, config=config, system=system, progress=progress
+        )
+        if path is not None and stamp is not None:
+            answers.save(path)
+            stamp.write_text(key)
+    sampled = answers.labelled()
+    check_both_classes(sampled, f"{len(answers.answers)} sampled answers")
+    return labelled + sampled, answers.stats()
 
 
 def fit_hsi(
@@ -121,6 +191,10 @@ def fit_hsi(
     max_rows: int = 128,
     seed: int = 0,
     balance_letters: bool = True,
+    directions_from: DirectionsFrom = "ab",
+    completions: Sequence[LabelledCompletion] = (),
+    n_samples: int = 2,
+    sample_temperature: float = 0.8,
 ) -> FittedIntervention:
     """HSI: steer the k heads most sensitive to their behaviour direction, with one shared α.
 
@@ -131,6 +205,12 @@ def fit_hsi(
     there and a rerun resumes. `balance_letters` scores the sweep and α choice on every item in both
     option orders (`finesteer.data.balance`), so an edit that only shifts the model's A/B letter
     bias cannot look like a behaviour change; directions then come from both orders as well.
+
+    `directions_from` says what the directions are read from: "ab" (both answer letters pasted
+    after each prompt), "sampled" (the model's own replies to the HSI-format prompt, `n_samples`
+    per item at `sample_temperature`, labelled by the option they name, read at the end-of-turn
+    token: the paper's recipe), "both", or "given" (only `completions`). `completions` (formatted
+    prompt, reply, label) are added in every case.
     """
     if not val_items:
         raise ValueError("fit_hsi needs validation items to choose α")
@@ -145,8 +225,27 @@ def fit_hsi(
         direction_items = letter_balanced(direction_items, strict=False)
         sweep_items = letter_balanced(sweep_items, strict=False)
         val_items = letter_balanced(val_items, strict=False)
+    labelled, sampled_stats = direction_completions(
+        lm,
+        direction_items,
+        directions_from,
+        completions,
+        run_dir=run_dir,
+        n_samples=n_samples,
+        temperature=sample_temperature,
+        system=system,
+        batch_size=batch_size,
+        progress=progress,
+    )
     directions = cached_directions(
-        lm, direction_items, run_dir, system=system, prefill=prefill, batch_size=batch_size, progress=progress
+        lm,
+        direction_items if directions_from in ("ab", "both") else [],
+        run_dir,
+        completions=labelled,
+        system=system,
+        prefill=prefill,
+        batch_size=batch_size,
+        progress=progress,
     )
     t_directions = time.perf_counter() - started
     sweep = sweep_heads(
@@ -196,6 +295,9 @@ def fit_hsi(
         "system": system,
         "prefill": prefill,
         "position": "last token of prompt + answer",
+        "directions_from": directions_from,
+        "n_completions": len(labelled),
+        "sampled": sampled_stats,
         "seconds": {
             "directions": round(t_directions, 1),
             "sweep": round(t_sweep, 1),

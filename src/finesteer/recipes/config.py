@@ -67,11 +67,25 @@ class HSIRecipe(RecipeBase):
     open_ended_limit: PositiveInt = 6
     heads: list[str] | None = Field(None, description="restrict the sweep to these heads (LAYER.HEAD)")
     layers: list[int] | None = Field(None, description="restrict the sweep to these layers")
-    alphas: list[float] = Field(default_factory=lambda: [-8.0, 8.0])
+    alphas: list[float] = Field(
+        default_factory=lambda: [4.0, 8.0, 16.0, 32.0],
+        description="α grid in units of σ, all of one sign (negative steers away)",
+    )
     k: PositiveInt = 4
+    directions_from: Literal["ab", "sampled", "both"] = Field(
+        "ab", description="read directions from answer letters, the model's sampled answers, or both"
+    )
+    n_samples: PositiveInt = Field(2, description="sampled answers per training item (directions_from)")
     baselines: list[Literal["prompt", "caa", "iti"]] = Field(default_factory=list)
 
     _heads = field_validator("heads")(classmethod(lambda cls, v: _check_heads(v)))
+
+    @field_validator("alphas")
+    @classmethod
+    def _check_alphas(cls, value: list[float]) -> list[float]:
+        from finesteer.locate.hsi import check_alphas
+
+        return list(check_alphas(value))
 
     def head_fields(self) -> dict[str, list[tuple[int, int]]]:
         return {"heads": [h for item in self.heads for h in parse_heads(item)]} if self.heads else {}

@@ -68,6 +68,8 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
             progress=progress,
             n_sweep=recipe.sweep_limit,
             seed=recipe.seed,
+            directions_from=recipe.directions_from,
+            n_samples=recipe.n_samples,
         )
         fitted.save(artifact_dir, lm)
         return fitted.metadata
