@@ -14,6 +14,7 @@ saturate around α ≈ 16 (docs/results/hsi_smollm2.md), hence the default grid 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,8 @@ from finesteer.locate.hsi import RankBy, check_alphas, plot_sweep, select_heads,
 from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
 from finesteer.sites import Site
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HSI_ALPHAS: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
 """α grid (units of σ) of the sweep and of the shared-α choice; see the module docstring."""
@@ -169,7 +172,15 @@ def direction_completions(
             stamp.write_text(key)
     sampled = answers.labelled()
     check_both_classes(sampled, f"{len(answers.answers)} sampled answers")
-    return labelled + sampled, answers.stats()
+    stats = answers.stats()
+    log.info(
+        "HSI directions from sampled answers: %d of %d named one option (%d matching, %d not)",
+        stats["n_defined"],
+        stats["n_sampled"],
+        stats["n_matching"],
+        stats["n_not_matching"],
+    )
+    return labelled + sampled, stats
 
 
 def fit_hsi(
