@@ -176,8 +176,21 @@ def test_cli_fit_hsi_reads_directions_from_a_completions_file(tmp_path: Path) ->
 
     meta = load_intervention(out).metadata
     assert meta["directions_from"] == "given" and meta["n_completions"] == 4
+    check = payload["final_check"]  # the CLI answers the validation items by generating, by default
+    assert check["max_new_tokens"] == 32 and check["n"] == 4  # 2 validation items in both orders
+    assert {"matching_rate", "n_undefined"} <= set(check["unmodified"]) and 0 <= check["steered"][
+        "n_undefined"
+    ] <= 4
     file.write_text('{"prompt": "p", "completion": "c", "label": 1}\n')
     bad = CliRunner().invoke(
         app, [*args, "--directions-from", "given", "--completions", str(file), "--out", str(out)]
     )
     assert bad.exit_code == 2 and "label must be true or false" in bad.output
+
+
+def test_final_check_of_a_zero_edit_equals_the_unmodified_model(llama: LoadedModel) -> None:
+    from finesteer.fit.hsi import generation_check
+
+    zero = fit_head_directions(llama, ITEMS).intervention([(0, 1), (1, 2)], 0.0)
+    check = generation_check(llama, ITEMS, zero, max_new_tokens=8, batch_size=2)
+    assert check["steered"] == check["unmodified"] and check["n"] == 3

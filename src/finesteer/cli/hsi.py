@@ -55,6 +55,13 @@ CompletionsOpt = Annotated[
 NSamplesOpt = Annotated[
     int, typer.Option(help="Sampled answers per training item (--directions-from sampled).")
 ]
+FinalCheckOpt = Annotated[
+    int,
+    typer.Option(
+        help="Final check: answer the validation items by generating this many tokens, with and "
+        "without the chosen edit (0 = skip)."
+    ),
+]
 TestFlag = Annotated[
     bool, typer.Option("--test", help="Also score the test_ab split with and without the intervention.")
 ]
@@ -303,6 +310,8 @@ def _fit(
         "selection": metadata["selection"],
         "fit_seconds": round(fit_seconds, 1),
     }
+    if metadata.get("final_check") is not None:
+        result["final_check"] = metadata["final_check"]
     if test:
         stderr_console().print("scoring the test_ab split")
         result["test"] = _test_scores(lm, data, fitted.intervention, system, batch_size)
@@ -327,6 +336,7 @@ def fit_hsi_command(
     directions_from: DirectionsFromOpt = "ab",
     completions: CompletionsOpt = None,
     n_samples: NSamplesOpt = 2,
+    final_check_tokens: FinalCheckOpt = 32,
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
@@ -365,6 +375,7 @@ def fit_hsi_command(
                 directions_from=directions_from,  # type: ignore[arg-type]
                 completions=given,
                 n_samples=n_samples,
+                final_check_tokens=final_check_tokens,
             )
 
         return _fit("hsi", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)

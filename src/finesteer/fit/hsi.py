@@ -33,6 +33,7 @@ from finesteer.fit.completions import (
     sample_labelled_completions,
 )
 from finesteer.fit.directions import Head, HeadDirections, LabelledCompletion, fit_head_directions
+from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi import RankBy, check_alphas, plot_sweep, select_heads, sweep_heads
 from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
@@ -183,6 +184,39 @@ def direction_completions(
     return labelled + sampled, stats
 
 
+def generation_check(
+    lm: LoadedModel,
+    items: Sequence[ABItem],
+    intervention: Intervention,
+    max_new_tokens: int,
+    system: str | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Generated-answer matching rate and undefined count on `items`, unmodified vs steered."""
+    from finesteer.evaluate.ab import ab_matching_rate_generated
+    from finesteer.generation import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rows: dict[str, Any] = {"n": len(items), "max_new_tokens": max_new_tokens}
+    for name, edit in (("unmodified", None), ("steered", intervention)):
+        result = ab_matching_rate_generated(
+            lm, items, system=system, intervention=edit, config=config, progress=progress
+        )
+        rows[name] = {"matching_rate": result.matching_rate, "n_undefined": result.n_undefined}
+    lost = rows["steered"]["n_undefined"] - rows["unmodified"]["n_undefined"]
+    if lost > 0.25 * len(items):
+        log.warning(
+            "HSI final check: with the chosen edit %d more of %d validation replies name no option "
+            "(%d vs %d); the edit breaks the answer format, consider a smaller α",
+            lost,
+            len(items),
+            rows["steered"]["n_undefined"],
+            rows["unmodified"]["n_undefined"],
+        )
+    return rows
+
+
 def fit_hsi(
     lm: LoadedModel,
     train_items: Sequence[ABItem],
@@ -206,6 +240,7 @@ def fit_hsi(
     completions: Sequence[LabelledCompletion] = (),
     n_samples: int = 2,
     sample_temperature: float = 0.8,
+    final_check_tokens: int = 0,
 ) -> FittedIntervention:
     """HSI: steer the k heads most sensitive to their behaviour direction, with one shared α.
 
@@ -222,6 +257,11 @@ def fit_hsi(
     per item at `sample_temperature`, labelled by the option they name, read at the end-of-turn
     token: the paper's recipe), "both", or "given" (only `completions`). `completions` (formatted
     prompt, reply, label) are added in every case.
+
+    `final_check_tokens` > 0 runs the issue's "generation-and-parse as the final check": the
+    validation items are answered (HSI prompt, greedy, that many tokens) with and without the
+    chosen edit, and the matching rate and count of replies naming no option go into the metadata;
+    an edit that costs the answer format is logged as a warning.
     """
     if not val_items:
         raise ValueError("fit_hsi needs validation items to choose α")
@@ -288,6 +328,11 @@ def fit_hsi(
         max_rows=max_rows,
     )
     intervention = directions.intervention(selection.heads, selection.alpha, scope="last")
+    final_check = (
+        generation_check(lm, val_items, intervention, final_check_tokens, system, batch_size, progress)
+        if final_check_tokens > 0
+        else None
+    )
     metadata: dict[str, Any] = {
         "heads": [[layer, h] for layer, h in selection.heads],
         "alpha": selection.alpha,
@@ -309,6 +354,7 @@ def fit_hsi(
         "directions_from": directions_from,
         "n_completions": len(labelled),
         "sampled": sampled_stats,
+        "final_check": final_check,
         "seconds": {
             "directions": round(t_directions, 1),
             "sweep": round(t_sweep, 1),
