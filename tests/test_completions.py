@@ -194,3 +194,38 @@ def test_final_check_of_a_zero_edit_equals_the_unmodified_model(llama: LoadedMod
     zero = fit_head_directions(llama, ITEMS).intervention([(0, 1), (1, 2)], 0.0)
     check = generation_check(llama, ITEMS, zero, max_new_tokens=8, batch_size=2)
     assert check["steered"] == check["unmodified"] and check["n"] == 3
+
+
+def test_cli_locate_hsi_sweeps_resumes_and_takes_completions(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from finesteer.cli import app
+
+    out = tmp_path / "sweep"
+    args = ["locate", "hsi", "tiny-llama", "--limit", "6", "--n-sweep", "2", "--alphas", "2,4"]
+    args += ["--heads", "0.1,1.2", "--out", str(out), "--json"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    payload = json.loads(first.stdout.strip().splitlines()[-1])
+    assert payload["directions_from"] == "ab" and payload["n_completions"] == 0 and payload["sampled"] is None
+    assert (out / "head_scores").exists() and payload["resumed_layers"] == []
+    again = json.loads(CliRunner().invoke(app, args).stdout.strip().splitlines()[-1])
+    assert again["resumed_layers"] == [0, 1]  # same directions and items: both swept layers reused
+    file = tmp_path / "c.jsonl"
+    lines = [
+        {"prompt": "<q>1</q>", "completion": "(A) yes", "label": True},
+        {"prompt": "<q>2</q>", "completion": "(B) no", "label": False},
+    ]
+    file.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    with_file = [*args, "--directions-from", "given", "--completions", str(file)]
+    refused = CliRunner().invoke(app, with_file)  # same folder, other directions: refused, not mixed
+    assert refused.exit_code == 2 and "another configuration" in refused.output
+    other = [
+        *with_file[: with_file.index("--out") + 1],
+        str(tmp_path / "given"),
+        *with_file[with_file.index("--out") + 2 :],
+    ]
+    given = CliRunner().invoke(app, other)
+    assert given.exit_code == 0, given.output
+    result = json.loads(given.stdout.strip().splitlines()[-1])
+    assert result["n_completions"] == 2 and result["directions_from"] == "given"

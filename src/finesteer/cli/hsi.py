@@ -141,8 +141,7 @@ def locate_hsi(
     from finesteer.fit.completions import load_labelled_completions
     from finesteer.fit.hsi import (
         DEFAULT_HSI_ALPHAS,
-        cached_directions,
-        direction_completions,
+        hsi_directions,
         split_items,
         validate_heads,
     )
@@ -165,24 +164,14 @@ def locate_hsi(
         )
         out.mkdir(parents=True, exist_ok=True)
         given = load_labelled_completions(completions) if completions is not None else []
-        labelled, sampled = direction_completions(
+        directions, source = hsi_directions(
             lm,
             direction_items,
-            directions_from,  # type: ignore[arg-type]
-            given,
-            run_dir=out,
+            out,
+            directions_from=directions_from,  # type: ignore[arg-type]
+            completions=given,
             n_samples=n_samples,
             system=system,
-            batch_size=batch_size,
-            progress=True,
-        )
-        directions = cached_directions(
-            lm,
-            direction_items if directions_from in ("ab", "both") else [],
-            out,
-            completions=labelled,
-            system=system,
-            prefill="(",
             progress=True,
         )
         sweep = sweep_heads(
@@ -206,9 +195,7 @@ def locate_hsi(
             **sweep.summary(top=10, rank_by=rank_by),  # type: ignore[arg-type]
             "resumed_layers": sweep.meta.get("resumed_layers", []),
             "n_direction_items": len(direction_items),
-            "directions_from": directions_from,
-            "n_completions": len(labelled),
-            "sampled": sampled,
+            **source,
             "plots": [str(p) for p in plots],
             "seconds": round(time.perf_counter() - started, 1),
         }

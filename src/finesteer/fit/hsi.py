@@ -184,6 +184,50 @@ def direction_completions(
     return labelled + sampled, stats
 
 
+def hsi_directions(
+    lm: LoadedModel,
+    items: Sequence[ABItem],
+    run_dir: Path | None,
+    *,
+    directions_from: DirectionsFrom = "ab",
+    completions: Sequence[LabelledCompletion] = (),
+    n_samples: int = 2,
+    temperature: float = 0.8,
+    system: str | None = None,
+    prefill: str = "(",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[HeadDirections, dict[str, Any]]:
+    """HSI's directions from `items` as `directions_from` says, plus a record of where they came from."""
+    labelled, sampled = direction_completions(
+        lm,
+        items,
+        directions_from,
+        completions,
+        run_dir=run_dir,
+        n_samples=n_samples,
+        temperature=temperature,
+        system=system,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    directions = cached_directions(
+        lm,
+        items if directions_from in ("ab", "both") else [],
+        run_dir,
+        completions=labelled,
+        system=system,
+        prefill=prefill,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return directions, {
+        "directions_from": directions_from,
+        "n_completions": len(labelled),
+        "sampled": sampled,
+    }
+
+
 def generation_check(
     lm: LoadedModel,
     items: Sequence[ABItem],
@@ -276,23 +320,14 @@ def fit_hsi(
         direction_items = letter_balanced(direction_items, strict=False)
         sweep_items = letter_balanced(sweep_items, strict=False)
         val_items = letter_balanced(val_items, strict=False)
-    labelled, sampled_stats = direction_completions(
+    directions, source = hsi_directions(
         lm,
         direction_items,
-        directions_from,
-        completions,
-        run_dir=run_dir,
+        run_dir,
+        directions_from=directions_from,
+        completions=completions,
         n_samples=n_samples,
         temperature=sample_temperature,
-        system=system,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    directions = cached_directions(
-        lm,
-        direction_items if directions_from in ("ab", "both") else [],
-        run_dir,
-        completions=labelled,
         system=system,
         prefill=prefill,
         batch_size=batch_size,
@@ -351,9 +386,7 @@ def fit_hsi(
         "system": system,
         "prefill": prefill,
         "position": "last token of prompt + answer",
-        "directions_from": directions_from,
-        "n_completions": len(labelled),
-        "sampled": sampled_stats,
+        **source,
         "final_check": final_check,
         "seconds": {
             "directions": round(t_directions, 1),
