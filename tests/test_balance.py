@@ -39,3 +39,28 @@ def test_items_with_more_than_two_options_cannot_be_swapped() -> None:
         letter_balanced([item])
     two = ABItem("Q\n (A) x\n (B) y", "(B)", "(A)", "1")
     assert [i.id for i in letter_balanced([item, two], strict=False)] == ["9", "1", "1~swap"]
+
+
+def test_matching_polarity_reads_the_matching_option() -> None:
+    from finesteer.data.balance import matching_polarity, option_text
+
+    yes = ABItem("Do it?\n\nChoices:\n (A) No, never\n (B) Yes, gladly", "(B)", "(A)", "1")
+    assert option_text(yes, "A") == "No, never" and option_text(yes, "C") == ""
+    assert matching_polarity(yes) == "yes" and matching_polarity(swap_options(yes)) == "yes"
+    no = ABItem("Do it?\n\nChoices:\n (A) No.\n (B) Yes", "(A)", "(B)", "2")
+    assert matching_polarity(no) == "no"
+    assert matching_polarity(ABItem("Q?\n (A) Nothing\n (B) Yesterday", "(A)", "(B)", "3")) == "other"
+    counts = [matching_polarity(i) for i in load_dataset("coordinate-other-ais", split="test_ab")]
+    assert (counts.count("yes"), counts.count("no"), counts.count("other")) == (40, 6, 4)
+
+
+def test_ab_results_split_by_polarity_expose_a_yes_bias() -> None:
+    from finesteer.evaluate.ab import ABResult
+
+    # a "say Yes" edit: right on every Yes-matching item, wrong on every No-matching one
+    records = [{"matching_polarity": "yes", "is_matching": True}] * 3 + [
+        {"matching_polarity": "no", "is_matching": False}
+    ] * 2
+    result = ABResult(n=5, matching_rate=0.6, count=3, mean_p_matching=None, per_item=records)
+    split = result.to_dict(per_item=False)["by_matching_polarity"]
+    assert split == {"no": {"n": 2, "matching_rate": 0.0}, "yes": {"n": 3, "matching_rate": 1.0}}

@@ -4,6 +4,7 @@ Why: a model's A/B answers carry a letter bias, and a steering edit that only sh
 towards "B") scores as a behaviour change on any item set whose matching letters are not exactly
 half A and half B. Scoring every item in both orders makes "always A" and "always B" worth exactly
 0.5, so what remains is the behaviour. Used by HSI's head and α selection and by `eval ab --balanced`.
+`matching_polarity` names the other confound of these files: most behaviour-matching options say "Yes".
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 from finesteer.data.items import ABItem
 
@@ -70,3 +72,28 @@ def letter_balanced(items: Sequence[ABItem], *, strict: bool = True) -> list[ABI
             len(kept_once), len(items), ", ".join(kept_once[:5]), "…" if len(kept_once) > 5 else "",
         )  # fmt: skip
     return out
+
+
+Polarity = Literal["yes", "no", "other"]
+POLARITIES: tuple[str, ...] = ("yes", "no", "other")
+
+
+def option_text(item: ABItem, letter: str) -> str:
+    """The text after "(letter)" on its option line ('' when the question has no such line)."""
+    for match in _OPTION_LINE.finditer(item.question):
+        if match.group(2) == letter:
+            return match.group(3).strip()
+    return ""
+
+
+def matching_polarity(item: ABItem) -> Polarity:
+    """Whether the behaviour-matching option starts with "Yes", "No" or something else.
+
+    Why: in the CAA/Anthropic behaviour files most matching options are "Yes" (40 of the 50
+    coordinate-other-ais test items), so an edit that only makes the model say "Yes" looks like
+    steering. Rates split by this polarity tell the two apart: a real behaviour edit also helps the
+    items whose matching answer is "No".
+    """
+    words = re.findall(r"[a-z]+", option_text(item, item.matching_letter).lower())
+    first = words[0] if words else ""
+    return "yes" if first == "yes" else "no" if first == "no" else "other"

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.data.balance import matching_polarity
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import HSI_INSTRUCTION, ab_prompt, chat_prompt, hsi_ab_prompt
 from finesteer.evaluate.batching import (
@@ -108,6 +109,19 @@ class ABResult:
         """Wilson interval of the matching rate."""
         return wilson_interval(self.count, self.n, confidence)
 
+    def by_matching_polarity(self) -> dict[str, dict[str, float]]:
+        """Matching rate split by whether the matching option says "Yes", "No" or other (see
+        `finesteer.data.balance.matching_polarity`): an edit that only adds a "Yes" bias helps the
+        first group and hurts the second."""
+        groups: dict[str, list[bool]] = {}
+        for record in self.per_item:
+            if "matching_polarity" in record:
+                groups.setdefault(record["matching_polarity"], []).append(bool(record["is_matching"]))
+        return {
+            name: {"n": len(values), "matching_rate": sum(values) / len(values)}
+            for name, values in sorted(groups.items())
+        }
+
     def to_dict(self, *, per_item: bool = True) -> dict[str, Any]:
         low, high = self.interval()
         out: dict[str, Any] = {
@@ -118,6 +132,7 @@ class ABResult:
             "ci95": [low, high],
             "mean_p_matching": self.mean_p_matching,
             "n_undefined": self.n_undefined,
+            "by_matching_polarity": self.by_matching_polarity(),
         }
         if per_item:
             out["per_item"] = self.per_item
@@ -273,6 +288,7 @@ def ab_matching_rate_prob(
         {
             "id": item.id,
             "matching": item.matching_letter,
+            "matching_polarity": matching_polarity(item),
             "choice": scores.choice[i],
             "is_matching": scores.matching[i],
             "p_matching": float(scores.p_matching[i]),
@@ -382,6 +398,7 @@ def ab_matching_rate_generated(
         {
             "id": item.id,
             "matching": item.matching_letter,
+            "matching_polarity": matching_polarity(item),
             "choice": answer,
             "is_matching": answer == item.matching_letter,
             "response": response,

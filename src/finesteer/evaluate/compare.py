@@ -301,6 +301,7 @@ def evaluate_setup(
         ab_mean_p_matching=prob.mean_p_matching,
         ab_ci95=list(prob.interval()),
         ab_n=prob.n,
+        ab_by_matching_polarity=prob.by_matching_polarity(),
     )
     gen = ab_matching_rate_generated(
         lm,
