@@ -42,10 +42,11 @@ def test_items_with_more_than_two_options_cannot_be_swapped() -> None:
 
 
 def test_matching_polarity_reads_the_matching_option() -> None:
-    from finesteer.data.balance import matching_polarity, option_text
+    from finesteer.data.balance import matching_polarity
+    from finesteer.data.items import option_text
 
     yes = ABItem("Do it?\n\nChoices:\n (A) No, never\n (B) Yes, gladly", "(B)", "(A)", "1")
-    assert option_text(yes, "A") == "No, never" and option_text(yes, "C") == ""
+    assert option_text(yes.question, "A") == "No, never" and option_text(yes.question, "C") == ""
     assert matching_polarity(yes) == "yes" and matching_polarity(swap_options(yes)) == "yes"
     no = ABItem("Do it?\n\nChoices:\n (A) No.\n (B) Yes", "(A)", "(B)", "2")
     assert matching_polarity(no) == "no"

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from finesteer.data.items import ABItem
+from finesteer.data.items import ABItem, option_text
 
 log = logging.getLogger(__name__)
 _OPTION_LINE = re.compile(r"^([ \t]*)\(([A-Z])\)(.*)$", re.MULTILINE)
@@ -78,14 +78,6 @@ Polarity = Literal["yes", "no", "other"]
 POLARITIES: tuple[str, ...] = ("yes", "no", "other")
 
 
-def option_text(item: ABItem, letter: str) -> str:
-    """The text after "(letter)" on its option line ('' when the question has no such line)."""
-    for match in _OPTION_LINE.finditer(item.question):
-        if match.group(2) == letter:
-            return match.group(3).strip()
-    return ""
-
-
 def matching_polarity(item: ABItem) -> Polarity:
     """Whether the behaviour-matching option starts with "Yes", "No" or something else.
 
@@ -94,6 +86,6 @@ def matching_polarity(item: ABItem) -> Polarity:
     steering. Rates split by this polarity tell the two apart: a real behaviour edit also helps the
     items whose matching answer is "No".
     """
-    words = re.findall(r"[a-z]+", option_text(item, item.matching_letter).lower())
+    words = re.findall(r"[a-z]+", option_text(item.question, item.matching_letter).lower())
     first = words[0] if words else ""
     return "yes" if first == "yes" else "no" if first == "no" else "other"

@@ -31,6 +31,18 @@ def option_letters(question: str) -> tuple[str, ...]:
     return tuple(seen)
 
 
+_OPTION_TEXT_RE = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]*(.*)$", re.MULTILINE)
+
+
+def option_text(question: str, letter: str) -> str:
+    """The text of option `letter` as listed in the question ("(A) Yes, gladly" → "Yes, gladly"); ""
+    when the question lists no such option."""
+    for found, text in _OPTION_TEXT_RE.findall(question):
+        if found == letter:
+            return text.strip()
+    return ""
+
+
 def answer_letter(answer: str) -> str:
     """The bare letter of an answer written "(X)": "(B)" → "B".
 

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from finesteer.data.items import ABItem
+from finesteer.data.items import ABItem, option_text
 from finesteer.data.prompts import ab_prompt
 
 if TYPE_CHECKING:
@@ -80,12 +79,6 @@ class FineTuned:
 
     lm: LoadedModel
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def option_text(question: str, letter: str) -> str:
-    """The text of option `letter` as listed in the question ("(A) Yes" → "Yes"); "" if absent."""
-    match = re.search(rf"^[ \t]*\({re.escape(letter)}\)[ \t]*(.*)$", question, re.MULTILINE)
-    return match.group(1).strip() if match else ""
 
 
 def training_sequences(

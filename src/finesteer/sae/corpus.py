@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finesteer.data import ABItem, PromptItem, chat_prompt, load_dataset
+from finesteer.data.items import option_letters
+from finesteer.data.items import option_text as item_option_text
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
@@ -68,14 +70,10 @@ def evaluation_prompts() -> frozenset[str]:
     return frozenset(texts)
 
 
-_OPTION_LINE = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]*(.*)$", re.MULTILINE)
-
-
 def option_text(question: str, letter: str) -> str:
     """The text of option `letter` in an A/B question ("(A) I cannot help" → "I cannot help")."""
-    for found, text in _OPTION_LINE.findall(question):
-        if found == letter:
-            return text.strip()
+    if letter in option_letters(question):
+        return item_option_text(question, letter)
     raise CorpusError(f"option ({letter}) not found in question {question[:60]!r}")
 
 
