@@ -312,6 +312,11 @@ def test_compare_json_shape_and_resume(llama: LoadedModel, data: BehaviourData, 
         assert 0.0 <= row["ab_matching_rate"] <= 1.0 and row["ab_n"] == 2
         assert "ab_matching_rate_generated" in row and row["open_ended_score"] == 3.0
         assert row["open_ended_n"] == 2 and row["fluency"] is not None
+        split = row["ab_by_matching_polarity"]  # the test items' groups add up to the whole split
+        assert sum(group["n"] for group in split.values()) == row["ab_n"]
+        assert sum(g["n"] * g["matching_rate"] for g in split.values()) == pytest.approx(
+            row["ab_matching_rate"] * 2
+        )
     assert out["methods"]["baseline"]["kl_harmless"] == 0.0
     assert out["methods"]["caa"]["kl_harmless"] > 0 and out["methods"]["caa"]["n_edits"] == 1
     assert out["methods"]["prompt"]["system_prompt"].startswith("You like cooperation")
