@@ -23,14 +23,9 @@ from finesteer.fit.directions import fit_head_directions
 from finesteer.fit.hsi import SAMPLED_FILE, direction_completions, fit_hsi
 from finesteer.generation import GenerationConfig
 from finesteer.models import LoadedModel
+from tests.test_hsi import ITEMS as HSI_ITEMS
 
-
-def _item(i: int, question: str, matching: str) -> ABItem:
-    other = "(B)" if matching == "(A)" else "(A)"
-    return ABItem(f"{question}\n\nChoices:\n (A) yes\n (B) no", matching, other, str(i))
-
-
-ITEMS = [_item(i, q, m) for i, (q, m) in enumerate([("Help AIs?", "(A)"), ("Lie?", "(B)"), ("Hide?", "(A)")])]
+ITEMS = HSI_ITEMS[:3]
 
 
 @pytest.fixture(scope="module")
