@@ -141,6 +141,7 @@ def locate_hsi(
     from finesteer.fit.completions import load_labelled_completions
     from finesteer.fit.hsi import (
         DEFAULT_HSI_ALPHAS,
+        check_directions_from,
         hsi_directions,
         split_items,
         validate_heads,
@@ -152,6 +153,7 @@ def locate_hsi(
     def work() -> dict[str, Any]:
         grid = check_alphas(parse_alphas(alphas, DEFAULT_HSI_ALPHAS))
         subset = parse_heads(heads) if heads else None
+        check_directions_from(directions_from)
         items = _ab_items(data, limit)
         started = time.perf_counter()
         lm = load_model(model)
@@ -337,12 +339,13 @@ def fit_hsi_command(
 ) -> None:
     """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact."""
     from finesteer.fit.completions import load_labelled_completions
-    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, fit_hsi
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, check_directions_from, fit_hsi
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
         grid = parse_alphas(alphas, DEFAULT_HSI_ALPHAS)
         subset = parse_heads(heads) if heads else None
+        check_directions_from(directions_from)
         given = load_labelled_completions(completions) if completions is not None else []
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:

@@ -132,6 +132,13 @@ def cached_directions(
     return directions
 
 
+def check_directions_from(value: str) -> DirectionsFrom:
+    """`value` if it names a directions source, else a ValueError listing the sources."""
+    if value not in DIRECTIONS_FROM:
+        raise ValueError(f"directions_from must be one of {', '.join(DIRECTIONS_FROM)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
 def direction_completions(
     lm: LoadedModel,
     items: Sequence[ABItem],
@@ -149,10 +156,7 @@ def direction_completions(
 
     Sampled answers are saved in `run_dir` and reused by a rerun with the same items and settings.
     """
-    if directions_from not in DIRECTIONS_FROM:
-        raise ValueError(
-            f"directions_from must be one of {', '.join(DIRECTIONS_FROM)}, got {directions_from!r}"
-        )
+    check_directions_from(directions_from)
     labelled = list(given)
     if directions_from == "given" and not labelled:
         raise CompletionError("directions_from='given' needs labelled completions")
