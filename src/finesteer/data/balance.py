@@ -75,7 +75,6 @@ def letter_balanced(items: Sequence[ABItem], *, strict: bool = True) -> list[ABI
 
 
 Polarity = Literal["yes", "no", "other"]
-POLARITIES: tuple[str, ...] = ("yes", "no", "other")
 
 
 def matching_polarity(item: ABItem) -> Polarity:

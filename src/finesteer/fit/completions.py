@@ -19,6 +19,7 @@ from typing import Any
 
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
+from finesteer.evaluate.ab import UNDEFINED, ab_generation_prompt, parse_ab_answer
 from finesteer.fit.directions import LabelledCompletion
 from finesteer.generation import GenerationConfig, generate
 from finesteer.models.loading import LoadedModel
@@ -44,7 +45,7 @@ class SampledAnswer:
 
     @property
     def defined(self) -> bool:
-        return self.answer != "undefined"
+        return self.answer != UNDEFINED
 
     @property
     def label(self) -> bool:
@@ -113,8 +114,6 @@ def sample_labelled_completions(
     Sample s uses seed `config.seed + 1000·s` (batches are seeded further by position, as in
     `finesteer.generation`), so a rerun with the same settings gives the same answers.
     """
-    from finesteer.evaluate.ab import ab_generation_prompt, parse_ab_answer
-
     if n_samples < 1:
         raise CompletionError(f"n_samples must be ≥ 1, got {n_samples}")
     if not items:
