@@ -24,8 +24,9 @@ import torch
 
 from finesteer.data.items import ABItem
 from finesteer.evaluate.helpfulness import mc_accuracy, next_token_kl
-from finesteer.evaluate.judges import KeywordRefusalJudge, Verdict
+from finesteer.evaluate.judges import KeywordRefusalJudge
 from finesteer.evaluate.scores import attack_success_rate, refusal_rate
+from finesteer.evaluate.verdict import Verdict
 from finesteer.generation import GenerationConfig, generate
 from finesteer.locate.ships import DEFAULT_EPS, Head, ablation, all_heads, check_eps, check_heads
 from finesteer.models.loading import LoadedModel

@@ -35,13 +35,13 @@ from finesteer.evaluate.batching import EvaluationError, applied, intervention_d
 from finesteer.evaluate.judges import (
     CAA_BEHAVIOUR_0_10,
     HSI_COORDINATION_0_5,
-    Judge,
     JudgeConfigError,
     LLMJudge,
     LocalModelJudge,
     Rubric,
     resolve_endpoint,
 )
+from finesteer.evaluate.verdict import Judge
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
 from finesteer.paths import write_json
@@ -288,7 +288,8 @@ def evaluate_setup(
     """All measurements of one setup, as a JSON-ready dict."""
     from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
     from finesteer.evaluate.harness import run_generations
-    from finesteer.evaluate.scores import fluency, mean_std
+    from finesteer.evaluate.scores import mean_std
+    from finesteer.evaluate.text import fluency
 
     started = time.perf_counter()
     lm, iv, system = setup.lm, setup.intervention, setup.system_prompt

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from finesteer.data.items import ABItem, OpenEndedItem, PromptItem
 from finesteer.data.prompts import chat_prompt
 from finesteer.evaluate.batching import EvaluationError, check_rows, intervention_digest, rows_for_batch
-from finesteer.evaluate.judges import Judge, Verdict
+from finesteer.evaluate.verdict import Judge, Verdict
 from finesteer.generation import GenerationConfig, generate
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
