@@ -10,7 +10,6 @@ import torch
 
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
-from finesteer.evaluate.ab import parse_ab_answer
 from finesteer.fit import completions as completions_module
 from finesteer.fit.completions import (
     CompletionError,
@@ -24,6 +23,7 @@ from finesteer.fit.hsi import HSIConfig, fit_hsi
 from finesteer.fit.hsi_directions import SAMPLED_FILE, direction_completions
 from finesteer.generation import GenerationConfig
 from finesteer.models import LoadedModel
+from finesteer.scoring.ab import parse_ab_answer
 from tests.test_hsi import ITEMS as HSI_ITEMS
 
 ITEMS = HSI_ITEMS[:3]
@@ -134,7 +134,8 @@ def test_sampled_directions_equal_directions_from_the_same_completions(
 
 def test_sampled_directions_need_both_classes(llama: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        "finesteer.fit.hsi_directions.sample_labelled_completions", lambda lm, items, **kw: _answers(["A", None, "A"])
+        "finesteer.fit.hsi_directions.sample_labelled_completions",
+        lambda lm, items, **kw: _answers(["A", None, "A"]),
     )
     with pytest.raises(CompletionError, match="2 behaviour-matching and 0 not-matching"):
         direction_completions(llama, ITEMS, "sampled")
