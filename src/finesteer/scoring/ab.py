@@ -21,20 +21,18 @@ cached paths give the reference path's numbers (tests compare them).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import HSI_INSTRUCTION, ab_prompt, chat_prompt, hsi_ab_prompt
-from finesteer.interventions.edit import Intervention, InterventionError
-from finesteer.interventions.scope import Scope
+from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
-from finesteer.scoring.forward import ScoringError, applied, check_rows, log_probs_at, rows_for_batch
-from finesteer.scoring.prefix import PrefixBatch, build_prefix, run_rows, run_tail
+from finesteer.scoring.forward import ScoringError, check_rows, full_rows
+from finesteer.scoring.prefix import PrefixBatch, last_token_rows, prefix_batches, tail_rows
 
 TokenMode = Literal["after_paren", "merged_paren"]
 PromptStyle = Literal["hsi", "caa"]
@@ -288,29 +286,6 @@ class _Table:
 # --------------------------------------------------------------------------------------------------
 
 
-def _tail_scoped(intervention: Intervention, k: int, *, allow_rows: bool) -> Intervention:
-    """`intervention` rewritten for a forward of only the last `k` tokens on top of a prefix cache.
-
-    Exact only for edits that touch nothing before those tokens: scope "last", or "from_end:k"
-    (which becomes "all" on the k-token call). Raises `InterventionError` otherwise.
-    """
-    edits = []
-    for edit in intervention.edits:
-        scope = edit.scope
-        if scope.kind == "from_end" and scope.start is not None and scope.start[0] == k:
-            edit = replace(edit, scope=Scope.parse("all"))
-        elif scope.kind != "last":
-            allowed = "'last'" if k == 1 else f"'last' or 'from_end:{k}'"
-            raise InterventionError(
-                f"edit at {edit.site} has scope '{scope}'; reusing the prefix before the last {k} "
-                f"token(s) is exact only for scope {allowed} (use reuse_prefix=None for other scopes)"
-            )
-        if edit.rows is not None and not allow_rows:
-            raise InterventionError(f"edit at {edit.site} already targets batch rows {edit.rows}")
-        edits.append(edit)
-    return Intervention(tuple(edits))
-
-
 class ABScorer:
     """Scores A/B items under many interventions; see the module docstring for `reuse_prefix`.
 
@@ -366,70 +341,36 @@ class ABScorer:
 
     def _full(self, interventions: Sequence[Intervention | None], table: _Table, progress: bool) -> None:
         """Reference: right-padded full forwards, batches of similar length (results in item order)."""
-        n = len(self.targets)
         for intervention in interventions:
-            check_rows(intervention, n)
-        order = sorted(range(n), key=lambda i: len(self.targets[i].tokens))
-        jobs = [(r, start) for r in range(len(interventions)) for start in range(0, n, self.batch_size)]
-        for r, start in tqdm(jobs, desc="A/B letter probabilities", disable=not progress, unit="batch"):
-            indices = order[start : start + self.batch_size]
-            sequences = [self.targets[i].tokens for i in indices]
-            with applied(self.lm, rows_for_batch(interventions[r], indices)):
-                logp = log_probs_at(self.lm, sequences, [[len(s) - 1] for s in sequences])[:, 0]
-            for row, i in enumerate(indices):
-                table.add(r, i, logp[row])
+            check_rows(intervention, len(self.targets))
+        sequences = [t.tokens for t in self.targets]
+        for r, item, logp in full_rows(self.lm, sequences, interventions, self.batch_size, progress=progress):
+            table.add(r, item, logp)
 
     def _prefix_batches(self, k: int) -> list[PrefixBatch]:
         if k not in self._prefixes:
-            n = len(self.targets)
-            batches = [
-                list(range(start, min(start + self.batch_size, n))) for start in range(0, n, self.batch_size)
-            ]
-            self._prefixes[k] = [
-                build_prefix(
-                    self.lm,
-                    [self.targets[i].tokens for i in indices],
-                    indices,
-                    k,
-                    rollback=k > 1,
-                    ids=[self.targets[i].id for i in indices],
-                )
-                for indices in batches
-            ]
+            sequences, ids = [t.tokens for t in self.targets], [t.id for t in self.targets]
+            self._prefixes[k] = prefix_batches(self.lm, sequences, ids, k, self.batch_size)
         return self._prefixes[k]
 
     def _last_token(
         self, interventions: Sequence[Intervention | None], table: _Table, progress: bool
     ) -> None:
         """K = 1: many interventions share one forward of the last token, as rows of a batch."""
-        edits = [_tail_scoped(iv or Intervention(), 1, allow_rows=False) for iv in interventions]
-        jobs = []
-        for batch in self._prefix_batches(1):
-            step = max(1, self.max_rows // len(batch.indices))
-            jobs += [(batch, start, min(start + step, len(edits))) for start in range(0, len(edits), step)]
-        for batch, start, stop in tqdm(jobs, desc="score", disable=not progress, unit="chunk", leave=False):
-            logits = run_rows(self.lm, batch, edits[start:stop])  # prompt-major rows
-            log_norm = torch.logsumexp(logits.double(), dim=-1)
-            n = stop - start
-            for p, item in enumerate(batch.indices):
-                for c in range(n):
-                    table.add(start + c, item, logits[p * n + c], log_norm[p * n + c])
+        batches = self._prefix_batches(1)
+        for r, item, logits, log_norm in last_token_rows(
+            self.lm, batches, interventions, self.max_rows, progress=progress
+        ):
+            table.add(r, item, logits, log_norm)
 
     def _tail(
         self, interventions: Sequence[Intervention | None], k: int, table: _Table, progress: bool
     ) -> None:
         """K > 1: the K-token tail is re-run per intervention on top of each batch's prefix cache."""
-        n = len(self.targets)
-        edits = []
         for intervention in interventions:
-            check_rows(intervention, n)
-            edits.append(None if intervention is None else _tail_scoped(intervention, k, allow_rows=True))
-        batches = self._prefix_batches(k)
-        for batch in tqdm(batches, desc="A/B tail sweep", disable=not progress, unit="batch"):
-            for r, edit in enumerate(edits):
-                logp = run_tail(self.lm, batch, rows_for_batch(edit, batch.indices))
-                for row, item in enumerate(batch.indices):
-                    table.add(r, item, logp[row])
+            check_rows(intervention, len(self.targets))
+        for r, item, logp in tail_rows(self.lm, self._prefix_batches(k), interventions, progress=progress):
+            table.add(r, item, logp)
 
 
 __all__ = [

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention, InterventionError
@@ -165,3 +166,25 @@ def token_log_probs(
         targets = torch.tensor(list(seq[start:]), dtype=torch.long)
         out.append(logp[row, : len(targets)].gather(1, targets[:, None])[:, 0])
     return out
+
+
+def full_rows(
+    lm: LoadedModel,
+    sequences: Sequence[Sequence[int]],
+    interventions: Sequence[Intervention | None],
+    batch_size: int,
+    *,
+    progress: bool = False,
+) -> Iterator[tuple[int, int, Tensor]]:
+    """(intervention index, sequence index, next-token log-probabilities after the sequence) for every
+    pair: one right-padded forward per batch and intervention, batches of similar length (less
+    padding; per-row edits follow their sequence, so the order changes no number)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    jobs = [(r, start) for r in range(len(interventions)) for start in range(0, len(sequences), batch_size)]
+    for r, start in tqdm(jobs, desc="A/B letter probabilities", disable=not progress, unit="batch"):
+        indices = order[start : start + batch_size]
+        batch = [sequences[i] for i in indices]
+        with applied(lm, rows_for_batch(interventions[r], indices)):
+            logp = log_probs_at(lm, batch, [[len(s) - 1] for s in batch])[:, 0]
+        for row, i in enumerate(indices):
+            yield r, i, logp[row]

@@ -9,17 +9,19 @@ per intervention with the cache rolled back afterwards (`run_tail`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from finesteer.interventions.apply import intervene
-from finesteer.interventions.edit import Intervention
+from finesteer.interventions.edit import Intervention, InterventionError
+from finesteer.interventions.scope import Scope
 from finesteer.models.loading import LoadedModel
-from finesteer.scoring.forward import ScoringError, applied
+from finesteer.scoring.forward import ScoringError, applied, rows_for_batch
 
 
 @dataclass
@@ -90,6 +92,19 @@ def build_prefix(
     return PrefixBatch(list(indices), k, cache, mask, tail_ids, tail_positions, croppable)
 
 
+def prefix_batches(
+    lm: LoadedModel, sequences: Sequence[Sequence[int]], ids: Sequence[str], k: int, batch_size: int
+) -> list[PrefixBatch]:
+    """`build_prefix` over consecutive batches of `batch_size` sequences (rolled back after each tail
+    forward when k > 1, copied for the row-batched k = 1 path)."""
+    starts = range(0, len(sequences), batch_size)
+    batches = [list(range(start, min(start + batch_size, len(sequences)))) for start in starts]
+    return [
+        build_prefix(lm, [sequences[i] for i in rows], rows, k, rollback=k > 1, ids=[ids[i] for i in rows])
+        for rows in batches
+    ]
+
+
 def run_rows(lm: LoadedModel, batch: PrefixBatch, chunk: Sequence[Intervention]) -> Tensor:
     """Last-position logits [n_prompts * len(chunk), vocab] (float32, CPU), prompt-major: row
     `prompt * len(chunk) + i` is prompt `prompt` under `chunk[i]` (edits without rows, tail-scoped)."""
@@ -137,4 +152,77 @@ def run_tail(lm: LoadedModel, batch: PrefixBatch, intervention: Intervention | N
     return logp
 
 
-__all__ = ["PrefixBatch", "build_prefix", "run_rows", "run_tail"]
+def tail_scoped(intervention: Intervention, k: int, *, allow_rows: bool) -> Intervention:
+    """`intervention` rewritten for a forward of only the last `k` tokens on top of a prefix cache.
+
+    Exact only for edits that touch nothing before those tokens: scope "last", or "from_end:k"
+    (which becomes "all" on the k-token call). Raises `InterventionError` otherwise.
+    """
+    edits = []
+    for edit in intervention.edits:
+        scope = edit.scope
+        if scope.kind == "from_end" and scope.start is not None and scope.start[0] == k:
+            edit = replace(edit, scope=Scope.parse("all"))
+        elif scope.kind != "last":
+            allowed = "'last'" if k == 1 else f"'last' or 'from_end:{k}'"
+            raise InterventionError(
+                f"edit at {edit.site} has scope '{scope}'; reusing the prefix before the last {k} "
+                f"token(s) is exact only for scope {allowed} (use reuse_prefix=None for other scopes)"
+            )
+        if edit.rows is not None and not allow_rows:
+            raise InterventionError(f"edit at {edit.site} already targets batch rows {edit.rows}")
+        edits.append(edit)
+    return Intervention(tuple(edits))
+
+
+def last_token_rows(
+    lm: LoadedModel,
+    batches: Sequence[PrefixBatch],
+    interventions: Sequence[Intervention | None],
+    max_rows: int,
+    *,
+    progress: bool = False,
+) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """(intervention index, item index, last-position logits, their logsumexp) for every pair, running
+    up to `max_rows` rows (prompts × interventions) per forward on 1-token prefix batches."""
+    edits = [tail_scoped(iv or Intervention(), 1, allow_rows=False) for iv in interventions]
+    jobs = []
+    for batch in batches:
+        step = max(1, max_rows // len(batch.indices))
+        jobs += [(batch, start, min(start + step, len(edits))) for start in range(0, len(edits), step)]
+    for batch, start, stop in tqdm(jobs, desc="score", disable=not progress, unit="chunk", leave=False):
+        logits = run_rows(lm, batch, edits[start:stop])  # prompt-major rows
+        log_norm = torch.logsumexp(logits.double(), dim=-1)
+        n = stop - start
+        for p, item in enumerate(batch.indices):
+            for c in range(n):
+                yield start + c, item, logits[p * n + c], log_norm[p * n + c]
+
+
+def tail_rows(
+    lm: LoadedModel,
+    batches: Sequence[PrefixBatch],
+    interventions: Sequence[Intervention | None],
+    *,
+    progress: bool = False,
+) -> Iterator[tuple[int, int, Tensor]]:
+    """(intervention index, item index, next-token log-probabilities) for every pair: the K-token
+    tail of each batch re-run once per intervention (per-row edits name rows of the item list)."""
+    edits = [None if iv is None else tail_scoped(iv, batches[0].k, allow_rows=True) for iv in interventions]
+    for batch in tqdm(batches, desc="A/B tail sweep", disable=not progress, unit="batch"):
+        for r, edit in enumerate(edits):
+            logp = run_tail(lm, batch, rows_for_batch(edit, batch.indices))
+            for row, item in enumerate(batch.indices):
+                yield r, item, logp[row]
+
+
+__all__ = [
+    "PrefixBatch",
+    "build_prefix",
+    "last_token_rows",
+    "prefix_batches",
+    "run_rows",
+    "run_tail",
+    "tail_rows",
+    "tail_scoped",
+]
