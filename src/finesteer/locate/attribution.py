@@ -49,16 +49,9 @@ from tqdm.auto import tqdm
 
 from finesteer.hooks import CallContext, HookSet
 from finesteer.interventions.edit import Intervention
+from finesteer.locate.engine import EncodedPrompts, LastPosition, Readout, encode_prompts, prompt_batches
 from finesteer.locate.fast_scan import run_scan
-from finesteer.locate.scan import (
-    EncodedPrompts,
-    KLFromBase,
-    LastLogits,
-    LastPosition,
-    Readout,
-    _batches,
-    encode_prompts,
-)
+from finesteer.locate.scan import KLFromBase, LastLogits
 from finesteer.locate.scores import HeadScores
 from finesteer.locate.ships import (
     DEFAULT_EPS,
@@ -373,7 +366,7 @@ def _gate_pass(
     info = lm.info
     out = torch.empty((len(encoded), info.n_layers, info.n_heads), dtype=torch.float64)
     base: Tensor | None = None
-    batches = _batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
+    batches = prompt_batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
     with _frozen(lm.model):
         for batch in tqdm(batches, desc=f"attribution {mode}", unit="batch", disable=not progress):
             size = int(batch.input_ids.shape[0])

@@ -29,18 +29,9 @@ from torch import Tensor
 
 from finesteer.data.prompts import SAHARA_TEMPLATE, SHIPS_TEMPLATE, chat_prompt, raw_prompt
 from finesteer.interventions.edit import AblationMethod, Intervention, ablate_heads
+from finesteer.locate.engine import EncodedPrompts, Readout, ScanError, encode_prompts
 from finesteer.locate.fast_scan import run_scan
-from finesteer.locate.scan import (
-    EncodedPrompts,
-    KLAndHidden,
-    KLFromBase,
-    LastHidden,
-    LastLogits,
-    Readout,
-    ScanError,
-    encode_prompts,
-    scan,
-)
+from finesteer.locate.scan import KLAndHidden, KLFromBase, LastHidden, LastLogits, scan
 from finesteer.locate.scores import HeadScores
 from finesteer.models.info import ModelInfo
 from finesteer.models.loading import LoadedModel
