@@ -41,9 +41,11 @@ from _bench import load_note, log, print_table
 from torch import Tensor
 
 from finesteer.data import load_dataset
-from finesteer.locate.attribution import KLDivergence, PreRankedScan, pre_ranked_scan, spearman
+from finesteer.locate.attribution.metrics import KLDivergence
+from finesteer.locate.attribution.prerank import PreRankedScan, pre_ranked_scan
 from finesteer.locate.engine import EncodedPrompts, encode_prompts
 from finesteer.locate.fast_scan import fast_scan
+from finesteer.locate.rank_stats import spearman
 from finesteer.locate.scan import KLFromBase, LastLogits, scan
 from finesteer.locate.ships import Head, ablation, all_heads, format_queries
 from finesteer.models import LoadedModel, load_model

@@ -6,21 +6,12 @@ import pytest
 import torch
 
 from finesteer.interventions import Intervention, ablate_head, steer_head
-from finesteer.locate.attribution import (
-    AttributionError,
-    KLDivergence,
-    LetterMargin,
-    TokenLogProb,
-    estimate_effects,
-    exact_effects,
-    gated_ablation,
-    pre_ranked_scan,
-    rank_agreement,
-    spearman,
-    top_k_overlap,
-)
+from finesteer.locate.attribution.gates import gated_ablation
+from finesteer.locate.attribution.metrics import AttributionError, KLDivergence, LetterMargin, TokenLogProb
+from finesteer.locate.attribution.prerank import estimate_effects, exact_effects, pre_ranked_scan
 from finesteer.locate.engine import ScanError, encode_prompts, prompt_batches
 from finesteer.locate.fast_scan import fast_scan, run_scan, start_layer
+from finesteer.locate.rank_stats import rank_agreement, spearman, top_k_overlap
 from finesteer.locate.scan import KLAndHidden, KLFromBase, LastHidden, LastLogits, scan
 from finesteer.locate.ships import ablation, all_heads, format_queries
 from finesteer.models import LoadedModel
