@@ -10,7 +10,7 @@ from finesteer.data.items import ABItem
 from finesteer.fit.iti import PROBE_SCORES_DIR, SELECTION_FILE, fit_iti
 from finesteer.locate.scores import HeadScores
 from finesteer.models import LoadedModel
-from finesteer.report.probes import PROBE_ACCURACY_PNG, plot_iti_run, plot_probe_accuracy
+from finesteer.report.probes import PROBE_ACCURACY_PNG, plot_probe_accuracy, plot_probe_accuracy_folder
 
 ITEMS = [
     ABItem(
@@ -29,7 +29,7 @@ def test_fit_iti_writes_tables_and_report_draws_them(
     fitted = fit_iti(lm, ITEMS[:4], ITEMS[4:], k=3, alphas=(2.0,), run_dir=tmp_path, progress=False)
     assert (tmp_path / PROBE_SCORES_DIR).is_dir() and (tmp_path / SELECTION_FILE).is_file()
     assert not list(tmp_path.glob("*.png"))  # fitting never plots
-    path = plot_iti_run(tmp_path)
+    path = plot_probe_accuracy_folder(tmp_path)
     assert path == tmp_path / PROBE_ACCURACY_PNG and path.stat().st_size > 0
     table = HeadScores.load(tmp_path / PROBE_SCORES_DIR)
     assert table.method == "iti" and len(fitted.metadata["ranked_heads"]) == 3

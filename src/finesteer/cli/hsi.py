@@ -392,7 +392,7 @@ def fit_iti_command(
 ) -> None:
     """Fit the ITI baseline (probe-ranked top-k heads, mass-mean direction, α on val); write an artifact."""
     from finesteer.fit.iti import DEFAULT_ITI_ALPHAS, fit_iti
-    from finesteer.report.probes import plot_iti_run
+    from finesteer.report.probes import plot_probe_accuracy_folder
 
     def work() -> dict[str, Any]:
         grid = parse_alphas(alphas, DEFAULT_ITI_ALPHAS)
@@ -410,7 +410,7 @@ def fit_iti_command(
                 seed=seed,
             )
             if run_dir is not None:
-                plot_iti_run(run_dir)
+                plot_probe_accuracy_folder(run_dir)
             return fitted
 
         return _fit("iti", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)

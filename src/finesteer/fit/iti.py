@@ -75,8 +75,8 @@ def fit_iti(
 
     The head count and α are chosen exactly as for HSI (letter-balanced val matching rate over the
     top-1 … top-k prefixes × α), so the two methods differ only in how heads are ranked. With
-    `run_dir`, the probe table and the metadata are written there; `finesteer.report.probes.plot_iti_run`
-    draws the heatmap from them (fitting never plots).
+    `run_dir`, the probe table and the metadata are written there, and
+    `finesteer.report.probes.plot_probe_accuracy_folder` draws the heatmap from them (fitting never plots).
     """
     grid = check_alphas(alphas)
     started = time.perf_counter()

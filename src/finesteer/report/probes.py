@@ -18,7 +18,7 @@ def plot_probe_accuracy(scores: HeadScores, path: str | Path, *, annotate_top: i
     return plot_head_heatmap(scores, path, annotate_top=annotate_top, label="probe val accuracy")
 
 
-def plot_iti_run(run_dir: str | Path) -> Path:
+def plot_probe_accuracy_folder(run_dir: str | Path) -> Path:
     """The heatmap of a `fit_iti(run_dir=…)` folder: its probe table, with the k heads it ranked
     (and chose among) marked; written next to them as `iti_val_accuracy.png`."""
     run_dir = Path(run_dir)
