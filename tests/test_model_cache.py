@@ -167,3 +167,21 @@ def test_loading_the_cache_folder_by_path_checks_it_too(fakes: Fakes) -> None:
     assert load_model(folder).fingerprint == GGUF_SHA
     _corrupt_middle(folder / "model.safetensors")
     assert load_model(folder).fingerprint != GGUF_SHA
+
+
+def test_user_gguf_is_fingerprinted_by_its_sha256(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A user .gguf gets a real fingerprint (before: none), equal to a registry pin for the same bytes."""
+    import transformers
+
+    model, tokenizer = build_tiny("tiny-llama")
+    seen: list[str] = []
+
+    def fake_model(folder: str, *, gguf_file: str, **kwargs: object) -> object:
+        seen.append(gguf_file)
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder, gguf_file: tokenizer)
+    path = tmp_path / "weights.gguf"
+    path.write_bytes(GGUF)
+    assert load_model(path).fingerprint == GGUF_SHA and seen == ["weights.gguf"]
