@@ -16,7 +16,6 @@ per model (`live_hook_sets`, `remove_all_hooks`) so leftover hooks can be found 
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -179,15 +178,15 @@ class _Registration:
             hooks.pop(self.id, None)
 
 
-# model -> its live HookSets (strong: a HookSet stays findable until removed; the model key is weak)
+# model -> its live HookSets (strong: a HookSet stays findable until removed; the model key is weak).
+# No lock: `remove()` may run inside a garbage collection triggered anywhere, including while this
+# thread would hold the lock; every access below is one atomic dict operation instead.
 _LIVE: weakref.WeakKeyDictionary[nn.Module, dict[int, HookSet]] = weakref.WeakKeyDictionary()
-_LIVE_LOCK = threading.Lock()
 
 
 def live_hook_sets(model: nn.Module) -> list[HookSet]:
     """The HookSets currently registered on `model` (in creation order)."""
-    with _LIVE_LOCK:
-        return list(_LIVE.get(model, {}).values())
+    return list(_LIVE.get(model, {}).copy().values())
 
 
 def remove_all_hooks(model: nn.Module) -> int:
@@ -206,8 +205,7 @@ class HookSet:
         self.adapter = adapter
         self.tracker = CallTracker()
         self._registrations: list[_Registration] = []
-        with _LIVE_LOCK:
-            _LIVE.setdefault(model, {})[id(self)] = self
+        _LIVE.setdefault(model, {})[id(self)] = self
         try:
             base = adapter.get(model, adapter.base_model)
             self.keep(base.register_forward_pre_hook(self.tracker, with_kwargs=True))
@@ -237,12 +235,7 @@ class HookSet:
         """Unregister every hook (idempotent; works even after the handles' weak references died)."""
         while self._registrations:
             self._registrations.pop().remove()
-        with _LIVE_LOCK:
-            live = _LIVE.get(self.model)
-            if live is not None:
-                live.pop(id(self), None)
-                if not live:
-                    del _LIVE[self.model]
+        _LIVE.get(self.model, {}).pop(id(self), None)
 
     def __enter__(self) -> HookSet:
         return self
