@@ -12,9 +12,8 @@ from the global RNG and takes no `torch.Generator`, hence the fork rather than a
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -44,16 +43,17 @@ class GenerationConfig:
             raise ValueError("sampling needs temperature > 0 (use do_sample=False for greedy)")
 
 
-def _seeded(lm: LoadedModel, seed: int | None) -> AbstractContextManager[Any]:
+@contextmanager
+def _seeded(lm: LoadedModel, seed: int | None) -> Iterator[None]:
     """Sample from a private RNG stream seeded with `seed`, leaving the process RNG untouched."""
     if seed is None:
-        return nullcontext()
+        yield
+        return
     device = lm.device
     devices = [device] if device.type != "cpu" else []
-    stack = ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=devices, device_type=device.type))
-    torch.manual_seed(seed)
-    return stack
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
 
 
 def generate_batches(
