@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_prompt, chat_prompt
-from finesteer.fit import FittedIntervention
+from finesteer.fit.steering import Steering
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention, steer_residual
 from finesteer.sites import Site
@@ -437,7 +437,7 @@ def fit_caa(
     batch_size: int = 8,
     run_dir: str | Path | None = None,
     progress: bool = True,
-) -> FittedIntervention:
+) -> Steering:
     """CAA vectors from `train_items`, layer × multiplier chosen on `val_items` (letter probability).
 
     `direction="away"` negates the multipliers and picks the lowest p(matching). Writes
@@ -529,7 +529,7 @@ def fit_caa(
         chosen.mean_p_matching,
         base.mean_p_matching,
     )
-    return FittedIntervention("caa", intervention, metadata)
+    return Steering("caa", intervention, metadata)
 
 
 __all__ = [

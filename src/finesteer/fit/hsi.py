@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
-from finesteer.fit import FittedIntervention
+from finesteer.fit.steering import Steering
 from finesteer.fit.completions import (
     DEFAULT_SAMPLING,
     CompletionError,
@@ -289,7 +289,7 @@ def fit_hsi(
     n_samples: int = 2,
     sample_temperature: float = 0.8,
     final_check_tokens: int = 0,
-) -> FittedIntervention:
+) -> Steering:
     """HSI: steer the k heads most sensitive to their behaviour direction, with one shared α.
 
     Directions come from `train_items` minus `n_sweep` held-out items, on which every head (or
@@ -403,4 +403,4 @@ def fit_hsi(
         scores.save(run_dir / "head_scores")
         plot_sweep(sweep, run_dir, rank_by=rank_by, top=k)
         (run_dir / "selection.json").write_text(json.dumps(metadata, indent=1) + "\n")
-    return FittedIntervention("hsi", intervention, metadata)
+    return Steering("hsi", intervention, metadata)

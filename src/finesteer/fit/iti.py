@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from finesteer.data.items import ABItem
-from finesteer.fit import FittedIntervention
+from finesteer.fit.steering import Steering
 from finesteer.fit.directions import ab_contrast_inputs, capture_heads, directions_from_activations
 from finesteer.locate.hsi import check_alphas
 from finesteer.locate.iti import ProbeScores, train_probes
@@ -66,7 +66,7 @@ def fit_iti(
     max_rows: int = 128,
     seed: int = 0,
     search_k: bool = True,
-) -> FittedIntervention:
+) -> Steering:
     """ITI: top heads by probe val accuracy, mass-mean directions, head count (≤ k) and α chosen on val.
 
     The head count and α are chosen exactly as for HSI (letter-balanced val matching rate over the
@@ -126,4 +126,4 @@ def fit_iti(
 
         plot_head_heatmap(table, run_dir / "iti_val_accuracy.png", annotate_top=k, label="probe val accuracy")
         (run_dir / "selection.json").write_text(json.dumps(metadata, indent=1) + "\n")
-    return FittedIntervention("iti", intervention=directions.intervention(heads, alpha), metadata=metadata)
+    return Steering("iti", intervention=directions.intervention(heads, alpha), metadata=metadata)

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from finesteer.data.prompts import chat_prompt
-from finesteer.fit import FittedIntervention
+from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import steer_residual
 from finesteer.sae.model import SparseAutoencoder
 from finesteer.sae.store import site_activations
@@ -292,7 +292,7 @@ def fit_from_stats(
     trim: float = DEFAULT_TRIM,
     multiplier: float = 1.0,
     sae_path: str | None = None,
-) -> FittedIntervention:
+) -> Steering:
     """The STA (or ablation) intervention: v norm-matched to the CAA vector, added at all positions."""
     if stats.hook_name and sae.cfg.hook_name and stats.hook_name != sae.cfg.hook_name:
         raise STAError(f"statistics were taken at {stats.hook_name} but the SAE reads {sae.cfg.hook_name}")
@@ -321,12 +321,12 @@ def fit_from_stats(
         "sae": sae_path,
     }
     intervention = steer_residual(site.layer, vector, multiplier, scope="all", component=site.component)
-    return FittedIntervention(name, intervention, metadata)
+    return Steering(name, intervention, metadata)
 
 
 def fit_caa_from_stats(
     stats: AtomStats, sae: SparseAutoencoder, *, multiplier: float = 1.0
-) -> FittedIntervention:
+) -> Steering:
     """The STA paper's CAA baseline: the answer-token-mean residual difference at the SAE's layer, all
     positions, multiplier λ (same norm and scope as STA, so only the direction differs)."""
     site = sae.cfg.site
@@ -345,7 +345,7 @@ def fit_caa_from_stats(
         "n_pairs": stats.n_pairs,
         "scope": "all",
     }
-    return FittedIntervention("caa", intervention, metadata)
+    return Steering("caa", intervention, metadata)
 
 
 def fit_sta(
@@ -360,7 +360,7 @@ def fit_sta(
     run_dir: str | Path | None = None,
     sae_path: str | None = None,
     progress: bool = True,
-) -> FittedIntervention:
+) -> Steering:
     """Atom statistics on `pairs`, atom selection and the CAA-norm-matched vector at the SAE's site.
 
     Writes `atom_stats.safetensors` and `sta.json` to `run_dir` when given (re-fit other modes or
@@ -379,7 +379,7 @@ def fit_sta(
 
 def fit_sae_all(
     lm: LoadedModel, sae: SparseAutoencoder, pairs: Sequence[ContrastPair], **kwargs: Any
-) -> FittedIntervention:
+) -> Steering:
     """The "SAE-AxBench" baseline: every atom's Δa decoded, norm-matched to CAA (`fit_sta(mode="all")`)."""
     return fit_sta(lm, sae, pairs, mode="all", **kwargs)
 

@@ -1,37 +1,31 @@
-"""Registry of steering methods, so a comparison can run any of them by name.
+"""The data a method fits on: a behaviour's A/B splits, or contrast triples (the refusal task).
 
-Every method has one signature, `fit(lm, data, settings, run_dir) -> SteeringSetup`: it gets the
-unmodified model, the behaviour's data splits (`BehaviourData`), a dict of method settings (passed
-to the underlying `fit_*` function, unknown names rejected) and a folder for its files. Methods are
-imported lazily ("module:function" targets), so listing them costs nothing and a method whose
-optional dependency is missing fails only when it is used. A method outside finesteer is named by
-its target directly (`mypackage.steering:fit_mine`) without editing this file.
+`BehaviourData` holds a CAA-style behaviour's train / val / test splits (what `finesteer compare`
+fits and evaluates on); `ContrastData` holds (question, wanted answer, unwanted answer) triples and
+the system prompt of a refusal-style experiment, with a cache so methods that share statistics
+(STA, SAE-all, the answer-mean CAA) measure them once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from finesteer.data.catalog import dataset_info, load_dataset
 from finesteer.data.items import ABItem, OpenEndedItem
+from finesteer.methods.base import MethodError
+from finesteer.sae.corpus import option_text, question_stem
 
 if TYPE_CHECKING:
-    from finesteer.evaluate.compare import SteeringSetup
-    from finesteer.models.loading import LoadedModel
+    from finesteer.sae.model import SparseAutoencoder
 
-FitMethod = Callable[["LoadedModel", "BehaviourData", Mapping[str, Any], "Path | None"], "SteeringSetup"]
-
-
-class MethodError(ValueError):
-    """An unknown method, a method setting it does not take, or unusable behaviour data."""
+Triple = tuple[str, str, str]
+"""(question, wanted answer, unwanted answer)."""
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -112,8 +106,6 @@ def load_behaviour_data(
     `generate` is shuffled with `seed` and its first `val_fraction` becomes val, the rest train;
     limits then keep the first N of each split (so a smaller run uses a subset of a larger one).
     """
-    from finesteer.data.catalog import dataset_info, load_dataset
-
     if not 0 < val_fraction < 1:
         raise MethodError(f"val_fraction must be in (0, 1), got {val_fraction}")
     splits = dataset_info(behaviour).splits
@@ -146,189 +138,54 @@ def load_behaviour_data(
     )
 
 
-# --- registry -------------------------------------------------------------------------------------
+def ab_triples(items: Sequence[ABItem]) -> list[Triple]:
+    """(question stem, matching option text, not-matching option text) per A/B item."""
+    return [
+        (
+            question_stem(item.question),
+            option_text(item.question, item.matching_letter),
+            option_text(item.question, item.not_matching_letter),
+        )
+        for item in items
+    ]
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    """A method name, where its fit function lives ("module:function") and what it is."""
+class ContrastData:
+    """Contrast triples for answer-statistics methods (STA, SAE-all, answer-mean CAA) and prompting.
 
-    name: str
-    target: str
-    description: str
+    `system_prompt` is the prompting baseline's text; `prompt_messages` are the user messages on
+    which the system prompt is turned into vectors (`source="system_prompt"`). `sae` / `sae_path`
+    name the SAE the experiment steers through (a method setting `sae` overrides them), and
+    `stats_path` caches the answer statistics on disk. `cache` keeps statistics in memory so
+    several methods fitted on the same data measure them once.
+    """
 
-    def load(self) -> FitMethod:
-        module_name, _, attr = self.target.partition(":")
-        if not module_name or not attr:
-            raise MethodError(f"method target {self.target!r} must be 'module:function'")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise MethodError(f"method '{self.name}': cannot import {module_name} ({exc})") from exc
-        fit = getattr(module, attr, None)
-        if not callable(fit):
-            raise MethodError(f"method '{self.name}': {self.target} is not a function")
-        return fit
+    behaviour: str
+    triples: tuple[Triple, ...]
+    system_prompt: str | None = None
+    prompt_messages: tuple[str, ...] = ()
+    sae: SparseAutoencoder | None = field(default=None, repr=False, compare=False)
+    sae_path: str | None = None
+    stats_path: Path | None = None
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.triples:
+            raise MethodError(f"contrast data '{self.behaviour}': no triples")
 
 
-METHODS: Mapping[str, MethodSpec] = MappingProxyType(
-    {
-        spec.name: spec
-        for spec in (
-            MethodSpec("baseline", "finesteer.methods:baseline_method", "the unmodified model"),
-            MethodSpec("prompt", "finesteer.methods:prompt_method", "CAA's behavioural system prompt"),
-            MethodSpec(
-                "caa", "finesteer.methods:caa_method", "CAA residual vector, layer × multiplier on val"
-            ),
-            MethodSpec("iti", "finesteer.methods:iti_method", "ITI: probe-ranked heads, mass-mean direction"),
-            MethodSpec("lora", "finesteer.methods:lora_method", "LoRA fine-tuning on the matching answers"),
-            MethodSpec("hsi", "finesteer.methods:hsi_method", "HSI: sweep-selected heads, shared α"),
-            MethodSpec("sae_all", "finesteer.fit.sta_methods:sae_all_method", "all SAE atoms' Δa, CAA norm"),
-            MethodSpec("sta", "finesteer.fit.sta_methods:sta_method", "Steering Target Atoms (SAE)"),
+def contrast_triples(data: BehaviourData | ContrastData) -> list[Triple]:
+    """The triples a contrast method fits on: the A/B train items as open answers, or the triples."""
+    if isinstance(data, ContrastData):
+        return list(data.triples)
+    return ab_triples(data.train)
+
+
+def require_behaviour(method: str, data: BehaviourData | ContrastData) -> BehaviourData:
+    """`data` as A/B behaviour splits, or an error saying the method needs them."""
+    if not isinstance(data, BehaviourData):
+        raise MethodError(
+            f"method '{method}' fits on A/B behaviour splits (train/val), not on contrast triples"
         )
-    }
-)
-"""Built-in methods. Entries added here (e.g. `sta`) appear in `finesteer compare --methods`."""
-
-
-def resolve_method(name: str) -> MethodSpec:
-    """A registered method, or an external one named by its "module:function" target."""
-    spec = METHODS.get(name)
-    if spec is not None:
-        return spec
-    if ":" in name:
-        return MethodSpec(name.rsplit(":", 1)[1], name, f"external method {name}")
-    raise MethodError(f"unknown method '{name}'; known: {', '.join(METHODS)} (or a 'module:function' target)")
-
-
-def fit_method(
-    name: str,
-    lm: LoadedModel,
-    data: BehaviourData,
-    settings: Mapping[str, Any] | None = None,
-    run_dir: str | Path | None = None,
-) -> SteeringSetup:
-    """Fit one method and return its setup (named after the method)."""
-    spec = resolve_method(name)
-    folder = Path(run_dir) if run_dir is not None else None
-    setup = spec.load()(lm, data, dict(settings or {}), folder)
-    setup.name = spec.name
-    return setup
-
-
-def call_with_settings(fn: Callable[..., Any], settings: Mapping[str, Any], *args: Any, **fixed: Any) -> Any:
-    """Call `fn(*args, **fixed, **settings)`, naming the settings `fn` does not take."""
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        taken = {n for n, p in params.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
-        unknown = sorted(set(settings) - taken - set(fixed))
-        if unknown:
-            accepted = sorted(taken - set(fixed) - {"lm", "train_items", "val_items"})
-            raise MethodError(
-                f"{fn.__name__} does not take setting(s) {unknown}; it accepts {', '.join(accepted)}"
-            )
-    clash = sorted(set(settings) & set(fixed))
-    if clash:
-        raise MethodError(f"setting(s) {clash} are set by the comparison and cannot be overridden")
-    return fn(*args, **fixed, **settings)
-
-
-# --- built-in methods -----------------------------------------------------------------------------
-
-
-def _setup(name: str, lm: LoadedModel, **kwargs: Any) -> SteeringSetup:
-    from finesteer.evaluate.compare import SteeringSetup
-
-    return SteeringSetup(name, lm, **kwargs)
-
-
-def _from_fitted(fitted: Any, lm: LoadedModel, run_dir: Path | None) -> SteeringSetup:
-    """A setup from a `FittedIntervention`, saving it as an artifact in run_dir."""
-    if run_dir is not None:
-        fitted.save(run_dir / "artifact", lm)
-    return _setup(fitted.name, lm, intervention=fitted.intervention, metadata=dict(fitted.metadata))
-
-
-def baseline_method(
-    lm: LoadedModel, data: BehaviourData, settings: Mapping[str, Any], run_dir: Path | None
-) -> SteeringSetup:
-    """The unmodified model (takes no settings)."""
-    if settings:
-        raise MethodError(f"baseline takes no settings, got {sorted(settings)}")
-    return _setup("baseline", lm, metadata={"method": "baseline"})
-
-
-def prompt_method(
-    lm: LoadedModel, data: BehaviourData, settings: Mapping[str, Any], run_dir: Path | None
-) -> SteeringSetup:
-    """The behaviour's system prompt (settings: direction, system_prompt)."""
-    from finesteer.fit.prompting import fit_prompting
-
-    baseline = call_with_settings(fit_prompting, settings, data.behaviour)
-    return _setup("prompt", lm, system_prompt=baseline.system_prompt, metadata=dict(baseline.metadata))
-
-
-def caa_method(
-    lm: LoadedModel, data: BehaviourData, settings: Mapping[str, Any], run_dir: Path | None
-) -> SteeringSetup:
-    """CAA (settings: any keyword of `fit_caa`, e.g. layers, multipliers, direction)."""
-    from finesteer.fit.caa import fit_caa
-
-    fitted = call_with_settings(fit_caa, settings, lm, list(data.train), list(data.val), run_dir=run_dir)
-    return _from_fitted(fitted, lm, run_dir)
-
-
-def hsi_method(
-    lm: LoadedModel, data: BehaviourData, settings: Mapping[str, Any], run_dir: Path | None
-) -> SteeringSetup:
-    """HSI (settings: any keyword of `fit_hsi`, e.g. k, alphas, n_sweep)."""
-    from finesteer.fit.hsi import fit_hsi
-
-    fitted = call_with_settings(fit_hsi, settings, lm, list(data.train), list(data.val), run_dir=run_dir)
-    return _from_fitted(fitted, lm, run_dir)
-
-
-def iti_method(
-    lm: LoadedModel, data: BehaviourData, settings: Mapping[str, Any], run_dir: Path | None
-) -> SteeringSetup:
-    """ITI (settings: any keyword of `fit_iti`, e.g. k, alphas)."""
-    from finesteer.fit.iti import fit_iti
-
-    fitted = call_with_settings(fit_iti, settings, lm, list(data.train), list(data.val), run_dir=run_dir)
-    return _from_fitted(fitted, lm, run_dir)
-
-
-def lora_method(
-    lm: LoadedModel, data: BehaviourData, settings: Mapping[str, Any], run_dir: Path | None
-) -> SteeringSetup:
-    """LoRA fine-tuning (settings: fields of `LoRASettings`, plus system / prefill / progress)."""
-    from dataclasses import fields
-
-    from finesteer.fit.lora import LoRASettings, fit_lora
-
-    names = {f.name for f in fields(LoRASettings)}
-    hyper = {k: v for k, v in settings.items() if k in names}
-    if isinstance(hyper.get("target_modules"), list):
-        hyper["target_modules"] = tuple(hyper["target_modules"])
-    rest = {k: v for k, v in settings.items() if k not in names}
-    tuned = call_with_settings(fit_lora, rest, lm, list(data.train), LoRASettings(**hyper), run_dir=run_dir)
-    return _setup("lora", tuned.lm, metadata=dict(tuned.metadata))
-
-
-__all__ = [
-    "METHODS",
-    "BehaviourData",
-    "FitMethod",
-    "MethodError",
-    "MethodSpec",
-    "baseline_method",
-    "caa_method",
-    "call_with_settings",
-    "fit_method",
-    "hsi_method",
-    "iti_method",
-    "load_behaviour_data",
-    "lora_method",
-    "prompt_method",
-    "resolve_method",
-]
+    return data
