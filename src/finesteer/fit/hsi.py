@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
-from finesteer.fit.steering import Steering
 from finesteer.fit.completions import (
     DEFAULT_SAMPLING,
     CompletionError,
@@ -33,6 +32,7 @@ from finesteer.fit.completions import (
     sample_labelled_completions,
 )
 from finesteer.fit.directions import Head, HeadDirections, LabelledCompletion, fit_head_directions
+from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi import RankBy, check_alphas, plot_sweep, select_heads, sweep_heads
 from finesteer.locate.scores import hash_prompts

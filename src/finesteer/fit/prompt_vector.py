@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from finesteer.data.prompts import chat_prompt
-from finesteer.fit.steering import Steering
 from finesteer.fit.sta import (
     DEFAULT_TRIM,
     AtomStats,
@@ -25,6 +24,7 @@ from finesteer.fit.sta import (
     fit_caa_from_stats,
     fit_from_stats,
 )
+from finesteer.fit.steering import Steering
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel

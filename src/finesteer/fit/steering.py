@@ -79,7 +79,7 @@ class Steering:
 
     def identity(self, lm: LoadedModel | None = None) -> dict[str, Any]:
         """What makes two steerings the same for resuming: weights, intervention, system prompt."""
-        model = self._model(lm)
+        model = self.model(lm)
         return {
             "model": model.name,
             "fingerprint": model.fingerprint,
@@ -94,7 +94,8 @@ class Steering:
 
     # --- use --------------------------------------------------------------------------------------
 
-    def _model(self, lm: LoadedModel | None) -> LoadedModel:
+    def model(self, lm: LoadedModel | None = None) -> LoadedModel:
+        """The model this steering runs on: `lm` if given, else the bound one."""
         model = lm if lm is not None else self.lm
         if model is None:
             raise SteeringError(f"steering '{self.name}' is bound to no model; pass one")
@@ -107,7 +108,7 @@ class Steering:
         The system prompt is not applied here (it belongs to the prompt): format prompts with
         `steering.system_prompt`. Hooks are removed on exit, also after an exception.
         """
-        model = self._model(lm)
+        model = self.model(lm)
         if self.intervention is None:
             yield model
             return
@@ -123,7 +124,7 @@ class Steering:
         folder = Path(folder)
         meta = {"method": self.name, **self.metadata}
         if self.intervention is not None:
-            save_intervention(folder, self.intervention, self._model(lm), metadata=meta)
+            save_intervention(folder, self.intervention, self.model(lm), metadata=meta)
         if self.intervention is None or self.system_prompt is not None:
             folder.mkdir(parents=True, exist_ok=True)
             record = {"name": self.name, "system_prompt": self.system_prompt, "metadata": self.metadata}

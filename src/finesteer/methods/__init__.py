@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from finesteer.methods.base import Method, MethodError, MethodSettings
 from finesteer.methods.data import BehaviourData, ContrastData, ab_triples, load_behaviour_data
-from finesteer.methods.registry import ALIASES, METHODS, MethodChoice, fit_method, method_names, resolve_method
+from finesteer.methods.registry import (
+    ALIASES,
+    METHODS,
+    MethodChoice,
+    fit_method,
+    method_names,
+    resolve_method,
+)
 
 __all__ = [
     "ALIASES",

@@ -8,6 +8,7 @@ the system prompt of a refusal-style experiment, with a cache so methods that sh
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import random
@@ -16,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finesteer.data.catalog import dataset_info, load_dataset
+from finesteer.data.catalog import dataset_info, list_datasets, load_dataset
 from finesteer.data.items import ABItem, OpenEndedItem
+from finesteer.fit.refusal_pairs import refusal_triples
 from finesteer.methods.base import MethodError
 from finesteer.sae.corpus import option_text, question_stem
 
@@ -189,3 +191,40 @@ def require_behaviour(method: str, data: BehaviourData | ContrastData) -> Behavi
             f"method '{method}' fits on A/B behaviour splits (train/val), not on contrast triples"
         )
     return data
+
+
+def load_triples(source: str, limit: int) -> list[Triple]:
+    """Up to `limit` (question, positive, negative) triples from `source`: "refusal-pairs" (built in),
+    an A/B catalog behaviour (its answers as texts; the `generate` split where there is one), or a
+    .jsonl / .json / .csv file with question, matching, not_matching columns (the STA authors' layout)."""
+    if source == "refusal-pairs":
+        n_ab = limit // 5
+        return refusal_triples(n_harmful=limit - n_ab, n_ab=n_ab)
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".csv", ".json") and path.exists():
+        return _file_triples(path, limit)
+    known = {d.name: d for d in list_datasets() if d.kind == "ab"}
+    if source not in known:
+        raise ValueError(
+            f"unknown --data {source!r}: use refusal-pairs, an A/B behaviour ({', '.join(sorted(known))}) "
+            "or a .jsonl/.csv file with question, matching, not_matching"
+        )
+    split = "generate" if "generate" in known[source].splits else None
+    items = [item for item in load_dataset(source, split, limit=limit) if isinstance(item, ABItem)]
+    return ab_triples(items)
+
+
+def _file_triples(path: Path, limit: int) -> list[Triple]:
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        text = path.read_text(encoding="utf-8")
+        lines = [x for x in text.splitlines() if x.strip()]
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in lines]
+    missing = {"question", "matching", "not_matching"} - set(rows[0] if rows else {})
+    if not rows or missing:
+        raise ValueError(
+            f"{path}: need rows with question, matching, not_matching columns; missing {sorted(missing)}"
+        )
+    return [(r["question"], r["matching"], r["not_matching"]) for r in rows[:limit]]

@@ -70,7 +70,8 @@ class Prompt:
                 raise MethodError(f"contrast data '{data.behaviour}' has no system prompt for 'prompt'")
             return Steering("prompt", metadata={"method": "prompt"}, system_prompt=data.system_prompt, lm=lm)
         baseline = fit_prompting(data.behaviour, direction=s.direction, system_prompt=s.system_prompt)
-        return Steering("prompt", metadata=dict(baseline.metadata), system_prompt=baseline.system_prompt, lm=lm)
+        meta = dict(baseline.metadata)
+        return Steering("prompt", metadata=meta, system_prompt=baseline.system_prompt, lm=lm)
 
 
 __all__ = ["Baseline", "BaselineSettings", "Prompt", "PromptSettings"]

@@ -91,13 +91,10 @@ class MethodChoice:
 
     def settings(self, given: Mapping[str, Any] | MethodSettings | None = None) -> MethodSettings:
         """The method's settings: `given` (a mapping or an instance) plus the name's fixed ones."""
-        if isinstance(given, MethodSettings):
-            values = given.to_dict()
-        else:
-            values = dict(given or {})
+        values = given.to_dict() if isinstance(given, MethodSettings) else dict(given or {})
         clash = sorted(k for k in self.fixed if k in values and values[k] != self.fixed[k])
         if clash:
-            raise MethodError(f"'{self.label}' fixes setting(s) {clash}; use another method name to change them")
+            raise MethodError(f"'{self.label}' fixes setting(s) {clash}; name another method to change them")
         return self.method.Settings.parse({**values, **self.fixed})
 
     def fit(

@@ -64,10 +64,14 @@ def _check_source(method: str, source: str, data: BehaviourData | ContrastData) 
     if source == "system_prompt" and not (
         isinstance(data, ContrastData) and data.system_prompt and data.prompt_messages
     ):
-        raise MethodError(f"{method}: source 'system_prompt' needs contrast data with a system prompt and messages")
+        raise MethodError(
+            f"{method}: source 'system_prompt' needs contrast data with a system prompt and messages"
+        )
 
 
-def _sae(lm: LoadedModel, data: BehaviourData | ContrastData, sae: str | None) -> tuple[SparseAutoencoder, str | None]:
+def _sae(
+    lm: LoadedModel, data: BehaviourData | ContrastData, sae: str | None
+) -> tuple[SparseAutoencoder, str | None]:
     """The SAE (and its path for provenance): the `sae` setting, the data's SAE, or the cached one."""
     if sae is None and isinstance(data, ContrastData) and data.sae is not None:
         return data.sae, data.sae_path
