@@ -13,14 +13,13 @@ import finesteer as fs
 from finesteer.data import ABItem, OpenEndedItem
 from finesteer.data.prompts import chat_prompt
 from finesteer.evaluate.compare import ComparisonError, PendingSteering, compare_setups
+from finesteer.evaluate.helpfulness import next_token_kl
 from finesteer.evaluate.judge_choice import (
     JudgeChoiceError,
     behaviour_rubric,
     local_judge_expected_score,
     make_judge,
 )
-from finesteer.evaluate.kl import next_token_kl_between
-from finesteer.evaluate.helpfulness import next_token_kl
 from finesteer.evaluate.judges import (
     CAA_BEHAVIOUR_0_10,
     HSI_COORDINATION_0_5,
@@ -28,6 +27,7 @@ from finesteer.evaluate.judges import (
     LLMJudge,
     LocalModelJudge,
 )
+from finesteer.evaluate.kl import next_token_kl_between
 from finesteer.fit.lora import LoRAError, LoRASettings, fit_lora, option_text, training_sequences
 from finesteer.fit.prompting import PromptingError, behaviour_system_prompt, fit_prompting
 from finesteer.fit.steering import Steering

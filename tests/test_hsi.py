@@ -15,7 +15,6 @@ from finesteer.artifacts import load_intervention
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_prompt
 from finesteer.evaluate.ab import ab_matching_rate_prob, letter_probabilities
-from finesteer.fit.steering import Steering
 from finesteer.fit.directions import (
     DirectionError,
     HeadDirections,
@@ -25,6 +24,7 @@ from finesteer.fit.directions import (
 )
 from finesteer.fit.hsi import fit_hsi, split_items
 from finesteer.fit.iti import fit_iti
+from finesteer.fit.steering import Steering
 from finesteer.generation import generate
 from finesteer.interventions import Intervention, intervene
 from finesteer.locate.hsi import HsiSweep, SweepError, check_alphas, select_heads, sweep_heads

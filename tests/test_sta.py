@@ -256,8 +256,8 @@ def test_refusal_triples_avoid_evaluation_prompts() -> None:
 def test_sta_refusal_experiment_json_and_resume(llama: LoadedModel, tmp_path: Path) -> None:
     from finesteer.evaluate.compare import ComparisonError
     from finesteer.evaluate.refusal_compare import RefusalSettings
-    from finesteer.recipes.refusal import run_sta_refusal
     from finesteer.generation import GenerationConfig
+    from finesteer.recipes.refusal import run_sta_refusal
 
     sae = tiny_sae(llama, arch="topk")
     settings = RefusalSettings(GenerationConfig(max_new_tokens=3, batch_size=4))
