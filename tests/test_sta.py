@@ -22,7 +22,6 @@ from finesteer.fit.sta import (
     atom_vector,
     fit_caa_from_stats,
     fit_from_stats,
-    fit_sae_all,
     fit_sta,
     select_atoms,
     signed_minmax,
@@ -181,7 +180,7 @@ def test_sta_steering_adds_lambda_v_at_every_position(llama: LoadedModel, tmp_pa
 def test_sae_all_and_caa_baselines(llama: LoadedModel) -> None:
     sae = tiny_sae(llama)
     pairs = answer_pairs(llama.tokenizer, TRIPLES)
-    fitted = fit_sae_all(llama, sae, pairs, progress=False)
+    fitted = fit_sta(llama, sae, pairs, mode="all", progress=False)
     assert fitted.name == "sae_all" and fitted.metadata["n_atoms"] == sae.cfg.d_sae
     stats = atom_statistics(llama, sae, pairs)
     caa = fit_caa_from_stats(stats, sae, multiplier=0.5)

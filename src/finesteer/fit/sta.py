@@ -17,7 +17,7 @@ difference, computed in the same pass — and added with multiplier λ at every 
 (`steer_residual(L, v, λ, scope="all")`).
 
 Ablations: "amplitude" (|Δa| mask only, the paper's "wo/Frequency"), "frequency" (sign-agreeing
-|Δf| mask only, "wo/Amplitude"), "all" (every atom: the "SAE-AxBench" baseline, `fit_sae_all`).
+|Δf| mask only, "wo/Amplitude"), "all" (every atom: the "SAE-AxBench" baseline, `fit_sta(mode="all")`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 
 SelectionMode = Literal["sta", "amplitude", "frequency", "all"]
 SELECTION_MODES: tuple[str, ...] = ("sta", "amplitude", "frequency", "all")
-METHOD_NAMES = {"sta": "sta", "amplitude": "sta_amplitude", "frequency": "sta_frequency", "all": "sae_all"}
+MODE_LABELS = {"sta": "sta", "amplitude": "sta_amplitude", "frequency": "sta_frequency", "all": "sae_all"}
+"""metadata["method"] of a fit per mode (provenance; methods are named by `finesteer.methods`)."""
 DEFAULT_TRIM = 0.35
 
 
@@ -302,7 +303,7 @@ def fit_from_stats(
     raw = atom_vector(sae, stats.delta_a, mask)
     vector = atom_vector(sae, stats.delta_a, mask, caa_norm)
     cosine = float(torch.nn.functional.cosine_similarity(raw, stats.caa_vector, dim=0))
-    name = METHOD_NAMES[mode]
+    name = MODE_LABELS[mode]
     metadata: dict[str, Any] = {
         "method": name,
         "selection": mode,
@@ -377,16 +378,9 @@ def fit_sta(
     return fitted
 
 
-def fit_sae_all(
-    lm: LoadedModel, sae: SparseAutoencoder, pairs: Sequence[ContrastPair], **kwargs: Any
-) -> Steering:
-    """The "SAE-AxBench" baseline: every atom's Δa decoded, norm-matched to CAA (`fit_sta(mode="all")`)."""
-    return fit_sta(lm, sae, pairs, mode="all", **kwargs)
-
-
 __all__ = [
     "DEFAULT_TRIM",
-    "METHOD_NAMES",
+    "MODE_LABELS",
     "SELECTION_MODES",
     "AtomStats",
     "ContrastPair",
@@ -397,7 +391,6 @@ __all__ = [
     "atom_vector",
     "fit_caa_from_stats",
     "fit_from_stats",
-    "fit_sae_all",
     "fit_sta",
     "select_atoms",
     "signed_minmax",
