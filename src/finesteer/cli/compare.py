@@ -158,7 +158,7 @@ def compare_command(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated methods (registry names, or 'module:function' targets). Default: "
+            help="Comma-separated methods (registry names, or 'module:Class' targets). Default: "
             f"{DEFAULT_METHODS} (A/B task), {DEFAULT_REFUSAL_METHODS} (refusal task)."
         ),
     ] = None,
