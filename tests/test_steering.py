@@ -50,7 +50,7 @@ def test_scaled_key_apply_and_save_round_trip(llama: LoadedModel, tmp_path: Path
     folder = double.save(tmp_path / "art")
     assert fs.load_intervention(folder).metadata["method"] == "v@2"  # a plain intervention artifact
     again = Steering.load(folder, llama)
-    assert again.name == "v@2" and again.key() == double.key() and again.metadata == double.metadata
+    assert again.name == "v@2" and again.key() == double.key() and again == double
     with again.apply():
         loaded = _logits(llama)
     with double.apply():

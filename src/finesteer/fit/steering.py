@@ -36,7 +36,7 @@ class SteeringError(ValueError):
     """A steering that cannot be saved, loaded or applied (no model given, missing files)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Steering:
     """A fitted steering: name, optional intervention, metadata; optional system prompt and model.
 
@@ -50,6 +50,17 @@ class Steering:
     _: KW_ONLY
     system_prompt: str | None = None
     lm: LoadedModel | None = field(default=None, repr=False, compare=False)
+
+    def __eq__(self, other: object) -> bool:
+        """Same name, metadata, system prompt and intervention content (tensors compared by digest)."""
+        if not isinstance(other, Steering):
+            return NotImplemented
+        def parts(s: Steering) -> tuple[Any, ...]:
+            return (s.name, s.metadata, s.system_prompt, intervention_digest(s.intervention))
+
+        return parts(self) == parts(other)
+
+    __hash__ = object.__hash__
 
     # --- derived steerings ------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ ALIASES: Mapping[Task, Mapping[str, Alias]] = MappingProxyType(
                 "baseline": Alias("baseline"),
                 "prompt": Alias("prompt"),
                 "caa": Alias("caa_answer_mean"),
+                "caa_answer_mean": Alias("caa_answer_mean"),
                 "sae_all": Alias("sta", {"mode": "all"}),
                 "sta": Alias("sta"),
                 "sta_amplitude": Alias("sta", {"mode": "amplitude"}),
