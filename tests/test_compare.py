@@ -239,6 +239,14 @@ def test_one_registry_serves_both_tasks() -> None:
     assert resolve_method("prompt_sta", "refusal").settings({}).source == "system_prompt"  # type: ignore[attr-defined]
 
 
+def test_resume_keys_keep_the_pre_registry_targets() -> None:
+    """Run folders written before the registries were unified record these targets; they must resume."""
+    for name in ("baseline", "prompt", "caa", "iti", "lora", "hsi"):
+        assert resolve_method(name).key == f"finesteer.methods:{name}_method"
+    assert resolve_method("sta").key == "finesteer.fit.sta_methods:sta_method"
+    assert resolve_method("sae_all").key == "finesteer.fit.sta_methods:sae_all_method"
+
+
 def test_fit_method_builds_setups(llama: LoadedModel, data: BehaviourData, tmp_path: Path) -> None:
     prompt = fit_method("prompt", llama, data, {"direction": "away"})
     assert prompt.intervention is None and "never coordinate" in (prompt.system_prompt or "")

@@ -82,6 +82,36 @@ def prompt_messages(n_prompt_messages: int) -> list[str]:
     return harmful + harmless
 
 
+def fit_swept(
+    lm: LoadedModel,
+    data: ContrastData,
+    methods: Sequence[str],
+    multipliers: Sequence[float],
+    *,
+    trim: float,
+    timings: dict[str, float],
+    progress: bool = False,
+) -> tuple[list[Steering | PendingSteering], set[str]]:
+    """Each method fitted once (through the registry); one steering per λ for those with a vector
+    (named `method@λ`), the others as they are. Also returns the names of the swept methods."""
+    setups: list[Steering | PendingSteering] = []
+    swept: set[str] = set()
+    for method in methods:
+        choice = resolve_method(method, "refusal")
+        method_settings = choice.settings(_settings_for(choice.method.name, trim, progress))
+        t0 = time.perf_counter()
+        steering = choice.fit(lm, data, method_settings)
+        if steering.intervention is None:
+            setups.append(steering)
+            continue
+        by_prompt = getattr(method_settings, "source", "answers") == "system_prompt"
+        kind = "prompt_stats_s" if by_prompt else "answer_stats_s"
+        timings[kind] = round(timings.get(kind, 0.0) + time.perf_counter() - t0, 1)
+        swept.add(choice.label)
+        setups += [steering.scaled(m, name=label(choice.label, m)) for m in multipliers]
+    return setups, swept
+
+
 def run_sta_refusal(
     lm: LoadedModel,
     sae: SparseAutoencoder,
@@ -117,31 +147,17 @@ def run_sta_refusal(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     n_ab = max(0, n_pairs // 5)
-    triples = refusal_triples(n_harmful=n_pairs - n_ab, n_ab=n_ab)
-    choices = [resolve_method(m, "refusal") for m in methods]
-    fit_settings = [c.settings(_settings_for(c.method.name, trim, progress)) for c in choices]
-    uses_prompt = [getattr(s, "source", "answers") == "system_prompt" for s in fit_settings]
+    by_prompt = any(resolve_method(m, "refusal").fixed.get("source") == "system_prompt" for m in methods)
     data = ContrastData(
         "refusal",
-        tuple(triples),
+        tuple(refusal_triples(n_harmful=n_pairs - n_ab, n_ab=n_ab)),
         system_prompt=system_prompt,
-        prompt_messages=tuple(prompt_messages(n_prompt_messages)) if any(uses_prompt) else (),
+        prompt_messages=tuple(prompt_messages(n_prompt_messages)) if by_prompt else (),
         sae=sae,
         sae_path=sae_path,
         stats_path=folder / "atom_stats.safetensors",
     )
-    setups: list[Steering | PendingSteering] = []
-    swept: set[str] = set()
-    for choice, method_settings, prompt_source in zip(choices, fit_settings, uses_prompt, strict=True):
-        t0 = time.perf_counter()
-        steering = choice.fit(lm, data, method_settings)
-        if steering.intervention is None:
-            setups.append(steering)
-            continue
-        kind = "prompt_stats_s" if prompt_source else "answer_stats_s"
-        timings[kind] = round(timings.get(kind, 0.0) + time.perf_counter() - t0, 1)
-        swept.add(choice.label)
-        setups += [steering.scaled(m, name=label(choice.label, m)) for m in mults]
+    setups, swept = fit_swept(lm, data, methods, mults, trim=trim, timings=timings, progress=progress)
     settings = settings or RefusalSettings()
     harmful, harmless = evaluation_sets(n_harmful, n_harmless)
     t0 = time.perf_counter()
@@ -162,7 +178,7 @@ def run_sta_refusal(
         "headline_multiplier": headline,
         "multipliers": mults,
         "trim": trim,
-        "n_pairs": len(triples),
+        "n_pairs": len(data.triples),
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
         "harmful_set": "jailbreakbench (evenly spaced)",
@@ -284,6 +300,7 @@ __all__ = [
     "METHODS",
     "equal_fluency_summary",
     "evaluation_sets",
+    "fit_swept",
     "label",
     "markdown_table",
     "prompt_messages",
