@@ -305,7 +305,7 @@ def _fit(
         stderr_console().print("scoring the test_ab split")
         result["test"] = _test_scores(lm, data, fitted.intervention, system, batch_size)
         metadata["test"] = result["test"]
-    fitted.metadata = metadata
+    fitted.metadata.update(metadata)
     fitted.save(out, lm)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result

@@ -28,9 +28,9 @@ from typing import Any
 
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
-from finesteer.fit import FittedIntervention
 from finesteer.fit.directions import Head, LabelledCompletion
 from finesteer.fit.hsi_directions import DIRECTIONS_FROM, DirectionsFrom, hsi_directions, items_hash
+from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi import select_heads, sweep_heads
 from finesteer.locate.hsi_table import RANK_BY, RankBy, check_alphas
@@ -206,7 +206,7 @@ def fit_hsi(
     completions: Sequence[LabelledCompletion] = (),
     run_dir: str | Path | None = None,
     progress: bool = True,
-) -> FittedIntervention:
+) -> Steering:
     """HSI: steer the k heads most sensitive to their behaviour direction, with one shared α.
 
     Directions come from `train_items` minus `config.n_sweep` held-out items, on which every head (or
@@ -319,7 +319,7 @@ def fit_hsi(
         scores = sweep.head_scores(c.rank_by, model_name=lm.name, model_fingerprint=lm.fingerprint)
         scores.save(folder / "head_scores")
         (folder / "selection.json").write_text(json.dumps(metadata, indent=1) + "\n")
-    return FittedIntervention("hsi", intervention, metadata)
+    return Steering("hsi", intervention, metadata)
 
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""Run folders: file names, atomic writers, and the resumable record store and job runner."""
