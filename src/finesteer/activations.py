@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
@@ -29,7 +30,7 @@ Position = str | int
 TextInput = str | tuple[str, str]
 
 
-class CaptureError(ValueError):
+class CaptureError(FinesteerError, ValueError):
     """Bad capture request (position outside a prompt, no answer span, empty input)."""
 
 

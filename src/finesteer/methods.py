@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from finesteer.data.items import ABItem, OpenEndedItem
+from finesteer.errors import FinesteerError
 
 if TYPE_CHECKING:
     from finesteer.evaluate.compare import SteeringSetup
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 FitMethod = Callable[["LoadedModel", "BehaviourData", Mapping[str, Any], "Path | None"], "SteeringSetup"]
 
 
-class MethodError(ValueError):
+class MethodError(FinesteerError, ValueError):
     """An unknown method, a method setting it does not take, or unusable behaviour data."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, get_args
 
+from finesteer.errors import FinesteerError
 from finesteer.models.info import ModelInfo
 
 Component = Literal["z", "q", "resid_pre", "resid_post", "attn_out", "mlp_out", "ln_final"]
@@ -45,7 +46,7 @@ _PATTERN = re.compile(
 )
 
 
-class SiteError(ValueError):
+class SiteError(FinesteerError, ValueError):
     """A site that does not exist in the model (bad layer, head, or component name)."""
 
 

@@ -23,13 +23,14 @@ from typing import Any
 import torch
 
 from finesteer import __version__
+from finesteer.errors import FinesteerError
 from finesteer.models.loading import LoadedModel
 
 SURGERY_FILE = "finesteer_surgery.json"
 MODES = ("ua", "sc")
 
 
-class SurgeryError(ValueError):
+class SurgeryError(FinesteerError, ValueError):
     """An ablation that cannot be written into this model's weights."""
 
 

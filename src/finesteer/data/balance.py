@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from typing import Literal
 
 from finesteer.data.items import ABItem, option_text
+from finesteer.errors import FinesteerError
 
 log = logging.getLogger(__name__)
 _OPTION_LINE = re.compile(r"^([ \t]*)\(([A-Z])\)(.*)$", re.MULTILINE)
 
 
-class SwapError(ValueError):
+class SwapError(FinesteerError, ValueError):
     """The item cannot be mirrored (it does not list exactly two options, one per line)."""
 
 

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from finesteer.errors import FinesteerError
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention, InterventionError
 from finesteer.models.loading import LoadedModel
 
 
-class EvaluationError(ValueError):
+class EvaluationError(FinesteerError, ValueError):
     """An evaluation that cannot give a meaningful number (no items, untokenisable answer, NaN logits)."""
 
 

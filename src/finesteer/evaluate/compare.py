@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem, OpenEndedItem
 from finesteer.data.prompts import chat_prompt
+from finesteer.errors import FinesteerError
 from finesteer.evaluate.batching import EvaluationError, applied, intervention_digest, log_probs_at
 from finesteer.evaluate.judges import (
     CAA_BEHAVIOUR_0_10,
@@ -58,7 +59,7 @@ COORDINATION_BEHAVIOURS: tuple[str, ...] = ("coordinate-other-ais", "hsi-coordin
 RESULT_VERSION = 1
 
 
-class ComparisonError(ValueError):
+class ComparisonError(FinesteerError, ValueError):
     """A comparison that cannot run or resume (no setups, duplicate names, other settings in out_dir)."""
 
 

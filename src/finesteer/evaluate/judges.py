@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from finesteer.errors import FinesteerError
 from finesteer.evaluate.scores import is_repetitive
 
 __all__ = [
@@ -702,11 +703,11 @@ class _RubricJudge(ABC):
 # --------------------------------------------------------------------------------------------------
 
 
-class JudgeConfigError(ValueError):
+class JudgeConfigError(FinesteerError, ValueError):
     """The judge endpoint / model is not configured."""
 
 
-class JudgeRequestError(RuntimeError):
+class JudgeRequestError(FinesteerError, RuntimeError):
     """The judge endpoint could not be reached or answered with an error."""
 
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_prompt, chat_prompt
+from finesteer.errors import FinesteerError
 from finesteer.fit import FittedIntervention
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention, steer_residual
@@ -62,7 +63,7 @@ DEFAULT_MULTIPLIERS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0)
 Direction = Literal["towards", "away"]
 
 
-class CAAError(ValueError):
+class CAAError(FinesteerError, ValueError):
     """CAA inputs that cannot give a vector (no items, letters that are not single tokens, NaN)."""
 
 

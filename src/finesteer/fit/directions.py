@@ -22,6 +22,7 @@ from torch import Tensor
 
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_completion, ab_prompt
+from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Edit, Intervention
 from finesteer.interventions.ops import Add
 from finesteer.interventions.scope import Scope
@@ -35,7 +36,7 @@ LabelledCompletion = tuple[str, str, bool]
 """(formatted prompt, completion text, shows the behaviour?) — e.g. a sampled answer and its label."""
 
 
-class DirectionError(ValueError):
+class DirectionError(FinesteerError, ValueError):
     """Directions that cannot be computed or applied (one class missing, NaN, zero direction)."""
 
 

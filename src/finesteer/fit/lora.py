@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem, option_text
 from finesteer.data.prompts import ab_prompt
+from finesteer.errors import FinesteerError
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 Completion = Literal["letter", "answer"]
 
 
-class LoRAError(ValueError):
+class LoRAError(FinesteerError, ValueError):
     """Training that cannot run or diverged (no items, bad settings, NaN loss)."""
 
 

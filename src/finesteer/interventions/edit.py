@@ -8,6 +8,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from finesteer.errors import FinesteerError
 from finesteer.interventions.ops import Add, Op, ProjectOut, Scale, SetTo, Zero
 from finesteer.interventions.scope import Scope
 from finesteer.models.info import ModelInfo
@@ -16,7 +17,7 @@ from finesteer.sites import Site
 AblationMethod = Literal["zero", "mean", "uniform_attention", "scale_output"]
 
 
-class InterventionError(ValueError):
+class InterventionError(FinesteerError, ValueError):
     """An intervention that does not fit the model (vector size, rows) or is malformed."""
 
 

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.fast_scan import run_scan
@@ -78,7 +79,7 @@ LINEARIZE: tuple[str, ...] = ("activation", "gate")
 MAX_UNIFORM_EPS = 1e-3
 
 
-class AttributionError(ValueError):
+class AttributionError(FinesteerError, ValueError):
     """Attribution that cannot run: bad metric targets, a metric without gradient, NaN estimates."""
 
 

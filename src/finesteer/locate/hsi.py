@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem
+from finesteer.errors import FinesteerError
 from finesteer.fit.directions import Head, HeadDirections, directions_fingerprint
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.last_token import LastTokenScorer, prepare_targets
@@ -42,7 +43,7 @@ RankBy = Literal["balanced", "max", "mean"]
 RANK_BY: tuple[str, ...] = ("balanced", "max", "mean")
 
 
-class SweepError(ValueError):
+class SweepError(FinesteerError, ValueError):
     """A sweep that cannot run (empty α grid, mixed-sign α, unknown head) or a mismatched checkpoint."""
 
 

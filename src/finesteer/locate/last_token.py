@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_prompt
+from finesteer.errors import FinesteerError
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention, InterventionError
 from finesteer.models.loading import LoadedModel
 
 
-class ScoringError(ValueError):
+class ScoringError(FinesteerError, ValueError):
     """A/B items that cannot be scored (no items, letters that are not single tokens)."""
 
 

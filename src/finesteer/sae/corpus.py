@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from finesteer.data import ABItem, PromptItem, chat_prompt, load_dataset
 from finesteer.data.items import option_letters
 from finesteer.data.items import option_text as item_option_text
+from finesteer.errors import FinesteerError
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
@@ -39,7 +40,7 @@ EVALUATION_SETS: tuple[tuple[str, str | None], ...] = (
 """Held-out steering evaluation sets: their prompts are removed from every SAE corpus."""
 
 
-class CorpusError(ValueError):
+class CorpusError(FinesteerError, ValueError):
     """A corpus request that yields no text (all sources empty or limits of zero)."""
 
 

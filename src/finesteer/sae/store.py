@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.sites import Site
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 
 
-class StoreError(ValueError):
+class StoreError(FinesteerError, ValueError):
     """An activation store that does not match the request (other model, site or corpus)."""
 
 
