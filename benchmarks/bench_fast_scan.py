@@ -44,8 +44,9 @@ from finesteer.data import load_dataset
 from finesteer.locate.attribution import KLDivergence, PreRankedScan, pre_ranked_scan, spearman
 from finesteer.locate.fast_scan import fast_scan
 from finesteer.locate.scan import EncodedPrompts, KLFromBase, LastLogits, encode_prompts, scan
-from finesteer.locate.ships import Head, ablation, all_heads, format_queries
+from finesteer.locate.ships import ablation, all_heads, format_queries
 from finesteer.models import LoadedModel, load_model
+from finesteer.sites import Head
 
 COLUMNS = (
     "model",

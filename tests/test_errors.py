@@ -46,3 +46,20 @@ def test_old_bases_are_kept():
     assert issubclass(DatasetError, ValueError)
     assert issubclass(SiteError, ValueError)
     assert issubclass(JudgeRequestError, RuntimeError)
+
+
+def test_check_heads_is_the_one_head_validator():
+    import pytest
+
+    from finesteer.interventions import InterventionError, check_eps
+    from finesteer.sites import HeadError, check_heads
+
+    assert check_heads([(1, 2), ("0", 3.0)], 2, 4) == [(1, 2), (0, 3)]  # type: ignore[list-item]
+    assert check_heads([], 2, 4) == []
+    with pytest.raises(HeadError, match=r"unknown head 2\.0: out of range; .*layer 0\.\.1, head 0\.\.3"):
+        check_heads([(2, 0)], 2, 4)
+    with pytest.raises(HeadError, match=r"duplicate head 1\.1 in \['1\.1', '0\.0', '1\.1'\]"):
+        check_heads([(1, 1), (0, 0), (1, 1)], 2, 4)
+    assert check_eps(0) == 0.0
+    with pytest.raises(InterventionError, match="finite number"):
+        check_eps(float("nan"))

@@ -27,8 +27,10 @@ from finesteer.evaluate.helpfulness import mc_accuracy, next_token_kl
 from finesteer.evaluate.judges import KeywordRefusalJudge, Verdict
 from finesteer.evaluate.scores import attack_success_rate, refusal_rate
 from finesteer.generation import GenerationConfig, generate
-from finesteer.locate.ships import DEFAULT_EPS, Head, ablation, all_heads, check_eps, check_heads
+from finesteer.interventions.edit import check_eps
+from finesteer.locate.ships import DEFAULT_EPS, ablation, all_heads
 from finesteer.models.loading import LoadedModel
+from finesteer.sites import Head, check_heads
 
 ASR_FILE = "asr.json"
 GENERATIONS_FILE = "generations.jsonl"
@@ -175,7 +177,7 @@ def asr_effect(
     keyword judge, mean next-token KL(base ‖ ablated) at the last harmless-prompt position, and with
     `mc_items` (e.g. the `finesteer-mc` set) multiple-choice accuracy by log-likelihood.
     """
-    heads = check_heads(lm.info, heads)
+    heads = check_heads(heads, lm.info.n_layers, lm.info.n_heads)
     largest = max((*settings.ks, *(settings.helpfulness_ks or ())))
     if largest > len(heads):
         raise ValueError(f"head counts go up to {largest} but only {len(heads)} heads were given")

@@ -26,12 +26,12 @@ from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Edit, Intervention
 from finesteer.interventions.ops import Add
 from finesteer.interventions.scope import Scope
-from finesteer.sites import Site
+from finesteer.sites import Head, Site
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
 
-Head = tuple[int, int]
+
 LabelledCompletion = tuple[str, str, bool]
 """(formatted prompt, completion text, shows the behaviour?) — e.g. a sampled answer and its label."""
 

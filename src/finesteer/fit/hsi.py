@@ -32,12 +32,12 @@ from finesteer.fit.completions import (
     check_both_classes,
     sample_labelled_completions,
 )
-from finesteer.fit.directions import Head, HeadDirections, LabelledCompletion, fit_head_directions
+from finesteer.fit.directions import HeadDirections, LabelledCompletion, fit_head_directions
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi import RankBy, check_alphas, plot_sweep, select_heads, sweep_heads
 from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
-from finesteer.sites import Site
+from finesteer.sites import Head, check_heads
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,9 @@ def split_items(items: Sequence[ABItem], n_held_out: int, seed: int = 0) -> tupl
 
 def validate_heads(lm: LoadedModel, heads: Iterable[Head]) -> list[Head]:
     """The heads as (layer, head) ints, checked against the model before any expensive step."""
-    checked = [(int(layer), int(head)) for layer, head in heads]
+    checked = check_heads(heads, lm.info.n_layers, lm.info.n_heads)
     if not checked:
         raise ValueError("empty head subset")
-    for layer, head in checked:
-        Site(layer, "z", head).validate(lm.info)
     return checked
 
 

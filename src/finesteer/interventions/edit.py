@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -108,6 +109,14 @@ def steer_residual(
 ) -> Intervention:
     """Add scale·vector to the residual stream after (or before) a block: CAA-style layer steering."""
     return Intervention((Edit(Site(layer, component), Add(vector, scale), Scope.parse(scope)),))  # type: ignore[arg-type]
+
+
+def check_eps(eps: float) -> float:
+    """The one check of an ablation's ε (Ships' query/output scale): a finite number ≥ 0, as a float."""
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise InterventionError(f"ε must be a finite number ≥ 0, got {eps}")
+    return eps
 
 
 def ablate_head(

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
-from finesteer.interventions.edit import Intervention
+from finesteer.interventions.edit import Intervention, check_eps
 from finesteer.locate.fast_scan import run_scan
 from finesteer.locate.scan import (
     EncodedPrompts,
@@ -63,15 +63,12 @@ from finesteer.locate.scan import (
 from finesteer.locate.scores import HeadScores
 from finesteer.locate.ships import (
     DEFAULT_EPS,
-    Head,
     ablation,
     ablation_method,
     all_heads,
-    check_eps,
-    check_heads,
 )
 from finesteer.models.loading import LoadedModel
-from finesteer.sites import Site
+from finesteer.sites import Head, Site, check_heads
 
 DEFAULT_OUTCOMES = 2
 DEFAULT_TOP_N = 16
@@ -477,7 +474,7 @@ def exact_effects(
     `base_logits` [P, vocab] are the unablated last-position logits when already known.
     """
     encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
-    candidates = [ablation([h], mode, eps) for h in check_heads(lm.info, heads)]
+    candidates = [ablation([h], mode, eps) for h in check_heads(heads, lm.info.n_layers, lm.info.n_heads)]
     options: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "engine": engine}
     base = base_logits
     if base is None:

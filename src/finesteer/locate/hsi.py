@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem
 from finesteer.errors import FinesteerError
-from finesteer.fit.directions import Head, HeadDirections, directions_fingerprint
+from finesteer.fit.directions import HeadDirections, directions_fingerprint
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.last_token import LastTokenScorer, prepare_targets
 from finesteer.locate.scores import HeadScores, hash_prompts
 from finesteer.locate.selection import Selection, select_prefix_and_alpha, worst_letter_gain
 from finesteer.models.loading import LoadedModel
+from finesteer.sites import Head
 
 SWEEP_DIR = "sweep"
 BASELINE_FILE = "baseline.safetensors"

@@ -17,8 +17,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from finesteer.errors import FinesteerError
-from finesteer.fit.directions import Head
 from finesteer.locate.scores import HeadScores
+from finesteer.sites import Head
 
 
 class ProbeError(FinesteerError, ValueError):

@@ -20,20 +20,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from finesteer.interventions.edit import check_eps
 from finesteer.locate.fast_scan import run_scan
 from finesteer.locate.scan import EncodedPrompts, LastHidden, ScanError, encode_prompts
 from finesteer.locate.scores import HeadScores
 from finesteer.locate.ships import (
     DEFAULT_EPS,
-    Head,
     ablation,
     all_heads,
     base_hidden,
-    check_eps,
-    check_heads,
     subspace_angle_score,
 )
 from finesteer.models.loading import LoadedModel
+from finesteer.sites import Head, check_heads
 
 STATE_FILE = "sahara.json"
 
@@ -140,7 +139,11 @@ def sahara(
     `engine` picks the scan engine ('fast' or 'simple', `finesteer.locate.fast_scan.run_scan`).
     """
     encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
-    pool = check_heads(lm.info, candidates) if candidates is not None else all_heads(lm.info)
+    pool = (
+        check_heads(candidates, lm.info.n_layers, lm.info.n_heads)
+        if candidates is not None
+        else all_heads(lm.info)
+    )
     if not 1 <= group_size <= len(pool):
         raise ValueError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size}")
     if r_main > len(encoded):

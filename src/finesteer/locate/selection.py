@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 
 from finesteer.data.items import ABItem
-from finesteer.fit.directions import Head, HeadDirections
+from finesteer.fit.directions import HeadDirections
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.last_token import LastTokenScorer, OptionScores, prepare_targets
 from finesteer.models.loading import LoadedModel
+from finesteer.sites import Head
 
 
 def letter_groups(letters: Sequence[str]) -> list[Tensor]:
