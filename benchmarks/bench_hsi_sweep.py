@@ -15,9 +15,9 @@ import time
 
 import torch
 
+from finesteer.capture.directions import fit_head_directions
 from finesteer.data import load_dataset
 from finesteer.evaluate.ab import letter_probabilities
-from finesteer.fit.directions import fit_head_directions
 from finesteer.locate.last_token import LastTokenScorer, prepare_targets
 from finesteer.models import load_model
 

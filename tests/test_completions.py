@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finesteer.capture.directions import fit_head_directions
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
 from finesteer.evaluate.ab import parse_ab_answer
@@ -19,7 +20,6 @@ from finesteer.fit.completions import (
     load_labelled_completions,
     sample_labelled_completions,
 )
-from finesteer.fit.directions import fit_head_directions
 from finesteer.fit.hsi import SAMPLED_FILE, direction_completions, fit_hsi
 from finesteer.generation import GenerationConfig
 from finesteer.models import LoadedModel

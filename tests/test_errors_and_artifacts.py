@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import finesteer as fs
-from finesteer.activations import CaptureError
 from finesteer.artifacts import ArtifactError
+from finesteer.capture.activations import CaptureError
 from finesteer.interventions import InterventionError, OpError
 from finesteer.models import LoadedModel, UnsupportedArchitectureError, wrap_model
 from finesteer.sites import Site, SiteError, parse_heads

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finesteer.activations import capture
+from finesteer.capture.activations import capture
 from finesteer.data.prompts import chat_prompt
 from finesteer.models import LoadedModel
 from finesteer.sae import SAEConfig, SAEError, SparseAutoencoder, evaluate_sae, load_sae, save_sae

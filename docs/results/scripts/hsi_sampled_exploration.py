@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from finesteer.capture.directions import fit_head_directions
 from finesteer.data.balance import letter_balanced
 from finesteer.evaluate.ab import (
     ab_generation_prompt,
@@ -22,7 +23,6 @@ from finesteer.evaluate.ab import (
     ab_matching_rate_prob,
     parse_ab_answer,
 )
-from finesteer.fit.directions import fit_head_directions
 from finesteer.generation import GenerationConfig, generate
 from finesteer.locate.hsi import select_heads, sweep_heads
 from finesteer.methods import load_behaviour_data

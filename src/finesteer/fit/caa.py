@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.capture.activations import capture
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_prompt, chat_prompt
 from finesteer.errors import FinesteerError
@@ -207,8 +208,6 @@ def caa_vectors(
     progress: bool = False,
 ) -> CAAVectors:
     """Mean over items of resid_post(letter of matching) − resid_post(letter of not matching), per layer."""
-    from finesteer.activations import capture
-
     chosen = tuple(range(lm.info.n_layers)) if layers is None else tuple(int(x) for x in layers)
     if not chosen:
         raise CAAError("no layers given")

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from finesteer.capture.directions import LabelledCompletion
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
 from finesteer.errors import FinesteerError
 from finesteer.evaluate.ab import UNDEFINED, ab_generation_prompt, parse_ab_answer
-from finesteer.fit.directions import LabelledCompletion
 from finesteer.generation import GenerationConfig, generate
 from finesteer.models.loading import LoadedModel
 

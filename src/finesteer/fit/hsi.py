@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+from finesteer.capture.directions import HeadDirections, LabelledCompletion, fit_head_directions
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.fit import FittedIntervention
@@ -32,7 +33,6 @@ from finesteer.fit.completions import (
     check_both_classes,
     sample_labelled_completions,
 )
-from finesteer.fit.directions import HeadDirections, LabelledCompletion, fit_head_directions
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi import RankBy, check_alphas, plot_sweep, select_heads, sweep_heads
 from finesteer.locate.scores import hash_prompts

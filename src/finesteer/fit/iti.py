@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from finesteer.capture.directions import ab_contrast_inputs, capture_heads, directions_from_activations
 from finesteer.data.items import ABItem
 from finesteer.fit import FittedIntervention
-from finesteer.fit.directions import ab_contrast_inputs, capture_heads, directions_from_activations
 from finesteer.locate.hsi import check_alphas
 from finesteer.locate.iti import ProbeScores, train_probes
 from finesteer.locate.selection import select_prefix_and_alpha

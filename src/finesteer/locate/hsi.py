@@ -28,9 +28,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.capture.directions import HeadDirections, directions_fingerprint
 from finesteer.data.items import ABItem
 from finesteer.errors import FinesteerError
-from finesteer.fit.directions import HeadDirections, directions_fingerprint
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.last_token import LastTokenScorer, prepare_targets
 from finesteer.locate.scores import HeadScores, hash_prompts

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from finesteer.capture.directions import HeadDirections
 from finesteer.data.items import ABItem
-from finesteer.fit.directions import HeadDirections
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.last_token import LastTokenScorer, OptionScores, prepare_targets
 from finesteer.models.loading import LoadedModel
