@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from finesteer.data.items import ABItem, OpenEndedItem
 from finesteer.data.prompts import chat_prompt
 from finesteer.errors import FinesteerError
-from finesteer.evaluate.batching import EvaluationError, applied, intervention_digest, log_probs_at
+from finesteer.evaluate.batching import EvaluationError, applied, log_probs_at
 from finesteer.evaluate.judges import (
     CAA_BEHAVIOUR_0_10,
     HSI_COORDINATION_0_5,
@@ -78,7 +78,7 @@ class SteeringSetup:
         return {
             "model": self.lm.name,
             "fingerprint": self.lm.fingerprint,
-            "intervention": intervention_digest(self.intervention),
+            "intervention": self.intervention.digest() if self.intervention is not None else "none",
             "system_prompt": self.system_prompt,
         }
 

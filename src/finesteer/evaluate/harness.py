@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem, OpenEndedItem, PromptItem
 from finesteer.data.prompts import chat_prompt
-from finesteer.evaluate.batching import EvaluationError, check_rows, intervention_digest, rows_for_batch
+from finesteer.evaluate.batching import EvaluationError, check_rows, rows_for_batch
 from finesteer.evaluate.judges import Judge, Verdict
 from finesteer.generation import GenerationConfig, generate
 from finesteer.interventions.edit import Intervention
@@ -169,7 +169,7 @@ def run_generations(
             "fingerprint": lm.fingerprint,
             # the batch size is left out: a resumed run may use another one
             "config": {k: v for k, v in asdict(config).items() if k != "batch_size"},
-            "intervention": intervention_digest(intervention),
+            "intervention": intervention.digest() if intervention is not None else "none",
             "judges": {name: _describe_judge(judge) for name, judge in sorted(judges.items())},
             "stop": list(stop),
         }

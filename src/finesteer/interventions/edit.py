@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from finesteer.errors import FinesteerError
@@ -87,6 +90,27 @@ class Intervention:
     @property
     def sites(self) -> list[Site]:
         return sorted({e.site for e in self.edits})
+
+    def digest(self) -> str:
+        """A short hash of the exact content (sites, ops, params, scopes, rows, float32 tensor bytes).
+
+        The one intervention hash: resumable runs store it to check they continue with the same
+        intervention, and scans key candidates by it. Equal edits give equal digests across runs.
+        """
+        digest = hashlib.sha256()
+        for edit in self.edits:
+            spec = {
+                "site": edit.site.name,
+                "op": edit.op.kind,
+                "params": edit.op.params(),
+                "scope": str(edit.scope),
+                "rows": list(edit.rows) if edit.rows is not None else None,
+            }
+            digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
+            for key, tensor in sorted(edit.op.tensors().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @classmethod
     def per_row(cls, interventions: Sequence[Intervention]) -> Intervention:

@@ -48,7 +48,6 @@ from finesteer.locate.scan import (
     _Checkpoint,
     _manifest,
     encode_prompts,
-    intervention_key,
     scan,
 )
 from finesteer.models.loading import LoadedModel
@@ -339,7 +338,7 @@ def fast_scan(
         candidate.validate(lm.info)
         if any(edit.rows is not None for edit in candidate.edits):
             raise ScanError(f"candidate {i} already targets batch rows; the fast scan assigns rows itself")
-    keys = [intervention_key(c) for c in candidates]
+    keys = [c.digest() for c in candidates]
     store = _Checkpoint(Path(checkpoint), _manifest(lm, encoded, readout, keys)) if checkpoint else None
     results: dict[int, Tensor] = store.load() if store else {}
     batches = _batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)

@@ -200,18 +200,6 @@ class KLAndHidden(Readout):
         return f"kl_and_hidden:{self.kl.key()}"
 
 
-def intervention_key(intervention: Intervention) -> str:
-    """Deterministic short hash of an intervention (sites, ops, params, scopes, rows, tensors)."""
-    digest = hashlib.sha256()
-    for edit in intervention.edits:
-        spec = [edit.site.name, edit.op.kind, edit.op.params(), str(edit.scope), edit.rows]
-        digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(edit.op.tensors().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 @dataclass
 class _Batch:
     rows: Tensor
@@ -362,7 +350,7 @@ def scan(
         raise ScanError(f"batch_size and checkpoint_every must be ≥ 1, got {batch_size}, {checkpoint_every}")
     for candidate in candidates:
         candidate.validate(lm.info)
-    keys = [intervention_key(c) for c in candidates]
+    keys = [c.digest() for c in candidates]
     store = _Checkpoint(Path(checkpoint), _manifest(lm, encoded, readout, keys)) if checkpoint else None
     results: dict[int, Tensor] = store.load() if store else {}
     pending: dict[int, Tensor] = {}
