@@ -45,7 +45,7 @@ from finesteer.evaluate.judges import (
 )
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
-from finesteer.paths import write_json
+from finesteer.runs import write_json_atomic
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -508,7 +508,7 @@ def compare_setups(
                 "setup_key": setup.key(),
                 "result": result,
             }
-            write_json(path, record, indent=1)
+            write_json_atomic(path, record, indent=1)
         del setup
         if on_method is not None:
             on_method(entry.name, result, False)

@@ -28,7 +28,7 @@ from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.judges import GCG_REFUSAL_PREFIXES, KeywordRefusalJudge
 from finesteer.evaluate.scores import fluency, refusal_rate
 from finesteer.generation import GenerationConfig
-from finesteer.paths import write_json
+from finesteer.runs import write_json_atomic
 
 JudgeName = Literal["gcg+", "gcg", "ships"]
 JUDGES: tuple[str, ...] = ("gcg+", "gcg", "ships")
@@ -197,7 +197,7 @@ def compare_refusal(
                 "setup_key": setup.key(),
                 "result": result,
             }
-            write_json(path, record, indent=1)
+            write_json_atomic(path, record, indent=1)
         if on_method is not None:
             on_method(entry.name, result, False)
     return results

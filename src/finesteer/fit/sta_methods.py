@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from finesteer.data.items import ABItem
 from finesteer.fit.sta import DEFAULT_TRIM, SelectionMode, answer_pairs, fit_sta
 from finesteer.methods import BehaviourData, MethodError
-from finesteer.paths import cache_root
+from finesteer.runs import cache_root
 from finesteer.sae.corpus import option_text, question_stem
 
 if TYPE_CHECKING:

@@ -10,7 +10,6 @@ Each step's scan is checkpointed in `checkpoint/step-<s>/` and finished steps ar
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from finesteer.locate.ships import (
     subspace_angle_score,
 )
 from finesteer.models.loading import LoadedModel
+from finesteer.runs import write_json_atomic
 from finesteer.sites import Head, check_heads
 
 STATE_FILE = "sahara.json"
@@ -111,9 +111,7 @@ def _load_state(path: Path, settings: dict[str, Any]) -> list[SaharaStep]:
 
 
 def _save_state(path: Path, result: SaharaResult) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, result.to_dict(), indent=1)
 
 
 def sahara(

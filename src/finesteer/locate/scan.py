@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -34,6 +33,7 @@ from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
+from finesteer.runs import write_json_atomic, write_safetensors_atomic
 from finesteer.sites import Site
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ class _Checkpoint:
                     "use another folder or delete it"
                 )
         else:
-            _atomic_write(path, (json.dumps(manifest, indent=1) + "\n").encode())
+            write_json_atomic(path, manifest, indent=1)
         self._next_part = 0
 
     def load(self) -> dict[int, Tensor]:
@@ -309,16 +309,8 @@ class _Checkpoint:
             "values": torch.stack([finished[i] for i in indices]).contiguous(),
         }
         name = f"{PART_PREFIX}{self._next_part:06d}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.folder / name)
+        write_safetensors_atomic(self.folder / name, tensors)
         self._next_part += 1
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def scan(

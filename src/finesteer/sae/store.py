@@ -15,19 +15,19 @@ goes to a held-out split, so explained variance is measured on texts the SAE nev
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
+from finesteer.runs import write_json_atomic, write_safetensors_atomic
 from finesteer.sites import Site
 
 if TYPE_CHECKING:
@@ -134,12 +134,6 @@ def _digest(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def collect(
     lm: LoadedModel,
     texts: Sequence[str],
@@ -212,14 +206,12 @@ def collect(
         if not (torch.isfinite(tensors["train"]).all() and torch.isfinite(tensors["heldout"]).all()):
             raise StoreError(f"non-finite activations at {site} in texts {lo}..{hi - 1}")
         name = f"shard_{index:05d}.safetensors"
-        _atomic_save(tensors, folder / name)
+        write_safetensors_atomic(folder / name, tensors)
         entry = {"index": index, "file": name, "texts": [lo, hi], "train_tokens": len(tensors["train"]),
                  "heldout_tokens": len(tensors["heldout"])}  # fmt: skip
         manifest["shards"].append(entry)
         manifest["shards"].sort(key=lambda s: s["index"])
-        tmp = manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, manifest_path)
+        write_json_atomic(manifest_path, manifest, indent=1)
         train_tokens += entry["train_tokens"]
         bar.update(entry["train_tokens"])
     bar.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.runs import write_atomic
 from finesteer.sae.metrics import SAEMetrics, evaluate_sae
 from finesteer.sae.model import SAEConfig, SAEError, SparseAutoencoder
 
@@ -121,9 +121,7 @@ def train_step_loss(
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def train_sae(
