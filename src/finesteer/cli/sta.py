@@ -133,9 +133,8 @@ def _triples(data: str, limit: int, tokenizer_name: str) -> list[tuple[str, str,
     import csv
     import json
 
-    from finesteer.data import ABItem, list_datasets, load_dataset
+    from finesteer.data import ab_triples, list_datasets, load_ab_items
     from finesteer.fit.refusal_pairs import refusal_triples
-    from finesteer.sae.corpus import option_text, question_stem
 
     if data == "refusal-pairs":
         n_ab = limit // 5
@@ -165,17 +164,7 @@ def _triples(data: str, limit: int, tokenizer_name: str) -> list[tuple[str, str,
             "or a .jsonl/.csv file with question, matching, not_matching"
         )
     split = "generate" if "generate" in next(d for d in list_datasets() if d.name == data).splits else None
-    triples = []
-    for item in load_dataset(data, split, limit=limit):
-        assert isinstance(item, ABItem)
-        triples.append(
-            (
-                question_stem(item.question),
-                option_text(item.question, item.matching_letter),
-                option_text(item.question, item.not_matching_letter),
-            )
-        )
-    return triples
+    return ab_triples(load_ab_items(data, split, limit=limit))
 
 
 @fit_app.command("sta")

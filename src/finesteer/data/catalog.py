@@ -23,9 +23,9 @@ from finesteer.data.loaders import (
     SUPPORTED_SUFFIXES,
     PathLike,
     check_limit,
-    load_ab_items,
     load_open_ended,
     load_prompts,
+    read_ab_items,
     read_rows,
 )
 
@@ -84,7 +84,7 @@ class DatasetInfo:
 
 
 def _ab(path: Path) -> list[Item]:
-    return list(load_ab_items(path))
+    return list(read_ab_items(path))
 
 
 def _open(path: Path) -> list[Item]:
@@ -101,7 +101,7 @@ def _prompts(column: str, source: str | None = None, **columns: str) -> _Loader:
 def _hsi_test_ab(path: Path) -> list[Item]:
     # `prompt` already holds the question, the choices and the HSI answer-format instruction; `gt` is
     # the coordinating letter and the contrast is the other of the two options.
-    items = load_ab_items(
+    items = read_ab_items(
         path, columns={"question": "prompt", "matching": "gt", "id": "data_id"}, infer_not_matching=True
     )
     return list(items)
@@ -492,7 +492,7 @@ def _load_user_file(
     if kind not in ITEM_KINDS:
         raise DatasetError(f"{path}: pass kind= one of {ITEM_KINDS} to load a user file (got {kind!r})")
     if kind == "ab":
-        return list(load_ab_items(path, columns=columns, limit=limit))
+        return list(read_ab_items(path, columns=columns, limit=limit))
     if kind == "open_ended":
         return list(load_open_ended(path, columns=columns, limit=limit))
     return list(load_prompts(path, columns=columns, limit=limit))

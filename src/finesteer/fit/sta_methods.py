@@ -9,33 +9,20 @@ default: the only SAE trained for this model under the finesteer cache), `trim`,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finesteer.data.items import ABItem
+from finesteer.data.items import ab_triples
 from finesteer.fit.sta import DEFAULT_TRIM, SelectionMode, answer_pairs, fit_sta
 from finesteer.methods import BehaviourData, MethodError
 from finesteer.runs import cache_root
-from finesteer.sae.corpus import option_text, question_stem
 
 if TYPE_CHECKING:
     from finesteer.evaluate.compare import SteeringSetup
     from finesteer.models.loading import LoadedModel
 
 SETTINGS: frozenset[str] = frozenset({"sae", "trim", "multiplier", "batch_size"})
-
-
-def ab_triples(items: Sequence[ABItem]) -> list[tuple[str, str, str]]:
-    """(question stem, matching option text, not-matching option text) per A/B item."""
-    return [
-        (
-            question_stem(item.question),
-            option_text(item.question, item.matching_letter),
-            option_text(item.question, item.not_matching_letter),
-        )
-        for item in items
-    ]
 
 
 def cached_sae_for(model_name: str) -> Path:
@@ -100,4 +87,4 @@ def sae_all_method(
     return _method("all", lm, data, settings, run_dir)
 
 
-__all__ = ["SETTINGS", "ab_triples", "cached_sae_for", "sae_all_method", "sta_method"]
+__all__ = ["SETTINGS", "cached_sae_for", "sae_all_method", "sta_method"]
