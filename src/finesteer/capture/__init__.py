@@ -21,6 +21,7 @@ from finesteer.capture.directions import (
     directions_from_activations,
     fit_head_directions,
 )
+from finesteer.capture.padding import PadSide, pad
 
 __all__ = [
     "Activations",
@@ -28,12 +29,14 @@ __all__ = [
     "DirectionError",
     "HeadDirections",
     "LabelledCompletion",
+    "PadSide",
     "ab_contrast_inputs",
     "capture",
     "capture_heads",
     "directions_fingerprint",
     "directions_from_activations",
     "fit_head_directions",
+    "pad",
 ]
 
 

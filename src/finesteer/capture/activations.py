@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.capture.padding import pad
 from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.interventions.apply import intervene
@@ -162,12 +163,7 @@ def capture(
         batches = range(0, len(encoded), batch_size)
         for start in tqdm(batches, desc="capture", disable=not progress, unit="batch"):
             chunk = encoded[start : start + batch_size]
-            width = max(len(tokens) for tokens, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (tokens, _) in enumerate(chunk):
-                input_ids[row, : len(tokens)] = torch.tensor(tokens)
-                mask[row, : len(tokens)] = 1
+            input_ids, mask = pad([tokens for tokens, _ in chunk], "right", pad_id)
             batch_state["lengths"] = mask.sum(1)
             batch_state["starts"] = torch.tensor([s for _, s in chunk])
             all_lengths.append(batch_state["lengths"])

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.capture import pad
 from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.runs import write_json_atomic, write_safetensors_atomic
@@ -74,7 +75,7 @@ def site_activations(
     site.validate(lm.info)
     if site.is_head:
         raise StoreError("SAE collection reads residual-style sites, not per-head sites")
-    pad = lm.tokenizer.pad_token_id
+    pad_id = lm.tokenizer.pad_token_id
     out: list[Tensor | None] = [None] * len(token_lists)
     grabbed: dict[str, Tensor] = {}
 
@@ -87,12 +88,7 @@ def site_activations(
         hooks.add(site, grab)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(token_lists[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, : len(token_lists[i])] = torch.tensor(list(token_lists[i]))
-                mask[r, : len(token_lists[i])] = 1
+            ids, mask = pad([token_lists[i] for i in rows], "right", pad_id)
             try:
                 with torch.no_grad():
                     lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
