@@ -93,12 +93,9 @@ def ab(
     """A/B behaviour rate: letter probability (CAA) and/or parsed generated answers (HSI)."""
     from finesteer.data import load_dataset
     from finesteer.data.items import ABItem
-    from finesteer.evaluate.ab import (
-        PROMPT_STYLES,
-        ab_matching_rate_generated,
-        ab_matching_rate_prob,
-    )
+    from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
     from finesteer.generation import GenerationConfig
+    from finesteer.scoring.ab import PROMPT_STYLES, ABPrompt
 
     def work() -> dict[str, Any]:
         _choice(method, AB_METHODS, "--method")
@@ -129,7 +126,7 @@ def ab(
         }
         if method in ("prob", "both"):
             prob = ab_matching_rate_prob(
-                lm, items, system=system, intervention=iv, batch_size=batch_size, progress=True
+                lm, items, prompt=ABPrompt(system), intervention=iv, batch_size=batch_size, progress=True
             )
             result.update(matching_rate_prob=prob.matching_rate, mean_p_matching=prob.mean_p_matching)
             result["prob"] = prob.to_dict()

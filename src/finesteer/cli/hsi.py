@@ -105,10 +105,12 @@ def _test_scores(
 ) -> dict[str, Any]:
     from finesteer.data import load_dataset
     from finesteer.evaluate.ab import ab_matching_rate_prob
+    from finesteer.scoring.ab import ABPrompt
 
     test = load_dataset(data, split="test_ab")
-    base = ab_matching_rate_prob(lm, test, system=system, batch_size=batch_size)
-    steered = ab_matching_rate_prob(lm, test, system=system, intervention=intervention, batch_size=batch_size)
+    prompt = ABPrompt(system)
+    base = ab_matching_rate_prob(lm, test, prompt=prompt, batch_size=batch_size)
+    steered = ab_matching_rate_prob(lm, test, prompt=prompt, intervention=intervention, batch_size=batch_size)
     return {
         "n": base.n,
         "baseline": base.to_dict(per_item=False),
@@ -139,15 +141,13 @@ def locate_hsi(
 ) -> None:
     """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
     from finesteer.fit.completions import load_labelled_completions
-    from finesteer.fit.hsi import (
-        DEFAULT_HSI_ALPHAS,
-        check_directions_from,
-        hsi_directions,
-        split_items,
-        validate_heads,
-    )
-    from finesteer.locate.hsi import check_alphas, plot_sweep, sweep_heads
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, split_items, validate_heads
+    from finesteer.fit.hsi_directions import check_directions_from, hsi_directions
+    from finesteer.locate.hsi import sweep_heads
+    from finesteer.locate.hsi_table import check_alphas
     from finesteer.models import load_model
+    from finesteer.report.sweep import plot_sweep
+    from finesteer.scoring.ab import ABPrompt
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
@@ -173,7 +173,7 @@ def locate_hsi(
             directions_from=directions_from,  # type: ignore[arg-type]
             completions=given,
             n_samples=n_samples,
-            system=system,
+            prompt=ABPrompt(system),
             progress=True,
         )
         sweep = sweep_heads(
@@ -182,7 +182,7 @@ def locate_hsi(
             directions,
             grid,
             heads=subset,
-            system=system,
+            prompt=ABPrompt(system),
             batch_size=batch_size,
             run_dir=out,
             progress=True,
@@ -339,7 +339,10 @@ def fit_hsi_command(
 ) -> None:
     """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact."""
     from finesteer.fit.completions import load_labelled_completions
-    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, check_directions_from, fit_hsi
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig, fit_hsi
+    from finesteer.fit.hsi_directions import check_directions_from
+    from finesteer.report.sweep import plot_sweep_folder
+    from finesteer.scoring.ab import ABPrompt
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
@@ -349,24 +352,23 @@ def fit_hsi_command(
         given = load_labelled_completions(completions) if completions is not None else []
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
-            return fit_hsi(
-                lm,
-                train,
-                val,
+            config = HSIConfig(
                 k=k,
-                alphas=grid,
-                heads_subset=subset,
-                run_dir=run_dir,
+                alphas=tuple(grid),
+                heads_subset=tuple(subset) if subset is not None else None,
                 n_sweep=n_sweep,
                 rank_by=rank_by,  # type: ignore[arg-type]
-                system=system,
+                prompt=ABPrompt(system),
                 batch_size=batch_size,
                 seed=seed,
                 directions_from=directions_from,  # type: ignore[arg-type]
-                completions=given,
                 n_samples=n_samples,
                 final_check_tokens=final_check_tokens,
             )
+            fitted = fit_hsi(lm, train, val, config, completions=given, run_dir=run_dir)
+            if run_dir is not None:
+                plot_sweep_folder(run_dir, rank_by=config.rank_by, top=config.k)
+            return fitted
 
         return _fit("hsi", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)
 
