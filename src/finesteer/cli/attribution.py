@@ -66,13 +66,13 @@ def attribution(
 
     def work() -> dict[str, Any]:
         from finesteer.locate import ships as ships_lib
-        from finesteer.locate.attribution import (
+        from finesteer.locate.attribution.metrics import (
             KLDivergence,
             Metric,
             TokenLogProb,
-            pre_ranked_scan,
             refusal_token_ids,
         )
+        from finesteer.locate.attribution.prerank import pre_ranked_scan
         from finesteer.models import load_model
         from finesteer.report.heatmap import plot_head_heatmap
 

@@ -507,7 +507,7 @@ def overlap_command(
     """
 
     def work() -> dict[str, Any]:
-        from finesteer.locate.attribution import spearman
+        from finesteer.locate.rank_stats import spearman
         from finesteer.locate.scores import HeadScores, jaccard_top_k
 
         a, b = (HeadScores.load(_scores_folder(p)) for p in (first, second))

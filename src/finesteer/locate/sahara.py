@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from finesteer.interventions.edit import check_eps
+from finesteer.locate.engine import EncodedPrompts, ScanError, encode_prompts
 from finesteer.locate.fast_scan import run_scan
-from finesteer.locate.scan import EncodedPrompts, LastHidden, ScanError, encode_prompts
+from finesteer.locate.scan import LastHidden
 from finesteer.locate.scores import HeadScores
 from finesteer.locate.ships import (
     DEFAULT_EPS,
