@@ -10,18 +10,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finesteer.activations import capture
 from finesteer.artifacts import load_intervention
-from finesteer.data.items import ABItem
-from finesteer.data.prompts import ab_prompt
-from finesteer.evaluate.ab import ab_matching_rate_prob
-from finesteer.fit.directions import (
+from finesteer.capture.activations import capture
+from finesteer.capture.directions import (
     DirectionError,
     HeadDirections,
     ab_contrast_inputs,
     directions_from_activations,
     fit_head_directions,
 )
+from finesteer.data.items import ABItem
+from finesteer.data.prompts import ab_prompt
+from finesteer.evaluate.ab import ab_matching_rate_prob
 from finesteer.fit.hsi import HSIConfig, HSIConfigError, fit_hsi, split_items
 from finesteer.fit.iti import fit_iti
 from finesteer.fit.steering import Steering

@@ -7,7 +7,6 @@ ranking (verified heads by exact score first), the rank agreement and the timing
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +16,6 @@ import typer
 from finesteer.cli.apps import locate_app
 from finesteer.cli.common import run_command, stderr_console
 from finesteer.cli.locate import (
-    RUN_FILE,
     BatchOpt,
     DataOpt,
     EngineOpt,
@@ -33,6 +31,7 @@ from finesteer.cli.locate import (
     _slug,
     _write_prompts,
 )
+from finesteer.runs import RUN_JSON, write_json_atomic
 
 METRICS: tuple[str, ...] = ("kl", "refusal")
 
@@ -133,7 +132,7 @@ def attribution(
             "timing": result.seconds,
             "out": str(folder),
         }
-        (folder / RUN_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+        write_json_atomic(folder / RUN_JSON, payload, indent=1)
         return payload
 
     _show(run_command(work), json_out)

@@ -17,6 +17,7 @@ import typer
 
 from finesteer.cli.apps import fit_app, locate_app
 from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.runs import RUN_JSON, write_json_atomic
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder or hub id.")]
@@ -66,7 +67,6 @@ TestFlag = Annotated[
     bool, typer.Option("--test", help="Also score the test_ab split with and without the intervention.")
 ]
 
-RUN_FILE = "run.json"
 
 
 def parse_alphas(text: str | None, default: tuple[float, ...]) -> tuple[float, ...]:
@@ -97,7 +97,7 @@ def _ab_items(data: str, limit: int | None) -> list[Any]:
 
 def _write_run(out: Path, payload: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    write_json_atomic(out / RUN_JSON, payload, indent=1)
 
 
 def _test_scores(

@@ -18,6 +18,7 @@ import typer
 
 from finesteer.cli.apps import app, locate_app
 from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.runs import RUN_JSON, write_json_atomic
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder or hub id.")]
@@ -38,7 +39,6 @@ OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default:
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a checkpointed run in --out.")]
 
 CHECKPOINT_DIR = "checkpoint"
-RUN_FILE = "run.json"
 PROMPTS_FILE = "prompts.jsonl"
 
 
@@ -109,7 +109,7 @@ def _save_level(
         "heads_json": str(folder / "heads.json"),
         "heatmap": str(folder / "heatmap.png"),
     }
-    (folder / RUN_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(folder / RUN_JSON, result, indent=1)
     return result
 
 
@@ -189,7 +189,7 @@ def ships(
         if level != "both":
             return results[level]
         combined = {**info, "level": "both", "out": str(folder), "levels": results}
-        (folder / RUN_FILE).write_text(json.dumps(combined, indent=1) + "\n")
+        write_json_atomic(folder / RUN_JSON, combined, indent=1)
         return combined
 
     result = run_command(work)
@@ -270,7 +270,7 @@ def sahara(
             "sahara_json": str(folder / "sahara.json"),
             "heatmap": str(folder / "heatmap.png"),
         }
-        (folder / RUN_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+        write_json_atomic(folder / RUN_JSON, payload, indent=1)
         return payload
 
     result = run_command(work)
@@ -337,7 +337,7 @@ def ablate(
             raise ValueError(f"--eval {eval_kind!r} is not supported; choose 'asr'")
         if (heads is None) == (from_run is None):
             raise ValueError("give exactly one of --heads or --from-run")
-        run_file = from_run / RUN_FILE if from_run else None
+        run_file = from_run / RUN_JSON if from_run else None
         run_info = json.loads(run_file.read_text()) if run_file and run_file.is_file() else {}
         chosen_mode = mode or run_info.get("mode") or "ua"
         chosen_eps = eps if eps is not None else float(run_info.get("eps") or 1e-5)

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.runs import RESULT_JSON, STEPS_DIR
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 
@@ -89,7 +90,7 @@ def _finish(run_dir: Path, metrics: dict[str, Any], json_out: bool) -> None:
 def _examples(run_dir: Path) -> list[dict[str, str]]:
     import json
 
-    path = run_dir / "steps" / "examples" / "result.json"
+    path = run_dir / STEPS_DIR / "examples" / RESULT_JSON
     return json.loads(path.read_text()).get("examples", []) if path.is_file() else []
 
 

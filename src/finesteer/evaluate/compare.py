@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from finesteer.data.items import ABItem, OpenEndedItem
 from finesteer.data.prompts import chat_prompt
+from finesteer.errors import FinesteerError
 from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
 from finesteer.evaluate.compare_result import ComparisonResult
 from finesteer.evaluate.harness import run_generations
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 RESULT_VERSION = 1
 
 
-class ComparisonError(ValueError):
+class ComparisonError(FinesteerError, ValueError):
     """A comparison that cannot run or resume (no setups, duplicate names, other settings in out_dir)."""
 
 

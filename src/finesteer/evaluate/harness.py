@@ -28,7 +28,7 @@ from finesteer.generation import GenerationConfig, generate
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
 from finesteer.runs.records import JsonlRecords
-from finesteer.scoring.forward import check_rows, intervention_digest, rows_for_batch
+from finesteer.scoring.forward import check_rows, rows_for_batch
 
 HarnessItem = PromptItem | OpenEndedItem | ABItem | tuple[str, str]
 """A prompt to generate for: a dataset row, or an (id, user text) pair."""
@@ -169,7 +169,7 @@ def run_generations(
             "fingerprint": lm.fingerprint,
             # the batch size is left out: a resumed run may use another one
             "config": {k: v for k, v in asdict(config).items() if k != "batch_size"},
-            "intervention": intervention_digest(intervention),
+            "intervention": intervention.digest() if intervention is not None else "none",
             "judges": {name: _describe_judge(judge) for name, judge in sorted(judges.items())},
             "stop": list(stop),
         }

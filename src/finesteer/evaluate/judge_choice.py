@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from finesteer.data.prompts import chat_prompt
+from finesteer.errors import FinesteerError
 from finesteer.evaluate.judges import (
     CAA_BEHAVIOUR_0_10,
     HSI_COORDINATION_0_5,
@@ -31,7 +32,7 @@ DEFAULT_LOCAL_JUDGE = "qwen2.5-coder-0.5b-instruct"
 COORDINATION_BEHAVIOURS: tuple[str, ...] = ("coordinate-other-ais", "hsi-coordination")
 
 
-class JudgeChoiceError(ValueError):
+class JudgeChoiceError(FinesteerError, ValueError):
     """No rubric for the behaviour, or an unknown judge kind."""
 
 

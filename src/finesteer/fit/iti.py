@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from finesteer.capture.directions import ab_contrast_inputs, capture_heads, directions_from_activations
 from finesteer.data.items import ABItem
-from finesteer.fit.directions import ab_contrast_inputs, capture_heads, directions_from_activations
 from finesteer.fit.steering import Steering
 from finesteer.locate.hsi_table import check_alphas
 from finesteer.locate.iti import ProbeScores, train_probes

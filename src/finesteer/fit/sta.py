@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from finesteer.data.prompts import chat_prompt
+from finesteer.errors import FinesteerError
 from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import steer_residual
 from finesteer.sae.model import SparseAutoencoder
@@ -51,7 +52,7 @@ MODE_LABELS = {"sta": "sta", "amplitude": "sta_amplitude", "frequency": "sta_fre
 DEFAULT_TRIM = 0.35
 
 
-class STAError(ValueError):
+class STAError(FinesteerError, ValueError):
     """STA inputs that cannot give a vector (no pairs, empty answers, no atom selected, NaN)."""
 
 

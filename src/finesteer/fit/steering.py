@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finesteer.artifacts import SPEC_FILE, load_intervention, save_intervention
+from finesteer.errors import FinesteerError
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
 
 # TODO(coordinator): use Intervention.digest() / scoring's digest once lowlayers and scoring merge.
-from finesteer.scoring.forward import intervention_digest
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
@@ -32,7 +32,7 @@ STEERING_FILE = "steering.json"
 """Written by `Steering.save` next to the intervention artifact: name, system prompt, metadata."""
 
 
-class SteeringError(ValueError):
+class SteeringError(FinesteerError, ValueError):
     """A steering that cannot be saved, loaded or applied (no model given, missing files)."""
 
 
@@ -56,7 +56,8 @@ class Steering:
         if not isinstance(other, Steering):
             return NotImplemented
         def parts(s: Steering) -> tuple[Any, ...]:
-            return (s.name, s.metadata, s.system_prompt, intervention_digest(s.intervention))
+            digest = s.intervention.digest() if s.intervention is not None else "none"
+            return (s.name, s.metadata, s.system_prompt, digest)
 
         return parts(self) == parts(other)
 
@@ -94,7 +95,7 @@ class Steering:
         return {
             "model": model.name,
             "fingerprint": model.fingerprint,
-            "intervention": intervention_digest(self.intervention),
+            "intervention": self.intervention.digest() if self.intervention is not None else "none",
             "system_prompt": self.system_prompt,
         }
 

@@ -13,13 +13,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
+from finesteer.errors import FinesteerError
+
 if TYPE_CHECKING:
     from finesteer.fit.steering import Steering
     from finesteer.methods.data import BehaviourData, ContrastData
     from finesteer.models.loading import LoadedModel
 
 
-class MethodError(ValueError):
+class MethodError(FinesteerError, ValueError):
     """An unknown method, a setting it does not take, or data it cannot fit on."""
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finesteer.data.ab import load_ab_items
 from finesteer.data.catalog import dataset_info, list_datasets, load_dataset
-from finesteer.data.items import ABItem, OpenEndedItem
+from finesteer.data.items import ABItem, OpenEndedItem, ab_triples
 from finesteer.fit.refusal_pairs import refusal_triples
 from finesteer.methods.base import MethodError
-from finesteer.sae.corpus import option_text, question_stem
 
 if TYPE_CHECKING:
     from finesteer.sae.model import SparseAutoencoder
@@ -140,18 +140,6 @@ def load_behaviour_data(
     )
 
 
-def ab_triples(items: Sequence[ABItem]) -> list[Triple]:
-    """(question stem, matching option text, not-matching option text) per A/B item."""
-    return [
-        (
-            question_stem(item.question),
-            option_text(item.question, item.matching_letter),
-            option_text(item.question, item.not_matching_letter),
-        )
-        for item in items
-    ]
-
-
 @dataclass(frozen=True)
 class ContrastData:
     """Contrast triples for answer-statistics methods (STA, SAE-all, answer-mean CAA) and prompting.
@@ -205,13 +193,12 @@ def load_triples(source: str, limit: int) -> list[Triple]:
         return _file_triples(path, limit)
     known = {d.name: d for d in list_datasets() if d.kind == "ab"}
     if source not in known:
-        raise ValueError(
+        raise MethodError(
             f"unknown --data {source!r}: use refusal-pairs, an A/B behaviour ({', '.join(sorted(known))}) "
             "or a .jsonl/.csv file with question, matching, not_matching"
         )
     split = "generate" if "generate" in known[source].splits else None
-    items = [item for item in load_dataset(source, split, limit=limit) if isinstance(item, ABItem)]
-    return ab_triples(items)
+    return ab_triples(load_ab_items(source, split, limit=limit))
 
 
 def _file_triples(path: Path, limit: int) -> list[Triple]:
@@ -224,7 +211,7 @@ def _file_triples(path: Path, limit: int) -> list[Triple]:
         rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in lines]
     missing = {"question", "matching", "not_matching"} - set(rows[0] if rows else {})
     if not rows or missing:
-        raise ValueError(
+        raise MethodError(
             f"{path}: need rows with question, matching, not_matching columns; missing {sorted(missing)}"
         )
     return [(r["question"], r["matching"], r["not_matching"]) for r in rows[:limit]]

@@ -34,7 +34,7 @@ from finesteer.fit.steering import Steering
 from finesteer.methods.base import MethodError, MethodSettings
 from finesteer.methods.caa import save_fitted
 from finesteer.methods.data import BehaviourData, ContrastData, contrast_triples
-from finesteer.paths import cache_root
+from finesteer.runs import cache_root
 from finesteer.sae.io import load_sae
 
 if TYPE_CHECKING:

@@ -18,12 +18,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from finesteer.paths import write_json
+from finesteer.errors import FinesteerError
+from finesteer.runs.files import write_json_atomic
 
 Record = Mapping[str, Any]
 
 
-class RecordError(ValueError):
+class RecordError(FinesteerError, ValueError):
     """A record store that cannot be read or resumed (corrupt line, repeated id, bad id)."""
 
 
@@ -167,7 +168,7 @@ class JsonFileRecords:
 
     def put(self, record_id: str, record: Record) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(self.path(record_id), dict(record), indent=self.indent)
+        write_json_atomic(self.path(record_id), dict(record), indent=self.indent)
 
 
 __all__ = [
