@@ -7,7 +7,6 @@ ranking (verified heads by exact score first), the rank agreement and the timing
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,23 +15,8 @@ import typer
 
 from finesteer.cli.apps import locate_app
 from finesteer.cli.common import run_command, stderr_console
-from finesteer.cli.locate import (
-    RUN_FILE,
-    BatchOpt,
-    DataOpt,
-    EngineOpt,
-    EpsOpt,
-    JsonFlag,
-    LimitOpt,
-    ModelArg,
-    ModeOpt,
-    SplitOpt,
-    TemplateOpt,
-    _queries,
-    _show,
-    _slug,
-    _write_prompts,
-)
+from finesteer.cli.locate import DataOpt, EngineOpt, EpsOpt, ModeOpt, TemplateOpt, show
+from finesteer.cli.options import BatchOpt, JsonFlag, LimitOpt, ModelArg, SplitOpt, check_choice, slug
 
 METRICS: tuple[str, ...] = ("kl", "refusal")
 
@@ -66,6 +50,8 @@ def attribution(
     """Estimate every head's ablation effect from one forward + backward, verify the top ones exactly."""
 
     def work() -> dict[str, Any]:
+        from finesteer.data.typed import load_queries
+        from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
         from finesteer.locate.attribution import (
             KLDivergence,
@@ -77,11 +63,10 @@ def attribution(
         from finesteer.models import load_model
         from finesteer.report.heatmap import plot_head_heatmap
 
-        if metric not in METRICS:
-            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        check_choice(metric, METRICS, "--metric")
         ships_lib.ablation_method(mode)
-        folder = out or Path("runs") / _slug("attribution", model, data, mode, metric)
-        queries, ids = _queries(data, split, limit)
+        folder = out or Path("runs") / slug("attribution", model, data, mode, metric)
+        queries, ids = load_queries(data, split, limit)
         lm = load_model(model)
         prompts = ships_lib.format_queries(lm, queries, template)
         chosen: Metric = (
@@ -106,7 +91,7 @@ def attribution(
         )
         seconds = round(time.perf_counter() - started, 1)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_prompts(folder, queries, ids)
+        run_folder.write_prompts(folder, queries, ids)
         result.estimate.save(folder / "estimate")
         result.scores.save(folder)
         plot_head_heatmap(result.estimate, folder / "estimate" / "heatmap.png", title=f"estimate · {model}")
@@ -133,7 +118,7 @@ def attribution(
             "timing": result.seconds,
             "out": str(folder),
         }
-        (folder / RUN_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+        run_folder.write_run(folder, payload)
         return payload
 
-    _show(run_command(work), json_out)
+    show(run_command(work), json_out)
