@@ -16,13 +16,18 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
 from finesteer.errors import FinesteerError
+
+if TYPE_CHECKING:
+    from finesteer.interventions.edit import Intervention
+    from finesteer.models.loading import LoadedModel
 
 T = TypeVar("T")
 
@@ -115,3 +120,19 @@ def user_errors() -> Iterator[None]:
 def run_command(fn: Callable[[], T]) -> T:
     with user_errors():
         return fn()
+
+
+def load_with_intervention(
+    model: str, intervention: Path | None, allow_other_weights: bool = False
+) -> tuple[LoadedModel, Intervention | None]:
+    """`--intervention` and the model, the artifact read first (a bad folder fails before the load)
+    and checked against the model (`--allow-other-weights` accepts other weights of the same shape)."""
+    from finesteer.artifacts import load_intervention
+    from finesteer.models import load_model
+
+    artifact = load_intervention(intervention) if intervention else None
+    lm = load_model(model)
+    if artifact is None:
+        return lm, None
+    artifact.check_model(lm, strict=not allow_other_weights)
+    return lm, artifact.intervention

@@ -14,8 +14,7 @@ from rich.table import Table
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, run_command, stderr_console
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+from finesteer.cli.options import JsonFlag
 
 
 def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
