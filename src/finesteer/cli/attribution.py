@@ -21,6 +21,12 @@ from finesteer.cli.options import BatchOpt, JsonFlag, LimitOpt, ModelArg, SplitO
 METRICS: tuple[str, ...] = ("kl", "refusal")
 
 
+def _metric(name: str, outcomes: int, tokenizer: Any) -> Any:
+    from finesteer.locate.attribution import KLDivergence, TokenLogProb, refusal_token_ids
+
+    return KLDivergence(outcomes) if name == "kl" else TokenLogProb(refusal_token_ids(tokenizer))
+
+
 @locate_app.command("attribution")
 def attribution(
     model: ModelArg,
@@ -53,13 +59,7 @@ def attribution(
         from finesteer.data.typed import load_queries
         from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
-        from finesteer.locate.attribution import (
-            KLDivergence,
-            Metric,
-            TokenLogProb,
-            pre_ranked_scan,
-            refusal_token_ids,
-        )
+        from finesteer.locate.attribution import pre_ranked_scan
         from finesteer.models import load_model
         from finesteer.report.heatmap import plot_head_heatmap
 
@@ -69,9 +69,7 @@ def attribution(
         queries, ids = load_queries(data, split, limit)
         lm = load_model(model)
         prompts = ships_lib.format_queries(lm, queries, template)
-        chosen: Metric = (
-            KLDivergence(outcomes) if metric == "kl" else TokenLogProb(refusal_token_ids(lm.tokenizer))
-        )
+        chosen = _metric(metric, outcomes, lm.tokenizer)
         n_heads = lm.info.n_layers * lm.info.n_heads
         stderr_console().print(
             f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} on {len(prompts)} "
@@ -90,15 +88,7 @@ def attribution(
             engine=engine,
         )
         seconds = round(time.perf_counter() - started, 1)
-        folder.mkdir(parents=True, exist_ok=True)
-        run_folder.write_prompts(folder, queries, ids)
-        result.estimate.save(folder / "estimate")
-        result.scores.save(folder)
-        plot_head_heatmap(result.estimate, folder / "estimate" / "heatmap.png", title=f"estimate · {model}")
-        plot_head_heatmap(result.scores, folder / "heatmap.png", title=f"verified heads · {model}")
-        ranking = result.ranking()
-        exact = dict(zip(result.verified, result.exact.mean(1).tolist(), strict=True))
-        payload = {
+        info = {
             "command": "locate attribution",
             "model": model,
             "data": data,
@@ -110,15 +100,11 @@ def attribution(
             "metric": chosen.key(),
             "linearize": linearize,
             "top_n": top_n,
-            "top_heads": [
-                {"head": f"{layer}.{head}", "exact": exact.get((layer, head))} for layer, head in ranking[:10]
-            ],
-            "agreement": result.agreement,
-            "seconds": seconds,
-            "timing": result.seconds,
-            "out": str(folder),
         }
-        run_folder.write_run(folder, payload)
+        payload = run_folder.save_attribution(folder, result, queries, ids, info, seconds)
+        estimate_map = folder / run_folder.ESTIMATE_DIR / run_folder.HEATMAP_FILE
+        plot_head_heatmap(result.estimate, estimate_map, title=f"estimate · {model}")
+        plot_head_heatmap(result.scores, folder / run_folder.HEATMAP_FILE, title=f"verified heads · {model}")
         return payload
 
     show(run_command(work), json_out)

@@ -83,9 +83,9 @@ def ships(
         prompts = ships_lib.format_queries(lm, queries, template)
         run_folder.write_prompts(folder, queries, ids)
         levels = ("query", "dataset") if level == "both" else (level,)
+        n_heads = lm.info.n_layers * lm.info.n_heads
         stderr_console().print(
-            f"Ships {'+'.join(levels)} ({mode}, ε={eps}) on {len(prompts)} prompts × "
-            f"{lm.info.n_layers * lm.info.n_heads} heads of {model}"
+            f"Ships {'+'.join(levels)} ({mode}, ε={eps}): {len(prompts)} prompts × {n_heads} heads of {model}"
         )
         started = time.perf_counter()
         tables = ships_lib.ships_scores(
@@ -112,19 +112,14 @@ def ships(
             "template": template,
             "seconds": seconds,
         }
-        results = {}
+        combined = level == "both"
+        payload = run_folder.save_ships(
+            folder, tables, info, queries, ids, lm.info.n_heads, r_main=r_main, combined=combined
+        )
         for name, scores in tables.items():
-            target = folder / name if level == "both" else folder
-            extra = {"level": name, "r_main": r_main if name == "dataset" else None}
-            saved = run_folder.save_level(target, scores, {**info, **extra}, queries, ids, lm.info.n_heads)
-            title = f"Ships {name} {mode} · {model} · {data}"
-            plot_head_heatmap(scores, saved["heatmap"], title=title)
-            results[name] = saved
-        if level != "both":
-            return results[level]
-        combined = {**info, "level": "both", "out": str(folder), "levels": results}
-        run_folder.write_run(folder, combined)
-        return combined
+            heatmap = run_folder.level_folder(folder, name, combined) / run_folder.HEATMAP_FILE
+            plot_head_heatmap(scores, heatmap, title=f"Ships {name} {mode} · {model} · {data}")
+        return payload
 
     result = run_command(work)
     show(result, json_out)

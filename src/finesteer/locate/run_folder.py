@@ -26,6 +26,7 @@ PER_PROMPT_FILE = "per_prompt_top.jsonl"
 HEATMAP_FILE = "heatmap.png"
 SCORES_FILE = "scores.safetensors"
 HEADS_FILE = "heads.json"
+ESTIMATE_DIR = "estimate"
 
 
 class RunFolderError(FinesteerError, ValueError):
@@ -136,6 +137,69 @@ def save_level(
     }
     write_run(folder, result)
     return result
+
+
+def level_folder(folder: Path, level: str, combined: bool) -> Path:
+    """Where one Ships level is saved: the run folder itself, or `folder/<level>` when both levels ran."""
+    return folder / level if combined else folder
+
+
+def save_ships(
+    folder: Path,
+    tables: dict[str, HeadScores],
+    info: dict[str, Any],
+    queries: Sequence[str],
+    ids: Sequence[str],
+    n_heads: int,
+    *,
+    r_main: int,
+    combined: bool,
+) -> dict[str, Any]:
+    """Save every Ships level (`save_level`); the payload of the one level, or of both (`levels`)."""
+    results = {}
+    for name, scores in tables.items():
+        extra = {"level": name, "r_main": r_main if name == "dataset" else None}
+        target = level_folder(folder, name, combined)
+        results[name] = save_level(target, scores, {**info, **extra}, queries, ids, n_heads)
+    if not combined:
+        (only,) = results.values()
+        return only
+    payload = {**info, "level": "both", "out": str(folder), "levels": results}
+    write_run(folder, payload)
+    return payload
+
+
+def save_attribution(
+    folder: Path,
+    result: Any,
+    queries: Sequence[str],
+    ids: Sequence[str],
+    info: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """Save a pre-ranked attribution scan: `estimate/` (every head), the verified scores, prompts, run.json.
+
+    `result` is `locate.attribution.pre_ranked_scan`'s; the payload lists the final ranking's top 10
+    with their exact scores (None for heads not verified).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    write_prompts(folder, queries, ids)
+    result.estimate.save(folder / ESTIMATE_DIR)
+    result.scores.save(folder)
+    exact = dict(zip(result.verified, result.exact.mean(1).tolist(), strict=True))
+    payload = {
+        **info,
+        "top_heads": [
+            {"head": f"{layer}.{head}", "exact": exact.get((layer, head))}
+            for layer, head in result.ranking()[:10]
+        ],
+        "agreement": result.agreement,
+        "seconds": seconds,
+        "timing": result.seconds,
+        "out": str(folder),
+    }
+    write_run(folder, payload)
+    return payload
 
 
 def run_heads(run: Path, count: int) -> list[tuple[int, int]]:
