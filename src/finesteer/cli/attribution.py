@@ -14,9 +14,21 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import locate_app
-from finesteer.cli.common import run_command, stderr_console
-from finesteer.cli.locate import DataOpt, EngineOpt, EpsOpt, ModeOpt, TemplateOpt, show
-from finesteer.cli.options import BatchOpt, JsonFlag, LimitOpt, ModelArg, SplitOpt, check_choice, slug
+from finesteer.cli.common import run_command, show, stderr_console
+from finesteer.cli.options import (
+    BatchOpt,
+    EngineOpt,
+    EpsOpt,
+    JsonFlag,
+    LimitOpt,
+    ModelArg,
+    ModeOpt,
+    PromptDataOpt,
+    SplitOpt,
+    TemplateOpt,
+    check_choice,
+    slug,
+)
 
 METRICS: tuple[str, ...] = ("kl", "refusal")
 
@@ -30,7 +42,7 @@ def _metric(name: str, outcomes: int, tokenizer: Any) -> Any:
 @locate_app.command("attribution")
 def attribution(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     mode: ModeOpt = "ua",

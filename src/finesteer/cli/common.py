@@ -103,6 +103,22 @@ def emit_json(result: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def show(result: dict[str, Any], json_out: bool) -> None:
+    """A command's result: one JSON object with `--json`, else a two-column table (nested values as JSON)."""
+    if json_out:
+        emit_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, title=str(result.get("command", "")))
+    for key, value in result.items():
+        if key == "command":
+            continue
+        text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(key, text)
+    Console().print(table)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn user errors into one line on stderr and exit code 2; let bugs propagate with their traceback."""

@@ -6,7 +6,6 @@ The run folder they write and read is defined in `finesteer.locate.run_folder`; 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,29 +13,24 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import app, locate_app
-from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.cli.common import emit_json, run_command, show, stderr_console
 from finesteer.cli.options import (
     BatchOpt,
+    EngineOpt,
+    EpsOpt,
     JsonFlag,
     LimitOpt,
     ModelArg,
+    ModeOpt,
+    PromptDataOpt,
     SplitOpt,
+    TemplateOpt,
     check_choice,
     out_option,
     parse_numbers,
     slug,
 )
 
-DataOpt = Annotated[str, typer.Option("--data", help="Prompt dataset (e.g. advbench, jailbreakbench).")]
-ModeOpt = Annotated[str, typer.Option(help="ua = uniform attention (query × ε), sc = scale output × ε.")]
-EpsOpt = Annotated[float, typer.Option(help="Ablation factor ε.")]
-TemplateOpt = Annotated[
-    str,
-    typer.Option(help="'chat' (chat template), 'ships' / 'sahara' (authors' raw templates), or '…{query}…'."),
-]
-EngineOpt = Annotated[
-    str, typer.Option(help="Scan engine: 'fast' (heads batched, earlier layers reused) or 'simple'.")
-]
 OutOpt = Annotated[Path | None, out_option("Run folder (default: runs/<command>-<model>-…).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a checkpointed run in --out.")]
 LEVELS = ("query", "dataset", "both")
@@ -45,7 +39,7 @@ LEVELS = ("query", "dataset", "both")
 @locate_app.command("ships")
 def ships(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     mode: ModeOpt = "ua",
@@ -128,7 +122,7 @@ def ships(
 @locate_app.command("sahara")
 def sahara(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     group_size: Annotated[int, typer.Option(help="Heads in the group.")] = 3,
@@ -179,7 +173,7 @@ def sahara(
             engine=engine,
         )
         seconds = round(time.perf_counter() - started, 1)
-        (folder / run_folder.SAHARA_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        sahara_file = run_folder.write_sahara(folder, result)
         first = result.step_scores(lm, 0)
         first.extra.update(data=data, split=split, limit=limit, template=template)
         first.save(folder)
@@ -198,7 +192,7 @@ def sahara(
             "step_scores": [s.score for s in result.steps],
             "seconds": seconds,
             "out": str(folder),
-            "sahara_json": str(folder / run_folder.SAHARA_FILE),
+            "sahara_json": str(sahara_file),
             "heatmap": str(folder / "heatmap.png"),
         }
         run_folder.write_run(folder, payload)
@@ -211,7 +205,7 @@ def sahara(
 @app.command("ablate")
 def ablate(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     heads: Annotated[str | None, typer.Option(help="Ranked heads LAYER.HEAD,… (best first).")] = None,
     from_run: Annotated[
         Path | None, typer.Option(help="Take the ranked heads (or Sahara group) from this run folder.")
@@ -314,22 +308,6 @@ def export_surgery(
 
     result = run_command(work)
     show(result, json_out)
-
-
-def show(result: dict[str, Any], json_out: bool) -> None:
-    if json_out:
-        emit_json(result)
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_header=False, title=str(result.get("command", "")))
-    for key, value in result.items():
-        if key == "command":
-            continue
-        text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
-        table.add_row(key, text)
-    Console().print(table)
 
 
 @locate_app.command("overlap")

@@ -35,6 +35,18 @@ OtherWeightsOpt = Annotated[
     bool, typer.Option(help="Apply an artifact fitted on other weights of the same shape.")
 ]
 
+# Head-ablation commands (locate ships|sahara|attribution, ablate, export-surgery).
+PromptDataOpt = Annotated[str, typer.Option("--data", help="Prompt dataset (e.g. advbench, jailbreakbench).")]
+ModeOpt = Annotated[str, typer.Option(help="ua = uniform attention (query × ε), sc = scale output × ε.")]
+EpsOpt = Annotated[float, typer.Option(help="Ablation factor ε.")]
+TemplateOpt = Annotated[
+    str,
+    typer.Option(help="'chat' (chat template), 'ships' / 'sahara' (authors' raw templates), or '…{query}…'."),
+]
+EngineOpt = Annotated[
+    str, typer.Option(help="Scan engine: 'fast' (heads batched, earlier layers reused) or 'simple'.")
+]
+
 
 def out_option(help: str) -> Any:
     """The `--out` option with a command's own help: `out: Annotated[Path, out_option("…")] = …`."""

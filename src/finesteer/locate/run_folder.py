@@ -202,6 +202,13 @@ def save_attribution(
     return payload
 
 
+def write_sahara(folder: Path, result: Any) -> Path:
+    """`sahara.json`: a Sahara search (`locate.sahara.SaharaResult`), its group and every step."""
+    path = folder / SAHARA_FILE
+    path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return path
+
+
 def run_heads(run: Path, count: int) -> list[tuple[int, int]]:
     """Heads of a run folder, best first: a Sahara group if there is one, else the top `count` by score."""
     sahara_file = run / SAHARA_FILE
