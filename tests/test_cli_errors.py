@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,10 @@ def test_file_errors_are_user_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and str(missing) in result.output
     assert is_user_error(FileNotFoundError("x")) and is_user_error(IsADirectoryError("x"))
     assert not is_user_error(RuntimeError("x")) and not is_user_error(KeyError("x"))
+    import yaml
+
+    assert is_user_error(yaml.YAMLError("bad indentation"))
+    assert is_user_error(json.JSONDecodeError("x", "", 0))
 
 
 def test_a_bad_option_value_is_one_line() -> None:
