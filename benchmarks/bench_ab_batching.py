@@ -12,8 +12,8 @@ import argparse
 import time
 
 from finesteer.data import load_dataset
-from finesteer.evaluate.ab import letter_probabilities
 from finesteer.models import load_model
+from finesteer.scoring.ab import ABScorer
 
 
 def main() -> None:
@@ -26,12 +26,12 @@ def main() -> None:
 
     lm = load_model(args.model)
     items = load_dataset(args.data, limit=args.items)
-    letter_probabilities(lm, items[:2])  # warm-up
+    ABScorer(lm, items[:2]).score([None])  # warm-up
     timings = {}
     results = {}
     for batch_size in (1, args.batch_size):
         start = time.perf_counter()
-        results[batch_size] = letter_probabilities(lm, items, batch_size=batch_size)
+        results[batch_size] = ABScorer(lm, items, batch_size=batch_size).score([None])
         timings[batch_size] = time.perf_counter() - start
     diff = float((results[1].p_matching - results[args.batch_size].p_matching).abs().max())
     print(f"model {args.model}, {len(items)} items of {args.data}")

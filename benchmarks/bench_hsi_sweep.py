@@ -4,8 +4,8 @@
 
 Scores every head of one layer at each α both ways on the same items and prints wall seconds, the
 speed-up ratio, and max |Δ p(matching)| (float noise, ≲ 1e-5). The slow path is
-`finesteer.evaluate.ab.letter_probabilities` (batched, right-padded full forwards); the fast path
-is `LastTokenScorer`, including the one-off prefix pass.
+`ABScorer.score(..., reuse_prefix=None)` (batched, right-padded full forwards); the fast path is
+`reuse_prefix=1` (cached prefix + last token), including the one-off prefix pass.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from finesteer.data import load_dataset
-from finesteer.evaluate.ab import letter_probabilities
 from finesteer.fit.directions import fit_head_directions
-from finesteer.locate.last_token import LastTokenScorer, prepare_targets
 from finesteer.models import load_model
+from finesteer.scoring.ab import ABScorer
 
 
 def main() -> None:
@@ -44,17 +41,12 @@ def main() -> None:
     ]
 
     start = time.perf_counter()
-    scorer = LastTokenScorer(lm, prepare_targets(lm.tokenizer, test), batch_size=args.batch_size)
-    fast = scorer.score(interventions).p_matching
+    scorer = ABScorer(lm, test, batch_size=args.batch_size, max_rows=args.max_rows)
+    fast = scorer.score(interventions, reuse_prefix=1).p_matching
     t_fast = time.perf_counter() - start
 
     start = time.perf_counter()
-    slow = torch.stack(
-        [
-            letter_probabilities(lm, test, intervention=iv, batch_size=args.batch_size).p_matching.float()
-            for iv in interventions
-        ]
-    )
+    slow = ABScorer(lm, test, batch_size=args.batch_size).score(interventions).p_matching
     t_slow = time.perf_counter() - start
     diff = float((fast - slow).abs().max())
     print(f"model {args.model}: {len(interventions)} (head, α) rows × {len(test)} items, layer {args.layer}")

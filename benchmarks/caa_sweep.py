@@ -26,14 +26,10 @@ def main() -> None:
 
     from finesteer import load_model
     from finesteer.data import load_dataset
-    from finesteer.evaluate.ab import letter_probabilities
-    from finesteer.fit.caa import (
-        caa_intervention,
-        caa_vectors,
-        instruction_tail_tokens,
-        prefix_cached_letter_scores,
-    )
-    from finesteer.interventions import steer_residual
+    from finesteer.fit.caa import caa_intervention
+    from finesteer.fit.caa_tail import instruction_tail_tokens
+    from finesteer.fit.caa_vectors import caa_vectors
+    from finesteer.scoring.ab import ABScorer
 
     lm = load_model(args.model)
     items = list(load_dataset(args.data, split="generate"))
@@ -49,28 +45,17 @@ def main() -> None:
         f"threads {torch.get_num_threads()}"
     )
 
+    edits = [caa_intervention(vectors.vector(layer), layer, m, k) for layer, m in grid]
+    scorer = ABScorer(lm, val, batch_size=args.batch_size)
     started = time.perf_counter()
-    fast = prefix_cached_letter_scores(
-        lm,
-        val,
-        [steer_residual(layer, vectors.vector(layer), m, scope="all") for layer, m in grid],
-        batch_size=args.batch_size,
-    )
+    fast = scorer.score(edits, reuse_prefix=k)
     t_fast = time.perf_counter() - started
 
     started = time.perf_counter()
-    plain = [
-        letter_probabilities(
-            lm,
-            val,
-            intervention=caa_intervention(vectors.vector(layer), layer, m, k),
-            batch_size=args.batch_size,
-        )
-        for layer, m in grid
-    ]
+    plain = scorer.score(edits)  # full forward per configuration
     t_plain = time.perf_counter() - started
 
-    diff = max(float((f.p_matching - p.p_matching).abs().max()) for f, p in zip(fast, plain, strict=True))
+    diff = float((fast.p_matching - plain.p_matching).abs().max())
     print(f"plain (full forward per configuration): {t_plain:.1f}s")
     print(f"prefix-cached (tail re-run):            {t_fast:.1f}s")
     print(f"speed-up: {t_plain / t_fast:.1f}x   max |Δ p(matching)|: {diff:.2e}")

@@ -10,19 +10,20 @@ from typer.testing import CliRunner
 
 from finesteer.data import ABItem, ab_prompt, load_dataset
 from finesteer.evaluate import ab as ab_module
-from finesteer.evaluate.ab import (
-    UNDEFINED,
-    ab_generation_prompt,
-    ab_matching_rate_generated,
-    ab_matching_rate_prob,
-    letter_probabilities,
-    letter_targets,
-    parse_ab_answer,
-)
-from finesteer.evaluate.batching import EvaluationError
+from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
 from finesteer.generation import GenerationConfig
 from finesteer.interventions import Intervention, steer_head, steer_residual
 from finesteer.models import LoadedModel, load_model
+from finesteer.scoring.ab import (
+    UNDEFINED,
+    ABPrompt,
+    ABScorer,
+    OptionScores,
+    ab_generation_prompt,
+    letter_target,
+    parse_ab_answer,
+)
+from finesteer.scoring.forward import ScoringError
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,13 @@ ITEMS = (
 )
 
 
+def letter_probabilities(
+    lm: LoadedModel, items, *, intervention: Intervention | None = None, batch_size: int = 8
+) -> OptionScores:
+    """The scorer's reference path (full forwards) under one intervention: row 0 of its tables."""
+    return ABScorer(lm, items, batch_size=batch_size).score([intervention])
+
+
 def manual_p_matching(lm: LoadedModel, it: ABItem) -> tuple[float, dict[str, float]]:
     """p(matching)/Σ p(options) from one unbatched forward, softmax written out by hand."""
     text = ab_prompt(lm.tokenizer, it)
@@ -59,22 +67,24 @@ def test_letter_probability_matches_manual_softmax(lm: LoadedModel) -> None:
     scores = letter_probabilities(lm, ITEMS, batch_size=3)  # prompts of different lengths share a batch
     for i, it in enumerate(ITEMS):
         expected, option_probs = manual_p_matching(lm, it)
-        assert float(scores.p_matching[i]) == pytest.approx(expected, abs=1e-5)
-        assert scores.option_probs[i] == pytest.approx(option_probs, abs=1e-5)
+        assert float(scores.p_matching[0, i]) == pytest.approx(expected, abs=1e-5)
+        assert scores.option_prob_dicts(0)[i] == pytest.approx(option_probs, abs=1e-5)
         best = max(it.options, key=lambda L: option_probs[L])
-        assert scores.choice[i] == best
-        assert scores.matching[i] == (best == it.matching_letter)
+        assert scores.choices(0)[i] == best
+        assert bool(scores.matching[0, i]) == (best == it.matching_letter)
     assert scores.token_modes == ["after_paren"] * len(ITEMS)
-    assert set(scores.option_probs[2]) == {"A", "B", "C"}  # a third option is part of the normalisation
+    assert set(scores.option_prob_dicts(0)[2]) == {"A", "B", "C"}  # a third option is normalised too
+    assert torch.isnan(scores.option_probs[0, 0, 2])  # two-option items have no third probability
     assert bool(((scores.option_mass > 0) & (scores.option_mass <= 1)).all())
 
 
 def test_matching_rate_prob_aggregates_per_item(lm: LoadedModel) -> None:
     result = ab_matching_rate_prob(lm, ITEMS)
     scores = letter_probabilities(lm, ITEMS)
-    assert result.n == 4 and result.count == sum(scores.matching)
-    assert result.matching_rate == pytest.approx(result.count / 4)
-    assert result.mean_p_matching == pytest.approx(float(scores.p_matching.mean()))
+    assert result.n == 4 and result.count == int(scores.matching.sum())
+    assert result.matching_rate == result.count / 4 == float(scores.matching_rate()[0])
+    assert result.mean_p_matching == float(scores.mean_p_matching()[0])
+    assert [r["p_matching"] for r in result.per_item] == scores.p_matching[0].tolist()
     assert [r["id"] for r in result.per_item] == ["q0", "q1", "q2", "q3"]
     low, high = result.interval()
     assert 0 <= low <= result.matching_rate <= high <= 1
@@ -89,13 +99,13 @@ def test_batched_equals_unbatched_with_per_row_intervention(lm: LoadedModel) -> 
     unbatched = letter_probabilities(lm, ITEMS, intervention=scan, batch_size=1)
     odd = letter_probabilities(lm, ITEMS, intervention=scan, batch_size=3)  # rows split across batches
     alone = [
-        float(letter_probabilities(lm, [it], intervention=iv).p_matching[0])
+        float(letter_probabilities(lm, [it], intervention=iv).p_matching[0, 0])
         for it, iv in zip(ITEMS, per_item, strict=True)
     ]
     plain = letter_probabilities(lm, ITEMS)
     assert torch.allclose(batched.p_matching, unbatched.p_matching, atol=1e-5)
     assert torch.allclose(odd.p_matching, unbatched.p_matching, atol=1e-5)
-    assert torch.allclose(batched.p_matching, torch.tensor(alone, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(batched.p_matching[0], torch.tensor(alone, dtype=torch.float64), atol=1e-5)
     assert not torch.allclose(batched.p_matching, plain.p_matching, atol=1e-3)  # the edits did something
 
 
@@ -126,7 +136,7 @@ def _bpe_tokenizer(merges: list[tuple[str, str]]):
 
 def test_letter_targets_split_merged_and_error() -> None:
     split = _bpe_tokenizer([])
-    targets = letter_targets(split, "Q?\n(", ("A", "B"))
+    targets = letter_target(split, "Q?\n(", ("A", "B"))
     assert targets.mode == "after_paren"
     assert targets.letter_ids == {
         "A": split.convert_tokens_to_ids("A"),
@@ -135,7 +145,7 @@ def test_letter_targets_split_merged_and_error() -> None:
     assert targets.tokens == tuple(split("Q?\n(")["input_ids"])
 
     merged = _bpe_tokenizer([("(", "A"), ("(", "B")])  # Qwen2/GPT-2 style: "(A" is one token
-    targets = letter_targets(merged, "Q?\n(", ("A", "B"))
+    targets = letter_target(merged, "Q?\n(", ("A", "B"))
     assert targets.mode == "merged_paren"
     assert targets.letter_ids == {
         "A": merged.convert_tokens_to_ids("(A"),
@@ -144,10 +154,10 @@ def test_letter_targets_split_merged_and_error() -> None:
     assert targets.tokens == tuple(merged("Q?\n")["input_ids"])  # read where "(" would be predicted
 
     glued = _bpe_tokenizer([("x", "A"), ("x", "B")])
-    with pytest.raises(EvaluationError, match=r"item 'q7'.*generated-answer metric"):
-        letter_targets(glued, "Q?x", ("A", "B"), prefill="x", item_id="q7")
-    with pytest.raises(EvaluationError, match="1 answer option"):
-        letter_targets(split, "Q?\n(", ("A",))
+    with pytest.raises(ScoringError, match=r"item 'q7'.*generated-answer metric"):
+        letter_target(glued, "Q?x", ("A", "B"), prefill="x", item_id="q7")
+    with pytest.raises(ScoringError, match="1 answer option"):
+        letter_target(split, "Q?\n(", ("A",))
 
 
 @pytest.mark.parametrize(
@@ -193,7 +203,7 @@ def test_generation_prompt_styles(lm: LoadedModel) -> None:
     assert prompt.count('Include in your answer "Answer: (A) / (B)".') == 1 and prefix == ""
     prompt, _ = ab_generation_prompt(lm.tokenizer, ITEMS[0], prompt_style="hsi")
     assert 'No Include in your answer "Answer: (A) / (B)".' in prompt
-    with pytest.raises(EvaluationError, match="prompt_style"):
+    with pytest.raises(ScoringError, match="prompt_style"):
         ab_generation_prompt(lm.tokenizer, ITEMS[0], prompt_style="nope")  # type: ignore[arg-type]
 
 
@@ -210,10 +220,22 @@ def test_generated_batched_equals_unbatched_with_per_row_intervention(lm: Loaded
 
 
 def test_bad_inputs(lm: LoadedModel) -> None:
-    with pytest.raises(EvaluationError, match="no A/B items"):
+    with pytest.raises(ScoringError, match="no A/B items"):
         ab_matching_rate_prob(lm, [])
-    with pytest.raises(EvaluationError, match="no '\\(A\\)'/'\\(B\\)' answer options"):
+    with pytest.raises(ScoringError, match="no '\\(A\\)'/'\\(B\\)' answer options"):
         letter_probabilities(lm, [item("Yes or no?", id="bare")])
+    scorer = ABScorer(lm, ITEMS)
+    with pytest.raises(ScoringError, match="no interventions"):
+        scorer.score([])
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ScoringError, match="reuse_prefix"):
+            scorer.score([None], reuse_prefix=bad)  # type: ignore[arg-type]
+    with pytest.raises(ScoringError, match="batch_size"):
+        ABScorer(lm, ITEMS, batch_size=0)
+    with pytest.raises(ScoringError, match="max_rows"):
+        ABScorer(lm, ITEMS, max_rows=0)
+    with pytest.raises(ScoringError, match="prefill"):
+        ABPrompt(prefill=None)  # type: ignore[arg-type]
 
 
 def test_cli_ab_json(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,7 +282,7 @@ def test_log_probs_at_without_logits_to_keep_support(lm: LoadedModel) -> None:
     """A model whose forward ignores `logits_to_keep` gives the same numbers (positions gathered after)."""
     import dataclasses
 
-    from finesteer.evaluate.batching import log_probs_at
+    from finesteer.scoring.forward import log_probs_at
 
     class IgnoresKeep(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
@@ -276,7 +298,7 @@ def test_log_probs_at_without_logits_to_keep_support(lm: LoadedModel) -> None:
     assert torch.allclose(
         log_probs_at(wrapped, seqs, positions), log_probs_at(lm, seqs, positions), atol=1e-6
     )
-    with pytest.raises(EvaluationError, match="outside a sequence"):
+    with pytest.raises(ScoringError, match="outside a sequence"):
         log_probs_at(lm, seqs, [[4], [0]])
 
 

@@ -11,23 +11,13 @@ import torch
 import finesteer as fs
 from finesteer.data import ABItem, load_dataset
 from finesteer.data.prompts import ab_prompt, chat_prompt
-from finesteer.evaluate.ab import letter_probabilities
-from finesteer.fit.caa import (
-    CAAError,
-    CAAVectors,
-    SweepPoint,
-    caa_intervention,
-    caa_scope,
-    caa_vectors,
-    fit_caa,
-    instruction_tail_tokens,
-    prefix_cached_letter_scores,
-    select_point,
-    template_tail_ids,
-)
+from finesteer.fit.caa import SweepPoint, caa_intervention, fit_caa, select_point, sweep_caa
+from finesteer.fit.caa_tail import CAAError, caa_scope, instruction_tail_tokens, template_tail_ids
+from finesteer.fit.caa_vectors import CAAVectors, caa_vectors
 from finesteer.hooks import HookSet
 from finesteer.interventions import Scope, steer_residual
 from finesteer.models import LoadedModel
+from finesteer.scoring.ab import ABPrompt, ABScorer, letter_target
 from finesteer.sites import Site
 
 TAIL = "<|im_end|>\n<|im_start|>assistant\n"  # what the tiny models' ChatML template adds after the user
@@ -91,9 +81,9 @@ def test_tail_is_template_text_plus_prefill(tiny_models: dict[str, LoadedModel])
     tok = tiny_models["tiny-llama"].tokenizer
     k = instruction_tail_tokens(tok)
     assert k == len(tok(TAIL + "(", add_special_tokens=False)["input_ids"]) == 14
-    assert instruction_tail_tokens(tok, prefill="") == k - 1
+    assert instruction_tail_tokens(tok, ABPrompt(prefill="")) == k - 1
     # A system prompt goes before the user turn and leaves the tail alone.
-    assert instruction_tail_tokens(tok, system="Be brief.") == k
+    assert instruction_tail_tokens(tok, ABPrompt(system="Be brief.")) == k
     text = chat_prompt(tok, "Is it?", None, "(")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids[-k:]) == TAIL + "("
@@ -150,30 +140,32 @@ def test_caa_edit_changes_only_tail_positions(
 
 
 def test_prefix_cached_sweep_equals_plain_evaluation(tiny: LoadedModel, items: list[ABItem]) -> None:
-    """The fast path (prefix KV cache, tail re-run) gives the numbers of `letter_probabilities`."""
+    """The fast path (prefix KV cache, tail re-run) gives the numbers of the full-forward scorer."""
     k = instruction_tail_tokens(tiny.tokenizer)
     vectors = caa_vectors(tiny, items[:3], layers=[1, 2])
     val = items[3:6]
     configs = [(1, 3.0), (2, -2.0)]
-    tail_ivs = [None] + [steer_residual(layer, vectors.vector(layer), m, scope="all") for layer, m in configs]
-    fast = prefix_cached_letter_scores(tiny, val, tail_ivs, batch_size=2)
-    plain = [letter_probabilities(tiny, val)]
-    plain += [
-        letter_probabilities(tiny, val, intervention=caa_intervention(vectors.vector(lay), lay, m, k))
-        for lay, m in configs
-    ]
-    for got, want in zip(fast, plain, strict=True):
-        torch.testing.assert_close(got.p_matching, want.p_matching, atol=2e-5, rtol=0)
-        assert got.matched.tolist() == want.matching
-    assert not torch.allclose(fast[1].p_matching, fast[0].p_matching)  # the edits do move the scores
+    fast, points = sweep_caa(tiny, vectors, val, (3.0, -2.0), batch_size=2)
+    scorer = ABScorer(tiny, val)
+    plain = scorer.score([None] + [caa_intervention(vectors.vector(lay), lay, m, k) for lay, m in configs])
+    rows = [0, 1, 4]  # unsteered; (layer 1, ×3); (layer 2, ×-2): rows of the layer × multiplier grid
+    torch.testing.assert_close(fast.p_matching[rows], plain.p_matching, atol=2e-5, rtol=0)
+    assert torch.equal(fast.matching[rows], plain.matching)
+    torch.testing.assert_close(fast.option_mass[rows], plain.option_mass, atol=2e-5, rtol=0)
+    assert (points[0].layer, points[0].multiplier) == (1, 3.0)
+    assert points[0].mean_p_matching == float(fast.p_matching[1].mean())
+    assert not torch.allclose(fast.p_matching[1], fast.p_matching[0])  # the edits do move the scores
 
 
 def test_prefix_cached_sweep_rejects_position_scoped_edits(
     tiny_models: dict[str, LoadedModel], items: list[ABItem]
 ) -> None:
     lm = tiny_models["tiny-llama"]
-    with pytest.raises(CAAError, match="scope 'all'"):
-        prefix_cached_letter_scores(lm, items[:2], [steer_residual(0, torch.ones(64), 1.0, scope="last")])
+    k = instruction_tail_tokens(lm.tokenizer)
+    scorer = ABScorer(lm, items[:2])
+    for scope in ("all", f"from_end:{k - 1}", "prompt"):
+        with pytest.raises(ValueError, match=f"'from_end:{k}'"):
+            scorer.score([steer_residual(0, torch.ones(64), 1.0, scope=scope)], reuse_prefix=k)
 
 
 def test_select_point_prefers_gentle_multiplier_within_tolerance() -> None:
@@ -210,8 +202,8 @@ def test_fit_caa_end_to_end(tiny_models: dict[str, LoadedModel], items: list[ABI
     assert (tmp_path / "caa_sweep.json").is_file() and (tmp_path / "caa_vectors.safetensors").is_file()
     assert len(meta["multipliers_swept"]) * lm.info.n_layers == 6
     # The reported validation score is the plain evaluation of the chosen intervention.
-    plain = letter_probabilities(lm, items[3:5], intervention=fitted.intervention)
-    assert meta["val_mean_p_matching"] == pytest.approx(float(plain.p_matching.mean()), abs=2e-5)
+    plain = ABScorer(lm, items[3:5]).score([fitted.intervention])
+    assert meta["val_mean_p_matching"] == float(plain.p_matching[0].mean())
     away = fit_caa(lm, items[:3], items[3:5], multipliers=(1.0,), direction="away", progress=False)
     assert away.intervention.edits[0].op.scale == -1.0
     artifact = fs.load_intervention(fitted.save(tmp_path / "artifact", lm))
@@ -237,7 +229,5 @@ def test_real_template_tails(name: str, k: int) -> None:
     lm = fs.load_model(name)
     assert instruction_tail_tokens(lm.tokenizer) == k
     item = load_dataset("coordinate-other-ais", split="test_ab", limit=1)[0]
-    from finesteer.evaluate.ab import letter_targets
-
-    target = letter_targets(lm.tokenizer, ab_prompt(lm.tokenizer, item), item.options)
+    target = letter_target(lm.tokenizer, ab_prompt(lm.tokenizer, item), item.options)
     assert lm.tokenizer.decode(list(target.tokens[-k:])).startswith("<|im_end|>")

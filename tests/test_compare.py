@@ -140,9 +140,11 @@ def test_lora_returns_new_model_and_leaves_original_untouched(
     )
     assert (tmp_path / "lora_adapter" / "adapter_config.json").is_file()
     assert json.loads((tmp_path / "lora_loss.json").read_text())["loss"] == meta["loss_curve"]
-    # Same seed, same data → same adapter.
+    # Same seed, same data → same adapter; the process-wide RNG is left as it was.
+    rng = torch.random.get_rng_state()
     again = fit_lora(llama, list(data.train), settings, progress=False)
     assert again.metadata["adapter_digest"] == meta["adapter_digest"]
+    assert torch.equal(torch.random.get_rng_state(), rng)
 
 
 def test_lora_bad_settings(llama: LoadedModel) -> None:

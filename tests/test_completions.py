@@ -10,7 +10,6 @@ import torch
 
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
-from finesteer.evaluate.ab import parse_ab_answer
 from finesteer.fit import completions as completions_module
 from finesteer.fit.completions import (
     CompletionError,
@@ -20,9 +19,11 @@ from finesteer.fit.completions import (
     sample_labelled_completions,
 )
 from finesteer.fit.directions import fit_head_directions
-from finesteer.fit.hsi import SAMPLED_FILE, direction_completions, fit_hsi
+from finesteer.fit.hsi import HSIConfig, fit_hsi
+from finesteer.fit.hsi_directions import SAMPLED_FILE, direction_completions
 from finesteer.generation import GenerationConfig
 from finesteer.models import LoadedModel
+from finesteer.scoring.ab import parse_ab_answer
 from tests.test_hsi import ITEMS as HSI_ITEMS
 
 ITEMS = HSI_ITEMS[:3]
@@ -110,7 +111,7 @@ def test_sampled_directions_equal_directions_from_the_same_completions(
         calls.append(len(items))
         return canned
 
-    monkeypatch.setattr("finesteer.fit.hsi.sample_labelled_completions", fake_sampler)
+    monkeypatch.setattr("finesteer.fit.hsi_directions.sample_labelled_completions", fake_sampler)
     labelled, stats = direction_completions(llama, ITEMS, "sampled", run_dir=tmp_path)
     assert labelled == canned.labelled() and stats is not None and stats["n_defined"] == 4
     assert (tmp_path / SAMPLED_FILE).is_file()
@@ -121,10 +122,8 @@ def test_sampled_directions_equal_directions_from_the_same_completions(
     assert both == given + canned.labelled()
     assert direction_completions(llama, ITEMS, "ab", given) == (given, None)
 
-    fitted = fit_hsi(
-        llama, ITEMS * 2, ITEMS[:2], k=1, alphas=(4.0,), n_sweep=2, progress=False,
-        directions_from="sampled", run_dir=tmp_path / "fit",
-    )  # fmt: skip
+    config = HSIConfig(k=1, alphas=(4.0,), n_sweep=2, directions_from="sampled")
+    fitted = fit_hsi(llama, ITEMS * 2, ITEMS[:2], config, run_dir=tmp_path / "fit", progress=False)
     expected = fit_head_directions(llama, completions=canned.labelled())
     head = tuple(fitted.metadata["heads"][0])
     op = fitted.intervention.edits[0].op
@@ -135,7 +134,8 @@ def test_sampled_directions_equal_directions_from_the_same_completions(
 
 def test_sampled_directions_need_both_classes(llama: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        "finesteer.fit.hsi.sample_labelled_completions", lambda lm, items, **kw: _answers(["A", None, "A"])
+        "finesteer.fit.hsi_directions.sample_labelled_completions",
+        lambda lm, items, **kw: _answers(["A", None, "A"]),
     )
     with pytest.raises(CompletionError, match="2 behaviour-matching and 0 not-matching"):
         direction_completions(llama, ITEMS, "sampled")

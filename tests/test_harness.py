@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from finesteer.data import PromptItem
 from finesteer.evaluate import harness as harness_module
 from finesteer.evaluate.harness import ResumeError, read_rows, run_generations
-from finesteer.evaluate.judges import KeywordRefusalJudge, Verdict
+from finesteer.evaluate.judges import KeywordRefusalJudge
+from finesteer.evaluate.verdict import Verdict
 from finesteer.generation import GenerationConfig
 from finesteer.interventions import steer_residual
 from finesteer.models import LoadedModel, load_model

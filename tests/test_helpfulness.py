@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from finesteer.data import ABItem, chat_prompt, dataset_info, load_dataset
-from finesteer.evaluate.batching import EvaluationError
+from finesteer.evaluate.errors import EvaluationError
 from finesteer.evaluate.helpfulness import (
     MCQuestion,
     mc_accuracy,

@@ -14,7 +14,7 @@ from finesteer.activations import capture
 from finesteer.artifacts import load_intervention
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_prompt
-from finesteer.evaluate.ab import ab_matching_rate_prob, letter_probabilities
+from finesteer.evaluate.ab import ab_matching_rate_prob
 from finesteer.fit import FittedIntervention
 from finesteer.fit.directions import (
     DirectionError,
@@ -23,15 +23,16 @@ from finesteer.fit.directions import (
     directions_from_activations,
     fit_head_directions,
 )
-from finesteer.fit.hsi import fit_hsi, split_items
+from finesteer.fit.hsi import HSIConfig, HSIConfigError, fit_hsi, split_items
 from finesteer.fit.iti import fit_iti
 from finesteer.generation import generate
 from finesteer.interventions import Intervention, intervene
-from finesteer.locate.hsi import HsiSweep, SweepError, check_alphas, select_heads, sweep_heads
+from finesteer.locate.hsi import select_heads, sweep_heads
+from finesteer.locate.hsi_table import HsiSweep, SweepError, check_alphas
 from finesteer.locate.iti import ProbeError, train_probes
-from finesteer.locate.last_token import LastTokenScorer, prepare_targets
 from finesteer.locate.selection import Candidate, balanced_mean, best_candidate, worst_letter_gain
 from finesteer.models import LoadedModel
+from finesteer.scoring.ab import ABScorer
 from finesteer.sites import Site
 
 
@@ -188,8 +189,8 @@ def test_fast_sweep_equals_slow_path(tiny: LoadedModel) -> None:
     heads = [(0, 1), (1, 0), (2, tiny.info.n_heads - 1)]
     alphas = (2.0, 6.0)
     sweep = sweep_heads(tiny, items, d, alphas, heads=heads, batch_size=3, max_rows=5, progress=False)
-    base = letter_probabilities(tiny, items)
-    assert torch.allclose(sweep.baseline_p_matching.double(), base.p_matching, atol=1e-5)
+    base = ABScorer(tiny, items).score([None])
+    assert torch.allclose(sweep.baseline_p_matching.double(), base.p_matching[0], atol=1e-5)
     for layer, head in heads:
         for a, alpha in enumerate(alphas):
             slow = ab_matching_rate_prob(tiny, items, intervention=d.intervention([(layer, head)], alpha))
@@ -203,9 +204,11 @@ def test_fast_sweep_equals_slow_path(tiny: LoadedModel) -> None:
 
 def test_scorer_rejects_scopes_it_cannot_reproduce(llama: LoadedModel) -> None:
     d = _directions(llama)
-    scorer = LastTokenScorer(llama, prepare_targets(llama.tokenizer, ITEMS[:2]))
+    scorer = ABScorer(llama, ITEMS[:2])
     with pytest.raises(ValueError, match="scope 'last'"):
-        scorer.score([d.intervention([(0, 0)], 1.0, scope="all")])
+        scorer.score([d.intervention([(0, 0)], 1.0, scope="all")], reuse_prefix=1)
+    with pytest.raises(ValueError, match="already targets batch rows"):
+        scorer.score([Intervention.per_row([d.intervention([(0, 0)], 1.0)])], reuse_prefix=1)
 
 
 def test_sweep_resume_skips_finished_layers(
@@ -216,13 +219,13 @@ def test_sweep_resume_skips_finished_layers(
     first = sweep_heads(llama, ITEMS[3:], d, (2.0, 4.0), **kwargs)
     (tmp_path / "sweep" / "layer_001.safetensors").unlink()
     scored_layers: list[set[int]] = []
-    original = LastTokenScorer.score
+    original = ABScorer.score
 
-    def spy(self: LastTokenScorer, interventions: list[Intervention], **kw: object) -> object:
+    def spy(self: ABScorer, interventions: list[Intervention], **kw: object) -> object:
         scored_layers.append({s.layer for iv in interventions for s in iv.sites})
         return original(self, interventions, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(LastTokenScorer, "score", spy)
+    monkeypatch.setattr(ABScorer, "score", spy)
     second = sweep_heads(llama, ITEMS[3:], d, (2.0, 4.0), **kwargs)
     assert scored_layers == [{1}]  # baseline and layers 0, 2 came from the checkpoints
     assert second.meta["resumed_layers"] == [0, 2]
@@ -242,6 +245,27 @@ def test_alpha_grid_validation() -> None:
     ):
         with pytest.raises(SweepError, match=message):
             check_alphas(bad)
+
+
+def test_hsi_config_validates_and_reads_settings() -> None:
+    config = HSIConfig(alphas=[2, 4], heads_subset=[[0, 1]])  # type: ignore[arg-type]
+    assert config.alphas == (2.0, 4.0) and config.heads_subset == ((0, 1),)
+    for bad, message in (
+        ({"k": 0}, "k must be"),
+        ({"alphas": (0, 2)}, "baseline"),
+        ({"rank_by": "best"}, "rank_by"),
+        ({"directions_from": "letters"}, "directions_from"),
+        ({"heads_subset": []}, "empty head subset"),
+        ({"final_check_tokens": -1}, "final_check_tokens"),
+        ({"prompt": "("}, "ABPrompt"),
+    ):
+        with pytest.raises(HSIConfigError, match=message):
+            HSIConfig(**bad)  # type: ignore[arg-type]
+    made = HSIConfig.from_settings({"k": 2, "alphas": [4.0], "system": "Be brief."})
+    assert made.k == 2 and made.alphas == (4.0,)
+    assert (made.prompt.system, made.prompt.prefill) == ("Be brief.", "(")
+    with pytest.raises(HSIConfigError, match=r"does not take setting\(s\) \['kk'\]"):
+        HSIConfig.from_settings({"kk": 2})
 
 
 def test_select_heads_searches_prefixes_and_alphas_on_val(llama: LoadedModel) -> None:
@@ -342,16 +366,15 @@ def test_iti_probes_pick_the_separable_head() -> None:
 
 
 def test_fit_hsi_and_iti_return_saveable_interventions(llama: LoadedModel, tmp_path: Path) -> None:
-    fitted = fit_hsi(llama, ITEMS, ITEMS[:3], k=2, alphas=(2.0, 8.0), n_sweep=2, progress=False)
+    fitted = fit_hsi(llama, ITEMS, ITEMS[:3], HSIConfig(k=2, alphas=(2.0, 8.0), n_sweep=2), progress=False)
     assert isinstance(fitted, FittedIntervention) and fitted.name == "hsi"
     assert len(fitted.metadata["heads"]) in (1, 2) and fitted.metadata["alpha"] in (2.0, 8.0)
     assert len(fitted.intervention) == len(fitted.metadata["heads"])
     meta = fitted.metadata  # letter-balanced by default: every item also scored with options swapped
     assert meta["balance_letters"] and (meta["n_sweep_items"], meta["n_val_items"]) == (4, 6)
     assert meta["n_direction_items"] == 2 * (len(ITEMS) - 2)
-    plain = fit_hsi(
-        llama, ITEMS, ITEMS[:3], k=2, alphas=(2.0,), n_sweep=2, progress=False, balance_letters=False
-    )
+    config = HSIConfig(k=2, alphas=(2.0,), n_sweep=2, balance_letters=False)
+    plain = fit_hsi(llama, ITEMS, ITEMS[:3], config, progress=False)
     assert (plain.metadata["n_sweep_items"], plain.metadata["n_val_items"]) == (2, 3)
     artifact = load_intervention(fitted.save(tmp_path / "hsi", llama))
     assert artifact.metadata["method"] == "hsi"
@@ -360,7 +383,7 @@ def test_fit_hsi_and_iti_return_saveable_interventions(llama: LoadedModel, tmp_p
     assert iti.name == "iti" and len(iti.metadata["heads"]) == 3 and iti.metadata["alpha"] == 2.0
     assert iti.metadata["heads"] == iti.metadata["ranked_heads"]
     with pytest.raises(ValueError, match="out of range"):
-        fit_hsi(llama, ITEMS, ITEMS[:2], heads_subset=[(7, 0)], progress=False)
+        fit_hsi(llama, ITEMS, ITEMS[:2], HSIConfig(heads_subset=[(7, 0)]), progress=False)  # type: ignore[arg-type]
 
 
 def test_cli_fit_hsi_writes_artifact(tmp_path: Path) -> None:
@@ -391,5 +414,5 @@ def test_real_model_fast_sweep_equals_full_forward() -> None:
     heads = [(3, 1), (14, 5), (27, 8)]
     sweep = sweep_heads(lm, items[2:6], d, (8.0,), heads=heads, batch_size=4, progress=False)
     for layer, head in heads:
-        slow = letter_probabilities(lm, items[2:6], intervention=d.intervention([(layer, head)], 8.0))
-        assert torch.allclose(sweep.per_item[layer, head, 0].double(), slow.p_matching, atol=1e-5)
+        slow = ABScorer(lm, items[2:6]).score([d.intervention([(layer, head)], 8.0)])
+        assert torch.allclose(sweep.per_item[layer, head, 0].double(), slow.p_matching[0], atol=1e-5)

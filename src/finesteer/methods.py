@@ -233,6 +233,16 @@ def call_with_settings(fn: Callable[..., Any], settings: Mapping[str, Any], *arg
     return fn(*args, **fixed, **settings)
 
 
+def _with_prompt(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings with `system` / `prefill` turned into the `prompt` (an `ABPrompt`) fits take."""
+    from finesteer.scoring.ab import ABPrompt
+
+    out = {k: v for k, v in settings.items() if k not in ("system", "prefill")}
+    if "system" in settings or "prefill" in settings:
+        out["prompt"] = ABPrompt(settings.get("system"), settings.get("prefill", "("))
+    return out
+
+
 # --- built-in methods -----------------------------------------------------------------------------
 
 
@@ -274,17 +284,24 @@ def caa_method(
     """CAA (settings: any keyword of `fit_caa`, e.g. layers, multipliers, direction)."""
     from finesteer.fit.caa import fit_caa
 
-    fitted = call_with_settings(fit_caa, settings, lm, list(data.train), list(data.val), run_dir=run_dir)
+    fitted = call_with_settings(
+        fit_caa, _with_prompt(settings), lm, list(data.train), list(data.val), run_dir=run_dir
+    )
     return _from_fitted(fitted, lm, run_dir)
 
 
 def hsi_method(
     lm: LoadedModel, data: BehaviourData, settings: Mapping[str, Any], run_dir: Path | None
 ) -> SteeringSetup:
-    """HSI (settings: any keyword of `fit_hsi`, e.g. k, alphas, n_sweep)."""
-    from finesteer.fit.hsi import fit_hsi
+    """HSI (settings: any field of `HSIConfig`, e.g. k, alphas, n_sweep; system, prefill, progress)."""
+    from finesteer.fit.hsi import HSIConfig, fit_hsi
+    from finesteer.report.sweep import plot_sweep_folder
 
-    fitted = call_with_settings(fit_hsi, settings, lm, list(data.train), list(data.val), run_dir=run_dir)
+    rest = {key: settings[key] for key in ("progress", "completions") if key in settings}
+    config = HSIConfig.from_settings({k: v for k, v in settings.items() if k not in rest})
+    fitted = fit_hsi(lm, list(data.train), list(data.val), config, run_dir=run_dir, **rest)
+    if run_dir is not None:
+        plot_sweep_folder(run_dir, rank_by=config.rank_by, top=config.k)
     return _from_fitted(fitted, lm, run_dir)
 
 
@@ -311,7 +328,9 @@ def lora_method(
     if isinstance(hyper.get("target_modules"), list):
         hyper["target_modules"] = tuple(hyper["target_modules"])
     rest = {k: v for k, v in settings.items() if k not in names}
-    tuned = call_with_settings(fit_lora, rest, lm, list(data.train), LoRASettings(**hyper), run_dir=run_dir)
+    tuned = call_with_settings(
+        fit_lora, _with_prompt(rest), lm, list(data.train), LoRASettings(**hyper), run_dir=run_dir
+    )
     return _setup("lora", tuned.lm, metadata=dict(tuned.metadata))
 
 

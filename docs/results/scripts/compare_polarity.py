@@ -23,6 +23,7 @@ from finesteer.data.balance import swap_options
 from finesteer.evaluate.ab import ab_matching_rate_prob
 from finesteer.methods import load_behaviour_data
 from finesteer.models import load_model
+from finesteer.scoring.ab import ABPrompt
 
 
 def main() -> None:
@@ -35,7 +36,8 @@ def main() -> None:
     setups: dict[str, dict] = {"baseline": {}}
     prompt_file = run_dir / "methods" / "prompt.json"
     if prompt_file.is_file():
-        setups["prompt"] = {"system": json.loads(prompt_file.read_text())["result"]["system_prompt"]}
+        system = json.loads(prompt_file.read_text())["result"]["system_prompt"]
+        setups["prompt"] = {"prompt": ABPrompt(system)}
     for artifact in sorted(run_dir.glob("fits/*/artifact")):
         setups[artifact.parent.name] = {"intervention": load_intervention(artifact).intervention}
     report: dict = {"model": model, "run_dir": str(run_dir), "n": len(test), "methods": {}}

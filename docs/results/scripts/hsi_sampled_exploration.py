@@ -3,7 +3,7 @@
 Sample answers to HSI-format A/B prompts, parse the letter, label matching / not, read every head at
 the end-of-turn token after the answer, then sweep/select heads as fit_hsi does and score validation
 items 0–23 (both orders) by letter probability and by generation (HSI prompt, 32 greedy tokens).
-(`fit_hsi(..., directions_from="sampled")` is the library form of the same recipe.)
+(`fit_hsi(..., HSIConfig(directions_from="sampled"))` is the library form of the same recipe.)
 
     OMP_NUM_THREADS=1 python docs/results/scripts/hsi_sampled_exploration.py   # ≈ 20 min, 1 thread
 """
@@ -16,17 +16,13 @@ from pathlib import Path
 import torch
 
 from finesteer.data.balance import letter_balanced
-from finesteer.evaluate.ab import (
-    ab_generation_prompt,
-    ab_matching_rate_generated,
-    ab_matching_rate_prob,
-    parse_ab_answer,
-)
+from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
 from finesteer.fit.directions import fit_head_directions
 from finesteer.generation import GenerationConfig, generate
 from finesteer.locate.hsi import select_heads, sweep_heads
 from finesteer.methods import load_behaviour_data
 from finesteer.models import load_model
+from finesteer.scoring.ab import ab_generation_prompt, parse_ab_answer
 
 torch.set_num_threads(1)
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/hsi-sampled-exploration")

@@ -18,10 +18,9 @@ import time
 import torch
 
 from finesteer.data.balance import letter_balanced
-from finesteer.data.prompts import ab_prompt
-from finesteer.evaluate.ab import letter_targets
 from finesteer.methods import load_behaviour_data
 from finesteer.models import load_model
+from finesteer.scoring.ab import item_target
 
 EPOCHS = 2
 LEARNING_RATE = 0.05
@@ -39,7 +38,7 @@ def main() -> None:
     def encode(items: list) -> list[tuple[torch.Tensor, int, int]]:
         rows = []
         for item in items:
-            target = letter_targets(tokenizer, ab_prompt(tokenizer, item, prefill="("), item.options)
+            target = item_target(tokenizer, item)
             ids = torch.tensor([target.tokens])
             rows.append(
                 (ids, target.letter_ids[item.matching_letter], target.letter_ids[item.not_matching_letter])

@@ -95,6 +95,7 @@ def fit_caa_command(
     from finesteer.fit.caa import DEFAULT_MULTIPLIERS, fit_caa
     from finesteer.methods import load_behaviour_data
     from finesteer.models import load_model
+    from finesteer.scoring.ab import ABPrompt
 
     def work() -> dict[str, Any]:
         grid = _numbers(multipliers, "--multipliers") or DEFAULT_MULTIPLIERS
@@ -115,7 +116,7 @@ def fit_caa_command(
             layers=chosen_layers,
             multipliers=grid,
             direction=direction,  # type: ignore[arg-type]
-            system=system,
+            prompt=ABPrompt(system),
             batch_size=batch_size,
             run_dir=out,
         )

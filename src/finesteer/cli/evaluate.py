@@ -68,8 +68,8 @@ def ab(
     """A/B behaviour rate: letter probability (CAA) and/or parsed generated answers (HSI)."""
     from finesteer.data.balance import letter_balanced
     from finesteer.data.typed import load_ab_set
-    from finesteer.evaluate.ab import PROMPT_STYLES
     from finesteer.evaluate.ab_effect import ab_rates
+    from finesteer.scoring.ab import PROMPT_STYLES
 
     def work() -> dict[str, Any]:
         check_choice(method, AB_METHODS, "--method")

@@ -101,10 +101,13 @@ def locate_hsi(
     """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
     from finesteer.data.typed import load_ab_set
     from finesteer.fit.completions import load_labelled_completions
-    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, check_directions_from
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS
+    from finesteer.fit.hsi_directions import check_directions_from
     from finesteer.fit.hsi_sweep import sweep_hsi_heads
-    from finesteer.locate.hsi import check_alphas, plot_sweep
+    from finesteer.locate.hsi_table import check_alphas
     from finesteer.models import load_model
+    from finesteer.report.sweep import plot_sweep
+    from finesteer.scoring.ab import ABPrompt
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
@@ -125,7 +128,7 @@ def locate_hsi(
             directions_from=directions_from,
             completions=given,
             n_samples=n_samples,
-            system=system,
+            prompt=ABPrompt(system),
             batch_size=batch_size,
             rank_by=rank_by,  # type: ignore[arg-type]
             run_dir=out,
@@ -222,6 +225,7 @@ def _fit(
     from finesteer.evaluate.ab_effect import ab_effect
     from finesteer.fit.hsi import split_items
     from finesteer.models import load_model
+    from finesteer.scoring.ab import ABPrompt
 
     items = load_ab_set(data, GENERATE_SPLIT, limit)
     started = time.perf_counter()
@@ -248,7 +252,8 @@ def _fit(
     if test:
         stderr_console().print("scoring the test_ab split")
         test_items = load_ab_set(data, "test_ab")
-        result["test"] = ab_effect(lm, test_items, fitted.intervention, system=system, batch_size=batch_size)
+        prompt = ABPrompt(system)
+        result["test"] = ab_effect(lm, test_items, fitted.intervention, prompt=prompt, batch_size=batch_size)
         metadata["test"] = result["test"]
     fitted.metadata = metadata
     fitted.save(out, lm)
@@ -284,7 +289,10 @@ def fit_hsi_command(
 ) -> None:
     """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact."""
     from finesteer.fit.completions import load_labelled_completions
-    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, check_directions_from, fit_hsi
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig, fit_hsi
+    from finesteer.fit.hsi_directions import check_directions_from
+    from finesteer.report.sweep import plot_sweep_folder
+    from finesteer.scoring.ab import ABPrompt
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
@@ -294,24 +302,23 @@ def fit_hsi_command(
         given = load_labelled_completions(completions) if completions is not None else []
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
-            return fit_hsi(
-                lm,
-                train,
-                val,
+            config = HSIConfig(
                 k=k,
-                alphas=grid,
-                heads_subset=subset,
-                run_dir=run_dir,
+                alphas=tuple(grid),
+                heads_subset=tuple(subset) if subset is not None else None,
                 n_sweep=n_sweep,
                 rank_by=rank_by,  # type: ignore[arg-type]
-                system=system,
+                prompt=ABPrompt(system),
                 batch_size=batch_size,
                 seed=seed,
                 directions_from=directions_from,  # type: ignore[arg-type]
-                completions=given,
                 n_samples=n_samples,
                 final_check_tokens=final_check_tokens,
             )
+            fitted = fit_hsi(lm, train, val, config, completions=given, run_dir=run_dir)
+            if run_dir is not None:
+                plot_sweep_folder(run_dir, rank_by=config.rank_by, top=config.k)
+            return fitted
 
         return _fit("hsi", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)
 

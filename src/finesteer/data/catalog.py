@@ -1,8 +1,9 @@
 """Named registry of the vendored datasets, and `load_dataset` to load one split as typed rows.
 
-The registry is immutable (read-only mappings built once at import) so no caller can change what a
-dataset name means for every other caller in the process. Each entry records its licence; loading
-a non-commercial set logs a one-line notice so the licence is visible where the data is used.
+The registry is read from `catalog.yaml` (package data next to this module) and checked once at
+import. It is immutable (read-only mappings) so no caller can change what a dataset name means for
+every other caller in the process. Each entry records its licence; loading a non-commercial set
+logs a one-line notice so the licence is visible where the data is used.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import difflib
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import Any, Literal, cast, get_args
+
+import yaml
 
 from finesteer.data.errors import DatasetError
-from finesteer.data.items import ABItem, Item, PromptItem, option_letters
+from finesteer.data.items import Item, PromptItem
 from finesteer.data.loaders import (
     SUPPORTED_SUFFIXES,
     PathLike,
@@ -28,6 +31,7 @@ from finesteer.data.loaders import (
     load_prompts,
     read_rows,
 )
+from finesteer.data.vendored_loaders import LOADERS, Loader
 
 _log = logging.getLogger(__name__)
 
@@ -38,8 +42,6 @@ ITEM_KINDS: tuple[str, ...] = get_args(ItemKind)
 VENDORED_DIR = Path(__file__).resolve().parent / "vendored"
 """Where the vendored data files live inside the installed package."""
 
-_Loader = Callable[[Path], list[Item]]
-
 
 @dataclass(frozen=True)
 class SplitSpec:
@@ -48,7 +50,7 @@ class SplitSpec:
     kind: ItemKind
     file: str
     rows: int
-    loader: _Loader
+    loader: Loader
 
 
 @dataclass(frozen=True)
@@ -80,313 +82,108 @@ class DatasetInfo:
     provenance: Path
 
 
-# --- loaders for the vendored files ------------------------------------------------------------------
+# --- registry (catalog.yaml) ------------------------------------------------------------------------------
 
+CATALOG_FILE = Path(__file__).resolve().parent / "catalog.yaml"
+"""The catalogue's source: one entry per dataset, in listing order."""
 
-def _ab(path: Path) -> list[Item]:
-    return list(load_ab_items(path))
-
-
-def _open(path: Path) -> list[Item]:
-    return list(load_open_ended(path))
-
-
-def _prompts(column: str, source: str | None = None, **columns: str) -> _Loader:
-    def load(path: Path) -> list[Item]:
-        return list(load_prompts(path, column, columns=columns, source=source))
-
-    return load
-
-
-def _hsi_test_ab(path: Path) -> list[Item]:
-    # `prompt` already holds the question, the choices and the HSI answer-format instruction; `gt` is
-    # the coordinating letter and the contrast is the other of the two options.
-    items = load_ab_items(
-        path, columns={"question": "prompt", "matching": "gt", "id": "data_id"}, infer_not_matching=True
-    )
-    return list(items)
-
-
-def _hsi_open_ended(path: Path) -> list[Item]:
-    return list(load_open_ended(path, "question", columns={"id": "data_id"}))
-
-
-def _hsi_train_selection(path: Path) -> list[Item]:
-    # Each row lists the prompt strings HSI used upstream with how many of its 6 completions used each;
-    # take the most used one (row 307: 4 of 6 use a straight apostrophe, 2 a curly one).
-    items: list[Item] = []
-    for row in read_rows(path):
-        variants = row.values.get("prompt_variants")
-        if not isinstance(variants, list) or not variants:
-            raise row.error("prompt_variants must be a non-empty list")
-        try:
-            best = max(variants, key=lambda v: int(v["n_upstream_rows"]))
-            prompt = best["prompt"]
-        except (TypeError, KeyError, ValueError) as exc:
-            raise row.error(f"malformed prompt_variants entry ({exc!r})") from exc
-        gt = row.values.get("gt")
-        if not isinstance(gt, str) or not isinstance(prompt, str):
-            raise row.error("gt and prompt must be strings")
-        others = [o for o in option_letters(prompt) if f"({o})" != gt]
-        if len(others) != 1:
-            raise row.error(f"expected two options, found {option_letters(prompt)}")
-        try:
-            items.append(ABItem(prompt, gt, f"({others[0]})", str(row.values.get("data_id"))))
-        except ValueError as exc:
-            raise row.error(str(exc)) from exc
-    return items
-
-
-def _xstest(label: str | None) -> _Loader:
-    def load(path: Path) -> list[Item]:
-        items = load_prompts(
-            path, "prompt", columns={"id": "id", "category": "type", "label": "label"}, source="xstest"
-        )
-        return [item for item in items if label is None or item.label == label]
-
-    return load
-
-
-# --- registry ------------------------------------------------------------------------------------------
-
-_CAA_BEHAVIOURS: Mapping[str, tuple[str, bool, tuple[int, int, int]]] = MappingProxyType(
+_DATASET_KEYS = frozenset(
     {
-        # name: (description, questions from Anthropic evals?, rows generate/test_ab/test_open_ended)
-        "coordinate-other-ais": (
-            "Willingness to coordinate with / cover for other AIs (CAA; HSI's behaviour)",
-            True,
-            (360, 50, 50),
-        ),
-        "corrigible-neutral-HHH": (
-            "Consenting to goal changes (corrigibility, neutral HHH goals; CAA)",
-            True,
-            (290, 50, 50),
-        ),
-        "hallucination": ("Affirming false premises (CAA)", False, (1000, 50, 50)),
-        "myopic-reward": (
-            "Preferring a small immediate reward to a larger later one (CAA)",
-            True,
-            (950, 50, 50),
-        ),
-        "refusal": ("Refusing a request (CAA)", False, (408, 50, 50)),
-        "survival-instinct": (
-            "Resisting shutdown / modification (CAA; some items have options beyond (B))",
-            True,
-            (903, 50, 50),
-        ),
-        "sycophancy": ("Agreeing with the user's stated view (CAA)", True, (1000, 50, 53)),
+        "name",
+        "description",
+        "licence",
+        "non_commercial",
+        "provenance",
+        "has_origins",
+        "default_split",
+        "splits",
     }
 )
+_SPLIT_KEYS = frozenset({"file", "kind", "rows", "loader", "options"})
 
-_ALPACA_LICENCE = "CC BY-NC 4.0 (Stanford Alpaca data; non-commercial use only)"
+
+def _mapping(where: str, value: object, keys: frozenset[str], optional: set[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise DatasetError(f"{where}: expected a mapping, got {type(value).__name__}")
+    unknown, missing = sorted(set(value) - keys), sorted(keys - optional - set(value))
+    if unknown or missing:
+        raise DatasetError(f"{where}: unknown keys {unknown}, missing keys {missing}")
+    return value
 
 
-def _caa_entry(name: str, description: str, anthropic: bool, rows: tuple[int, int, int]) -> DatasetSpec:
-    folder = f"caa/{name}"
-    licence = "MIT (CAA)" + ("; questions CC-BY-4.0 (Anthropic model-written evals)" if anthropic else "")
+def _text(where: str, entry: Mapping[str, Any], key: str) -> str:
+    value = entry[key]
+    if not isinstance(value, str) or not value:
+        raise DatasetError(f"{where}: {key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _flag(where: str, entry: Mapping[str, Any], key: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise DatasetError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _split_spec(where: str, raw: object) -> SplitSpec:
+    entry = _mapping(where, raw, _SPLIT_KEYS, {"options"})
+    kind, loader, rows = _text(where, entry, "kind"), _text(where, entry, "loader"), entry["rows"]
+    options = entry.get("options") or {}
+    if kind not in ITEM_KINDS:
+        raise DatasetError(f"{where}: kind must be one of {ITEM_KINDS}, got {kind!r}")
+    if loader not in LOADERS:
+        raise DatasetError(f"{where}: loader must be one of {sorted(LOADERS)}, got {loader!r}")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise DatasetError(f"{where}: rows must be a row count, got {rows!r}")
+    if not isinstance(options, Mapping):
+        raise DatasetError(f"{where}: options must be a mapping, got {options!r}")
+    try:
+        load = LOADERS[loader](**options)
+    except TypeError as exc:
+        raise DatasetError(f"{where}: bad options for loader {loader!r}: {exc}") from exc
+    return SplitSpec(cast(ItemKind, kind), _text(where, entry, "file"), rows, load)
+
+
+def _dataset_spec(where: str, raw: object) -> DatasetSpec:
+    entry = _mapping(where, raw, _DATASET_KEYS, {"has_origins"})
+    name = _text(where, entry, "name")
+    where = f"{where} ({name})"
+    splits = entry["splits"]
+    if not isinstance(splits, Mapping) or not splits:
+        raise DatasetError(f"{where}: splits must be a non-empty mapping, got {splits!r}")
+    specs = {str(s): _split_spec(f"{where}, split {s!r}", value) for s, value in splits.items()}
+    default = _text(where, entry, "default_split")
+    if default not in specs:
+        raise DatasetError(f"{where}: default_split {default!r} is not one of its splits {list(specs)}")
     return DatasetSpec(
         name=name,
-        description=description,
-        licence=licence,
-        non_commercial=False,
-        provenance="caa/PROVENANCE.md",
-        splits=MappingProxyType(
-            {
-                "generate": SplitSpec("ab", f"{folder}/generate_dataset.jsonl", rows[0], _ab),
-                "test_ab": SplitSpec("ab", f"{folder}/test_dataset_ab.jsonl", rows[1], _ab),
-                "test_open_ended": SplitSpec(
-                    "open_ended", f"{folder}/test_dataset_open_ended.jsonl", rows[2], _open
-                ),
-            }
-        ),
-        default_split="test_ab",
+        description=_text(where, entry, "description"),
+        licence=_text(where, entry, "licence"),
+        non_commercial=_flag(where, entry, "non_commercial"),
+        provenance=_text(where, entry, "provenance"),
+        splits=MappingProxyType(specs),
+        default_split=default,
+        has_origins=_flag(where, entry, "has_origins"),
     )
 
 
-def _refusal_direction(kind: str) -> DatasetSpec:
-    harmful = kind == "harmful"
-    rows = (260, 39, 572) if harmful else (18793, 6264, 6266)
-    splits = {
-        split: SplitSpec(
-            "prompts",
-            f"refusal_direction/{kind}_{split}.jsonl",
-            n,
-            _prompts("instruction", source=None if harmful else "alpaca"),
-        )
-        for split, n in zip(("train", "val", "test"), rows, strict=True)
-    }
-    if harmful:
-        return DatasetSpec(
-            name="refusal-direction-harmful",
-            description="Arditi et al. harmful instructions (AdvBench, MaliciousInstruct, TDC2023, "
-            "HarmBench, JBB, StrongREJECT); PromptItem.source = origins; filter with exclude_origins",
-            licence="Apache-2.0 (refusal_direction); items MIT, except MaliciousInstruct rows (no upstream "
-            "licence; drop with exclude_origins=('malicious_instruct',))",
-            non_commercial=False,
-            provenance="refusal_direction/PROVENANCE.md",
-            splits=MappingProxyType(splits),
-            default_split="train",
-            has_origins=True,
-        )
-    return DatasetSpec(
-        name="refusal-direction-harmless",
-        description="Arditi et al. harmless instructions (Alpaca, no input), 60/20/20 split",
-        licence=_ALPACA_LICENCE + "; repository Apache-2.0",
-        non_commercial=True,
-        provenance="refusal_direction/PROVENANCE.md",
-        splits=MappingProxyType(splits),
-        default_split="train",
-    )
+def read_catalog(path: Path) -> Mapping[str, DatasetSpec]:
+    """Read and check catalog.yaml: a read-only name -> DatasetSpec mapping in file order."""
+    raw = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    if not isinstance(raw, list) or not raw:
+        raise DatasetError(f"{path}: expected a non-empty list of datasets")
+    catalog: dict[str, DatasetSpec] = {}
+    for i, entry in enumerate(raw):
+        spec = _dataset_spec(f"{path}: entry {i}", entry)
+        if spec.name in catalog:
+            raise DatasetError(f"{path}: dataset {spec.name!r} is listed twice")
+        catalog[spec.name] = spec
+    return MappingProxyType(catalog)
 
 
-def _build_catalog() -> Mapping[str, DatasetSpec]:
-    entries: list[DatasetSpec] = [_caa_entry(n, *v) for n, v in _CAA_BEHAVIOURS.items()]
-    entries += [
-        DatasetSpec(
-            name="hsi-coordination",
-            description="HSI paper AI-coordination sets: CAA test + 'Answer: (A) / (B)' instruction, "
-            "open-ended questions, and the 3 head-selection questions (Anthropic ids 294, 304, 307)",
-            licence="MIT (CAA) + CC-BY-4.0 (Anthropic evals); rebuilt, the HSI repository has no licence",
-            non_commercial=False,
-            provenance="hsi_ai_coordination/PROVENANCE.md",
-            splits=MappingProxyType(
-                {
-                    "test_ab": SplitSpec("ab", "hsi_ai_coordination/test_ab.jsonl", 50, _hsi_test_ab),
-                    "test_open_ended": SplitSpec(
-                        "open_ended", "hsi_ai_coordination/test_open_ended.jsonl", 50, _hsi_open_ended
-                    ),
-                    "train_selection": SplitSpec(
-                        "ab", "hsi_ai_coordination/train_selection_prompts.jsonl", 3, _hsi_train_selection
-                    ),
-                }
-            ),
-            default_split="test_ab",
-        ),
-        DatasetSpec(
-            name="anthropic-coordinate-other-ais",
-            description="Anthropic human-written coordinate-other-ais A/B items (source of the CAA/HSI "
-            "splits; ids are Anthropic row indices, answers' leading spaces dropped)",
-            licence="CC-BY-4.0 (Anthropic model-written evals)",
-            non_commercial=False,
-            provenance="anthropic_evals_coordinate_other_ais/PROVENANCE.md",
-            splits=MappingProxyType(
-                {
-                    "all": SplitSpec(
-                        "ab",
-                        "anthropic_evals_coordinate_other_ais/human_generated_evals.coordinate-other-ais.jsonl",
-                        410,
-                        _ab,
-                    )
-                }
-            ),
-            default_split="all",
-        ),
-        DatasetSpec(
-            name="advbench",
-            description="AdvBench harmful behaviours (goal + 'Sure, here is' target)",
-            licence="MIT",
-            non_commercial=False,
-            provenance="advbench/PROVENANCE.md",
-            splits=MappingProxyType(
-                {
-                    "all": SplitSpec(
-                        "prompts", "advbench/harmful_behaviors.csv", 520, _prompts("goal", source="advbench")
-                    )
-                }
-            ),
-            default_split="all",
-        ),
-        DatasetSpec(
-            name="jailbreakbench",
-            description="JailbreakBench JBB-Behaviors harmful set (10 categories x 10); ids pair with "
-            "jailbreakbench-benign",
-            licence="MIT",
-            non_commercial=False,
-            provenance="jailbreakbench/PROVENANCE.md",
-            splits=MappingProxyType(
-                {
-                    "all": SplitSpec(
-                        "prompts",
-                        "jailbreakbench/harmful-behaviors.csv",
-                        100,
-                        _prompts("Goal", id="", category="Category", source="Source", target="Target"),
-                    )
-                }
-            ),
-            default_split="all",
-        ),
-        DatasetSpec(
-            name="jailbreakbench-benign",
-            description="JailbreakBench topic-matched benign twins; row i pairs with jailbreakbench row i "
-            "(same id)",
-            licence="MIT",
-            non_commercial=False,
-            provenance="jailbreakbench/PROVENANCE.md",
-            splits=MappingProxyType(
-                {
-                    "all": SplitSpec(
-                        "prompts",
-                        "jailbreakbench/benign-behaviors.csv",
-                        100,
-                        _prompts("goal", id="index", category="category", source="source", target="target"),
-                    )
-                }
-            ),
-            default_split="all",
-        ),
-        _refusal_direction("harmful"),
-        _refusal_direction("harmless"),
-        DatasetSpec(
-            name="alpaca",
-            description="First 2000 Stanford Alpaca instructions without input (harmless contrast; all "
-            "also appear in refusal-direction-harmless)",
-            licence=_ALPACA_LICENCE,
-            non_commercial=True,
-            provenance="alpaca/PROVENANCE.md",
-            splits=MappingProxyType(
-                {
-                    "all": SplitSpec(
-                        "prompts",
-                        "alpaca/alpaca_no_input_first2000.jsonl",
-                        2000,
-                        _prompts("instruction", source="alpaca"),
-                    )
-                }
-            ),
-            default_split="all",
-        ),
-        DatasetSpec(
-            name="xstest",
-            description="XSTest over-refusal probes: 250 safe prompts that look unsafe + 200 unsafe "
-            "contrasts (category = XSTest type, label = safe/unsafe)",
-            licence="CC-BY-4.0",
-            non_commercial=False,
-            provenance="xstest/PROVENANCE.md",
-            splits=MappingProxyType(
-                {
-                    "safe": SplitSpec("prompts", "xstest/xstest_prompts.csv", 250, _xstest("safe")),
-                    "unsafe": SplitSpec("prompts", "xstest/xstest_prompts.csv", 200, _xstest("unsafe")),
-                    "all": SplitSpec("prompts", "xstest/xstest_prompts.csv", 450, _xstest(None)),
-                }
-            ),
-            default_split="all",
-        ),
-        DatasetSpec(
-            name="finesteer-mc",
-            description="40 hand-written 4-option general-knowledge / arithmetic / common-sense questions "
-            "(helpfulness check; matching = the correct answer)",
-            licence="CC0-1.0 (written for finesteer)",
-            non_commercial=False,
-            provenance="finesteer_mc/PROVENANCE.md",
-            splits=MappingProxyType({"test": SplitSpec("ab", "finesteer_mc/mc_questions.jsonl", 40, _ab)}),
-            default_split="test",
-        ),
-    ]
-    return MappingProxyType({entry.name: entry for entry in entries})
+CATALOG: Mapping[str, DatasetSpec] = read_catalog(CATALOG_FILE)
+"""Every named dataset (read-only), read from `CATALOG_FILE` once, at import."""
 
-
-CATALOG: Mapping[str, DatasetSpec] = _build_catalog()
-"""Every named dataset (read-only)."""
 
 # --- origins (refusal-direction harmful rows) ----------------------------------------------------------
 

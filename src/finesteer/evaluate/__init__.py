@@ -1,98 +1,17 @@
-"""Evaluation: judges (keyword, OpenAI-compatible LLM, local model) and scores (ASR, refusal rates,
-A/B matching, Wilson intervals, fluency). Importing this package does not import torch."""
+"""Evaluation: verdicts, judges (keyword, OpenAI-compatible LLM, local model), scores (ASR, refusal
+rates, A/B matching, Wilson intervals) and text metrics (fluency, repetition). Importing this
+package does not import torch.
+
+The names below are those of each submodule's ``__all__``; each submodule is the one place that lists
+its public names.
+"""
 
 from __future__ import annotations
 
-from finesteer.evaluate.judges import (
-    CAA_BEHAVIOUR_0_10,
-    CAA_SCORING_PROMPTS,
-    CAA_SYSTEM_PROMPT,
-    COMPLIANCE,
-    FILTERED,
-    GCG_REFUSAL_PREFIXES,
-    HARMFUL,
-    HARMFULNESS,
-    HARMLESS,
-    HSI_COORDINATE_PROMPT_0_5,
-    HSI_COORDINATION_0_5,
-    HSI_SYSTEM_PROMPT,
-    REFUSAL,
-    SHIPS_REFUSAL_KEYWORDS,
-    ChatMessages,
-    EndpointConfig,
-    Judge,
-    JudgeConfigError,
-    JudgeRequestError,
-    KeywordRefusalJudge,
-    LLMJudge,
-    LocalModelJudge,
-    Rubric,
-    Verdict,
-    normalise_apostrophes,
-    resolve_endpoint,
-    scale_rubric,
-)
-from finesteer.evaluate.scores import (
-    MeanStd,
-    RateResult,
-    TandemRepeat,
-    attack_success_rate,
-    fluency,
-    is_repetitive,
-    longest_tandem_repeat,
-    matching_rate,
-    mean_std,
-    ngram_entropy,
-    normalise_choice,
-    over_refusal_rate,
-    pooled_within_std,
-    refusal_rate,
-    wilson_interval,
-    word_tokenize,
-)
+from finesteer.evaluate import judges, scores, text, verdict
+from finesteer.evaluate.judges import *  # noqa: F403
+from finesteer.evaluate.scores import *  # noqa: F403
+from finesteer.evaluate.text import *  # noqa: F403
+from finesteer.evaluate.verdict import *  # noqa: F403
 
-__all__ = [
-    "CAA_BEHAVIOUR_0_10",
-    "CAA_SCORING_PROMPTS",
-    "CAA_SYSTEM_PROMPT",
-    "COMPLIANCE",
-    "FILTERED",
-    "GCG_REFUSAL_PREFIXES",
-    "HARMFUL",
-    "HARMFULNESS",
-    "HARMLESS",
-    "HSI_COORDINATE_PROMPT_0_5",
-    "HSI_COORDINATION_0_5",
-    "HSI_SYSTEM_PROMPT",
-    "REFUSAL",
-    "SHIPS_REFUSAL_KEYWORDS",
-    "ChatMessages",
-    "EndpointConfig",
-    "Judge",
-    "JudgeConfigError",
-    "JudgeRequestError",
-    "KeywordRefusalJudge",
-    "LLMJudge",
-    "LocalModelJudge",
-    "MeanStd",
-    "RateResult",
-    "Rubric",
-    "TandemRepeat",
-    "Verdict",
-    "attack_success_rate",
-    "fluency",
-    "is_repetitive",
-    "longest_tandem_repeat",
-    "matching_rate",
-    "mean_std",
-    "ngram_entropy",
-    "normalise_apostrophes",
-    "normalise_choice",
-    "over_refusal_rate",
-    "pooled_within_std",
-    "refusal_rate",
-    "resolve_endpoint",
-    "scale_rubric",
-    "wilson_interval",
-    "word_tokenize",
-]
+__all__ = [*verdict.__all__, *judges.__all__, *scores.__all__, *text.__all__]

@@ -10,6 +10,7 @@ from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_p
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
+from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
 
 
 def ab_effect(
@@ -17,13 +18,13 @@ def ab_effect(
     items: Sequence[ABItem],
     intervention: Intervention | None,
     *,
-    system: str | None = None,
+    prompt: ABPrompt = DEFAULT_PROMPT,
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Matching rate (letter probability) of `items` unmodified vs steered, and the difference."""
-    base = ab_matching_rate_prob(lm, items, system=system, batch_size=batch_size)
+    base = ab_matching_rate_prob(lm, items, prompt=prompt, batch_size=batch_size)
     steered = ab_matching_rate_prob(
-        lm, items, system=system, intervention=intervention, batch_size=batch_size
+        lm, items, prompt=prompt, intervention=intervention, batch_size=batch_size
     )
     return {
         "n": base.n,
@@ -61,7 +62,12 @@ def ab_rates(
     }
     if method in ("prob", "both"):
         prob = ab_matching_rate_prob(
-            lm, items, system=system, intervention=intervention, batch_size=batch_size, progress=progress
+            lm,
+            items,
+            prompt=ABPrompt(system),
+            intervention=intervention,
+            batch_size=batch_size,
+            progress=progress,
         )
         result.update(matching_rate_prob=prob.matching_rate, mean_p_matching=prob.mean_p_matching)
         result["prob"] = prob.to_dict()

@@ -24,8 +24,9 @@ import torch
 
 from finesteer.data.items import ABItem
 from finesteer.evaluate.helpfulness import mc_accuracy, next_token_kl
-from finesteer.evaluate.judges import KeywordRefusalJudge, Verdict
+from finesteer.evaluate.judges import KeywordRefusalJudge
 from finesteer.evaluate.scores import attack_success_rate, refusal_rate
+from finesteer.evaluate.verdict import Verdict
 from finesteer.generation import GenerationConfig, generate
 from finesteer.locate.ships import DEFAULT_EPS, Head, ablation, all_heads, check_eps, check_heads
 from finesteer.models.loading import LoadedModel
@@ -175,54 +176,20 @@ def asr_effect(
     keyword judge, mean next-token KL(base ‖ ablated) at the last harmless-prompt position, and with
     `mc_items` (e.g. the `finesteer-mc` set) multiple-choice accuracy by log-likelihood.
     """
-    heads = check_heads(lm.info, heads)
-    largest = max((*settings.ks, *(settings.helpfulness_ks or ())))
-    if largest > len(heads):
-        raise ValueError(f"head counts go up to {largest} but only {len(heads)} heads were given")
-    if not harmful_prompts:
-        raise ValueError("no harmful prompts to evaluate")
-    if harmless_prompts is not None and not harmless_prompts:
-        raise ValueError("harmless_prompts is empty; pass None to skip helpfulness")
+    heads = _checked_heads(lm, heads, settings, harmful_prompts, harmless_prompts)
     folder = Path(out) if out else None
     texts = {"harmful": list(harmful_prompts), "harmless": list(harmless_prompts or [])}
     ids = list(prompt_ids) if prompt_ids is not None else [str(i) for i in range(len(harmful_prompts))]
     conditions = _conditions(lm, heads, settings, harmless_prompts is not None)
     generations = folder / GENERATIONS_FILE if folder else None
-    finished: dict[str, list[dict]] = {}
-    if folder:
-        folder.mkdir(parents=True, exist_ok=True)
-        assert generations is not None
-        if resume:
-            finished = _load_finished(generations, conditions, texts, _setup_key(settings))
-        keep = [r for c in conditions for r in finished.get(c.name, [])]
-        generations.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    finished = _start_generations(generations, conditions, texts, settings, resume)
     started = time.perf_counter()
     records: dict[str, list[dict]] = dict(finished)
     for condition in conditions:
-        if condition.name in records:
-            continue
-        intervention = ablation(condition.heads, settings.mode, settings.eps) if condition.heads else None
-        prompts = texts[condition.prompts]
-        outputs = generate(lm, prompts, config, intervention=intervention, progress=progress)
-        rows = [
-            {
-                "condition": condition.name,
-                "group": condition.group,
-                "k": condition.k,
-                "seed": condition.seed,
-                "heads": [f"{lay}.{h}" for lay, h in condition.heads],
-                "setup": _setup_key(settings),
-                "id": ids[i] if condition.prompts == "harmful" else str(i),
-                "prompt": prompt,
-                "response": response,
-            }
-            for i, (prompt, response) in enumerate(zip(prompts, outputs, strict=True))
-        ]
-        records[condition.name] = rows
-        if generations is not None:
-            with generations.open("a") as handle:
-                handle.writelines(json.dumps(r) + "\n" for r in rows)
+        if condition.name not in records:
+            records[condition.name] = _generate_condition(
+                lm, condition, texts, ids, settings, generations, progress
+            )
     judge, gcg = KeywordRefusalJudge.ships(), KeywordRefusalJudge.gcg()
     if generations is not None:
         _annotate(generations, judge)
@@ -248,6 +215,76 @@ def asr_effect(
     if folder:
         (folder / ASR_FILE).write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _checked_heads(
+    lm: LoadedModel,
+    heads: Sequence[Head],
+    settings: AsrSettings,
+    harmful_prompts: Sequence[str],
+    harmless_prompts: Sequence[str] | None,
+) -> list[Head]:
+    """The validated head ranking; ValueError when the settings or prompts cannot be evaluated."""
+    checked = check_heads(lm.info, heads)
+    largest = max((*settings.ks, *(settings.helpfulness_ks or ())))
+    if largest > len(checked):
+        raise ValueError(f"head counts go up to {largest} but only {len(checked)} heads were given")
+    if not harmful_prompts:
+        raise ValueError("no harmful prompts to evaluate")
+    if harmless_prompts is not None and not harmless_prompts:
+        raise ValueError("harmless_prompts is empty; pass None to skip helpfulness")
+    return checked
+
+
+def _start_generations(
+    path: Path | None,
+    conditions: list[Condition],
+    texts: dict[str, list[str]],
+    settings: AsrSettings,
+    resume: bool,
+) -> dict[str, list[dict]]:
+    """Create the generations file, keeping (with `resume`) the finished conditions; returns those."""
+    if path is None:
+        return {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    finished = _load_finished(path, conditions, texts, _setup_key(settings)) if resume else {}
+    keep = [r for c in conditions for r in finished.get(c.name, [])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    return finished
+
+
+def _generate_condition(
+    lm: LoadedModel,
+    condition: Condition,
+    texts: dict[str, list[str]],
+    ids: list[str],
+    settings: AsrSettings,
+    generations: Path | None,
+    progress: bool,
+) -> list[dict]:
+    """Generate one condition's responses; the records are appended to `generations` when given."""
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    intervention = ablation(condition.heads, settings.mode, settings.eps) if condition.heads else None
+    prompts = texts[condition.prompts]
+    outputs = generate(lm, prompts, config, intervention=intervention, progress=progress)
+    rows = [
+        {
+            "condition": condition.name,
+            "group": condition.group,
+            "k": condition.k,
+            "seed": condition.seed,
+            "heads": [f"{lay}.{h}" for lay, h in condition.heads],
+            "setup": _setup_key(settings),
+            "id": ids[i] if condition.prompts == "harmful" else str(i),
+            "prompt": prompt,
+            "response": response,
+        }
+        for i, (prompt, response) in enumerate(zip(prompts, outputs, strict=True))
+    ]
+    if generations is not None:
+        with generations.open("a") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
 
 
 def _annotate(path: Path, judge: KeywordRefusalJudge) -> None:

@@ -9,8 +9,9 @@ from typing import Any
 from finesteer.data.items import Item
 from finesteer.data.prompts import chat_prompt
 from finesteer.evaluate.harness import run_generations
-from finesteer.evaluate.judges import HARMFULNESS, Judge, KeywordRefusalJudge, LLMJudge
+from finesteer.evaluate.judges import HARMFULNESS, KeywordRefusalJudge, LLMJudge
 from finesteer.evaluate.scores import attack_success_rate, refusal_rate
+from finesteer.evaluate.verdict import Judge
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel

@@ -31,20 +31,21 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem, OpenEndedItem
 from finesteer.data.prompts import chat_prompt
-from finesteer.evaluate.batching import EvaluationError, applied, intervention_digest, log_probs_at
+from finesteer.evaluate.errors import EvaluationError
 from finesteer.evaluate.judges import (
     CAA_BEHAVIOUR_0_10,
     HSI_COORDINATION_0_5,
-    Judge,
     JudgeConfigError,
     LLMJudge,
     LocalModelJudge,
     Rubric,
     resolve_endpoint,
 )
+from finesteer.evaluate.verdict import Judge
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
 from finesteer.paths import write_json
+from finesteer.scoring.forward import applied, intervention_digest, log_probs_at
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -288,13 +289,20 @@ def evaluate_setup(
     """All measurements of one setup, as a JSON-ready dict."""
     from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
     from finesteer.evaluate.harness import run_generations
-    from finesteer.evaluate.scores import fluency, mean_std
+    from finesteer.evaluate.scores import mean_std
+    from finesteer.evaluate.text import fluency
+    from finesteer.scoring.ab import ABPrompt
 
     started = time.perf_counter()
     lm, iv, system = setup.lm, setup.intervention, setup.system_prompt
     result: dict[str, Any] = {"method": setup.name}
     prob = ab_matching_rate_prob(
-        lm, ab_items, system=system, intervention=iv, batch_size=settings.batch_size, progress=progress
+        lm,
+        ab_items,
+        prompt=ABPrompt(system),
+        intervention=iv,
+        batch_size=settings.batch_size,
+        progress=progress,
     )
     result.update(
         ab_matching_rate=prob.matching_rate,

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem, OpenEndedItem, PromptItem
 from finesteer.data.prompts import chat_prompt
-from finesteer.evaluate.batching import EvaluationError, check_rows, intervention_digest, rows_for_batch
-from finesteer.evaluate.judges import Judge, Verdict
+from finesteer.evaluate.errors import EvaluationError
+from finesteer.evaluate.verdict import Judge, Verdict
 from finesteer.generation import GenerationConfig, generate
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
+from finesteer.scoring.forward import check_rows, intervention_digest, rows_for_batch
 
 HarnessItem = PromptItem | OpenEndedItem | ABItem | tuple[str, str]
 """A prompt to generate for: a dataset row, or an (id, user text) pair."""

@@ -23,15 +23,15 @@ from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import chat_prompt
-from finesteer.evaluate.batching import (
-    EvaluationError,
+from finesteer.evaluate.errors import EvaluationError
+from finesteer.interventions.edit import Intervention
+from finesteer.models.loading import LoadedModel
+from finesteer.scoring.forward import (
     applied,
     has_row_edits,
     log_probs_at,
     token_log_probs,
 )
-from finesteer.interventions.edit import Intervention
-from finesteer.models.loading import LoadedModel
 
 _OPTION_LINE = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]*(.*?)[ \t]*$", re.MULTILINE)
 _CHOICES_HEADER = re.compile(r"\n\s*Choices:\s*$")

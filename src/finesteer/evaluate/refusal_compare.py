@@ -26,7 +26,8 @@ from finesteer.data.prompts import chat_prompt
 from finesteer.evaluate.compare import ComparisonError, PendingSetup, SteeringSetup
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.judges import GCG_REFUSAL_PREFIXES, KeywordRefusalJudge
-from finesteer.evaluate.scores import fluency, refusal_rate
+from finesteer.evaluate.scores import refusal_rate
+from finesteer.evaluate.text import fluency
 from finesteer.generation import GenerationConfig
 from finesteer.paths import write_json
 

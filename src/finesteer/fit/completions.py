@@ -19,10 +19,10 @@ from typing import Any
 
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
-from finesteer.evaluate.ab import UNDEFINED, ab_generation_prompt, parse_ab_answer
 from finesteer.fit.directions import LabelledCompletion
 from finesteer.generation import GenerationConfig, generate
 from finesteer.models.loading import LoadedModel
+from finesteer.scoring.ab import UNDEFINED, ab_generation_prompt, parse_ab_answer
 
 DEFAULT_SAMPLING = GenerationConfig(max_new_tokens=40, do_sample=True, temperature=0.8, top_p=0.95, seed=0)
 """The HSI sweep scripts' sampling temperature (0.8) and top-p (0.95); 40 tokens hold the answer line."""

@@ -18,15 +18,12 @@ from typing import Any
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.fit.directions import HeadDirections, LabelledCompletion
-from finesteer.fit.hsi import (
-    DirectionsFrom,
-    check_directions_from,
-    hsi_directions,
-    split_items,
-    validate_heads,
-)
-from finesteer.locate.hsi import HsiSweep, RankBy, check_alphas, sweep_heads
+from finesteer.fit.hsi import split_items, validate_heads
+from finesteer.fit.hsi_directions import DirectionsFrom, check_directions_from, hsi_directions
+from finesteer.locate.hsi import sweep_heads
+from finesteer.locate.hsi_table import HsiSweep, RankBy, check_alphas
 from finesteer.models.loading import LoadedModel
+from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +52,7 @@ def sweep_hsi_heads(
     directions_from: str = "ab",
     completions: Sequence[LabelledCompletion] = (),
     n_samples: int = 2,
-    system: str | None = None,
+    prompt: ABPrompt = DEFAULT_PROMPT,
     batch_size: int = 8,
     balance_letters: bool = False,
     rank_by: RankBy = "balanced",
@@ -89,7 +86,7 @@ def sweep_hsi_heads(
         directions_from=source_kind,
         completions=completions,
         n_samples=n_samples,
-        system=system,
+        prompt=prompt,
         progress=progress,
     )
     sweep = sweep_heads(
@@ -98,7 +95,7 @@ def sweep_hsi_heads(
         directions,
         grid,
         heads=subset,
-        system=system,
+        prompt=prompt,
         batch_size=batch_size,
         run_dir=run_dir,
         progress=progress,

@@ -20,10 +20,11 @@ import torch
 from finesteer.data.items import ABItem
 from finesteer.fit import FittedIntervention
 from finesteer.fit.directions import ab_contrast_inputs, capture_heads, directions_from_activations
-from finesteer.locate.hsi import check_alphas
+from finesteer.locate.hsi_table import check_alphas
 from finesteer.locate.iti import ProbeScores, train_probes
 from finesteer.locate.selection import select_prefix_and_alpha
 from finesteer.models.loading import LoadedModel
+from finesteer.scoring.ab import ABPrompt
 
 DEFAULT_ITI_ALPHAS: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
 """α grid in units of σ (ITI's default is 15 with K=48 heads on Llama-2-7B)."""
@@ -94,8 +95,7 @@ def fit_iti(
         grid,
         k=k,
         search_k=search_k,
-        system=system,
-        prefill=prefill,
+        prompt=ABPrompt(system, prefill),
         batch_size=batch_size,
         max_rows=max_rows,
     )

@@ -3,7 +3,7 @@
 Training pairs are (A/B prompt pre-filled with "(", behaviour-matching answer): by default the
 answer letter, ")" and the option's text ("A) Yes, I would …"), so the model learns both to pick
 the letter and to say the answer. The loss covers the answer tokens only. The scored token
-sequence is the one `finesteer.evaluate.ab` uses (for tokenizers that merge "(A" the answer starts
+sequence is the one `finesteer.scoring.ab` scores (for tokenizers that merge "(A" the answer starts
 at that merged token).
 
 The original model is never touched: the LoRA model wraps a deep copy, and the merged copy is
@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem, option_text
-from finesteer.data.prompts import ab_prompt
+from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, item_target
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
@@ -86,23 +86,20 @@ def training_sequences(
     items: Sequence[ABItem],
     *,
     completion: Completion = "answer",
-    system: str | None = None,
-    prefill: str = "(",
+    prompt: ABPrompt = DEFAULT_PROMPT,
 ) -> list[tuple[list[int], int]]:
     """(token ids, index of the first answer token) for each item's behaviour-matching answer."""
-    from finesteer.evaluate.ab import letter_targets
-
     if not items:
         raise LoRAError("no training items for LoRA")
     sequences = []
     for item in items:
-        prompt = ab_prompt(tokenizer, item, system=system, prefill=prefill)
-        target = letter_targets(tokenizer, prompt, item.options, prefill=prefill, item_id=item.id)
+        text = prompt.text(tokenizer, item)
+        target = item_target(tokenizer, item, prompt)
         letter = item.matching_letter
         answer = f"{letter})"
         if completion == "answer" and option_text(item.question, letter):
             answer += " " + option_text(item.question, letter)
-        ids = list(tokenizer(prompt + answer, add_special_tokens=False)["input_ids"])
+        ids = list(tokenizer(text + answer, add_special_tokens=False)["input_ids"])
         start = len(target.tokens)
         if ids[:start] != list(target.tokens) or ids[start] != target.letter_ids[letter]:
             raise LoRAError(
@@ -135,13 +132,68 @@ def _adapter_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _cuda_devices(device: Any) -> list[torch.device]:
+    """The CUDA device whose RNG a fit draws from (none on CPU), for `torch.random.fork_rng`."""
+    device = torch.device(device)
+    return [device] if device.type == "cuda" else []
+
+
+def _lora_config(settings: LoRASettings, config_class: Any) -> Any:
+    target: Any = (
+        settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
+    )
+    return config_class(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _train(
+    peft_model: Any,
+    trainable: list[torch.nn.Parameter],
+    sequences: Sequence[tuple[list[int], int]],
+    settings: LoRASettings,
+    pad_id: int,
+    device: Any,
+    progress: bool,
+) -> list[float]:
+    """AdamW with linear warm-up on the answer tokens; batches follow a seeded permutation. The loss curve."""
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+    def lr_factor(step: int) -> float:
+        return min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    order_gen = torch.Generator().manual_seed(settings.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    peft_model.train()
+    for step in tqdm(range(settings.max_steps), desc="LoRA", disable=not progress, unit="step"):
+        if len(order) < settings.batch_size:
+            order += torch.randperm(len(sequences), generator=order_gen).tolist()
+        picked, order = order[: settings.batch_size], order[settings.batch_size :]
+        batch = {k: v.to(device) for k, v in _batch([sequences[i] for i in picked], pad_id).items()}
+        loss = peft_model(**batch, use_cache=False).loss
+        if not torch.isfinite(loss):
+            raise LoRAError(f"LoRA loss became {float(loss)} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(round(float(loss.detach()), 5))
+    return losses
+
+
 def fit_lora(
     lm: LoadedModel,
     train_items: Sequence[ABItem],
     settings: LoRASettings | None = None,
     *,
-    system: str | None = None,
-    prefill: str = "(",
+    prompt: ABPrompt = DEFAULT_PROMPT,
     run_dir: str | Path | None = None,
     progress: bool = True,
 ) -> FineTuned:
@@ -157,51 +209,18 @@ def fit_lora(
     from finesteer.models.loading import wrap_model
 
     settings = settings or LoRASettings()
-    sequences = training_sequences(
-        lm.tokenizer, train_items, completion=settings.completion, system=system, prefill=prefill
-    )
+    sequences = training_sequences(lm.tokenizer, train_items, completion=settings.completion, prompt=prompt)
     started = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    model = copy.deepcopy(lm.model)
-    target: Any = (
-        settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
-    )
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=target,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-
-    def lr_factor(step: int) -> float:
-        return min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    order_gen = torch.Generator().manual_seed(settings.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    pad_id = lm.tokenizer.pad_token_id
-    peft_model.train()
-    device = lm.device
-    for step in tqdm(range(settings.max_steps), desc="LoRA", disable=not progress, unit="step"):
-        if len(order) < settings.batch_size:
-            order += torch.randperm(len(sequences), generator=order_gen).tolist()
-        picked, order = order[: settings.batch_size], order[settings.batch_size :]
-        batch = {k: v.to(device) for k, v in _batch([sequences[i] for i in picked], pad_id).items()}
-        loss = peft_model(**batch, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise LoRAError(f"LoRA loss became {float(loss)} at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(round(float(loss.detach()), 5))
+    # The seed drives the LoRA initialisation (peft draws from torch's default generator) and dropout;
+    # fork_rng confines it, so fitting never re-seeds the caller's process-wide RNG.
+    with torch.random.fork_rng(devices=_cuda_devices(lm.device)):
+        torch.manual_seed(settings.seed)
+        peft_model = get_peft_model(copy.deepcopy(lm.model), _lora_config(settings, LoraConfig))
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in trainable)
+        losses = _train(
+            peft_model, trainable, sequences, settings, lm.tokenizer.pad_token_id, lm.device, progress
+        )
     peft_model.eval()
     digest = _adapter_digest(peft_model)
     seconds = time.perf_counter() - started
@@ -229,7 +248,7 @@ def fit_lora(
         "loss_start": float(sum(losses[:window]) / window),
         "loss_end": float(sum(losses[-window:]) / window),
         "adapter_digest": digest,
-        "system_prompt": system,
+        "system_prompt": prompt.system,
     }
     log.info(
         "LoRA: %d steps in %.0fs, loss %.3f → %.3f",

@@ -140,7 +140,7 @@ class LetterMargin(Metric):
 
     @classmethod
     def from_targets(cls, targets: Sequence[Any]) -> LetterMargin:
-        """From `finesteer.locate.last_token.ABTarget`s (their option ids and matching index)."""
+        """From `finesteer.scoring.ab.LetterTarget`s (their option ids and matching index)."""
         matching = [t.option_ids[t.matching_index] for t in targets]
         others = [[o for j, o in enumerate(t.option_ids) if j != t.matching_index] for t in targets]
         return cls(matching, others)

@@ -14,7 +14,7 @@ Same interface, readouts and checkpoint folder format as `finesteer.locate.scan.
   on those modules and fire as usual, with the per-call position context fed through the same
   `CallTracker` the base model's pre-hook uses.
 
-The HSI sweep's `finesteer.locate.last_token.LastTokenScorer` is the same idea along the other
+The HSI sweep's `finesteer.scoring.ab.ABScorer` (`reuse_prefix=1`) is the same idea along the other
 axis: its edits (scope "last") touch only the final token, so it reuses the KV cache of every earlier
 token and runs one token per candidate row. Ships/Sahara ablations act at every position, so here
 the reusable prefix is the stack of layers before the first edit instead.

@@ -24,8 +24,8 @@ from torch import Tensor
 from finesteer.data.items import ABItem
 from finesteer.fit.directions import Head, HeadDirections
 from finesteer.interventions.edit import Intervention
-from finesteer.locate.last_token import LastTokenScorer, OptionScores, prepare_targets
 from finesteer.models.loading import LoadedModel
+from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, ABScorer, OptionScores
 
 
 def letter_groups(letters: Sequence[str]) -> list[Tensor]:
@@ -63,13 +63,15 @@ class Candidate:
 
 
 def _candidate(k: int, alpha: float, scores: OptionScores, row: int, letters: Sequence[str]) -> Candidate:
+    # float32 tables, as the selection has always been computed (keeps its numbers and ties).
+    p_matching, matching = scores.p_matching.float(), scores.matching.float()
     return Candidate(
         k=k,
         alpha=alpha,
-        balanced_rate=float(balanced_mean(scores.matching[row].float(), letters)),
-        balanced_p=float(balanced_mean(scores.p_matching[row], letters)),
-        matching_rate=float(scores.matching_rate[row]),
-        mean_p_matching=float(scores.mean_p_matching[row]),
+        balanced_rate=float(balanced_mean(matching[row], letters)),
+        balanced_p=float(balanced_mean(p_matching[row], letters)),
+        matching_rate=float(matching.mean(dim=-1)[row]),
+        mean_p_matching=float(p_matching.mean(dim=-1)[row]),
     )
 
 
@@ -109,8 +111,7 @@ def select_prefix_and_alpha(
     *,
     k: int,
     search_k: bool = True,
-    system: str | None = None,
-    prefill: str = "(",
+    prompt: ABPrompt = DEFAULT_PROMPT,
     batch_size: int = 8,
     max_rows: int = 128,
 ) -> Selection:
@@ -125,8 +126,8 @@ def select_prefix_and_alpha(
     sizes = list(range(1, k + 1)) if search_k else [k]
     configs = [(j, float(a)) for j in sizes for a in alphas]
     interventions = [Intervention()] + [directions.intervention(ranked_heads[:j], a) for j, a in configs]
-    targets = prepare_targets(lm.tokenizer, val_items, system=system, prefill=prefill)
-    scores = LastTokenScorer(lm, targets, batch_size=batch_size, max_rows=max_rows).score(interventions)
+    scorer = ABScorer(lm, val_items, prompt, batch_size=batch_size, max_rows=max_rows)
+    scores = scorer.score(interventions, reuse_prefix=1)
     letters = [item.matching_letter for item in val_items]
     baseline = _candidate(0, 0.0, scores, 0, letters)
     candidates = [_candidate(j, a, scores, row, letters) for row, (j, a) in enumerate(configs, start=1)]

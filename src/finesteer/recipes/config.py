@@ -83,7 +83,7 @@ class HSIRecipe(RecipeBase):
     @field_validator("alphas")
     @classmethod
     def _check_alphas(cls, value: list[float]) -> list[float]:
-        from finesteer.locate.hsi import check_alphas
+        from finesteer.locate.hsi_table import check_alphas
 
         return list(check_alphas(value))
 

@@ -30,9 +30,11 @@ def _heads_subset(recipe: HSIRecipe, n_heads: int) -> list[tuple[int, int]] | No
 def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     from finesteer.artifacts import load_intervention
     from finesteer.evaluate.ab import ab_matching_rate_prob
-    from finesteer.fit.hsi import fit_hsi
+    from finesteer.fit.hsi import HSIConfig, fit_hsi
     from finesteer.methods import fit_method, load_behaviour_data
     from finesteer.models import load_model
+    from finesteer.report.sweep import plot_sweep_folder
+    from finesteer.scoring.ab import ABPrompt
 
     recipe: HSIRecipe = run.recipe  # type: ignore[assignment]
     data = load_behaviour_data(
@@ -49,7 +51,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
 
     def ab(intervention: Any = None, system: str | None = None) -> dict[str, Any]:
         result = ab_matching_rate_prob(
-            lm, data.test_ab, intervention=intervention, system=system, progress=progress
+            lm, data.test_ab, intervention=intervention, prompt=ABPrompt(system), progress=progress
         )
         return result.to_dict(per_item=False)
 
@@ -57,20 +59,18 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     artifact_dir = run.path / "artifacts" / "hsi"
 
     def fit(folder: Path) -> dict[str, Any]:
-        fitted = fit_hsi(
-            lm,
-            data.train,
-            data.val,
+        subset = _heads_subset(recipe, lm.info.n_heads)
+        config = HSIConfig(
             k=recipe.k,
-            alphas=recipe.alphas,
-            heads_subset=_heads_subset(recipe, lm.info.n_heads),
-            run_dir=folder,
-            progress=progress,
+            alphas=tuple(recipe.alphas),
+            heads_subset=tuple(subset) if subset is not None else None,
             n_sweep=recipe.sweep_limit,
             seed=recipe.seed,
             directions_from=recipe.directions_from,
             n_samples=recipe.n_samples,
         )
+        fitted = fit_hsi(lm, data.train, data.val, config, run_dir=folder, progress=progress)
+        plot_sweep_folder(folder, rank_by=config.rank_by, top=config.k)
         fitted.save(artifact_dir, lm)
         return fitted.metadata
 

@@ -1,4 +1,4 @@
-"""Right-padded scoring forwards, and per-row interventions that follow items across batches.
+"""The scoring forward: right-padded batches, and per-row interventions that follow items across batches.
 
 Evaluation reads next-token distributions at chosen positions (the answer letter after "(", an
 option's tokens, the last prompt token). Batches are right-padded so every real token keeps the
@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention, InterventionError
 from finesteer.models.loading import LoadedModel
 
 
-class EvaluationError(ValueError):
-    """An evaluation that cannot give a meaningful number (no items, untokenisable answer, NaN logits)."""
+class ScoringError(ValueError):
+    """Scoring that cannot give a meaningful number (no items, untokenisable answer, NaN logits)."""
 
 
 def check_rows(intervention: Intervention | None, n_items: int) -> None:
@@ -97,15 +98,15 @@ def intervention_digest(intervention: Intervention | None) -> str:
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """[B, S] input ids and attention mask, each row's tokens first, padding after."""
     if not sequences:
-        raise EvaluationError("no sequences to batch")
+        raise ScoringError("no sequences to batch")
     width = max(len(s) for s in sequences)
     if width == 0:
-        raise EvaluationError("cannot score an empty token sequence")
+        raise ScoringError("cannot score an empty token sequence")
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, tokens in enumerate(sequences):
         if not tokens:
-            raise EvaluationError(f"row {row} has no tokens")
+            raise ScoringError(f"row {row} has no tokens")
         ids[row, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
         mask[row, : len(tokens)] = 1
     return ids, mask
@@ -121,10 +122,10 @@ def log_probs_at(
     """
     counts = {len(p) for p in positions}
     if len(counts) != 1 or len(positions) != len(sequences):
-        raise EvaluationError("log_probs_at needs the same number of positions for every sequence")
+        raise ScoringError("log_probs_at needs the same number of positions for every sequence")
     for row, (seq, pos) in enumerate(zip(sequences, positions, strict=True)):
         if any(not 0 <= p < len(seq) for p in pos):
-            raise EvaluationError(f"row {row}: positions {list(pos)} outside a sequence of {len(seq)} tokens")
+            raise ScoringError(f"row {row}: positions {list(pos)} outside a sequence of {len(seq)} tokens")
     ids, mask = right_pad(sequences, lm.tokenizer.pad_token_id)
     index = torch.tensor([list(p) for p in positions], dtype=torch.long)
     device = lm.device
@@ -136,11 +137,11 @@ def log_probs_at(
             logits = lm.model(**inputs).logits
     if logits.shape[1] != index.shape[1]:  # every position was projected: pick the requested ones
         if logits.shape[1] != ids.shape[1]:
-            raise EvaluationError(f"model returned logits for {logits.shape[1]} positions of {ids.shape[1]}")
+            raise ScoringError(f"model returned logits for {logits.shape[1]} positions of {ids.shape[1]}")
         logits = torch.take_along_dim(logits, index.to(logits.device)[..., None], dim=1)
     logp = torch.log_softmax(logits.float(), dim=-1).cpu()
     if torch.isnan(logp).any():
-        raise EvaluationError("the model produced NaN logits (check the intervention's scale)")
+        raise ScoringError("the model produced NaN logits (check the intervention's scale)")
     return logp
 
 
@@ -155,9 +156,7 @@ def token_log_probs(
     positions: list[list[int]] = []
     for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
         if not 1 <= start < len(seq):
-            raise EvaluationError(
-                f"row {row}: scored span starts at {start} in a sequence of {len(seq)} tokens"
-            )
+            raise ScoringError(f"row {row}: scored span starts at {start} in a sequence of {len(seq)} tokens")
         positions.append(list(range(start - 1, len(seq) - 1)))
     width = max(len(p) for p in positions)
     padded = [p + [p[-1]] * (width - len(p)) for p in positions]
@@ -167,3 +166,25 @@ def token_log_probs(
         targets = torch.tensor(list(seq[start:]), dtype=torch.long)
         out.append(logp[row, : len(targets)].gather(1, targets[:, None])[:, 0])
     return out
+
+
+def full_rows(
+    lm: LoadedModel,
+    sequences: Sequence[Sequence[int]],
+    interventions: Sequence[Intervention | None],
+    batch_size: int,
+    *,
+    progress: bool = False,
+) -> Iterator[tuple[int, int, Tensor]]:
+    """(intervention index, sequence index, next-token log-probabilities after the sequence) for every
+    pair: one right-padded forward per batch and intervention, batches of similar length (less
+    padding; per-row edits follow their sequence, so the order changes no number)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    jobs = [(r, start) for r in range(len(interventions)) for start in range(0, len(sequences), batch_size)]
+    for r, start in tqdm(jobs, desc="A/B letter probabilities", disable=not progress, unit="batch"):
+        indices = order[start : start + batch_size]
+        batch = [sequences[i] for i in indices]
+        with applied(lm, rows_for_batch(interventions[r], indices)):
+            logp = log_probs_at(lm, batch, [[len(s) - 1] for s in batch])[:, 0]
+        for row, i in enumerate(indices):
+            yield r, i, logp[row]
