@@ -41,9 +41,12 @@ from _bench import load_note, log, print_table
 from torch import Tensor
 
 from finesteer.data import load_dataset
-from finesteer.locate.attribution import KLDivergence, PreRankedScan, pre_ranked_scan, spearman
+from finesteer.locate.attribution.metrics import KLDivergence
+from finesteer.locate.attribution.prerank import PreRankedScan, pre_ranked_scan
+from finesteer.locate.engine import EncodedPrompts, encode_prompts
 from finesteer.locate.fast_scan import fast_scan
-from finesteer.locate.scan import EncodedPrompts, KLFromBase, LastLogits, encode_prompts, scan
+from finesteer.locate.rank_stats import spearman
+from finesteer.locate.scan import KLFromBase, LastLogits, scan
 from finesteer.locate.ships import Head, ablation, all_heads, format_queries
 from finesteer.models import LoadedModel, load_model
 
@@ -232,13 +235,22 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
     encoded = encode_prompts(lm, format_queries(lm, queries))
     lengths = [len(ids) for ids in encoded.ids]
     log(f"{name}: {len(encoded)} prompts of {min(lengths)}–{max(lengths)} tokens, {load_note()}")
-    mode, eps, batch = args.mode, args.eps, args.batch_size
     heads = all_heads(lm.info)
-    some = _subset(heads, args.peer_heads)
+    methods, notes = _methods(args, lm, encoded, heads)
+    results, times, cpu = _run_interleaved(methods, notes, args.repeats)
+    return _rows(args, name, heads, methods, notes, results, times, cpu)
 
-    methods: dict[str, tuple[Callable[[], Any], list[Head]]] = {
-        "raw hooks loop (a)": (lambda: raw_hooks_loop(lm, encoded, mode, eps, heads), heads)
-    }
+
+Methods = dict[str, tuple[Callable[[], Any], list[Head]]]
+
+
+def _methods(
+    args: argparse.Namespace, lm: LoadedModel, encoded: EncodedPrompts, heads: list[Head]
+) -> tuple[Methods, dict[str, str]]:
+    """Every method to time (a callable and the heads it scans), and notes on those that cannot run."""
+    mode, eps, batch = args.mode, args.eps, args.batch_size
+    some = _subset(heads, args.peer_heads)
+    methods: Methods = {"raw hooks loop (a)": (lambda: raw_hooks_loop(lm, encoded, mode, eps, heads), heads)}
     notes: dict[str, str] = {}
     for label, build in (
         ("nnsight loop (b)", nnsight_loop),
@@ -282,11 +294,17 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
         if label in methods and label != "raw hooks loop (a)":
             del methods[label]
             notes[label] = "skipped (--skip)"
+    return methods, notes
 
+
+def _run_interleaved(
+    methods: Methods, notes: dict[str, str], repeats: int
+) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, list[float]]]:
+    """Each method's result, wall and CPU seconds per run; a method that fails gets a note instead."""
     results: dict[str, Any] = {}
     times: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
-    for repeat in range(args.repeats):  # interleaved, so load drift hits every method alike
+    for repeat in range(repeats):  # interleaved, so load drift hits every method alike
         for method, (fn, _) in methods.items():
             if method in notes:
                 continue
@@ -303,10 +321,23 @@ def bench_model(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
             times[method].append(time.perf_counter() - started)
             cpu[method].append(time.process_time() - started_cpu)
             log(
-                f"  run {repeat + 1}/{args.repeats} {method}: {times[method][-1]:.1f} s, "
+                f"  run {repeat + 1}/{repeats} {method}: {times[method][-1]:.1f} s, "
                 f"cpu {cpu[method][-1]:.1f} s ({load_note()})"
             )
+    return results, times, cpu
 
+
+def _rows(
+    args: argparse.Namespace,
+    name: str,
+    heads: list[Head],
+    methods: Methods,
+    notes: dict[str, str],
+    results: dict[str, Any],
+    times: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+) -> list[dict[str, Any]]:
+    """One table row per method: time and speed-up over the raw hooks loop, agreement with it."""
     reference = results["raw hooks loop (a)"]
     reference_seconds = statistics.median(times["raw hooks loop (a)"])
     reference_cpu = statistics.median(cpu["raw hooks loop (a)"])

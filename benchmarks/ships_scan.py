@@ -15,7 +15,8 @@ import torch
 
 from finesteer.data import load_dataset
 from finesteer.interventions import Intervention
-from finesteer.locate.scan import KLAndHidden, LastLogits, encode_prompts, scan
+from finesteer.locate.engine import encode_prompts
+from finesteer.locate.scan import KLAndHidden, LastLogits, scan
 from finesteer.locate.ships import ablation, all_heads, format_queries
 from finesteer.models import load_model
 

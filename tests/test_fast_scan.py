@@ -6,30 +6,13 @@ import pytest
 import torch
 
 from finesteer.interventions import Intervention, ablate_head, steer_head
-from finesteer.locate.attribution import (
-    AttributionError,
-    KLDivergence,
-    LetterMargin,
-    TokenLogProb,
-    estimate_effects,
-    exact_effects,
-    gated_ablation,
-    pre_ranked_scan,
-    rank_agreement,
-    spearman,
-    top_k_overlap,
-)
+from finesteer.locate.attribution.gates import gated_ablation
+from finesteer.locate.attribution.metrics import AttributionError, KLDivergence, LetterMargin, TokenLogProb
+from finesteer.locate.attribution.prerank import estimate_effects, exact_effects, pre_ranked_scan
+from finesteer.locate.engine import ScanError, encode_prompts, prompt_batches
 from finesteer.locate.fast_scan import fast_scan, run_scan, start_layer
-from finesteer.locate.scan import (
-    KLAndHidden,
-    KLFromBase,
-    LastHidden,
-    LastLogits,
-    ScanError,
-    _batches,
-    encode_prompts,
-    scan,
-)
+from finesteer.locate.rank_stats import rank_agreement, spearman, top_k_overlap
+from finesteer.locate.scan import KLAndHidden, KLFromBase, LastHidden, LastLogits, scan
 from finesteer.locate.ships import ablation, all_heads, format_queries
 from finesteer.models import LoadedModel
 
@@ -216,7 +199,7 @@ def test_gate_one_is_the_uniform_attention_ablation(tiny_models, name):
     exact = scan(
         lm, encoded, [ablation([h], "ua") for h in heads], LastLogits(), batch_size=5, progress=False
     )
-    batch = _batches(encoded, 5, lm.tokenizer.pad_token_id, lm.device)[0]
+    batch = prompt_batches(encoded, 5, lm.tokenizer.pad_token_id, lm.device)[0]
     rows = torch.arange(5)
     for (layer, head), expected in zip(heads, exact, strict=True):
         gates = torch.zeros(5, lm.info.n_layers, lm.info.n_heads)
@@ -271,7 +254,7 @@ def test_activation_kl_estimate_is_the_curvature_along_the_uniform_path(tiny_mod
     lm = tiny_models["tiny-llama"]
     encoded = _encoded(lm)
     estimate = estimate_effects(lm, encoded, KLDivergence(outcomes=10**6), mode="ua", batch_size=5)
-    batch = _batches(encoded, 5, lm.tokenizer.pad_token_id, lm.device)[0]
+    batch = prompt_batches(encoded, 5, lm.tokenizer.pad_token_id, lm.device)[0]
     rows = torch.arange(5)
     with torch.no_grad():
         base = lm.model(input_ids=batch.input_ids, attention_mask=batch.mask).logits[rows, batch.last]

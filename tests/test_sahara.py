@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from finesteer.locate.engine import encode_prompts
 from finesteer.locate.sahara import sahara
-from finesteer.locate.scan import LastHidden, encode_prompts, scan
+from finesteer.locate.scan import LastHidden, scan
 from finesteer.locate.ships import ablation, format_queries, ships_dataset, subspace_angle_score
 from finesteer.models import LoadedModel
 

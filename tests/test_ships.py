@@ -10,14 +10,8 @@ from typer.testing import CliRunner
 from finesteer.cli import app
 from finesteer.evaluate.asr_effect import AsrSettings, asr_effect, random_heads
 from finesteer.interventions import Intervention, ablate_head, intervene
-from finesteer.locate.scan import (
-    KLFromBase,
-    LastHidden,
-    LastLogits,
-    ScanError,
-    encode_prompts,
-    scan,
-)
+from finesteer.locate.engine import ScanError, encode_prompts
+from finesteer.locate.scan import KLFromBase, LastHidden, LastLogits, scan
 from finesteer.locate.scores import HeadScores, HeadScoresError, jaccard_top_k
 from finesteer.locate.ships import (
     format_queries,
@@ -134,7 +128,7 @@ def test_scan_resume_skips_finished_candidates(lm, tmp_path, caplog):
         )
     counter = ForwardCounter(lm)
     done: list[int] = []
-    caplog.set_level("INFO", logger="finesteer.locate.scan")
+    caplog.set_level("INFO", logger="finesteer.locate.engine")
     try:
         resumed = scan(
             lm,

@@ -1,9 +1,18 @@
-"""Batched text generation with an optional intervention (left padding, greedy or seeded sampling)."""
+"""Batched text generation with an optional intervention (left padding, greedy or seeded sampling).
+
+`generate_batches` is a generator, so it may be paused between batches (or abandoned). Its
+intervention is therefore registered only around each batch's own `generate` call: while it is
+paused, no hook of it is on the model, and any other caller's forward is unsteered.
+
+A seeded run samples from a private RNG stream: the process RNG is forked around each batch (and
+restored after), so seeding a generation never re-seeds the caller's torch RNG. HF's sampling draws
+from the global RNG and takes no `torch.Generator`, hence the fork rather than a generator object.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +43,19 @@ class GenerationConfig:
             raise ValueError("sampling needs temperature > 0 (use do_sample=False for greedy)")
 
 
+@contextmanager
+def _seeded(lm: LoadedModel, seed: int | None) -> Iterator[None]:
+    """Sample from a private RNG stream seeded with `seed`, leaving the process RNG untouched."""
+    if seed is None:
+        yield
+        return
+    device = lm.device
+    devices = [device] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
 def generate_batches(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -45,34 +67,34 @@ def generate_batches(
 ) -> Iterator[list[str]]:
     """Yield the completions batch by batch (so callers can stream them to disk)."""
     tokenizer = lm.tokenizer
-    context = intervene(lm, intervention) if intervention is not None else nullcontext()
+    if intervention is not None:
+        intervention.validate(lm.info)  # fail on the first `next`, before any tokenising
     sampling = (
         {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
         if config.do_sample
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     )
     batches = range(0, len(prompts), config.batch_size)
-    with context:
-        for start in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
-            chunk = list(prompts[start : start + config.batch_size])
-            encoded = tokenizer(
-                chunk,
-                return_tensors="pt",
-                padding=True,
-                padding_side="left",
-                add_special_tokens=add_special_tokens,
-            ).to(lm.device)
-            if config.seed is not None:
-                torch.manual_seed(config.seed + start)
-            with torch.no_grad():
-                output = lm.model.generate(
-                    **encoded,
-                    max_new_tokens=config.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                )
-            new_tokens = output[:, encoded["input_ids"].shape[1] :]
-            yield tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    for start in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
+        chunk = list(prompts[start : start + config.batch_size])
+        encoded = tokenizer(
+            chunk,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=add_special_tokens,
+        ).to(lm.device)
+        steering = intervene(lm, intervention) if intervention is not None else nullcontext()
+        seed = None if config.seed is None else config.seed + start
+        with steering, _seeded(lm, seed), torch.no_grad():
+            output = lm.model.generate(
+                **encoded,
+                max_new_tokens=config.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        yield tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
 def generate(

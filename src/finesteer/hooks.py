@@ -5,10 +5,18 @@ returns (tuples, per-head 4-D q_norm outputs, pre-hook arguments), and each forw
 by a `CallContext` (which positions are real tokens, their index in the sequence, the cache length),
 read from the base model's arguments so it is right under left padding and KV-cached generation.
 Handles live in a `HookSet` that is a context manager and removes them on any exit.
+
+Hooks cannot outlive their owner. torch's `RemovableHandle` holds only weak references to the hook
+dicts, and CPython clears weak references that are themselves cyclic garbage *before* it runs the
+cycle's finalizers, so a handle abandoned in a reference cycle (say, with a generator whose `finally`
+would remove it) can no longer remove anything. A `HookSet` therefore keeps strong references to the
+dicts it registered into and removes its ids from them directly, and every live `HookSet` is recorded
+per model (`live_hook_sets`, `remove_all_hooks`) so leftover hooks can be found and cleared.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -153,20 +161,61 @@ def _wrap(callback: SiteCallback, tracker: CallTracker, kind: str, heads_first: 
     return post_hook
 
 
+@dataclass(frozen=True)
+class _Registration:
+    """One registered hook: its id and strong references to every dict torch filed it under."""
+
+    id: int
+    dicts: tuple[dict[int, Any], ...]
+
+    @classmethod
+    def of(cls, handle: RemovableHandle) -> _Registration:
+        refs = (handle.hooks_dict_ref, *handle.extra_dict_ref)
+        return cls(handle.id, tuple(d for d in (ref() for ref in refs) if d is not None))
+
+    def remove(self) -> None:
+        for hooks in self.dicts:
+            hooks.pop(self.id, None)
+
+
+# model -> its live HookSets (strong: a HookSet stays findable until removed; the model key is weak).
+# No lock: `remove()` may run inside a garbage collection triggered anywhere, including while this
+# thread would hold the lock; every access below is one atomic dict operation instead.
+_LIVE: weakref.WeakKeyDictionary[nn.Module, dict[int, HookSet]] = weakref.WeakKeyDictionary()
+
+
+def live_hook_sets(model: nn.Module) -> list[HookSet]:
+    """The HookSets currently registered on `model` (in creation order)."""
+    return list(_LIVE.get(model, {}).copy().values())
+
+
+def remove_all_hooks(model: nn.Module) -> int:
+    """Remove every finesteer HookSet still registered on `model`; returns how many there were."""
+    sets = live_hook_sets(model)
+    for hooks in sets:
+        hooks.remove()
+    return len(sets)
+
+
 class HookSet:
-    """Registers site callbacks plus the call tracker; removes every handle on `remove()`/exit."""
+    """Registers site callbacks plus the call tracker; removes every hook on `remove()`/exit."""
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         self.model = model
         self.adapter = adapter
         self.tracker = CallTracker()
-        self._handles: list[RemovableHandle] = []
+        self._registrations: list[_Registration] = []
+        _LIVE.setdefault(model, {})[id(self)] = self
         try:
             base = adapter.get(model, adapter.base_model)
-            self._handles.append(base.register_forward_pre_hook(self.tracker, with_kwargs=True))
+            self.keep(base.register_forward_pre_hook(self.tracker, with_kwargs=True))
         except Exception:
             self.remove()
             raise
+
+    def keep(self, handle: RemovableHandle) -> None:
+        """Take over a torch hook handle registered elsewhere: it is removed with this set."""
+        self._registrations.append(_Registration.of(handle))
 
     def add(self, site: Site, callback: SiteCallback) -> None:
         module, kind = _site_module(self.model, self.adapter, site)
@@ -180,11 +229,13 @@ class HookSet:
         except Exception:
             self.remove()
             raise
-        self._handles.append(handle)
+        self.keep(handle)
 
     def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        """Unregister every hook (idempotent; works even after the handles' weak references died)."""
+        while self._registrations:
+            self._registrations.pop().remove()
+        _LIVE.get(self.model, {}).pop(id(self), None)
 
     def __enter__(self) -> HookSet:
         return self

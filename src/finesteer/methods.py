@@ -310,8 +310,11 @@ def iti_method(
 ) -> SteeringSetup:
     """ITI (settings: any keyword of `fit_iti`, e.g. k, alphas)."""
     from finesteer.fit.iti import fit_iti
+    from finesteer.report.probes import plot_probe_accuracy_folder
 
     fitted = call_with_settings(fit_iti, settings, lm, list(data.train), list(data.val), run_dir=run_dir)
+    if run_dir is not None:
+        plot_probe_accuracy_folder(run_dir)
     return _from_fitted(fitted, lm, run_dir)
 
 

@@ -34,7 +34,7 @@ METRICS: tuple[str, ...] = ("kl", "refusal")
 
 
 def _metric(name: str, outcomes: int, tokenizer: Any) -> Any:
-    from finesteer.locate.attribution import KLDivergence, TokenLogProb, refusal_token_ids
+    from finesteer.locate.attribution.metrics import KLDivergence, TokenLogProb, refusal_token_ids
 
     return KLDivergence(outcomes) if name == "kl" else TokenLogProb(refusal_token_ids(tokenizer))
 
@@ -71,7 +71,7 @@ def attribution(
         from finesteer.data.typed import load_queries
         from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
-        from finesteer.locate.attribution import pre_ranked_scan
+        from finesteer.locate.attribution.prerank import pre_ranked_scan
         from finesteer.models import load_model
         from finesteer.report.heatmap import plot_head_heatmap
 

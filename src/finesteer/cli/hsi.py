@@ -344,12 +344,13 @@ def fit_iti_command(
 ) -> None:
     """Fit the ITI baseline (probe-ranked top-k heads, mass-mean direction, α on val); write an artifact."""
     from finesteer.fit.iti import DEFAULT_ITI_ALPHAS, fit_iti
+    from finesteer.report.probes import plot_probe_accuracy_folder
 
     def work() -> dict[str, Any]:
         grid = parse_numbers(alphas, "--alphas") or DEFAULT_ITI_ALPHAS
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
-            return fit_iti(
+            fitted = fit_iti(
                 lm,
                 train,
                 val,
@@ -360,6 +361,9 @@ def fit_iti_command(
                 batch_size=batch_size,
                 seed=seed,
             )
+            if run_dir is not None:
+                plot_probe_accuracy_folder(run_dir)
+            return fitted
 
         return _fit("iti", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)
 

@@ -324,7 +324,7 @@ def overlap_command(
     """
 
     def work() -> dict[str, Any]:
-        from finesteer.locate.attribution import spearman
+        from finesteer.locate.rank_stats import spearman
         from finesteer.locate.run_folder import scores_folder
         from finesteer.locate.scores import HeadScores, jaccard_top_k
 

@@ -28,6 +28,10 @@ from finesteer.scoring.ab import ABPrompt
 
 DEFAULT_ITI_ALPHAS: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
 """α grid in units of σ (ITI's default is 15 with K=48 heads on Llama-2-7B)."""
+PROBE_SCORES_DIR = "head_scores"
+"""`fit_iti(run_dir=…)` writes the probe val accuracy of every head here (a `HeadScores` folder)."""
+SELECTION_FILE = "selection.json"
+"""… and the fitted metadata (chosen heads, α, the ranked top-k heads) here."""
 
 
 def probe_items(
@@ -71,7 +75,9 @@ def fit_iti(
     """ITI: top heads by probe val accuracy, mass-mean directions, head count (≤ k) and α chosen on val.
 
     The head count and α are chosen exactly as for HSI (letter-balanced val matching rate over the
-    top-1 … top-k prefixes × α), so the two methods differ only in how heads are ranked.
+    top-1 … top-k prefixes × α), so the two methods differ only in how heads are ranked. With
+    `run_dir`, the probe table and the metadata are written there, and
+    `finesteer.report.probes.plot_probe_accuracy_folder` draws the heatmap from them (fitting never plots).
     """
     grid = check_alphas(alphas)
     started = time.perf_counter()
@@ -121,9 +127,6 @@ def fit_iti(
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         table = probes.head_scores(model_name=lm.name, model_fingerprint=lm.fingerprint, n_prompts=len(z))
-        table.save(run_dir / "head_scores")
-        from finesteer.report.heatmap import plot_head_heatmap
-
-        plot_head_heatmap(table, run_dir / "iti_val_accuracy.png", annotate_top=k, label="probe val accuracy")
-        (run_dir / "selection.json").write_text(json.dumps(metadata, indent=1) + "\n")
+        table.save(run_dir / PROBE_SCORES_DIR)
+        (run_dir / SELECTION_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
     return FittedIntervention("iti", intervention=directions.intervention(heads, alpha), metadata=metadata)

@@ -63,7 +63,11 @@ def intervene(target: Any, intervention: Intervention) -> Iterator[HookSet]:
     """Apply `intervention` to `target` (a LoadedModel or HF causal LM) inside the block.
 
     Validates every edit against the model first (layer/head range, vector size) so nothing is
-    registered for a bad spec, and removes all hooks on exit, including after an exception.
+    registered for a bad spec, and removes all hooks on exit, including after an exception, and also
+    when the block is abandoned inside a garbage reference cycle (see `finesteer.hooks`).
+
+    While the block is open every forward of the model is edited, whoever calls it: a generator must
+    not yield inside the block (`generate_batches` enters it around each batch instead).
     """
     model, adapter, info = unpack_model(target)
     intervention.validate(info)

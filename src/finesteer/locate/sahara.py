@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from finesteer.locate.engine import EncodedPrompts, ScanError, encode_prompts
 from finesteer.locate.fast_scan import run_scan
-from finesteer.locate.scan import EncodedPrompts, LastHidden, ScanError, encode_prompts
+from finesteer.locate.scan import LastHidden
 from finesteer.locate.scores import HeadScores
 from finesteer.locate.ships import (
     DEFAULT_EPS,

@@ -14,92 +14,26 @@ to a folder and a rerun with the same folder skips them, so a long scan survives
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
-import os
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from finesteer.hooks import CallContext, HookSet
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
-from finesteer.locate.scores import hash_prompts
+from finesteer.locate.engine import (
+    EncodedPrompts,
+    LastPosition,
+    PromptBatch,
+    Readout,
+    ScanEngine,
+    ScanError,
+    prompt_batches,
+)
 from finesteer.models.loading import LoadedModel
 from finesteer.sites import Site
-
-log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "scan.json"
-PART_PREFIX = "part-"
-SCAN_FORMAT = "finesteer.scan_checkpoint"
-
-
-class ScanError(ValueError):
-    """A scan that cannot run: no prompts or candidates, or a checkpoint from a different scan."""
-
-
-@dataclass(frozen=True)
-class EncodedPrompts:
-    """Token ids of fully formatted prompts, plus a hash of the texts for provenance/checkpoints."""
-
-    ids: tuple[tuple[int, ...], ...]
-    texts_hash: str
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def encode_prompts(
-    lm: LoadedModel, prompts: Sequence[str], *, add_special_tokens: bool = False
-) -> EncodedPrompts:
-    """Tokenise formatted prompts once (chat templates write their own BOS, hence no special tokens)."""
-    if isinstance(prompts, str):
-        raise ScanError("prompts must be a list of strings, not one string")
-    if not prompts:
-        raise ScanError("no prompts to scan")
-    ids = []
-    for i, text in enumerate(prompts):
-        tokens = lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        if not tokens:
-            raise ScanError(f"prompt {i} is empty after tokenisation")
-        ids.append(tuple(int(t) for t in tokens))
-    return EncodedPrompts(tuple(ids), hash_prompts(prompts))
-
-
-@dataclass(frozen=True)
-class LastPosition:
-    """What one forward leaves for a readout: the last real token's logits and final hidden state.
-
-    `hidden` is the final-norm output (HF `hidden_states[-1]`, TL `ln_final.hook_normalized`), the
-    state the Ships/Sahara code stacks; `rows` are the prompt indices of the batch rows.
-    """
-
-    logits: Tensor | None
-    hidden: Tensor | None
-    rows: Tensor
-
-
-class Readout(ABC):
-    """Turns a batch's last-position outputs into the per-prompt values a scan keeps."""
-
-    needs_logits: bool = False
-    needs_hidden: bool = False
-
-    @abstractmethod
-    def __call__(self, out: LastPosition) -> Tensor:
-        """[batch, …] values for the rows of this batch (float32 or float64, on CPU)."""
-
-    @abstractmethod
-    def key(self) -> str:
-        """Identifies the readout (and any reference it compares against) in a checkpoint."""
 
 
 class LastLogProbs(Readout):
@@ -199,45 +133,7 @@ class KLAndHidden(Readout):
         return f"kl_and_hidden:{self.kl.key()}"
 
 
-def intervention_key(intervention: Intervention) -> str:
-    """Deterministic short hash of an intervention (sites, ops, params, scopes, rows, tensors)."""
-    digest = hashlib.sha256()
-    for edit in intervention.edits:
-        spec = [edit.site.name, edit.op.kind, edit.op.params(), str(edit.scope), edit.rows]
-        digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(edit.op.tensors().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-@dataclass
-class _Batch:
-    rows: Tensor
-    input_ids: Tensor
-    mask: Tensor
-    last: Tensor
-
-
-def _batches(encoded: EncodedPrompts, batch_size: int, pad_id: int, device: torch.device) -> list[_Batch]:
-    """Right-padded batches of prompts of similar length (sorted, so padding stays small)."""
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded.ids[i]), i))
-    out = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(encoded.ids[r]) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(encoded.ids[r])] = torch.tensor(encoded.ids[r])
-            mask[i, : len(encoded.ids[r])] = 1
-        out.append(
-            _Batch(torch.tensor(rows), input_ids.to(device), mask.to(device), (mask.sum(1) - 1).to(device))
-        )
-    return out
-
-
-def _forward(lm: LoadedModel, batch: _Batch, readout: Readout) -> Tensor:
+def _forward(lm: LoadedModel, batch: PromptBatch, readout: Readout) -> Tensor:
     """One forward; logits only at each row's last real position (not the whole vocab × sequence)."""
     captured: dict[str, Tensor] = {}
     batch_rows = torch.arange(batch.last.shape[0], device=batch.last.device)
@@ -264,72 +160,43 @@ def _forward(lm: LoadedModel, batch: _Batch, readout: Readout) -> Tensor:
     return readout(LastPosition(logits, hidden, batch.rows))
 
 
-def _manifest(
-    lm: LoadedModel, encoded: EncodedPrompts, readout: Readout, keys: Sequence[str]
-) -> dict[str, Any]:
-    return {
-        "format": SCAN_FORMAT,
-        "model_name": lm.name,
-        "model_fingerprint": lm.fingerprint,
-        "model_info": lm.info.to_dict(),
-        "prompts_hash": encoded.texts_hash,
-        "n_prompts": len(encoded),
-        "readout": readout.key(),
-        "n_candidates": len(keys),
-        "candidates_hash": hashlib.sha256("\n".join(keys).encode()).hexdigest(),
-    }
+class SimpleScan(ScanEngine):
+    """One hooked forward per (candidate, prompt batch): the reference every faster engine matches."""
 
+    name = "simple"
+    desc = "scan"
 
-class _Checkpoint:
-    """Finished candidates in `part-*.safetensors` files next to a manifest naming the scan."""
+    def check(
+        self, lm: LoadedModel, candidates: Sequence[Intervention], batch_size: int, checkpoint_every: int
+    ) -> None:
+        if batch_size < 1 or checkpoint_every < 1:
+            raise ScanError(
+                f"batch_size and checkpoint_every must be ≥ 1, got {batch_size}, {checkpoint_every}"
+            )
+        for candidate in candidates:
+            candidate.validate(lm.info)
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / MANIFEST_FILE
-        if path.is_file():
-            found = json.loads(path.read_text())
-            diff = sorted(k for k in manifest if found.get(k) != manifest[k])
-            if diff:
-                raise ScanError(
-                    f"checkpoint {folder} belongs to a different scan (differs in {', '.join(diff)}); "
-                    "use another folder or delete it"
-                )
-        else:
-            _atomic_write(path, (json.dumps(manifest, indent=1) + "\n").encode())
-        self._next_part = 0
-
-    def load(self) -> dict[int, Tensor]:
-        done: dict[int, Tensor] = {}
-        parts = sorted(self.folder.glob(f"{PART_PREFIX}*.safetensors"))
-        for part in parts:
-            tensors = load_file(str(part))
-            for index, value in zip(tensors["index"].tolist(), tensors["values"], strict=True):
-                done[int(index)] = value
-        self._next_part = len(parts)
-        if done:
-            log.info("resuming from %s: %d candidates already done, not recomputed", self.folder, len(done))
-        return done
-
-    def write(self, finished: dict[int, Tensor]) -> None:
-        if not finished:
-            return
-        indices = sorted(finished)
-        tensors = {
-            "index": torch.tensor(indices, dtype=torch.long),
-            "values": torch.stack([finished[i] for i in indices]).contiguous(),
-        }
-        name = f"{PART_PREFIX}{self._next_part:06d}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.folder / name)
-        self._next_part += 1
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    def blocks(
+        self,
+        lm: LoadedModel,
+        encoded: EncodedPrompts,
+        candidates: Sequence[Intervention],
+        todo: Sequence[int],
+        readout: Readout,
+        batch_size: int,
+        checkpoint_every: int,
+    ) -> Iterator[dict[int, Tensor]]:
+        batches = prompt_batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
+        for index in todo:
+            values: Tensor | None = None
+            with intervene(lm, candidates[index]):
+                for batch in batches:
+                    part = _forward(lm, batch, readout)
+                    if values is None:
+                        values = torch.empty((len(encoded), *part.shape[1:]), dtype=part.dtype)
+                    values[batch.rows] = part
+            assert values is not None
+            yield {index: values}
 
 
 def scan(
@@ -352,42 +219,15 @@ def scan(
     folder, model, prompts, readout and candidates loads them instead of recomputing. `on_candidate`
     is called with each newly finished candidate's index (progress reporting, tests).
     """
-    encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
-    if len(encoded) == 0:
-        raise ScanError("no prompts to scan")
-    if not candidates:
-        raise ScanError("no candidate interventions to scan")
-    if batch_size < 1 or checkpoint_every < 1:
-        raise ScanError(f"batch_size and checkpoint_every must be ≥ 1, got {batch_size}, {checkpoint_every}")
-    for candidate in candidates:
-        candidate.validate(lm.info)
-    keys = [intervention_key(c) for c in candidates]
-    store = _Checkpoint(Path(checkpoint), _manifest(lm, encoded, readout, keys)) if checkpoint else None
-    results: dict[int, Tensor] = store.load() if store else {}
-    pending: dict[int, Tensor] = {}
-    batches = _batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
-    todo = [i for i in range(len(candidates)) if i not in results]
-    bar = tqdm(total=len(candidates), initial=len(results), desc=desc, unit="cand", disable=not progress)
-    try:
-        for index in todo:
-            values: Tensor | None = None
-            with intervene(lm, candidates[index]):
-                for batch in batches:
-                    part = _forward(lm, batch, readout)
-                    if values is None:
-                        values = torch.empty((len(encoded), *part.shape[1:]), dtype=part.dtype)
-                    values[batch.rows] = part
-            assert values is not None
-            results[index] = values
-            pending[index] = values
-            bar.update(1)
-            if store and len(pending) >= checkpoint_every:
-                store.write(pending)
-                pending = {}
-            if on_candidate is not None:
-                on_candidate(index)
-    finally:
-        bar.close()
-        if store:
-            store.write(pending)
-    return torch.stack([results[i] for i in range(len(candidates))])
+    return SimpleScan().run(
+        lm,
+        prompts,
+        candidates,
+        readout,
+        batch_size=batch_size,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        desc=desc,
+        on_candidate=on_candidate,
+    )

@@ -29,18 +29,9 @@ from torch import Tensor
 
 from finesteer.data.prompts import SAHARA_TEMPLATE, SHIPS_TEMPLATE, chat_prompt, raw_prompt
 from finesteer.interventions.edit import AblationMethod, Intervention, ablate_heads
+from finesteer.locate.engine import EncodedPrompts, Readout, ScanError, as_encoded
 from finesteer.locate.fast_scan import run_scan
-from finesteer.locate.scan import (
-    EncodedPrompts,
-    KLAndHidden,
-    KLFromBase,
-    LastHidden,
-    LastLogits,
-    Readout,
-    ScanError,
-    encode_prompts,
-    scan,
-)
+from finesteer.locate.scan import KLAndHidden, KLFromBase, LastHidden, LastLogits, scan
 from finesteer.locate.scores import HeadScores
 from finesteer.models.info import ModelInfo
 from finesteer.models.loading import LoadedModel
@@ -110,10 +101,6 @@ def format_queries(lm: LoadedModel, queries: Sequence[str], template: str = "cha
     ids = lm.tokenizer("x", add_special_tokens=True)["input_ids"]
     prefix = bos if bos and ids and ids[0] == lm.tokenizer.bos_token_id else ""
     return [prefix + raw_prompt(fmt, query=q) for q in queries]
-
-
-def _encoded(lm: LoadedModel, prompts: EncodedPrompts | Sequence[str]) -> EncodedPrompts:
-    return prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
 
 
 def _table(lm: LoadedModel, flat: Tensor, heads: Sequence[Head]) -> Tensor:
@@ -202,21 +189,13 @@ def ships_scores(
     levels = tuple(dict.fromkeys(levels))
     if not levels or any(level not in ("query", "dataset") for level in levels):
         raise ValueError(f"levels must be 'query' and/or 'dataset', got {levels}")
-    encoded = _encoded(lm, prompts)
+    encoded = as_encoded(lm, prompts)
     if "dataset" in levels and not 1 <= r_main <= len(encoded):
         raise ScanError(f"r_main={r_main} needs 1 ≤ r_main ≤ number of prompts ({len(encoded)})")
     heads = all_heads(lm.info)
     candidates = [ablation([h], mode, eps) for h in heads]
     started = time.perf_counter()
-    readout: Readout
-    if levels == ("dataset",):
-        base = base_hidden(lm, encoded, batch_size=batch_size)
-        readout = LastHidden()
-    else:
-        logits = base_logits(lm, encoded, batch_size=batch_size)
-        readout = KLFromBase(logits) if levels == ("query",) else KLAndHidden(logits)
-        if "dataset" in levels:
-            base = base_hidden(lm, encoded, batch_size=batch_size)
+    readout, base = _readout(lm, encoded, levels, batch_size)
     values = run_scan(
         lm,
         encoded,
@@ -251,6 +230,7 @@ def ships_scores(
             **common,
         )
     if "dataset" in levels:
+        assert base is not None
         hidden = values if levels == ("dataset",) else values[:, :, 1:]
         angles = torch.tensor([subspace_angle_score(base, m, r_main) for m in hidden])
         out["dataset"] = HeadScores(
@@ -264,6 +244,18 @@ def ships_scores(
             **common,
         )
     return out
+
+
+def _readout(
+    lm: LoadedModel, encoded: EncodedPrompts, levels: tuple[str, ...], batch_size: int
+) -> tuple[Readout, Tensor | None]:
+    """The scan readout for `levels`, and the base hidden states the dataset level compares against."""
+    if levels == ("dataset",):
+        return LastHidden(), base_hidden(lm, encoded, batch_size=batch_size)
+    logits = base_logits(lm, encoded, batch_size=batch_size)
+    readout = KLFromBase(logits) if levels == ("query",) else KLAndHidden(logits)
+    base = base_hidden(lm, encoded, batch_size=batch_size) if "dataset" in levels else None
+    return readout, base
 
 
 def ships_query(lm: LoadedModel, prompts: EncodedPrompts | Sequence[str], **kwargs: Any) -> HeadScores:

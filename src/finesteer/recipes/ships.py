@@ -25,7 +25,8 @@ def _texts(name: str, split: str | None, limit: int) -> list[str]:
 def _refusal_ranking(lm: Any, prompts: list[str], recipe: ShipsRecipe, folder: Path) -> dict[str, Any]:
     """Heads ranked by how much ablating them lowers log p(refusal opening tokens): a gradient
     estimate for every head, the best `verify_top` verified exactly (`pre_ranked_scan`)."""
-    from finesteer.locate.attribution import TokenLogProb, pre_ranked_scan, refusal_token_ids
+    from finesteer.locate.attribution.metrics import TokenLogProb, refusal_token_ids
+    from finesteer.locate.attribution.prerank import pre_ranked_scan
     from finesteer.report.heatmap import plot_head_heatmap
 
     metric = TokenLogProb(refusal_token_ids(lm.tokenizer))

@@ -1,6 +1,6 @@
 """Model → corpus → activation store → trained SAE folder, resumable at every stage.
 
-A run folder holds `activations/` (the sharded store), `checkpoint.pt` (training state) and
+A run folder holds `activations/` (the sharded store), `checkpoint.safetensors` (training state) and
 `training.json`; the finished SAE is written in SAELens format to `out`. Rerunning with
 `resume=True` reuses finished shards and continues training from the checkpoint.
 """
@@ -23,7 +23,13 @@ from finesteer.sae.io import save_sae
 from finesteer.sae.metrics import SAEMetrics, evaluate_sae
 from finesteer.sae.model import SAEError, SparseAutoencoder
 from finesteer.sae.store import collect, common_prefix_length, load_split, site_activations
-from finesteer.sae.train import TrainConfig, train_sae, write_history
+from finesteer.sae.train import (
+    TrainConfig,
+    has_checkpoint,
+    refuse_legacy_checkpoint,
+    train_sae,
+    write_history,
+)
 from finesteer.sites import Site
 
 if TYPE_CHECKING:
@@ -89,8 +95,10 @@ def train_on_model(
     site.validate(lm.info)
     out = Path(out).expanduser()
     run = Path(run_dir) if run_dir is not None else out / "run"
-    if not resume and (run / "checkpoint.pt").exists():
+    if not resume and has_checkpoint(run):
         raise SAEError(f"{run} already has a training checkpoint; pass resume=True or choose another folder")
+    if resume:
+        refuse_legacy_checkpoint(run)
     timings: dict[str, float] = {}
     wall, cpu = time.perf_counter(), _cpu_seconds()
     texts = [text for _, text in training_texts(lm.tokenizer, corpus)]
@@ -118,7 +126,7 @@ def train_on_model(
         hook_name=site.name,
         model_name=lm.name,
         run_dir=run,
-        resume=resume and (run / "checkpoint.pt").exists(),
+        resume=resume and has_checkpoint(run),
         progress=progress,
         on_interval=heldout_ev,
     )

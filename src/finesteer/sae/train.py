@@ -13,6 +13,11 @@ encoder matmul plus k·d_in per token.
 Resume is exact: each epoch's shuffle comes from a generator seeded by (seed, epoch), and the
 checkpoint holds the weights, Adam state, step and dead-latent counters, so an interrupted run
 continued with `resume=True` ends with the same weights as an uninterrupted one.
+
+The checkpoint is one safetensors file (`checkpoint.safetensors`, replaced atomically): the tensors
+(SAE parameters, Adam moments, dead-latent counters) plus the rest of the state as JSON in its
+header. Nothing is unpickled, so a crafted checkpoint cannot run code; a pickle `checkpoint.pt` from
+an older finesteer is refused with a message naming the format change.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +35,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -37,7 +45,11 @@ from finesteer.sae.model import SAEConfig, SAEError, SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+#: The pickle checkpoint of finesteer ≤ 0.1.0: refused, never loaded (unpickling can run code).
+LEGACY_CHECKPOINT = "checkpoint.pt"
+_STATE_KEY = "finesteer_sae_checkpoint"
+_CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -120,10 +132,96 @@ def train_step_loss(
     return loss, {"nmse": float(nmse.detach()), "aux": aux_value}, fired
 
 
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a training checkpoint (current format or a refused legacy pickle)."""
+    return (Path(run_dir) / CHECKPOINT).exists() or (Path(run_dir) / LEGACY_CHECKPOINT).exists()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return {"__tuple__": [_jsonable(v) for v in value]}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _from_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_jsonable(v) for v in value["__tuple__"])
+        return {k: _from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_jsonable(v) for v in value]
+    return value
+
+
+def _save_checkpoint(
+    path: Path, tensors: dict[str, Tensor], optimizer: dict[str, Any], state: dict[str, Any]
+) -> None:
+    """Write tensors + JSON state as one safetensors file; a unique temp name and one `os.replace`."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in optimizer["state"].items():
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    header = {
+        "format": _CHECKPOINT_FORMAT,
+        **state,
+        "optimizer": {"param_groups": optimizer["param_groups"], "state_scalars": scalars},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={_STATE_KEY: json.dumps(_jsonable(header))})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def refuse_legacy_checkpoint(run_dir: str | Path) -> None:
+    """Raise if `run_dir` holds only an old pickle checkpoint (call it before any heavy work)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).exists() and (run_dir / LEGACY_CHECKPOINT).exists():
+        raise SAEError(
+            f"{run_dir / LEGACY_CHECKPOINT} is a pickle checkpoint from an older finesteer; "
+            f"checkpoints are now {CHECKPOINT} (safetensors + JSON) and pickles are never loaded, "
+            "since unpickling can run code. Start a new run (or delete checkpoint.pt and train again)."
+        )
+
+
+def _load_checkpoint(run_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """(tensors, optimizer state_dict, JSON state) of `run_dir`'s checkpoint; never unpickles."""
+    refuse_legacy_checkpoint(run_dir)
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {run_dir}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = (handle.metadata() or {}).get(_STATE_KEY)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        if raw is None:
+            raise ValueError("no finesteer state in its header")
+        header = _from_jsonable(json.loads(raw))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SAEError(f"cannot resume: {path} is not a readable finesteer checkpoint ({exc})") from exc
+    if header.get("format") != _CHECKPOINT_FORMAT:
+        raise SAEError(f"cannot resume: {path} has checkpoint format {header.get('format')!r}")
+    optim_header = header.pop("optimizer")
+    optim_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optim_state.setdefault(int(index), {})[name] = value
+    for index, values in optim_header["state_scalars"].items():
+        optim_state.setdefault(int(index), {}).update(values)
+    optimizer = {"state": optim_state, "param_groups": optim_header["param_groups"]}
+    return tensors, optimizer, header
 
 
 def train_sae(
@@ -140,7 +238,7 @@ def train_sae(
 ) -> TrainResult:
     """Train on activations [N, d_in]; checkpoints to `run_dir` every `cfg.checkpoint_every` steps.
 
-    `resume=True` continues from `run_dir/checkpoint.pt` (same data and config required);
+    `resume=True` continues from `run_dir/checkpoint.safetensors` (same data and config required);
     `stop_after` ends this call after that many total steps (the run can be resumed later).
     `on_interval(step, sae)` may return extra numbers to log (e.g. held-out explained variance).
     """
@@ -155,19 +253,19 @@ def train_sae(
     steps_per_epoch = len(acts) // cfg.batch_size
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     ckpt_path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
-    if resume and (ckpt_path is None or not ckpt_path.exists()):
-        raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {run_dir}")
+    if resume and run_dir is None:
+        raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} without a run_dir")
 
     if resume:
-        assert ckpt_path is not None
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        tensors, optimizer_state, state = _load_checkpoint(Path(run_dir))  # type: ignore[arg-type]
         if state["train_config"] != asdict(cfg) or state["n_acts"] != len(acts) or state["d_in"] != d_in:
             raise SAEError(
                 f"checkpoint in {run_dir} was made with another config or data "
                 f"({state['train_config']}, {state['n_acts']} activations); start a new run"
             )
-        sae = SparseAutoencoder.from_state(SAEConfig(**state["sae_config"]), state["sae_state"])
-        step, since_fired = state["step"], state["since_fired"]
+        sae_state = {k[len("sae.") :]: v for k, v in tensors.items() if k.startswith("sae.")}
+        sae = SparseAutoencoder.from_state(SAEConfig(**state["sae_config"]), sae_state)
+        step, since_fired = state["step"], tensors["since_fired"]
         history, elapsed = state["history"], state["train_seconds"]
     else:
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -189,7 +287,7 @@ def train_sae(
         step, since_fired, history, elapsed = 0, torch.zeros(cfg.d_sae, dtype=torch.long), [], 0.0
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     if resume:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(optimizer_state)
     scale = sae.cfg.scale
     end = total if stop_after is None else min(total, stop_after)
     bar = tqdm(total=total, initial=step, desc="train SAE", unit="step", disable=not progress)
@@ -202,12 +300,11 @@ def train_sae(
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         _save_checkpoint(
             ckpt_path,
+            {**{f"sae.{k}": v for k, v in sae.state_dict().items()}, "since_fired": since_fired},
+            optimizer.state_dict(),
             {
                 "sae_config": {**sae.cfg.__dict__, "metadata": dict(sae.cfg.metadata)},
-                "sae_state": {k: v.detach().clone() for k, v in sae.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
                 "step": step,
-                "since_fired": since_fired,
                 "history": history,
                 "train_seconds": elapsed + time.perf_counter() - started,
                 "train_config": asdict(cfg),
@@ -275,9 +372,12 @@ def write_history(run_dir: str | Path, result: TrainResult, metrics: SAEMetrics 
 
 __all__ = [
     "CHECKPOINT",
+    "LEGACY_CHECKPOINT",
     "TrainConfig",
     "TrainResult",
     "evaluate_sae",
+    "has_checkpoint",
+    "refuse_legacy_checkpoint",
     "train_sae",
     "train_step_loss",
     "write_history",

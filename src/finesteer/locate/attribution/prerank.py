@@ -1,0 +1,197 @@
+"""Attribution estimates as head tables, exact verification by scan, and the pre-ranked scan that
+estimates every head and verifies the best (see `finesteer.locate.attribution`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from finesteer.interventions.edit import Intervention
+from finesteer.locate.attribution.gradients import gate_pass
+from finesteer.locate.attribution.metrics import AttributionError, KLDivergence, Metric, MetricReadout
+from finesteer.locate.engine import EncodedPrompts, LastPosition, as_encoded
+from finesteer.locate.fast_scan import run_scan
+from finesteer.locate.rank_stats import spearman
+from finesteer.locate.scan import KLFromBase, LastLogits
+from finesteer.locate.scores import HeadScores
+from finesteer.locate.ships import DEFAULT_EPS, Head, ablation, all_heads, check_eps, check_heads
+from finesteer.models.loading import LoadedModel
+
+DEFAULT_TOP_N = 16
+
+
+def estimate_effects(
+    lm: LoadedModel,
+    prompts: EncodedPrompts | Sequence[str],
+    metric: Metric,
+    *,
+    mode: str = "ua",
+    eps: float = DEFAULT_EPS,
+    linearize: str = "activation",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> HeadScores:
+    """Estimated importance of ablating each head (per prompt and mean), higher = more important.
+
+    First-order metrics: the drop m(model) − m(ablated) ≈ −∂m/∂a. KL: ½·Fisher along a.
+    """
+    encoded = as_encoded(lm, prompts)
+    return _estimate(lm, encoded, metric, mode, check_eps(eps), linearize, batch_size, progress)[0]
+
+
+def _estimate(
+    lm: LoadedModel,
+    encoded: EncodedPrompts,
+    metric: Metric,
+    mode: str,
+    eps: float,
+    linearize: str,
+    batch_size: int,
+    progress: bool,
+) -> tuple[HeadScores, Tensor]:
+    started = time.perf_counter()
+    raw, base = gate_pass(lm, encoded, metric, mode, eps, linearize, batch_size, progress)
+    per_prompt = 0.5 * raw if metric.order == 2 else -raw
+    scores = HeadScores(
+        scores=per_prompt.mean(0).float(),
+        method="attribution",
+        mode=mode,
+        eps=eps,
+        model_name=lm.name,
+        model_fingerprint=lm.fingerprint,
+        prompts_hash=encoded.texts_hash,
+        n_prompts=len(encoded),
+        extra={
+            "metric": metric.key(),
+            "order": metric.order,
+            "linearize": linearize,
+            "seconds": _since(started),
+        },
+        per_prompt=per_prompt.float(),
+    )
+    return scores, base
+
+
+def exact_effects(
+    lm: LoadedModel,
+    prompts: EncodedPrompts | Sequence[str],
+    metric: Metric,
+    heads: Sequence[Head],
+    *,
+    mode: str = "ua",
+    eps: float = DEFAULT_EPS,
+    batch_size: int = 8,
+    engine: str = "fast",
+    base_logits: Tensor | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Exact importance of ablating each head alone, [len(heads), P] (same convention as the estimate).
+
+    `base_logits` [P, vocab] are the unablated last-position logits when already known.
+    """
+    encoded = as_encoded(lm, prompts)
+    candidates = [ablation([h], mode, eps) for h in check_heads(lm.info, heads)]
+    options: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "engine": engine}
+    base = base_logits
+    if base is None:
+        base = run_scan(lm, encoded, [Intervention()], LastLogits(), **{**options, "progress": False})[0]
+    if metric.order == 2:
+        return run_scan(lm, encoded, candidates, KLFromBase(base), desc="verify", **options)
+    readout = MetricReadout(metric)
+    base_value = readout(LastPosition(base, None, torch.arange(len(encoded))))
+    return base_value[None] - run_scan(lm, encoded, candidates, readout, desc="verify", **options)
+
+
+@dataclass
+class PreRankedScan:
+    """Every head's estimate, the exact values of the verified (estimated best) heads, and the ranking.
+
+    `scores` holds the exact mean importance of the verified heads and 0 elsewhere (see `verified`);
+    `ranking()` is the authoritative order: verified heads by exact value, then the rest by estimate.
+    """
+
+    estimate: HeadScores
+    scores: HeadScores
+    verified: list[Head]
+    exact: Tensor
+    agreement: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def ranking(self) -> list[Head]:
+        exact = {h: float(v) for h, v in zip(self.verified, self.exact.mean(1).tolist(), strict=True)}
+        first = sorted(self.verified, key=lambda h: (-exact[h], h))
+        rest = [(lay, h) for lay, h, _ in self.estimate.ranked() if (lay, h) not in exact]
+        return first + rest
+
+    def top_heads(self, k: int = 10) -> list[Head]:
+        return self.ranking()[:k]
+
+
+def pre_ranked_scan(
+    lm: LoadedModel,
+    prompts: EncodedPrompts | Sequence[str],
+    metric: Metric | None = None,
+    *,
+    mode: str = "ua",
+    eps: float = DEFAULT_EPS,
+    top_n: int = DEFAULT_TOP_N,
+    linearize: str = "activation",
+    batch_size: int = 8,
+    engine: str = "fast",
+    progress: bool = True,
+) -> PreRankedScan:
+    """Estimate every head by attribution, then verify the `top_n` best exactly (default metric: KL,
+    i.e. query-level Ships)."""
+    metric = metric if metric is not None else KLDivergence()
+    encoded = as_encoded(lm, prompts)
+    heads = all_heads(lm.info)
+    if not 1 <= top_n <= len(heads):
+        raise AttributionError(f"top_n must be in 1..{len(heads)}, got {top_n}")
+    started = time.perf_counter()
+    estimate, base = _estimate(lm, encoded, metric, mode, check_eps(eps), linearize, batch_size, progress)
+    mid = time.perf_counter()
+    verified = [(lay, h) for lay, h, _ in estimate.ranked()[:top_n]]
+    exact = exact_effects(
+        lm,
+        encoded,
+        metric,
+        verified,
+        mode=mode,
+        eps=eps,
+        batch_size=batch_size,
+        engine=engine,
+        base_logits=base,
+        progress=progress,
+    )
+    table = torch.zeros(lm.info.n_layers, lm.info.n_heads)
+    for (layer, head), value in zip(verified, exact.mean(1).tolist(), strict=True):
+        table[layer, head] = value
+    est_verified = torch.tensor([estimate[h] for h in verified])
+    agreement = {"spearman_verified": spearman(est_verified, exact.mean(1)) if top_n > 1 else 1.0}
+    seconds = {"estimate": round(mid - started, 3), "verify": _since(mid), "total": _since(started)}
+    scores = HeadScores(
+        scores=table,
+        method="pre_ranked",
+        mode=mode,
+        eps=eps,
+        model_name=lm.name,
+        model_fingerprint=lm.fingerprint,
+        prompts_hash=encoded.texts_hash,
+        n_prompts=len(encoded),
+        extra={
+            "metric": metric.key(),
+            "verified": [f"{lay}.{h}" for lay, h in verified],
+            **agreement,
+            "seconds": seconds,
+        },
+    )
+    return PreRankedScan(estimate, scores, verified, exact.float(), agreement, seconds)
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
