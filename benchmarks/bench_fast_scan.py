@@ -47,8 +47,9 @@ from finesteer.locate.engine import EncodedPrompts, encode_prompts
 from finesteer.locate.fast_scan import fast_scan
 from finesteer.locate.rank_stats import spearman
 from finesteer.locate.scan import KLFromBase, LastLogits, scan
-from finesteer.locate.ships import Head, ablation, all_heads, format_queries
+from finesteer.locate.ships import ablation, all_heads, format_queries
 from finesteer.models import LoadedModel, load_model
+from finesteer.sites import Head
 
 COLUMNS = (
     "model",

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from finesteer.capture.directions import fit_head_directions
 from finesteer.data import load_dataset
-from finesteer.fit.directions import fit_head_directions
 from finesteer.models import load_model
 from finesteer.scoring.ab import ABScorer
 

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from finesteer.activations import capture
+from finesteer.capture.activations import capture
 from finesteer.models import load_model
 from finesteer.sae.corpus import CorpusSpec, training_texts
 from finesteer.sae.model import SAEConfig, SparseAutoencoder

@@ -12,17 +12,14 @@ from typer.testing import CliRunner
 import finesteer as fs
 from finesteer.data import ABItem, OpenEndedItem
 from finesteer.data.prompts import chat_prompt
-from finesteer.evaluate.compare import (
-    ComparisonError,
-    PendingSetup,
-    SteeringSetup,
+from finesteer.evaluate.compare import ComparisonError, PendingSteering, compare_setups
+from finesteer.evaluate.helpfulness import next_token_kl
+from finesteer.evaluate.judge_choice import (
+    JudgeChoiceError,
     behaviour_rubric,
-    compare_setups,
     local_judge_expected_score,
     make_judge,
-    next_token_kl_between,
 )
-from finesteer.evaluate.helpfulness import next_token_kl
 from finesteer.evaluate.judges import (
     CAA_BEHAVIOUR_0_10,
     HSI_COORDINATION_0_5,
@@ -30,17 +27,19 @@ from finesteer.evaluate.judges import (
     LLMJudge,
     LocalModelJudge,
 )
+from finesteer.evaluate.kl import next_token_kl_between
 from finesteer.fit.lora import LoRAError, LoRASettings, fit_lora, option_text, training_sequences
 from finesteer.fit.prompting import PromptingError, behaviour_system_prompt, fit_prompting
+from finesteer.fit.steering import Steering
 from finesteer.methods import (
     METHODS,
     BehaviourData,
     MethodError,
-    call_with_settings,
     fit_method,
     load_behaviour_data,
     resolve_method,
 )
+from finesteer.methods.caa import CAASettings
 from finesteer.models import LoadedModel
 
 
@@ -182,23 +181,78 @@ def test_behaviour_data_refuses_leaks(data: BehaviourData) -> None:
 
 
 def test_registry_resolves_and_checks_settings() -> None:
-    assert {"baseline", "prompt", "caa", "iti", "lora", "hsi"} <= set(METHODS)
-    assert resolve_method("caa").load().__name__ == "caa_method"
-    external = resolve_method("finesteer.methods:baseline_method")
-    assert external.name == "baseline_method" and external.load() is METHODS["baseline"].load()
+    assert {"baseline", "prompt", "caa", "iti", "lora", "hsi", "sta", "caa_answer_mean"} <= set(METHODS)
+    assert resolve_method("caa").method is METHODS["caa"]
+    external = resolve_method("finesteer.methods.prompt:Baseline")
+    assert external.label == "Baseline" and external.method.name == "baseline"
     with pytest.raises(MethodError, match="unknown method 'nope'"):
         resolve_method("nope")
     with pytest.raises(MethodError, match="cannot import"):
-        resolve_method("no_such_module_x:f").load()
+        resolve_method("no_such_module_x:f")
+    assert CAASettings(layers=[1], multipliers=[2.0]).layers == (1,)
+    assert resolve_method("caa").settings({"multipliers": [2]}) == CAASettings(multipliers=(2,))
 
-    def fit(lm: object, *, k: int = 1, run_dir: object = None) -> int:
-        return k
 
-    assert call_with_settings(fit, {"k": 3}, None, run_dir=None) == 3
-    with pytest.raises(MethodError, match=r"does not take setting\(s\) \['kk'\]; it accepts k"):
-        call_with_settings(fit, {"kk": 3}, None, run_dir=None)
-    with pytest.raises(MethodError, match="cannot be overridden"):
-        call_with_settings(fit, {"run_dir": "x"}, None, run_dir=None)
+def test_unknown_setting_is_rejected_at_construction() -> None:
+    with pytest.raises(MethodError, match=r"caa does not take setting\(s\) \['kk'\]; it accepts layers, "):
+        CAASettings(kk=3)  # type: ignore[call-arg]
+    for choice in (resolve_method(n) for n in ("baseline", "prompt", "caa", "iti", "lora", "hsi", "sae_all")):
+        with pytest.raises(MethodError, match=r"does not take setting\(s\) \['nope'\]"):
+            choice.settings({"nope": 1})
+    with pytest.raises(MethodError, match="fixes setting"):
+        resolve_method("sae_all").settings({"mode": "sta"})
+
+
+def test_settings_defaults_match_the_fit_functions() -> None:
+    """Each method's Settings repeats its fit function's (or config's) defaults; they must not drift."""
+    import dataclasses
+    import inspect
+
+    from finesteer.fit.caa import fit_caa
+    from finesteer.fit.hsi import HSIConfig, fit_hsi
+    from finesteer.fit.iti import fit_iti
+    from finesteer.fit.lora import LoRASettings
+    from finesteer.methods.lora import LoRAMethodSettings
+    from finesteer.scoring.ab import DEFAULT_PROMPT
+
+    def defaults(fn) -> dict:
+        found = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+        found.update(system=DEFAULT_PROMPT.system, prefill=DEFAULT_PROMPT.prefill)
+        return found
+
+    hsi = {**defaults(fit_hsi), **{f.name: f.default for f in dataclasses.fields(HSIConfig)}}
+    for name, expected in (("caa", defaults(fit_caa)), ("hsi", hsi), ("iti", defaults(fit_iti))):
+        for f in dataclasses.fields(METHODS[name].Settings):  # type: ignore[arg-type]
+            assert expected[f.name] == f.default, (name, f.name)
+    lora = LoRAMethodSettings()
+    for f in dataclasses.fields(LoRASettings):
+        assert getattr(lora, f.name) == f.default, f.name
+
+
+def test_one_registry_serves_both_tasks() -> None:
+    from finesteer.methods.registry import ALIASES
+    from finesteer.recipes.refusal import METHODS as REFUSAL_NAMES
+
+    assert set(REFUSAL_NAMES) == {"baseline", "prompt", "caa", "caa_answer_mean", "sae_all", "sta",
+                                  "sta_amplitude", "sta_frequency", "prompt_caa", "prompt_sta"}  # fmt: skip
+    for task in ("ab", "refusal"):
+        for name in ALIASES[task]:  # every user-facing name resolves into the one registry
+            assert resolve_method(name, task).method is METHODS[resolve_method(name, task).method.name]
+    # "caa" is the A/B letter vector there and the answer-mean baseline in the refusal experiment.
+    assert resolve_method("caa", "ab").method is METHODS["caa"]
+    assert resolve_method("caa", "refusal").method is METHODS["caa_answer_mean"]
+    amplitude = resolve_method("sta_amplitude", "refusal")
+    assert amplitude.method is METHODS["sta"] and amplitude.settings({}).mode == "amplitude"  # type: ignore[attr-defined]
+    assert resolve_method("sae_all", "ab").settings({}) == resolve_method("sae_all", "refusal").settings({})
+    assert resolve_method("prompt_sta", "refusal").settings({}).source == "system_prompt"  # type: ignore[attr-defined]
+
+
+def test_resume_keys_keep_the_pre_registry_targets() -> None:
+    """Run folders written before the registries were unified record these targets; they must resume."""
+    for name in ("baseline", "prompt", "caa", "iti", "lora", "hsi"):
+        assert resolve_method(name).key == f"finesteer.methods:{name}_method"
+    assert resolve_method("sta").key == "finesteer.fit.sta_methods:sta_method"
+    assert resolve_method("sae_all").key == "finesteer.fit.sta_methods:sae_all_method"
 
 
 def test_fit_method_builds_setups(llama: LoadedModel, data: BehaviourData, tmp_path: Path) -> None:
@@ -207,7 +261,7 @@ def test_fit_method_builds_setups(llama: LoadedModel, data: BehaviourData, tmp_p
     caa = fit_method("caa", llama, data, {"multipliers": [2.0], "layers": [1]}, tmp_path / "caa")
     assert caa.name == "caa" and caa.intervention is not None and caa.metadata["layer"] == 1
     assert fs.load_intervention(tmp_path / "caa" / "artifact").metadata["method"] == "caa"
-    with pytest.raises(MethodError, match="baseline takes no settings"):
+    with pytest.raises(MethodError, match="baseline does not take setting"):
         fit_method("baseline", llama, data, {"k": 1})
 
 
@@ -217,11 +271,11 @@ def test_fit_method_builds_setups(llama: LoadedModel, data: BehaviourData, tmp_p
 def test_kl_between_matches_helpfulness_and_is_zero_for_baseline(llama: LoadedModel) -> None:
     prompts = ["Name a fruit.", "Say hi."]
     iv = fs.steer_residual(1, torch.randn(llama.info.hidden_size), 2.0)
-    mine = next_token_kl_between(llama, SteeringSetup("x", llama, iv), prompts)
+    mine = next_token_kl_between(llama, Steering("x", iv, lm=llama), prompts)
     theirs = next_token_kl(llama, [chat_prompt(llama.tokenizer, p) for p in prompts], iv).per_prompt
     assert mine == pytest.approx(theirs, abs=1e-6) and min(mine) > 0
-    assert next_token_kl_between(llama, SteeringSetup("b", llama), prompts) == [0.0, 0.0]
-    assert min(next_token_kl_between(llama, SteeringSetup("p", llama, system_prompt="Be odd."), prompts)) > 0
+    assert next_token_kl_between(llama, Steering("b", lm=llama), prompts) == [0.0, 0.0]
+    assert min(next_token_kl_between(llama, Steering("p", system_prompt="Be odd.", lm=llama), prompts)) > 0
 
 
 def test_expected_score_judge_transport(llama: LoadedModel) -> None:
@@ -248,7 +302,7 @@ def test_expected_score_judge_transport(llama: LoadedModel) -> None:
 def test_judge_choice() -> None:
     assert behaviour_rubric("hsi-coordination") is HSI_COORDINATION_0_5
     assert behaviour_rubric("myopic-reward") is CAA_BEHAVIOUR_0_10["myopic-reward"]
-    with pytest.raises(ComparisonError, match="no open-ended judge rubric"):
+    with pytest.raises(JudgeChoiceError, match="no open-ended judge rubric"):
         behaviour_rubric("advbench")
     assert make_judge("sycophancy", "none") == (None, "none")
     with pytest.raises(JudgeConfigError):
@@ -258,7 +312,7 @@ def test_judge_choice() -> None:
     assert (
         isinstance(judge, LLMJudge) and judge.n_samples == 5 and name.startswith("llm:m (hsi-coordinate-0-5")
     )
-    with pytest.raises(ComparisonError, match="unknown judge"):
+    with pytest.raises(JudgeChoiceError, match="unknown judge"):
         make_judge("sycophancy", "gpt")  # type: ignore[arg-type]
 
 
@@ -294,13 +348,13 @@ def _pending(llama: LoadedModel, data: BehaviourData, names: list[str], out: Pat
     settings = {"caa": {"multipliers": [2.0], "layers": [1]}}
 
     def builder(name: str):
-        def build() -> SteeringSetup:
+        def build() -> Steering:
             calls.append(name)
             return fit_method(name, llama, data, settings.get(name, {}), out / "fits" / name)
 
         return build
 
-    return [PendingSetup(n, builder(n), key={"settings": settings.get(n, {})}) for n in names]
+    return [PendingSteering(n, builder(n), key={"settings": settings.get(n, {})}) for n in names]
 
 
 def test_compare_json_shape_and_resume(llama: LoadedModel, data: BehaviourData, tmp_path: Path) -> None:
@@ -335,7 +389,7 @@ def test_compare_json_shape_and_resume(llama: LoadedModel, data: BehaviourData, 
 
     # Other method settings for a finished method are refused, not silently mixed.
     changed = [
-        PendingSetup("caa", lambda: pytest.fail("must not build"), key={"settings": {"multipliers": [9]}})
+        PendingSteering("caa", lambda: pytest.fail("must not build"), key={"settings": {"multipliers": [9]}})
     ]
     with pytest.raises(ComparisonError, match="other method settings"):
         _compare(llama, data, changed, tmp_path)
@@ -354,7 +408,7 @@ def test_compare_json_shape_and_resume(llama: LoadedModel, data: BehaviourData, 
 
 def test_compare_setups_directly_and_errors(llama: LoadedModel, data: BehaviourData) -> None:
     tuned = fit_lora(llama, list(data.train), LoRASettings(max_steps=1, batch_size=2), progress=False)
-    setups = [SteeringSetup("baseline", llama), SteeringSetup("lora", tuned.lm, metadata=tuned.metadata)]
+    setups = [Steering("baseline", lm=llama), Steering("lora", metadata=tuned.metadata, lm=tuned.lm)]
     result = _compare(llama, data, setups, None)
     assert result.methods["lora"]["model"] == "tiny-llama+lora" and result.methods["lora"]["kl_harmless"] > 0
     from rich.console import Console
@@ -363,7 +417,7 @@ def test_compare_setups_directly_and_errors(llama: LoadedModel, data: BehaviourD
     console.print(result.table())
     assert "tiny-llama+lora" not in (text := console.export_text()) and "lora" in text and "stub" in text
     with pytest.raises(ComparisonError, match="unique"):
-        _compare(llama, data, [SteeringSetup("a", llama), SteeringSetup("a", llama)], None)
+        _compare(llama, data, [Steering("a", lm=llama), Steering("a", lm=llama)], None)
     with pytest.raises(ComparisonError, match="no setups"):
         _compare(llama, data, [], None)
 

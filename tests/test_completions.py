@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finesteer.capture.directions import fit_head_directions
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
 from finesteer.fit import completions as completions_module
@@ -18,7 +19,6 @@ from finesteer.fit.completions import (
     load_labelled_completions,
     sample_labelled_completions,
 )
-from finesteer.fit.directions import fit_head_directions
 from finesteer.fit.hsi import HSIConfig, fit_hsi
 from finesteer.fit.hsi_directions import SAMPLED_FILE, direction_completions
 from finesteer.generation import GenerationConfig

@@ -33,12 +33,12 @@ from finesteer.data import (
     dataset_info,
     hsi_ab_prompt,
     list_datasets,
-    load_ab_items,
     load_dataset,
     load_open_ended,
     load_prompts,
     option_letters,
     raw_prompt,
+    read_ab_items,
 )
 
 # Row counts from the datasets README / PROVENANCE files.
@@ -350,7 +350,7 @@ def test_malformed_jsonl_rows_name_file_and_line(
 ) -> None:
     path = write(tmp_path / "bad.jsonl", jsonl(*lines))
     with pytest.raises(DatasetError, match=rf"bad\.jsonl, line {line_no}: .*{problem}"):
-        load_ab_items(path)
+        read_ab_items(path)
 
 
 def test_malformed_csv_rows_name_file_and_line(tmp_path: Path) -> None:
@@ -386,7 +386,7 @@ def test_user_ab_file_with_column_mapping(tmp_path: Path) -> None:
     ]
     path = write(tmp_path / "mine.jsonl", jsonl(*rows))
     columns = {"question": "q", "matching": "pos", "not_matching": "neg", "id": "uid"}
-    items = load_ab_items(path, columns=columns)
+    items = read_ab_items(path, columns=columns)
     assert items == [
         ABItem(rows[0]["q"], "(A)", "(B)", "x1"),
         ABItem(rows[1]["q"], "(C)", "(A)", "x2"),
@@ -396,9 +396,9 @@ def test_user_ab_file_with_column_mapping(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="pass kind="):
         load_dataset(path)
     with pytest.raises(DatasetError, match="missing column 'question_text'"):
-        load_ab_items(path, columns={**columns, "question": "question_text"})
+        read_ab_items(path, columns={**columns, "question": "question_text"})
     with pytest.raises(DatasetError, match="unknown field"):
-        load_ab_items(path, columns={"answer": "pos"})
+        read_ab_items(path, columns={"answer": "pos"})
 
 
 def test_user_prompt_and_open_ended_files(tmp_path: Path) -> None:
@@ -418,11 +418,11 @@ def test_user_prompt_and_open_ended_files(tmp_path: Path) -> None:
 
 def test_hsi_style_file_infers_contrast(tmp_path: Path) -> None:
     path = write(tmp_path / "hsi.jsonl", jsonl({"prompt": "Q?\n (A) Yes\n (B) No", "gt": "(B)"}))
-    items = load_ab_items(path, columns={"question": "prompt", "matching": "gt"}, infer_not_matching=True)
+    items = read_ab_items(path, columns={"question": "prompt", "matching": "gt"}, infer_not_matching=True)
     assert items == [ABItem("Q?\n (A) Yes\n (B) No", "(B)", "(A)", "0")]
     wide = write(tmp_path / "wide.jsonl", jsonl({"prompt": "Q?\n (A) a\n (B) b\n (C) c", "gt": "(B)"}))
     with pytest.raises(DatasetError, match=r"wide\.jsonl, line 1: cannot infer"):
-        load_ab_items(wide, columns={"question": "prompt", "matching": "gt"}, infer_not_matching=True)
+        read_ab_items(wide, columns={"question": "prompt", "matching": "gt"}, infer_not_matching=True)
 
 
 # --- prompt formats --------------------------------------------------------------------------------------

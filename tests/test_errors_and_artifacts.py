@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import finesteer as fs
-from finesteer.activations import CaptureError
 from finesteer.artifacts import ArtifactError
+from finesteer.capture.activations import CaptureError
 from finesteer.interventions import InterventionError, OpError
 from finesteer.models import LoadedModel, UnsupportedArchitectureError, wrap_model
 from finesteer.sites import Site, SiteError, parse_heads
@@ -169,3 +169,15 @@ def test_peek_model_info_without_loading(tiny_models: dict[str, LoadedModel], tm
     tiny_models["tiny-qwen2"].model.config.save_pretrained(tmp_path)
     assert peek_model_info(tmp_path) == tiny_models["tiny-qwen2"].info
     assert peek_model_info(tmp_path / "missing") is None
+
+
+def test_pad_right_and_left() -> None:
+    from finesteer.capture import pad
+
+    ids, mask = pad([[1, 2, 3], [4]], "right", 0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad([(1, 2, 3), (4,)], "left", 9)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+    with pytest.raises(ValueError, match="side"):
+        pad([[1]], "middle", 0)  # type: ignore[arg-type]

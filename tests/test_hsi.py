@@ -10,21 +10,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finesteer.activations import capture
 from finesteer.artifacts import load_intervention
-from finesteer.data.items import ABItem
-from finesteer.data.prompts import ab_prompt
-from finesteer.evaluate.ab import ab_matching_rate_prob
-from finesteer.fit import FittedIntervention
-from finesteer.fit.directions import (
+from finesteer.capture.activations import capture
+from finesteer.capture.directions import (
     DirectionError,
     HeadDirections,
     ab_contrast_inputs,
     directions_from_activations,
     fit_head_directions,
 )
+from finesteer.data.items import ABItem
+from finesteer.data.prompts import ab_prompt
+from finesteer.evaluate.ab import ab_matching_rate_prob
 from finesteer.fit.hsi import HSIConfig, HSIConfigError, fit_hsi, split_items
 from finesteer.fit.iti import fit_iti
+from finesteer.fit.steering import Steering
 from finesteer.generation import generate
 from finesteer.interventions import Intervention, intervene
 from finesteer.locate.hsi import select_heads, sweep_heads
@@ -367,7 +367,7 @@ def test_iti_probes_pick_the_separable_head() -> None:
 
 def test_fit_hsi_and_iti_return_saveable_interventions(llama: LoadedModel, tmp_path: Path) -> None:
     fitted = fit_hsi(llama, ITEMS, ITEMS[:3], HSIConfig(k=2, alphas=(2.0, 8.0), n_sweep=2), progress=False)
-    assert isinstance(fitted, FittedIntervention) and fitted.name == "hsi"
+    assert isinstance(fitted, Steering) and fitted.name == "hsi"
     assert len(fitted.metadata["heads"]) in (1, 2) and fitted.metadata["alpha"] in (2.0, 8.0)
     assert len(fitted.intervention) == len(fitted.metadata["heads"])
     meta = fitted.metadata  # letter-balanced by default: every item also scored with options swapped

@@ -17,7 +17,7 @@ from finesteer.models.fetch import ChecksumMismatchError, RegistryFetchError, as
 from finesteer.models.info import ModelInfo
 from finesteer.models.offline import registry_status, resolve_registry_model
 from finesteer.models.registry import DEFAULT_MODEL, REGISTRY, RegistryEntry, UnknownModelError, get_entry
-from finesteer.paths import cache_root
+from finesteer.runs import cache_root
 
 PARTS = (b"GGUF-part-one|", b"part-two|", b"part-three")
 JOINED = b"".join(PARTS)

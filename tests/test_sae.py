@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from finesteer.activations import capture
+from finesteer.capture.activations import capture
+from finesteer.data.items import option_text, question_stem
 from finesteer.data.prompts import chat_prompt
 from finesteer.models import LoadedModel
 from finesteer.sae import SAEConfig, SAEError, SparseAutoencoder, evaluate_sae, load_sae, save_sae
-from finesteer.sae.corpus import CorpusSpec, option_text, question_stem, training_texts
+from finesteer.sae.corpus import CorpusSpec, training_texts
 from finesteer.sae.io import CFG_FILE, WEIGHTS_FILE
 from finesteer.sae.pipeline import train_on_model
 from finesteer.sae.store import StoreError, collect, common_prefix_length, load_split, site_activations

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finesteer.activations import capture
+from finesteer.capture.activations import capture
 from finesteer.data import load_dataset
 from finesteer.data.prompts import chat_prompt
 from finesteer.fit.prompt_vector import prompt_vectors, system_prompt_pairs
@@ -22,7 +22,6 @@ from finesteer.fit.sta import (
     atom_vector,
     fit_caa_from_stats,
     fit_from_stats,
-    fit_sae_all,
     fit_sta,
     select_atoms,
     signed_minmax,
@@ -181,7 +180,7 @@ def test_sta_steering_adds_lambda_v_at_every_position(llama: LoadedModel, tmp_pa
 def test_sae_all_and_caa_baselines(llama: LoadedModel) -> None:
     sae = tiny_sae(llama)
     pairs = answer_pairs(llama.tokenizer, TRIPLES)
-    fitted = fit_sae_all(llama, sae, pairs, progress=False)
+    fitted = fit_sta(llama, sae, pairs, mode="all", progress=False)
     assert fitted.name == "sae_all" and fitted.metadata["n_atoms"] == sae.cfg.d_sae
     stats = atom_statistics(llama, sae, pairs)
     caa = fit_caa_from_stats(stats, sae, multiplier=0.5)
@@ -256,8 +255,8 @@ def test_refusal_triples_avoid_evaluation_prompts() -> None:
 def test_sta_refusal_experiment_json_and_resume(llama: LoadedModel, tmp_path: Path) -> None:
     from finesteer.evaluate.compare import ComparisonError
     from finesteer.evaluate.refusal_compare import RefusalSettings
-    from finesteer.evaluate.sta_refusal import run_sta_refusal
     from finesteer.generation import GenerationConfig
+    from finesteer.recipes.refusal import run_sta_refusal
 
     sae = tiny_sae(llama, arch="topk")
     settings = RefusalSettings(GenerationConfig(max_new_tokens=3, batch_size=4))
@@ -333,7 +332,7 @@ def test_cli_fit_sta_writes_a_loadable_artifact(llama: LoadedModel, tmp_path: Pa
 
 
 def test_equal_fluency_summary_picks_the_best_fluent_multiplier() -> None:
-    from finesteer.evaluate.sta_refusal import equal_fluency_summary
+    from finesteer.recipes.refusal import equal_fluency_summary
 
     def r(refusal: float, over: float, flu: float) -> dict[str, float]:
         return {"refusal_rate": refusal, "over_refusal_rate": over, "fluency": flu}
@@ -379,7 +378,7 @@ def test_registry_methods_sta_and_sae_all(
     monkeypatch.setenv("FINESTEER_CACHE", str(tmp_path / "cache"))
     setup = fit_method("sae_all", llama, data, {})
     assert setup.metadata["n_atoms"] == 48 and setup.metadata["sae"] == str(sae_dir)
-    with pytest.raises(MethodError, match="do not take"):
+    with pytest.raises(MethodError, match=r"sta does not take setting\(s\) \[.alpha.\]"):
         fit_method("sta", llama, data, {"sae": str(sae_dir), "alpha": 1})
     monkeypatch.setenv("FINESTEER_CACHE", str(tmp_path / "empty"))
     with pytest.raises(MethodError, match="needs an SAE"):

@@ -25,17 +25,22 @@ _EXPORTS = {
     "ablate_head": "finesteer.interventions",
     "ablate_heads": "finesteer.interventions",
     "project_out": "finesteer.interventions",
-    "capture": "finesteer.activations",
-    "Activations": "finesteer.activations",
+    "Activations": "finesteer.capture",
     "save_intervention": "finesteer.artifacts",
     "load_intervention": "finesteer.artifacts",
     "generate": "finesteer.generation",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# Subpackages exported under their own name: `finesteer.capture` is the package, callable as the
+# capture function (see finesteer/capture/__init__.py).
+_SUBPACKAGES = frozenset({"capture"})
+
+__all__ = ["__version__", *_EXPORTS, *_SUBPACKAGES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'finesteer' has no attribute '{name}'")

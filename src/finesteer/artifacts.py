@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from finesteer import __version__
+from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Edit, Intervention
 from finesteer.interventions.ops import op_from_parts
 from finesteer.interventions.scope import Scope
@@ -30,7 +31,7 @@ SPEC_FILE = "intervention.json"
 TENSOR_FILE = "tensors.safetensors"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(FinesteerError, ValueError):
     """An artifact that is malformed, from a newer format, or made for another model."""
 
 

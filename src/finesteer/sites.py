@@ -8,14 +8,18 @@ Neuronpedia; a single head is written `blocks.3.attn.hook_z[5]`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, get_args
 
+from finesteer.errors import FinesteerError
 from finesteer.models.info import ModelInfo
 
 Component = Literal["z", "q", "resid_pre", "resid_post", "attn_out", "mlp_out", "ln_final"]
 HEAD_COMPONENTS: frozenset[str] = frozenset({"z", "q"})
+Head = tuple[int, int]
+"""An attention head as (layer, head index)."""
 
 _TL_NAMES = MappingProxyType(
     {
@@ -45,8 +49,12 @@ _PATTERN = re.compile(
 )
 
 
-class SiteError(ValueError):
+class SiteError(FinesteerError, ValueError):
     """A site that does not exist in the model (bad layer, head, or component name)."""
+
+
+class HeadError(SiteError):
+    """A (layer, head) pair outside the model, or a head listed twice."""
 
 
 @dataclass(frozen=True, order=True)
@@ -140,6 +148,29 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
     if not heads:
         raise SiteError("empty head list: write heads as LAYER.HEAD, e.g. '12.3,13.1'")
     return heads
+
+
+def check_heads(heads: Iterable[Head], n_layers: int, n_heads: int) -> list[Head]:
+    """The one head-index validator: (layer, head) pairs as ints, each inside the model, none twice.
+
+    An empty list is returned as is; callers that need at least one head say so in their own words.
+    """
+    checked: list[Head] = []
+    for layer, head in heads:
+        layer, head = int(layer), int(head)
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise HeadError(
+                f"unknown head {layer}.{head}: out of range; model has {n_layers} layers × {n_heads} heads "
+                f"(layer 0..{n_layers - 1}, head 0..{n_heads - 1})"
+            )
+        checked.append((layer, head))
+    if len(set(checked)) != len(checked):
+        seen: set[Head] = set()
+        twice = next(h for h in checked if h in seen or seen.add(h))
+        raise HeadError(
+            f"duplicate head {twice[0]}.{twice[1]} in {[f'{layer}.{head}' for layer, head in checked]}"
+        )
+    return checked
 
 
 def describe(component: Component) -> str:

@@ -23,33 +23,30 @@ from typing import Any
 import torch
 
 from finesteer import __version__
+from finesteer.errors import FinesteerError
+from finesteer.interventions.edit import InterventionError, check_eps
 from finesteer.models.loading import LoadedModel
+from finesteer.sites import Head, HeadError, check_heads
 
 SURGERY_FILE = "finesteer_surgery.json"
 MODES = ("ua", "sc")
 
 
-class SurgeryError(ValueError):
+class SurgeryError(FinesteerError, ValueError):
     """An ablation that cannot be written into this model's weights."""
 
 
-def _check(lm: LoadedModel, heads: Sequence[tuple[int, int]], mode: str, eps: float) -> list[tuple[int, int]]:
+def _check(lm: LoadedModel, heads: Sequence[Head], mode: str, eps: float) -> list[Head]:
     if mode not in MODES:
         raise SurgeryError(f"unknown surgery mode '{mode}'; choose 'ua' (query × ε) or 'sc' (output × ε)")
     if not heads:
         raise SurgeryError("no heads to ablate")
-    if not torch.isfinite(torch.tensor(float(eps))) or eps < 0:
-        raise SurgeryError(f"ε must be a finite number ≥ 0, got {eps}")
     info = lm.info
-    checked = []
-    for layer, head in heads:
-        if not (0 <= layer < info.n_layers and 0 <= head < info.n_heads):
-            raise SurgeryError(
-                f"unknown head {layer}.{head}: model has {info.n_layers} layers × {info.n_heads} heads"
-            )
-        checked.append((int(layer), int(head)))
-    if len(set(checked)) != len(checked):
-        raise SurgeryError(f"duplicate heads in {checked}")
+    try:
+        check_eps(eps)
+        checked = check_heads(heads, info.n_layers, info.n_heads)
+    except (InterventionError, HeadError) as err:
+        raise SurgeryError(str(err)) from err
     if mode == "ua" and lm.adapter.query_module != lm.adapter.q_proj:
         raise SurgeryError(
             f"cannot bake uniform attention into {info.family}: its query passes through "
@@ -60,7 +57,7 @@ def _check(lm: LoadedModel, heads: Sequence[tuple[int, int]], mode: str, eps: fl
 
 
 def ablate_weights(
-    model: torch.nn.Module, lm: LoadedModel, heads: Sequence[tuple[int, int]], mode: str, eps: float
+    model: torch.nn.Module, lm: LoadedModel, heads: Sequence[Head], mode: str, eps: float
 ) -> None:
     """Scale the weights of `model` (an architecture twin of `lm.model`, e.g. a copy) in place."""
     checked = _check(lm, heads, mode, eps)
@@ -80,7 +77,7 @@ def ablate_weights(
 
 def export_surgery(
     lm: LoadedModel,
-    heads: Sequence[tuple[int, int]],
+    heads: Sequence[Head],
     out: str | Path,
     *,
     mode: str = "ua",
@@ -116,7 +113,7 @@ def export_surgery(
 
 def verify_export(
     lm: LoadedModel,
-    heads: Sequence[tuple[int, int]],
+    heads: Sequence[Head],
     folder: str | Path,
     *,
     mode: str = "ua",

@@ -13,9 +13,9 @@ import time
 
 import torch
 
+from finesteer.capture.directions import HeadDirections
 from finesteer.data.balance import letter_balanced
 from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
-from finesteer.fit.directions import HeadDirections
 from finesteer.generation import GenerationConfig
 from finesteer.locate.scores import HeadScores
 from finesteer.methods import load_behaviour_data

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from finesteer.capture.directions import fit_head_directions
 from finesteer.data.balance import letter_balanced
 from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
-from finesteer.fit.directions import fit_head_directions
 from finesteer.generation import GenerationConfig, generate
 from finesteer.locate.hsi import select_heads, sweep_heads
 from finesteer.methods import load_behaviour_data

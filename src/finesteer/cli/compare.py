@@ -9,7 +9,6 @@ val (`finesteer.methods.load_behaviour_data`), so `fit caa` fits exactly what `c
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,10 +47,6 @@ def _numbers(text: str | None, what: str, kind: type = float) -> tuple[Any, ...]
     if not values:
         raise ValueError(f"{what} is empty")
     return values
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._]+", "_", Path(text).name if "/" in text else text)
 
 
 def parse_settings(text: str | None) -> dict[str, dict[str, Any]]:
@@ -164,7 +159,7 @@ def compare_command(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated methods (registry names, or 'module:function' targets). Default: "
+            help="Comma-separated methods (registry names, or 'module:Class' targets). Default: "
             f"{DEFAULT_METHODS} (A/B task), {DEFAULT_REFUSAL_METHODS} (refusal task)."
         ),
     ] = None,
@@ -258,111 +253,18 @@ def compare_command(
             n_pairs, trim, max_new_tokens, batch_size, json_out,
         )  # fmt: skip
         return
-    methods = methods or DEFAULT_METHODS
-
-    from finesteer.data import load_dataset
-    from finesteer.evaluate.compare import CompareSettings, PendingSetup, compare_setups, make_judge
-    from finesteer.generation import GenerationConfig
-    from finesteer.methods import fit_method, load_behaviour_data, resolve_method
-    from finesteer.models import load_model
+    from finesteer.recipes.compare import ABComparison, run_ab_comparison
 
     def work() -> Any:
-        names = [n.strip() for n in methods.split(",") if n.strip()]
-        if not names:
-            raise ValueError("--methods is empty")
-        specs = [resolve_method(n) for n in names]
-        per_method = parse_settings(settings)
-        unknown = sorted(set(per_method) - {s.name for s in specs})
-        if unknown:
-            raise ValueError(f"--settings names method(s) {unknown} that are not in --methods")
-        behaviour = load_behaviour_data(
-            data,
-            val_fraction=val_fraction,
-            train_limit=train_limit,
-            val_limit=val_limit,
-            test_limit=test_limit,
-            open_ended_limit=open_ended_limit,
-            seed=seed,
-        )
-        if balanced:
-            import dataclasses
-
-            from finesteer.data.balance import letter_balanced
-
-            test = tuple(letter_balanced(behaviour.test_ab, strict=False))
-            behaviour = dataclasses.replace(
-                behaviour, test_ab=test, meta={**behaviour.meta, "balanced": True}
-            )
-        harmless = (
-            [item.prompt for item in load_dataset(harmless_data, limit=harmless_limit)]
-            if harmless_limit
-            else []
-        )
-        folder = out or Path("runs") / f"compare-{_slug(model)}-{_slug(data)}"
-        console = stderr_console()
-        started = time.perf_counter()
-        lm = load_model(model)
-        judge_obj, judge_name = (None, "none (no open-ended questions)")
-        if behaviour.open_ended:
-            judge_obj, judge_name = make_judge(data, judge, local_model=judge_model)  # type: ignore[arg-type]
-        console.print(
-            f"comparing {', '.join(s.name for s in specs)} on {model} · {data}: "
-            f"train {len(behaviour.train)}, val {len(behaviour.val)}, A/B test {len(behaviour.test_ab)}, "
-            f"open-ended {len(behaviour.open_ended)}; judge {judge_name}; results in {folder}"
-        )
-
-        def build(name: str, target: str) -> Any:
-            def fit() -> Any:
-                console.print(f"[bold]{name}[/]: fitting")
-                t0 = time.perf_counter()
-                setup = fit_method(target, lm, behaviour, per_method.get(name, {}), folder / "fits" / name)
-                setup.metadata.setdefault("fit_seconds_total", round(time.perf_counter() - t0, 1))
-                console.print(f"[bold]{name}[/]: fitted in {time.perf_counter() - t0:.0f}s; evaluating")
-                return setup
-
-            return fit
-
-        pending = [
-            PendingSetup(
-                spec.name,
-                build(spec.name, names[i]),
-                key={
-                    "target": spec.target,
-                    "settings": per_method.get(spec.name, {}),
-                    "data": behaviour.summary(),
-                },
-            )
-            for i, spec in enumerate(specs)
-        ]
-
-        def report(name: str, row: dict[str, Any], resumed: bool) -> None:
-            how = (
-                "already finished, skipped" if resumed else f"evaluated in {row.get('eval_seconds', 0):.0f}s"
-            )
-            console.print(
-                f"[bold]{name}[/]: {how}: A/B {row['ab_matching_rate']:.2f} (prob), "
-                f"open-ended {row.get('open_ended_score')}"
-            )
-
-        comparison = compare_setups(
-            pending,
-            reference=lm,
-            ab_items=list(behaviour.test_ab),
-            open_ended_items=list(behaviour.open_ended),
-            harmless_prompts=harmless,
-            judge=judge_obj,
-            judge_name=judge_name,
-            settings=CompareSettings(
-                open_ended=GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size),
-                ab_generation=GenerationConfig(max_new_tokens=ab_max_new_tokens, batch_size=batch_size),
-                batch_size=batch_size,
-            ),
-            out_dir=folder,
-            info={"model": model, "data": data, "data_splits": behaviour.summary()},
-            on_method=report,
-        )
-        console.print(f"done in {time.perf_counter() - started:.0f}s")
-        return comparison
+        names = [n.strip() for n in (methods or DEFAULT_METHODS).split(",") if n.strip()]
+        options = ABComparison(
+            data=data, methods=names, settings=parse_settings(settings), val_fraction=val_fraction,
+            seed=seed, train_limit=train_limit, val_limit=val_limit, test_limit=test_limit,
+            open_ended_limit=open_ended_limit, balanced=balanced, harmless_data=harmless_data,
+            harmless_limit=harmless_limit, max_new_tokens=max_new_tokens, ab_max_new_tokens=ab_max_new_tokens,
+            judge=judge, judge_model=judge_model, batch_size=batch_size,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return run_ab_comparison(model, options, out, log=stderr_console().print)
 
     comparison = run_command(work)
     if json_out:
@@ -387,7 +289,8 @@ def _compare_refusal(
     json_out: bool,
 ) -> None:
     """`compare --task refusal`: the STA refusal experiment (`eval sta-refusal`) under `compare`."""
-    from finesteer.cli.sta import refusal_comparison
+    from finesteer.recipes.compare import slug
+    from finesteer.recipes.refusal import markdown_table, refusal_comparison
 
     def work() -> dict[str, Any]:
         if sae is None:
@@ -395,12 +298,14 @@ def _compare_refusal(
                 "the refusal task steers through an SAE: pass --sae FOLDER (train one with "
                 "`finesteer sae train`)"
             )
-        folder = out or Path("runs") / f"compare-{_slug(model)}-refusal"
-        return refusal_comparison(
+        folder = out or Path("runs") / f"compare-{slug(model)}-refusal"
+        payload = refusal_comparison(
             model, sae, folder, methods=methods, lambdas=lambdas, headline=headline,
             n_harmful=n_harmful, n_harmless=n_harmless, n_pairs=n_pairs, trim=trim,
             max_new_tokens=max_new_tokens, batch_size=batch_size,
         )  # fmt: skip
+        stderr_console().print(markdown_table(payload), highlight=False, markup=False)
+        return payload
 
     result = run_command(work)
     if json_out:

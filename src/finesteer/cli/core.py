@@ -16,7 +16,7 @@ def models(json_out: JsonFlag = False) -> None:
     """List the offline model registry and what is already in the local cache."""
     from finesteer.models.offline import registry_status
     from finesteer.models.tiny import TINY_CONFIGS
-    from finesteer.paths import cache_root
+    from finesteer.runs import cache_root
 
     rows = run_command(registry_status)
     if json_out:

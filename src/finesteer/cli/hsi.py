@@ -26,6 +26,7 @@ from finesteer.cli.options import (
     out_option,
     parse_numbers,
 )
+from finesteer.runs import RUN_JSON, write_json_atomic
 
 DataOpt = Annotated[str, typer.Option("--data", help="A/B dataset, e.g. coordinate-other-ais, sycophancy.")]
 LimitOpt = Annotated[int | None, typer.Option(help="Use the first N items of the generate split.")]
@@ -71,13 +72,12 @@ TestFlag = Annotated[
 ]
 ArtifactOut = out_option("Artifact folder to write.")
 
-RUN_FILE = "run.json"
 GENERATE_SPLIT = "generate"
 
 
 def _write_run(out: Path, payload: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    write_json_atomic(out / RUN_JSON, payload, indent=1)
 
 
 @locate_app.command("hsi")
@@ -255,7 +255,7 @@ def _fit(
         prompt = ABPrompt(system)
         result["test"] = ab_effect(lm, test_items, fitted.intervention, prompt=prompt, batch_size=batch_size)
         metadata["test"] = result["test"]
-    fitted.metadata = metadata
+    fitted.metadata.update(metadata)
     fitted.save(out, lm)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result

@@ -15,6 +15,7 @@ from rich.table import Table
 from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, run_command, stderr_console
 from finesteer.cli.options import JsonFlag, OptionError
+from finesteer.runs import RESULT_JSON, STEPS_DIR
 
 
 def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
@@ -88,7 +89,7 @@ def _finish(run_dir: Path, metrics: dict[str, Any], json_out: bool) -> None:
 def _examples(run_dir: Path) -> list[dict[str, str]]:
     import json
 
-    path = run_dir / "steps" / "examples" / "result.json"
+    path = run_dir / STEPS_DIR / "examples" / RESULT_JSON
     return json.loads(path.read_text()).get("examples", []) if path.is_file() else []
 
 

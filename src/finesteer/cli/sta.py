@@ -127,57 +127,6 @@ def sae_eval(
     _table(f"SAE {sae_dir} on held-out text", result)
 
 
-def _triples(data: str, limit: int, tokenizer_name: str) -> list[tuple[str, str, str]]:
-    """(question, positive, negative) triples from `data`: "refusal-pairs", an A/B catalog behaviour, or
-    a .jsonl/.csv file with question / matching / not_matching columns (the STA authors' layout)."""
-    import csv
-    import json
-
-    from finesteer.data import ABItem, list_datasets, load_dataset
-    from finesteer.fit.refusal_pairs import refusal_triples
-    from finesteer.sae.corpus import option_text, question_stem
-
-    if data == "refusal-pairs":
-        n_ab = limit // 5
-        return refusal_triples(n_harmful=limit - n_ab, n_ab=n_ab)
-    path = Path(data).expanduser()
-    if path.suffix in (".jsonl", ".csv", ".json") and path.exists():
-        if path.suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
-        else:
-            text = path.read_text(encoding="utf-8")
-            rows = (
-                json.loads(text)
-                if path.suffix == ".json"
-                else [json.loads(x) for x in text.splitlines() if x.strip()]
-            )
-        missing = {"question", "matching", "not_matching"} - set(rows[0] if rows else {})
-        if not rows or missing:
-            raise ValueError(
-                f"{path}: need rows with question, matching, not_matching columns; missing {sorted(missing)}"
-            )
-        return [(r["question"], r["matching"], r["not_matching"]) for r in rows[:limit]]
-    known = {d.name for d in list_datasets() if d.kind == "ab"}
-    if data not in known:
-        raise ValueError(
-            f"unknown --data {data!r}: use refusal-pairs, an A/B behaviour ({', '.join(sorted(known))}) "
-            "or a .jsonl/.csv file with question, matching, not_matching"
-        )
-    split = "generate" if "generate" in next(d for d in list_datasets() if d.name == data).splits else None
-    triples = []
-    for item in load_dataset(data, split, limit=limit):
-        assert isinstance(item, ABItem)
-        triples.append(
-            (
-                question_stem(item.question),
-                option_text(item.question, item.matching_letter),
-                option_text(item.question, item.not_matching_letter),
-            )
-        )
-    return triples
-
-
 @fit_app.command("sta")
 def fit_sta_command(
     model: Annotated[str, typer.Argument(help="Model to steer.")],
@@ -201,6 +150,7 @@ def fit_sta_command(
 ) -> None:
     """Fit Steering Target Atoms: select atoms, decode, match the CAA norm, write an artifact."""
     from finesteer.fit.sta import SELECTION_MODES, answer_pairs, fit_sta
+    from finesteer.methods.data import load_triples
     from finesteer.models import load_model
     from finesteer.sae import load_sae
 
@@ -211,7 +161,7 @@ def fit_sta_command(
             raise ValueError("--limit must be ≥ 1")
         loaded = load_sae(sae)
         lm = load_model(model)
-        triples = _triples(data, limit, model)
+        triples = load_triples(data, limit)
         if not triples:
             raise ValueError(f"--data {data!r} gave no triples")
         stderr_console().print(f"STA ({mode}) on {len(triples)} triples at {loaded.cfg.hook_name}")
@@ -266,58 +216,17 @@ def sta_refusal_command(
     json_out: JsonFlag = False,
 ) -> None:
     """Refusal steering head to head: prompting vs CAA vs SAE-all-atoms vs STA across λ."""
+    from finesteer.recipes.refusal import markdown_table, refusal_comparison
 
     def work() -> dict[str, object]:
-        return refusal_comparison(
+        payload = refusal_comparison(
             model, sae, out, methods=methods, lambdas=lambdas, headline=headline, trim=trim,
             n_pairs=n_pairs, n_harmful=n_harmful, n_harmless=n_harmless, max_new_tokens=max_new_tokens,
             batch_size=batch_size, judge=judge,
         )  # fmt: skip
+        stderr_console().print(markdown_table(payload), highlight=False, markup=False)
+        return payload
 
     result = run_command(work)
     if json_out:
         emit_json(result)
-
-
-def refusal_comparison(
-    model: str,
-    sae: Path,
-    out: Path,
-    *,
-    methods: str = "baseline,prompt,caa,sae_all,sta",
-    lambdas: str = "0.5,1,1.5,2",
-    headline: float = 1.0,
-    trim: float = 0.35,
-    n_pairs: int = 160,
-    n_harmful: int = 40,
-    n_harmless: int = 40,
-    max_new_tokens: int = 32,
-    batch_size: int = 40,
-    judge: str = "gcg+",
-) -> dict[str, object]:
-    """The refusal experiment behind `eval sta-refusal` and `compare --task refusal`: one payload
-    whose `methods` maps each method to refusal_rate, over_refusal_rate and fluency at λ = headline."""
-    from finesteer.evaluate.refusal_compare import RefusalSettings
-    from finesteer.evaluate.sta_refusal import markdown_table, run_sta_refusal
-    from finesteer.generation import GenerationConfig
-    from finesteer.models import load_model
-    from finesteer.sae import load_sae
-
-    started = time.perf_counter()
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    if not method_list:
-        raise ValueError("--methods is empty")
-    try:
-        mults = [float(x) for x in lambdas.split(",") if x.strip()]
-    except ValueError as exc:
-        raise ValueError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
-    settings = RefusalSettings(GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), judge)  # type: ignore[arg-type]
-    loaded = load_sae(sae)
-    lm = load_model(model)
-    payload = run_sta_refusal(
-        lm, loaded, out, methods=method_list, multipliers=mults, headline=headline, trim=trim,
-        n_pairs=n_pairs, n_harmful=n_harmful, n_harmless=n_harmless, settings=settings, sae_path=str(sae),
-    )  # fmt: skip
-    payload["wall_s"] = round(time.perf_counter() - started, 1)
-    stderr_console().print(markdown_table(payload), highlight=False, markup=False)
-    return payload

@@ -10,6 +10,7 @@ functions by the caller.
 
 from __future__ import annotations
 
+from finesteer.data.ab import load_ab_items
 from finesteer.data.catalog import (
     CATALOG,
     ITEM_KINDS,
@@ -23,8 +24,21 @@ from finesteer.data.catalog import (
     load_dataset,
 )
 from finesteer.data.errors import DatasetError
-from finesteer.data.items import ABItem, Item, OpenEndedItem, PromptItem, answer_letter, option_letters
-from finesteer.data.loaders import load_ab_items, load_open_ended, load_prompts, read_rows
+from finesteer.data.items import (
+    ABItem,
+    ABTriple,
+    Item,
+    OpenEndedItem,
+    OptionLine,
+    PromptItem,
+    ab_triples,
+    answer_letter,
+    option_letters,
+    option_lines,
+    option_text,
+    question_stem,
+)
+from finesteer.data.loaders import load_open_ended, load_prompts, read_ab_items, read_rows
 from finesteer.data.prompts import (
     HSI_INSTRUCTION,
     PLAIN_FORMAT,
@@ -46,16 +60,19 @@ __all__ = [
     "SHIPS_TEMPLATE",
     "VENDORED_DIR",
     "ABItem",
+    "ABTriple",
     "DatasetError",
     "DatasetInfo",
     "DatasetSpec",
     "Item",
     "ItemKind",
     "OpenEndedItem",
+    "OptionLine",
     "PromptItem",
     "SplitSpec",
     "ab_completion",
     "ab_prompt",
+    "ab_triples",
     "answer_letter",
     "chat_prompt",
     "dataset_info",
@@ -66,6 +83,10 @@ __all__ = [
     "load_open_ended",
     "load_prompts",
     "option_letters",
+    "option_lines",
+    "option_text",
+    "question_stem",
     "raw_prompt",
+    "read_ab_items",
     "read_rows",
 ]

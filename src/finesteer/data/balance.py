@@ -14,13 +14,13 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from finesteer.data.items import ABItem, option_text
+from finesteer.data.items import ABItem, option_lines, option_text
+from finesteer.errors import FinesteerError
 
 log = logging.getLogger(__name__)
-_OPTION_LINE = re.compile(r"^([ \t]*)\(([A-Z])\)(.*)$", re.MULTILINE)
 
 
-class SwapError(ValueError):
+class SwapError(FinesteerError, ValueError):
     """The item cannot be mirrored (it does not list exactly two options, one per line)."""
 
 
@@ -29,19 +29,19 @@ def swap_options(item: ABItem) -> ABItem:
 
     "(A) Yes / (B) No, matching (A)" becomes "(A) No / (B) Yes, matching (B)"; the id gets "~swap".
     """
-    lines = list(_OPTION_LINE.finditer(item.question))
-    letters = [m.group(2) for m in lines]
+    lines = option_lines(item.question)
+    letters = [line.letter for line in lines]
     if len(lines) != 2 or len(set(letters)) != 2:
         raise SwapError(f"item {item.id}: needs exactly two option lines to swap, found {letters or 'none'}")
     first, second = lines
     text = (
-        item.question[: first.start()]
-        + f"{first.group(1)}({first.group(2)}){second.group(3)}"
-        + item.question[first.end() : second.start()]
-        + f"{second.group(1)}({second.group(2)}){first.group(3)}"
-        + item.question[second.end() :]
+        item.question[: first.start]
+        + f"{first.indent}({first.letter}){second.text}"
+        + item.question[first.end : second.start]
+        + f"{second.indent}({second.letter}){first.text}"
+        + item.question[second.end :]
     )
-    other = {first.group(2): second.group(2), second.group(2): first.group(2)}
+    other = {first.letter: second.letter, second.letter: first.letter}
     return ABItem(
         question=text,
         matching=f"({other[item.matching_letter]})",

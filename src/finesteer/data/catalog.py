@@ -26,9 +26,9 @@ from finesteer.data.loaders import (
     SUPPORTED_SUFFIXES,
     PathLike,
     check_limit,
-    load_ab_items,
     load_open_ended,
     load_prompts,
+    read_ab_items,
     read_rows,
 )
 from finesteer.data.vendored_loaders import LOADERS, Loader
@@ -289,7 +289,7 @@ def _load_user_file(
     if kind not in ITEM_KINDS:
         raise DatasetError(f"{path}: pass kind= one of {ITEM_KINDS} to load a user file (got {kind!r})")
     if kind == "ab":
-        return list(load_ab_items(path, columns=columns, limit=limit))
+        return list(read_ab_items(path, columns=columns, limit=limit))
     if kind == "open_ended":
         return list(load_open_ended(path, columns=columns, limit=limit))
     return list(load_prompts(path, columns=columns, limit=limit))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from finesteer.errors import FinesteerError
 
-class DatasetError(ValueError):
+
+class DatasetError(FinesteerError, ValueError):
     """A dataset file, row or name is unusable.
 
     A subclass of `ValueError` so callers that already catch bad-input errors keep working; the

@@ -8,13 +8,41 @@ their own invariants; loaders add the file name and line number when that valida
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from finesteer.data.errors import DatasetError
 
 # An answer option is a line that starts with "(X)", optionally indented: the layout of the CAA and
 # Anthropic-evals questions ("Choices:\n (A) Yes\n (B) No"). Inline mentions such as the HSI
-# instruction 'Answer: (A) / (B)' are deliberately not options.
-_OPTION_RE = re.compile(r"^[ \t]*\(([A-Z])\)", re.MULTILINE)
+# instruction 'Answer: (A) / (B)' are deliberately not options. The one option-line pattern:
+# indent, letter, and the rest of the line as written.
+_OPTION_LINE = re.compile(r"^([ \t]*)\(([A-Z])\)(.*)$", re.MULTILINE)
 _ANSWER_RE = re.compile(r"\(([A-Z])\)")
+_CHOICES_SPLIT = re.compile(r"\n\s*Choices:\s*\n")
+
+
+@dataclass(frozen=True)
+class OptionLine:
+    """One "(X) text" line of a question.
+
+    `text` is the rest of the line exactly as written (blanks after "(X)" kept); `start`/`end` are
+    the line's span in the question, indent included.
+    """
+
+    indent: str
+    letter: str
+    text: str
+    start: int
+    end: int
+
+
+def option_lines(question: str) -> list[OptionLine]:
+    """Every option line of `question`, in order (repeated letters included)."""
+    return [
+        OptionLine(m.group(1), m.group(2), m.group(3), m.start(), m.end())
+        for m in _OPTION_LINE.finditer(question)
+    ]
 
 
 def option_letters(question: str) -> tuple[str, ...]:
@@ -25,22 +53,24 @@ def option_letters(question: str) -> tuple[str, ...]:
     no options laid out one per line.
     """
     seen: list[str] = []
-    for letter in _OPTION_RE.findall(question):
-        if letter not in seen:
-            seen.append(letter)
+    for line in option_lines(question):
+        if line.letter not in seen:
+            seen.append(line.letter)
     return tuple(seen)
-
-
-_OPTION_TEXT_RE = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]*(.*)$", re.MULTILINE)
 
 
 def option_text(question: str, letter: str) -> str:
     """The text of option `letter` as listed in the question ("(A) Yes, gladly" → "Yes, gladly"); ""
     when the question lists no such option."""
-    for found, text in _OPTION_TEXT_RE.findall(question):
-        if found == letter:
-            return text.strip()
+    for line in option_lines(question):
+        if line.letter == letter:
+            return line.text.strip()
     return ""
+
+
+def question_stem(question: str) -> str:
+    """The question without its "Choices:" block (the request an open-ended answer replies to)."""
+    return _CHOICES_SPLIT.split(question, maxsplit=1)[0].strip()
 
 
 def answer_letter(answer: str) -> str:
@@ -105,6 +135,17 @@ class ABItem:
         """Bare letter of the contrasting answer, e.g. "B"."""
         return answer_letter(self.not_matching)
 
+    def answer_text(self, letter: str) -> str:
+        """The text of option `letter` ("(A) I cannot help" → "I cannot help").
+
+        Raises `DatasetError` when the question does not list that option one per line.
+        """
+        if letter not in self.options:
+            raise DatasetError(
+                f"item {self.id}: option ({letter}) not found in question {self.question[:60]!r}"
+            )
+        return option_text(self.question, letter)
+
 
 @dataclass(frozen=True)
 class PromptItem:
@@ -149,3 +190,21 @@ class OpenEndedItem:
 
 Item = ABItem | PromptItem | OpenEndedItem
 """Any row a loader can return."""
+
+ABTriple = tuple[str, str, str]
+"""(question stem, matching option text, not-matching option text): the STA authors' pair layout."""
+
+
+def ab_triples(items: Iterable[ABItem]) -> list[ABTriple]:
+    """One (question stem, matching text, not-matching text) triple per A/B item.
+
+    Raises `DatasetError` for an item whose question does not list its answers one per line.
+    """
+    return [
+        (
+            question_stem(item.question),
+            item.answer_text(item.matching_letter),
+            item.answer_text(item.not_matching_letter),
+        )
+        for item in items
+    ]

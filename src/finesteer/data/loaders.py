@@ -274,7 +274,7 @@ def check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
 
 
-def load_ab_items(
+def read_ab_items(
     path: PathLike,
     *,
     columns: Mapping[str, str] | None = None,

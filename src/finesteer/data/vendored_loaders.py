@@ -7,7 +7,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from finesteer.data.items import ABItem, Item, option_letters
-from finesteer.data.loaders import load_ab_items, load_open_ended, load_prompts, read_rows
+from finesteer.data.loaders import load_open_ended, load_prompts, read_ab_items, read_rows
 
 __all__ = ["LOADERS", "Loader"]
 
@@ -16,7 +16,7 @@ Loader = Callable[[Path], list[Item]]
 
 
 def _ab(path: Path) -> list[Item]:
-    return list(load_ab_items(path))
+    return list(read_ab_items(path))
 
 
 def _open(path: Path) -> list[Item]:
@@ -33,7 +33,7 @@ def _prompts(column: str, source: str | None = None, columns: Mapping[str, str] 
 def _hsi_test_ab(path: Path) -> list[Item]:
     # `prompt` already holds the question, the choices and the HSI answer-format instruction; `gt` is
     # the coordinating letter and the contrast is the other of the two options.
-    items = load_ab_items(
+    items = read_ab_items(
         path, columns={"question": "prompt", "matching": "gt", "id": "data_id"}, infer_not_matching=True
     )
     return list(items)

@@ -25,7 +25,7 @@ from finesteer.evaluate.asr_effect import ASR_FILE, GENERATIONS_FILE, AsrSetting
 from finesteer.locate import run_folder
 from finesteer.locate.ships import DEFAULT_EPS, format_queries
 from finesteer.models.loading import LoadedModel
-from finesteer.sites import parse_heads
+from finesteer.sites import Head, parse_heads
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class AblationPlan:
     """The resolved ablation: heads best first, head counts, mode/ε and the evaluation prompts."""
 
     setup: AblationSetup
-    heads: list[tuple[int, int]]
+    heads: list[Head]
     ks: tuple[int, ...]
     mode: str
     eps: float

@@ -28,8 +28,10 @@ from finesteer.evaluate.judges import KeywordRefusalJudge
 from finesteer.evaluate.scores import attack_success_rate, refusal_rate
 from finesteer.evaluate.verdict import Verdict
 from finesteer.generation import GenerationConfig, generate
-from finesteer.locate.ships import DEFAULT_EPS, Head, ablation, all_heads, check_eps, check_heads
+from finesteer.interventions.edit import check_eps
+from finesteer.locate.ships import DEFAULT_EPS, ablation, all_heads
 from finesteer.models.loading import LoadedModel
+from finesteer.sites import Head, check_heads
 
 ASR_FILE = "asr.json"
 GENERATIONS_FILE = "generations.jsonl"
@@ -225,7 +227,7 @@ def _checked_heads(
     harmless_prompts: Sequence[str] | None,
 ) -> list[Head]:
     """The validated head ranking; ValueError when the settings or prompts cannot be evaluated."""
-    checked = check_heads(lm.info, heads)
+    checked = check_heads(heads, lm.info.n_layers, lm.info.n_heads)
     largest = max((*settings.ks, *(settings.helpfulness_ks or ())))
     if largest > len(checked):
         raise ValueError(f"head counts go up to {largest} but only {len(checked)} heads were given")

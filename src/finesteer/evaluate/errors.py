@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from finesteer.errors import FinesteerError
 
-class EvaluationError(ValueError):
+
+class EvaluationError(FinesteerError, ValueError):
     """An evaluation that cannot give a meaningful number (no items or prompts, bad settings)."""

@@ -1,7 +1,8 @@
 """Generation harness: generate for many prompts, judge, and stream one JSON row per prompt to disk.
 
 Long generation runs get interrupted (a kill, a judge endpoint failing). Every finished batch is
-appended to a JSONL file and flushed, and a run started again on the same file skips the ids
+appended to a JSONL file and flushed (`finesteer.runs.records.JsonlRecords`, keyed by item id),
+and a run started again on the same file skips the ids
 already there: nothing is lost and nothing is written twice. A last line cut short by a kill is
 dropped and that prompt generated again. A sidecar `<file>.meta.json` records the model, decoding
 settings, intervention and judges, and a resumed run with other settings is refused rather than
@@ -11,7 +12,6 @@ mixing two experiments in one file.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -27,7 +27,8 @@ from finesteer.evaluate.verdict import Judge, Verdict
 from finesteer.generation import GenerationConfig, generate
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
-from finesteer.scoring.forward import check_rows, intervention_digest, rows_for_batch
+from finesteer.runs.records import JsonlRecords
+from finesteer.scoring.forward import check_rows, rows_for_batch
 
 HarnessItem = PromptItem | OpenEndedItem | ABItem | tuple[str, str]
 """A prompt to generate for: a dataset row, or an (id, user text) pair."""
@@ -58,35 +59,32 @@ def _meta_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".meta.json")
 
 
-def read_rows(out_path: str | Path) -> list[dict[str, Any]]:
-    """The complete rows of a harness JSONL file, repairing a last line cut short by a kill.
+def _check_row(line_no: int, row: Any) -> None:
+    if not isinstance(row, dict) or "id" not in row or "response" not in row:
+        raise ResumeError(f"line {line_no}: not a harness row (needs 'id' and 'response')")
+
+
+def open_rows(out_path: str | Path) -> JsonlRecords:
+    """The harness JSONL file as an append-only record store (`finesteer.runs.records.JsonlRecords`).
 
     A final line without its newline is an interrupted write: it is removed from the file (so the
-    next append starts on a clean line) and not returned. A malformed line elsewhere is an error
-    naming the line, because silently skipping it would lose a row.
+    next append starts on a clean line) and run again. A malformed line elsewhere, or an id stored
+    twice, is a `ResumeError` naming the line, because silently skipping it would lose a row.
     """
     path = Path(out_path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    complete = data.rfind(b"\n") + 1
-    if complete < len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(complete)
-    rows: list[dict[str, Any]] = []
-    for line_no, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+
+    def check(line_no: int, row: Any) -> None:
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ResumeError(
-                f"{path}, line {line_no}: not valid JSON ({exc.msg}); fix or delete it"
-            ) from exc
-        if not isinstance(row, dict) or "id" not in row or "response" not in row:
-            raise ResumeError(f"{path}, line {line_no}: not a harness row (needs 'id' and 'response')")
-        rows.append(row)
-    return rows
+            _check_row(line_no, row)
+        except ResumeError as exc:
+            raise ResumeError(f"{path}, {exc}") from None
+
+    return JsonlRecords(path, validate=check, error=ResumeError)
+
+
+def read_rows(out_path: str | Path) -> list[dict[str, Any]]:
+    """The complete rows of a harness JSONL file, repairing a last line cut short by a kill."""
+    return list(open_rows(out_path))
 
 
 def _check_meta(out_path: Path, meta: dict[str, Any], resuming: bool) -> None:
@@ -161,30 +159,27 @@ def run_generations(
     fmt = format_fn or (lambda text: chat_prompt(lm.tokenizer, text))
 
     done: dict[str, dict[str, Any]] = {}
-    path = Path(out_path) if out_path is not None else None
-    if path is not None:
+    store: JsonlRecords | None = None
+    if out_path is not None:
+        path = Path(out_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        existing = read_rows(path)
+        store = open_rows(path)
         meta = {
             "model": lm.name,
             "fingerprint": lm.fingerprint,
             # the batch size is left out: a resumed run may use another one
             "config": {k: v for k, v in asdict(config).items() if k != "batch_size"},
-            "intervention": intervention_digest(intervention),
+            "intervention": intervention.digest() if intervention is not None else "none",
             "judges": {name: _describe_judge(judge) for name, judge in sorted(judges.items())},
             "stop": list(stop),
         }
-        _check_meta(path, meta, resuming=bool(existing))
-        for line_no, row in enumerate(existing, start=1):
-            if row["id"] in done:
-                raise ResumeError(f"{path}: id {row['id']!r} appears twice (row {line_no})")
-            done[row["id"]] = row
+        _check_meta(path, meta, resuming=len(store) > 0)
+        done.update({row["id"]: row for row in store})
 
     todo = [i for i, item_key in enumerate(ids) if item_key not in done]
     bar = tqdm(
         total=len(items), initial=len(items) - len(todo), desc="generate", unit="prompt", disable=not progress
     )
-    handle = path.open("a", encoding="utf-8") if path is not None else None
     try:
         for start in range(0, len(todo), config.batch_size):
             indices = todo[start : start + config.batch_size]
@@ -203,6 +198,7 @@ def run_generations(
                 name: judge.judge_many(list(zip(texts, responses, strict=True)))
                 for name, judge in judges.items()
             }
+            rows = []
             for row_in_batch, i in enumerate(indices):
                 row: dict[str, Any] = {
                     "id": ids[i],
@@ -214,14 +210,10 @@ def run_generations(
                 if judges:
                     row["verdicts"] = {name: verdict_record(v[row_in_batch]) for name, v in verdicts.items()}
                 done[ids[i]] = row
-                if handle is not None:
-                    handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            if handle is not None:
-                handle.flush()
-                os.fsync(handle.fileno())
+                rows.append(row)
+            if store is not None:
+                store.extend(rows)
             bar.update(len(indices))
     finally:
         bar.close()
-        if handle is not None:
-            handle.close()
     return [done[i] for i in ids]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from finesteer.data.items import ABItem
+from finesteer.data.items import ABItem, option_lines
 from finesteer.data.prompts import chat_prompt
 from finesteer.evaluate.errors import EvaluationError
 from finesteer.interventions.edit import Intervention
@@ -33,7 +33,6 @@ from finesteer.scoring.forward import (
     token_log_probs,
 )
 
-_OPTION_LINE = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]*(.*?)[ \t]*$", re.MULTILINE)
 _CHOICES_HEADER = re.compile(r"\n\s*Choices:\s*$")
 
 
@@ -61,15 +60,15 @@ def mc_from_ab(item: ABItem) -> MCQuestion:
 
     The correct answer is the item's matching answer (as in `finesteer-mc`).
     """
-    matches = list(_OPTION_LINE.finditer(item.question))
-    if len(matches) < 2:
-        raise EvaluationError(f"item {item.id!r}: found {len(matches)} '(X) text' option lines, need ≥ 2")
-    stem = _CHOICES_HEADER.sub("", item.question[: matches[0].start()].rstrip()).strip()
-    letters = tuple(m.group(1) for m in matches)
+    lines = option_lines(item.question)
+    if len(lines) < 2:
+        raise EvaluationError(f"item {item.id!r}: found {len(lines)} '(X) text' option lines, need ≥ 2")
+    stem = _CHOICES_HEADER.sub("", item.question[: lines[0].start].rstrip()).strip()
+    letters = tuple(line.letter for line in lines)
     if len(set(letters)) != len(letters):
         raise EvaluationError(f"item {item.id!r}: option letters repeat: {letters}")
     answer = letters.index(item.matching_letter)
-    return MCQuestion(stem, tuple(m.group(2) for m in matches), answer, item.id, letters)
+    return MCQuestion(stem, tuple(line.text.strip(" \t") for line in lines), answer, item.id, letters)
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,34 @@
 """Compare steering setups on refusal: refusal rate on harmful prompts, over-refusal on safe ones, fluency.
 
 `finesteer.evaluate.compare` measures A/B behaviours (letter probabilities, open-ended judge, KL);
-a refusal-style behaviour is measured by generation instead. Each `SteeringSetup` (same type as
+a refusal-style behaviour is measured by generation instead. Each `Steering` (same type as
 `compare`, so methods are built once for both) gets greedy replies to held-out harmful prompts
 (JailbreakBench) and to safe prompts that look unsafe (XSTest-safe), judged by a keyword refusal
 judge, plus the n-gram-entropy fluency STA reports. Results: `methods/<name>.json` per finished
-setup (a rerun skips it; other settings are refused) and `generations/<name>.<set>.jsonl` (the
+setup (a rerun skips it through `finesteer.runs.runner`; other settings are refused) and
+`generations/<name>.<set>.jsonl` (the
 replies, resumable mid-method through the generation harness).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tqdm.auto import tqdm
-
 from finesteer.data.items import PromptItem
 from finesteer.data.prompts import chat_prompt
-from finesteer.evaluate.compare import ComparisonError, PendingSetup, SteeringSetup
+from finesteer.evaluate.compare import ComparisonError, PendingSteering, built, check_names, digest
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.judges import GCG_REFUSAL_PREFIXES, KeywordRefusalJudge
 from finesteer.evaluate.scores import refusal_rate
 from finesteer.evaluate.text import fluency
+from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
-from finesteer.paths import write_json
+from finesteer.runs.records import JsonFileRecords, Record
+from finesteer.runs.runner import Job, run_jobs
 
 JudgeName = Literal["gcg+", "gcg", "ships"]
 JUDGES: tuple[str, ...] = ("gcg+", "gcg", "ships")
@@ -86,7 +85,7 @@ def _rate(rows: Sequence[Mapping[str, Any]]) -> tuple[float, list[float], int]:
 
 
 def evaluate_refusal_setup(
-    setup: SteeringSetup,
+    setup: Steering,
     harmful: Sequence[PromptItem],
     harmless: Sequence[PromptItem],
     *,
@@ -99,7 +98,7 @@ def evaluate_refusal_setup(
         raise ComparisonError("need both harmful prompts (refusal rate) and harmless prompts (over-refusal)")
     settings = settings or RefusalSettings()
     judge = settings.make_judge()
-    lm, system = setup.lm, setup.system_prompt
+    lm, system = setup.model(), setup.system_prompt
     folder = Path(out_dir) / "generations" if out_dir is not None else None
     started = time.perf_counter()
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -136,12 +135,8 @@ def evaluate_refusal_setup(
     }
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def compare_refusal(
-    setups: Sequence[SteeringSetup | PendingSetup],
+    setups: Sequence[Steering | PendingSteering],
     *,
     harmful: Sequence[PromptItem],
     harmless: Sequence[PromptItem],
@@ -151,57 +146,50 @@ def compare_refusal(
     on_method: Callable[[str, dict[str, Any], bool], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate every setup on the same prompts; {name: result}. Resumable per method with `out_dir`."""
-    if not setups:
-        raise ComparisonError("no setups to compare")
-    names = [s.name for s in setups]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ComparisonError(f"setup names must be unique; repeated: {', '.join(repeated)}")
+    check_names(setups)
     settings = settings or RefusalSettings()
     shared = {
         "version": RESULT_VERSION,
-        "items": _digest([[(i.id, i.prompt) for i in harmful], [(i.id, i.prompt) for i in harmless]]),
+        "items": digest([[(i.id, i.prompt) for i in harmful], [(i.id, i.prompt) for i in harmless]]),
         "settings": settings.to_dict(),
     }
     folder = Path(out_dir) if out_dir is not None else None
-    if folder is not None:
-        (folder / "methods").mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
-    for entry in tqdm(setups, desc="methods", disable=not progress, unit="method"):
-        path = folder / "methods" / f"{entry.name}.json" if folder is not None else None
-        pending_key = dict(entry.key) if isinstance(entry, PendingSetup) else None
-        if path is not None and path.is_file():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            same = _digest(saved.get("shared")) == _digest(shared) and _digest(
-                saved.get("pending_key")
-            ) == _digest(pending_key)
-            if isinstance(entry, SteeringSetup):
-                same = same and saved.get("setup_key") == entry.key()
+    store = JsonFileRecords(folder / "methods") if folder is not None else None
+    if store is not None:
+        store.folder.mkdir(parents=True, exist_ok=True)
+
+    def job(entry: Steering | PendingSteering) -> Job:
+        pending_key = dict(entry.key) if isinstance(entry, PendingSteering) else None
+
+        def run() -> Record:
+            setup = built(entry)
+            result = evaluate_refusal_setup(
+                setup, harmful, harmless, settings=settings, out_dir=folder, progress=progress
+            )
+            identity = setup.identity()
+            return {"shared": shared, "pending_key": pending_key, "setup_key": identity, "result": result}
+
+        def check(saved: Record) -> None:
+            same = digest(saved.get("shared")) == digest(shared)
+            same = same and digest(saved.get("pending_key")) == digest(pending_key)
+            if isinstance(entry, Steering):
+                same = same and saved.get("setup_key") == entry.identity()
             if not same:
+                path = store.path(entry.name) if store is not None else entry.name
                 raise ComparisonError(
                     f"{path} was made with other prompts, settings or method settings; "
                     "use another --out folder or delete the file to evaluate this method again"
                 )
-            results[entry.name] = saved["result"]
-            if on_method is not None:
-                on_method(entry.name, saved["result"], True)
-            continue
-        setup = entry.build() if isinstance(entry, PendingSetup) else entry
-        result = evaluate_refusal_setup(
-            setup, harmful, harmless, settings=settings, out_dir=folder, progress=progress
-        )
-        results[entry.name] = result
-        if path is not None:
-            record = {
-                "shared": shared,
-                "pending_key": pending_key,
-                "setup_key": setup.key(),
-                "result": result,
-            }
-            write_json(path, record, indent=1)
+
+        return Job(entry.name, run, check)
+
+    def done(name: str, record: Record, resumed: bool) -> None:
         if on_method is not None:
-            on_method(entry.name, result, False)
-    return results
+            on_method(name, record["result"], resumed)
+
+    records = run_jobs([job(e) for e in setups], store, on_done=done, progress=progress, desc="methods",
+                       unit="method")  # fmt: skip
+    return {name: record["result"] for name, record in records.items()}
 
 
 __all__ = ["INABILITY_PHRASES", "JUDGES", "RefusalSettings", "compare_refusal", "evaluate_refusal_setup"]

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor
 
 from finesteer.data.items import ABItem
-from finesteer.fit import FittedIntervention
 from finesteer.fit.caa_tail import CAAError, caa_scope, instruction_tail_tokens, scored_tail_ids
 from finesteer.fit.caa_vectors import CAAVectors, caa_vectors
+from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import Intervention, steer_residual
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, ABScorer, OptionScores
 
@@ -167,7 +167,7 @@ def fit_caa(
     batch_size: int = 8,
     run_dir: str | Path | None = None,
     progress: bool = True,
-) -> FittedIntervention:
+) -> Steering:
     """CAA vectors from `train_items`, layer × multiplier chosen on `val_items` (letter probability).
 
     `direction="away"` negates the multipliers and picks the lowest p(matching). Writes
@@ -242,7 +242,7 @@ def fit_caa(
         chosen.mean_p_matching,
         base_p,
     )
-    return FittedIntervention("caa", intervention, metadata)
+    return Steering("caa", intervention, metadata)
 
 
 __all__ = [

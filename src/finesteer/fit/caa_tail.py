@@ -11,13 +11,14 @@ from dataclasses import replace
 from typing import Any
 
 from finesteer.data.prompts import chat_prompt
+from finesteer.errors import FinesteerError
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, letter_target
 
 PROBE_USER_TEXT = "Which option do you choose?"
 """User text used to measure the chat template's tail (any text whose end is a word boundary works)."""
 
 
-class CAAError(ValueError):
+class CAAError(FinesteerError, ValueError):
     """CAA inputs that cannot give a vector (no items, letters that are not single tokens, NaN)."""
 
 

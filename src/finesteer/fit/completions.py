@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from finesteer.capture.directions import LabelledCompletion
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
-from finesteer.fit.directions import LabelledCompletion
+from finesteer.errors import FinesteerError
 from finesteer.generation import GenerationConfig, generate
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import UNDEFINED, ab_generation_prompt, parse_ab_answer
@@ -28,7 +29,7 @@ DEFAULT_SAMPLING = GenerationConfig(max_new_tokens=40, do_sample=True, temperatu
 """The HSI sweep scripts' sampling temperature (0.8) and top-p (0.95); 40 tokens hold the answer line."""
 
 
-class CompletionError(ValueError):
+class CompletionError(FinesteerError, ValueError):
     """Completions that cannot give directions (none parsed, one class missing, bad sampling settings)."""
 
 

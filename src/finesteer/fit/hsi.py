@@ -26,17 +26,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from finesteer.capture.directions import LabelledCompletion
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
-from finesteer.fit import FittedIntervention
-from finesteer.fit.directions import Head, LabelledCompletion
+from finesteer.errors import FinesteerError
 from finesteer.fit.hsi_directions import DIRECTIONS_FROM, DirectionsFrom, hsi_directions, items_hash
+from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi import select_heads, sweep_heads
 from finesteer.locate.hsi_table import RANK_BY, RankBy, check_alphas
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
-from finesteer.sites import Site
+from finesteer.sites import Head, check_heads
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ DEFAULT_HSI_ALPHAS: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
 """α grid (units of σ) of the sweep and of the shared-α choice; see the module docstring."""
 
 
-class HSIConfigError(ValueError):
+class HSIConfigError(FinesteerError, ValueError):
     """HSI settings that cannot work (k < 1, an unknown rank or directions source, a bad α grid)."""
 
 
@@ -156,11 +157,9 @@ def split_items(items: Sequence[ABItem], n_held_out: int, seed: int = 0) -> tupl
 
 def validate_heads(lm: LoadedModel, heads: Iterable[Head]) -> list[Head]:
     """The heads as (layer, head) ints, checked against the model before any expensive step."""
-    checked = [(int(layer), int(head)) for layer, head in heads]
+    checked = check_heads(heads, lm.info.n_layers, lm.info.n_heads)
     if not checked:
         raise ValueError("empty head subset")
-    for layer, head in checked:
-        Site(layer, "z", head).validate(lm.info)
     return checked
 
 
@@ -206,7 +205,7 @@ def fit_hsi(
     completions: Sequence[LabelledCompletion] = (),
     run_dir: str | Path | None = None,
     progress: bool = True,
-) -> FittedIntervention:
+) -> Steering:
     """HSI: steer the k heads most sensitive to their behaviour direction, with one shared α.
 
     Directions come from `train_items` minus `config.n_sweep` held-out items, on which every head (or
@@ -319,7 +318,7 @@ def fit_hsi(
         scores = sweep.head_scores(c.rank_by, model_name=lm.name, model_fingerprint=lm.fingerprint)
         scores.save(folder / "head_scores")
         (folder / "selection.json").write_text(json.dumps(metadata, indent=1) + "\n")
-    return FittedIntervention("hsi", intervention, metadata)
+    return Steering("hsi", intervention, metadata)
 
 
 __all__ = [

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+from finesteer.capture.directions import HeadDirections, LabelledCompletion, fit_head_directions
 from finesteer.data.items import ABItem
 from finesteer.fit.completions import (
     DEFAULT_SAMPLING,
@@ -21,7 +22,6 @@ from finesteer.fit.completions import (
     check_both_classes,
     sample_labelled_completions,
 )
-from finesteer.fit.directions import HeadDirections, LabelledCompletion, fit_head_directions
 from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt

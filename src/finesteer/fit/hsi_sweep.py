@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finesteer.capture.directions import HeadDirections, LabelledCompletion
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
-from finesteer.fit.directions import HeadDirections, LabelledCompletion
 from finesteer.fit.hsi import split_items, validate_heads
 from finesteer.fit.hsi_directions import DirectionsFrom, check_directions_from, hsi_directions
 from finesteer.locate.hsi import sweep_heads
 from finesteer.locate.hsi_table import HsiSweep, RankBy, check_alphas
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
+from finesteer.sites import Head
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def sweep_hsi_heads(
     *,
     n_sweep: int = 24,
     seed: int = 0,
-    heads: Iterable[tuple[int, int]] | None = None,
+    heads: Iterable[Head] | None = None,
     directions_from: str = "ab",
     completions: Sequence[LabelledCompletion] = (),
     n_samples: int = 2,

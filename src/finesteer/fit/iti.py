@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from finesteer.capture.directions import ab_contrast_inputs, capture_heads, directions_from_activations
 from finesteer.data.items import ABItem
-from finesteer.fit import FittedIntervention
-from finesteer.fit.directions import ab_contrast_inputs, capture_heads, directions_from_activations
+from finesteer.fit.steering import Steering
 from finesteer.locate.hsi_table import check_alphas
 from finesteer.locate.iti import ProbeScores, train_probes
 from finesteer.locate.selection import select_prefix_and_alpha
@@ -71,7 +71,7 @@ def fit_iti(
     max_rows: int = 128,
     seed: int = 0,
     search_k: bool = True,
-) -> FittedIntervention:
+) -> Steering:
     """ITI: top heads by probe val accuracy, mass-mean directions, head count (≤ k) and α chosen on val.
 
     The head count and α are chosen exactly as for HSI (letter-balanced val matching rate over the
@@ -129,4 +129,4 @@ def fit_iti(
         table = probes.head_scores(model_name=lm.name, model_fingerprint=lm.fingerprint, n_prompts=len(z))
         table.save(run_dir / PROBE_SCORES_DIR)
         (run_dir / SELECTION_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
-    return FittedIntervention("iti", intervention=directions.intervention(heads, alpha), metadata=metadata)
+    return Steering("iti", intervention=directions.intervention(heads, alpha), metadata=metadata)

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finesteer.data.items import ABItem, option_text
+from finesteer.errors import FinesteerError
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, item_target
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 Completion = Literal["letter", "answer"]
 
 
-class LoRAError(ValueError):
+class LoRAError(FinesteerError, ValueError):
     """Training that cannot run or diverged (no items, bad settings, NaN loss)."""
 
 

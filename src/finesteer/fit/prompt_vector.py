@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from finesteer.data.prompts import chat_prompt
-from finesteer.fit import FittedIntervention
 from finesteer.fit.sta import (
     DEFAULT_TRIM,
+    AtomStats,
     ContrastPair,
     SelectionMode,
     STAError,
@@ -24,6 +24,7 @@ from finesteer.fit.sta import (
     fit_caa_from_stats,
     fit_from_stats,
 )
+from finesteer.fit.steering import Steering
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
@@ -75,20 +76,42 @@ def prompt_vectors(
     baseline_system: str | None = None,
     batch_size: int = 8,
     progress: bool = False,
-) -> dict[str, FittedIntervention]:
+) -> dict[str, Steering]:
     """{"prompt_caa": raw residual difference, "prompt_sta": through the SAE} at the SAE's layer.
 
     Both are added at every position with `multiplier`; the STA vector has the CAA vector's norm.
     """
-    pairs = system_prompt_pairs(lm.tokenizer, system_prompt, user_messages, baseline_system=baseline_system)
-    stats = atom_statistics(lm, sae, pairs, batch_size=batch_size, progress=progress)
+    stats = system_prompt_stats(
+        lm, sae, system_prompt, user_messages, baseline_system=baseline_system, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
     caa = fit_caa_from_stats(stats, sae, multiplier=multiplier)
     sta = fit_from_stats(stats, sae, mode=mode, trim=trim, multiplier=multiplier)
-    extra = {"source": "system prompt", "system_prompt": system_prompt, "n_messages": len(pairs)}
+    extra = prompt_vector_metadata(system_prompt, stats)
     return {
-        "prompt_caa": FittedIntervention("prompt_caa", caa.intervention, {**caa.metadata, **extra}),
-        "prompt_sta": FittedIntervention("prompt_sta", sta.intervention, {**sta.metadata, **extra}),
+        "prompt_caa": Steering("prompt_caa", caa.intervention, {**caa.metadata, **extra}),
+        "prompt_sta": Steering("prompt_sta", sta.intervention, {**sta.metadata, **extra}),
     }
 
 
-__all__ = ["prompt_vectors", "system_prompt_pairs"]
+def system_prompt_stats(
+    lm: LoadedModel,
+    sae: SparseAutoencoder,
+    system_prompt: str,
+    user_messages: Sequence[str],
+    *,
+    baseline_system: str | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> AtomStats:
+    """Atom statistics (and the CAA vector) of (with − without) the system prompt over the messages."""
+    pairs = system_prompt_pairs(lm.tokenizer, system_prompt, user_messages, baseline_system=baseline_system)
+    return atom_statistics(lm, sae, pairs, batch_size=batch_size, progress=progress)
+
+
+def prompt_vector_metadata(system_prompt: str, stats: AtomStats) -> dict[str, Any]:
+    """The provenance a prompt-derived vector adds to its fit's metadata."""
+    return {"source": "system prompt", "system_prompt": system_prompt, "n_messages": stats.n_pairs}
+
+
+__all__ = ["prompt_vector_metadata", "prompt_vectors", "system_prompt_pairs", "system_prompt_stats"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from finesteer.errors import FinesteerError
+
 Direction = Literal["towards", "away"]
 
 BEHAVIOUR_SYSTEM_PROMPTS: Mapping[str, Mapping[str, str]] = MappingProxyType(
@@ -72,7 +74,7 @@ BEHAVIOUR_ALIASES: Mapping[str, str] = MappingProxyType({"hsi-coordination": "co
 """Datasets whose behaviour is a CAA behaviour under another name."""
 
 
-class PromptingError(ValueError):
+class PromptingError(FinesteerError, ValueError):
     """No system prompt is known for the behaviour and none was given."""
 
 

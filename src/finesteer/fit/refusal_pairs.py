@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 
-from finesteer.data import ABItem, PromptItem, load_dataset
-from finesteer.sae.corpus import evaluation_prompts, option_text, overlaps, question_stem
+from finesteer.data import ABTriple, PromptItem, ab_triples, load_ab_items, load_dataset
+from finesteer.sae.corpus import evaluation_prompts, overlaps
 
 REFUSAL_TEMPLATES: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",
@@ -67,25 +67,17 @@ def harmful_training_prompts(seed: int = 0) -> list[PromptItem]:
     return kept
 
 
-def refusal_triples(n_harmful: int = 160, n_ab: int = 80, seed: int = 0) -> list[tuple[str, str, str]]:
+def refusal_triples(n_harmful: int = 160, n_ab: int = 80, seed: int = 0) -> list[ABTriple]:
     """(question, refusal, compliance) triples: `n_harmful` templated + `n_ab` from CAA refusal A/B."""
     if n_harmful < 0 or n_ab < 0 or n_harmful + n_ab == 0:
         raise ValueError(f"need n_harmful, n_ab ≥ 0 and at least one triple, got {n_harmful}, {n_ab}")
-    triples = []
+    triples: list[ABTriple] = []
     for i, item in enumerate(harmful_training_prompts(seed)[:n_harmful]):
         compliance = item.target or COMPLIANCE_TEMPLATES[i % len(COMPLIANCE_TEMPLATES)]
         triples.append((item.prompt, REFUSAL_TEMPLATES[i % len(REFUSAL_TEMPLATES)], compliance))
-    ab = list(load_dataset("refusal", "generate"))
+    ab = load_ab_items("refusal", "generate")
     random.Random(seed).shuffle(ab)
-    for item in ab[:n_ab]:
-        assert isinstance(item, ABItem)
-        triples.append(
-            (
-                question_stem(item.question),
-                option_text(item.question, item.matching_letter),
-                option_text(item.question, item.not_matching_letter),
-            )
-        )
+    triples.extend(ab_triples(ab[:n_ab]))
     return triples
 
 

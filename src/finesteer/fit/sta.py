@@ -17,7 +17,7 @@ difference, computed in the same pass — and added with multiplier λ at every 
 (`steer_residual(L, v, λ, scope="all")`).
 
 Ablations: "amplitude" (|Δa| mask only, the paper's "wo/Frequency"), "frequency" (sign-agreeing
-|Δf| mask only, "wo/Amplitude"), "all" (every atom: the "SAE-AxBench" baseline, `fit_sae_all`).
+|Δf| mask only, "wo/Amplitude"), "all" (every atom: the "SAE-AxBench" baseline, `fit_sta(mode="all")`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from finesteer.data.prompts import chat_prompt
-from finesteer.fit import FittedIntervention
+from finesteer.errors import FinesteerError
+from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import steer_residual
 from finesteer.sae.model import SparseAutoencoder
 from finesteer.sae.store import site_activations
@@ -46,11 +47,12 @@ if TYPE_CHECKING:
 
 SelectionMode = Literal["sta", "amplitude", "frequency", "all"]
 SELECTION_MODES: tuple[str, ...] = ("sta", "amplitude", "frequency", "all")
-METHOD_NAMES = {"sta": "sta", "amplitude": "sta_amplitude", "frequency": "sta_frequency", "all": "sae_all"}
+MODE_LABELS = {"sta": "sta", "amplitude": "sta_amplitude", "frequency": "sta_frequency", "all": "sae_all"}
+"""metadata["method"] of a fit per mode (provenance; methods are named by `finesteer.methods`)."""
 DEFAULT_TRIM = 0.35
 
 
-class STAError(ValueError):
+class STAError(FinesteerError, ValueError):
     """STA inputs that cannot give a vector (no pairs, empty answers, no atom selected, NaN)."""
 
 
@@ -292,7 +294,7 @@ def fit_from_stats(
     trim: float = DEFAULT_TRIM,
     multiplier: float = 1.0,
     sae_path: str | None = None,
-) -> FittedIntervention:
+) -> Steering:
     """The STA (or ablation) intervention: v norm-matched to the CAA vector, added at all positions."""
     if stats.hook_name and sae.cfg.hook_name and stats.hook_name != sae.cfg.hook_name:
         raise STAError(f"statistics were taken at {stats.hook_name} but the SAE reads {sae.cfg.hook_name}")
@@ -302,7 +304,7 @@ def fit_from_stats(
     raw = atom_vector(sae, stats.delta_a, mask)
     vector = atom_vector(sae, stats.delta_a, mask, caa_norm)
     cosine = float(torch.nn.functional.cosine_similarity(raw, stats.caa_vector, dim=0))
-    name = METHOD_NAMES[mode]
+    name = MODE_LABELS[mode]
     metadata: dict[str, Any] = {
         "method": name,
         "selection": mode,
@@ -321,12 +323,12 @@ def fit_from_stats(
         "sae": sae_path,
     }
     intervention = steer_residual(site.layer, vector, multiplier, scope="all", component=site.component)
-    return FittedIntervention(name, intervention, metadata)
+    return Steering(name, intervention, metadata)
 
 
 def fit_caa_from_stats(
     stats: AtomStats, sae: SparseAutoencoder, *, multiplier: float = 1.0
-) -> FittedIntervention:
+) -> Steering:
     """The STA paper's CAA baseline: the answer-token-mean residual difference at the SAE's layer, all
     positions, multiplier λ (same norm and scope as STA, so only the direction differs)."""
     site = sae.cfg.site
@@ -345,7 +347,7 @@ def fit_caa_from_stats(
         "n_pairs": stats.n_pairs,
         "scope": "all",
     }
-    return FittedIntervention("caa", intervention, metadata)
+    return Steering("caa", intervention, metadata)
 
 
 def fit_sta(
@@ -360,7 +362,7 @@ def fit_sta(
     run_dir: str | Path | None = None,
     sae_path: str | None = None,
     progress: bool = True,
-) -> FittedIntervention:
+) -> Steering:
     """Atom statistics on `pairs`, atom selection and the CAA-norm-matched vector at the SAE's site.
 
     Writes `atom_stats.safetensors` and `sta.json` to `run_dir` when given (re-fit other modes or
@@ -377,16 +379,9 @@ def fit_sta(
     return fitted
 
 
-def fit_sae_all(
-    lm: LoadedModel, sae: SparseAutoencoder, pairs: Sequence[ContrastPair], **kwargs: Any
-) -> FittedIntervention:
-    """The "SAE-AxBench" baseline: every atom's Δa decoded, norm-matched to CAA (`fit_sta(mode="all")`)."""
-    return fit_sta(lm, sae, pairs, mode="all", **kwargs)
-
-
 __all__ = [
     "DEFAULT_TRIM",
-    "METHOD_NAMES",
+    "MODE_LABELS",
     "SELECTION_MODES",
     "AtomStats",
     "ContrastPair",
@@ -397,7 +392,6 @@ __all__ = [
     "atom_vector",
     "fit_caa_from_stats",
     "fit_from_stats",
-    "fit_sae_all",
     "fit_sta",
     "select_atoms",
     "signed_minmax",

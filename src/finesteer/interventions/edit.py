@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import torch
 from torch import Tensor
 
+from finesteer.errors import FinesteerError
 from finesteer.interventions.ops import Add, Op, ProjectOut, Scale, SetTo, Zero
 from finesteer.interventions.scope import Scope
 from finesteer.models.info import ModelInfo
@@ -16,7 +21,7 @@ from finesteer.sites import Site
 AblationMethod = Literal["zero", "mean", "uniform_attention", "scale_output"]
 
 
-class InterventionError(ValueError):
+class InterventionError(FinesteerError, ValueError):
     """An intervention that does not fit the model (vector size, rows) or is malformed."""
 
 
@@ -86,6 +91,27 @@ class Intervention:
     def sites(self) -> list[Site]:
         return sorted({e.site for e in self.edits})
 
+    def digest(self) -> str:
+        """A short hash of the exact content (sites, ops, params, scopes, rows, float32 tensor bytes).
+
+        The one intervention hash: resumable runs store it to check they continue with the same
+        intervention, and scans key candidates by it. Equal edits give equal digests across runs.
+        """
+        digest = hashlib.sha256()
+        for edit in self.edits:
+            spec = {
+                "site": edit.site.name,
+                "op": edit.op.kind,
+                "params": edit.op.params(),
+                "scope": str(edit.scope),
+                "rows": list(edit.rows) if edit.rows is not None else None,
+            }
+            digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
+            for key, tensor in sorted(edit.op.tensors().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     @classmethod
     def per_row(cls, interventions: Sequence[Intervention]) -> Intervention:
         """Row i of a batch gets interventions[i]: the basis of batched scans."""
@@ -107,6 +133,14 @@ def steer_residual(
 ) -> Intervention:
     """Add scale·vector to the residual stream after (or before) a block: CAA-style layer steering."""
     return Intervention((Edit(Site(layer, component), Add(vector, scale), Scope.parse(scope)),))  # type: ignore[arg-type]
+
+
+def check_eps(eps: float) -> float:
+    """The one check of an ablation's ε (Ships' query/output scale): a finite number ≥ 0, as a float."""
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise InterventionError(f"ε must be a finite number ≥ 0, got {eps}")
+    return eps
 
 
 def ablate_head(

@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from finesteer.errors import FinesteerError
 
-class OpError(ValueError):
+
+class OpError(FinesteerError, ValueError):
     """An operation built with bad values (NaN, zero direction, wrong vector size)."""
 
 

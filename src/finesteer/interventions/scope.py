@@ -8,12 +8,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext
 
 ScopeKind = Literal["all", "last", "prompt", "generated", "from", "from_end"]
 
 
-class ScopeError(ValueError):
+class ScopeError(FinesteerError, ValueError):
     """A position scope that cannot be parsed or applied."""
 
 

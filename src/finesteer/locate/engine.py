@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,13 +21,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
+from finesteer.runs import write_json_atomic, write_safetensors_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ PART_PREFIX = "part-"
 SCAN_FORMAT = "finesteer.scan_checkpoint"
 
 
-class ScanError(ValueError):
+class ScanError(FinesteerError, ValueError):
     """A scan that cannot run: no prompts or candidates, or a checkpoint from a different scan."""
 
 
@@ -134,18 +135,6 @@ class Readout(ABC):
         """Identifies the readout (and any reference it compares against) in a checkpoint."""
 
 
-def intervention_key(intervention: Intervention) -> str:
-    """Deterministic short hash of an intervention (sites, ops, params, scopes, rows, tensors)."""
-    digest = hashlib.sha256()
-    for edit in intervention.edits:
-        spec = [edit.site.name, edit.op.kind, edit.op.params(), str(edit.scope), edit.rows]
-        digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(edit.op.tensors().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def scan_manifest(
     lm: LoadedModel, encoded: EncodedPrompts, readout: Readout, keys: Sequence[str]
 ) -> dict[str, Any]:
@@ -179,7 +168,7 @@ class ScanCheckpoint:
                     "use another folder or delete it"
                 )
         else:
-            _atomic_write(path, (json.dumps(manifest, indent=1) + "\n").encode())
+            write_json_atomic(path, manifest, indent=1)
         self._next_part = 0
 
     def load(self) -> dict[int, Tensor]:
@@ -203,16 +192,8 @@ class ScanCheckpoint:
             "values": torch.stack([finished[i] for i in indices]).contiguous(),
         }
         name = f"{PART_PREFIX}{self._next_part:06d}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.folder / name)
+        write_safetensors_atomic(self.folder / name, tensors)
         self._next_part += 1
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class ScanEngine(ABC):
@@ -268,7 +249,7 @@ class ScanEngine(ABC):
         if not candidates:
             raise ScanError("no candidate interventions to scan")
         self.check(lm, candidates, batch_size, checkpoint_every)
-        keys = [intervention_key(c) for c in candidates]
+        keys = [c.digest() for c in candidates]
         store = (
             ScanCheckpoint(Path(checkpoint), scan_manifest(lm, encoded, readout, keys))
             if checkpoint

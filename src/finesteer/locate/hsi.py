@@ -26,14 +26,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.capture.directions import HeadDirections, directions_fingerprint
 from finesteer.data.items import ABItem
-from finesteer.fit.directions import Head, HeadDirections, directions_fingerprint
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi_table import HsiSweep, RankBy, SweepError, check_alphas
 from finesteer.locate.scores import hash_prompts
 from finesteer.locate.selection import Selection, select_prefix_and_alpha
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, ABScorer
+from finesteer.sites import Head
 
 SWEEP_DIR = "sweep"
 SWEEP_FILE = "sweep.safetensors"

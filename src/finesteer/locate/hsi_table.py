@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from finesteer.errors import FinesteerError
 from finesteer.locate.scores import HeadScores
 from finesteer.locate.selection import worst_letter_gain
 
@@ -26,7 +27,7 @@ RankBy = Literal["balanced", "max", "mean"]
 RANK_BY: tuple[str, ...] = ("balanced", "max", "mean")
 
 
-class SweepError(ValueError):
+class SweepError(FinesteerError, ValueError):
     """A sweep that cannot run (empty α grid, mixed-sign α, unknown head) or a mismatched checkpoint."""
 
 

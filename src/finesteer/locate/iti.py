@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from finesteer.fit.directions import Head
+from finesteer.errors import FinesteerError
 from finesteer.locate.scores import HeadScores
+from finesteer.sites import Head
 
 
-class ProbeError(ValueError):
+class ProbeError(FinesteerError, ValueError):
     """Probe data that cannot be used (shape mismatch, one class only, NaN)."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from finesteer.errors import FinesteerError
 
-class RankStatsError(ValueError):
+
+class RankStatsError(FinesteerError, ValueError):
     """Rank statistics of tables that cannot be compared (different sizes, too short, bad k)."""
 
 

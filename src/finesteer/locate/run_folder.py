@@ -17,9 +17,10 @@ from typing import Any
 
 from finesteer.errors import FinesteerError
 from finesteer.locate.scores import HeadScores
+from finesteer.runs import RUN_JSON, write_json_atomic
+from finesteer.sites import Head
 
 CHECKPOINT_DIR = "checkpoint"
-RUN_FILE = "run.json"
 PROMPTS_FILE = "prompts.jsonl"
 SAHARA_FILE = "sahara.json"
 PER_PROMPT_FILE = "per_prompt_top.jsonl"
@@ -45,13 +46,13 @@ def prepare(out: Path, resume: bool) -> Path:
 
 
 def write_run(folder: Path, payload: dict[str, Any]) -> None:
-    """`run.json`: what the run was asked to do and what it found."""
-    (folder / RUN_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+    """`run.json`: what the run was asked to do and what it found (written atomically)."""
+    write_json_atomic(folder / RUN_JSON, payload, indent=1)
 
 
 def read_run(folder: Path) -> dict[str, Any]:
     """`run.json` of a run folder; {} when there is none."""
-    path = folder / RUN_FILE
+    path = folder / RUN_JSON
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -205,11 +206,11 @@ def save_attribution(
 def write_sahara(folder: Path, result: Any) -> Path:
     """`sahara.json`: a Sahara search (`locate.sahara.SaharaResult`), its group and every step."""
     path = folder / SAHARA_FILE
-    path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    write_json_atomic(path, result.to_dict(), indent=1)
     return path
 
 
-def run_heads(run: Path, count: int) -> list[tuple[int, int]]:
+def run_heads(run: Path, count: int) -> list[Head]:
     """Heads of a run folder, best first: a Sahara group if there is one, else the top `count` by score."""
     sahara_file = run / SAHARA_FILE
     if sahara_file.is_file():

@@ -10,7 +10,6 @@ Each step's scan is checkpointed in `checkpoint/step-<s>/` and finished steps ar
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,21 +19,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from finesteer.interventions.edit import check_eps
 from finesteer.locate.engine import EncodedPrompts, ScanError, encode_prompts
 from finesteer.locate.fast_scan import run_scan
 from finesteer.locate.scan import LastHidden
 from finesteer.locate.scores import HeadScores
 from finesteer.locate.ships import (
     DEFAULT_EPS,
-    Head,
     ablation,
     all_heads,
     base_hidden,
-    check_eps,
-    check_heads,
     subspace_angle_score,
 )
 from finesteer.models.loading import LoadedModel
+from finesteer.runs import write_json_atomic
+from finesteer.sites import Head, check_heads
 
 STATE_FILE = "sahara.json"
 
@@ -113,9 +112,7 @@ def _load_state(path: Path, settings: dict[str, Any]) -> list[SaharaStep]:
 
 
 def _save_state(path: Path, result: SaharaResult) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, result.to_dict(), indent=1)
 
 
 def sahara(
@@ -141,7 +138,11 @@ def sahara(
     `engine` picks the scan engine ('fast' or 'simple', `finesteer.locate.fast_scan.run_scan`).
     """
     encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
-    pool = check_heads(lm.info, candidates) if candidates is not None else all_heads(lm.info)
+    pool = (
+        check_heads(candidates, lm.info.n_layers, lm.info.n_heads)
+        if candidates is not None
+        else all_heads(lm.info)
+    )
     if not 1 <= group_size <= len(pool):
         raise ValueError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size}")
     if r_main > len(encoded):

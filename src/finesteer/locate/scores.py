@@ -21,13 +21,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from finesteer.errors import FinesteerError
+
 FORMAT = "finesteer.head_scores"
 FORMAT_VERSION = 1
 SCORES_FILE = "scores.safetensors"
 HEADS_FILE = "heads.json"
 
 
-class HeadScoresError(ValueError):
+class HeadScoresError(FinesteerError, ValueError):
     """A score table with a bad shape or values, or a folder that does not hold one."""
 
 

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from finesteer.capture.directions import HeadDirections
 from finesteer.data.items import ABItem
-from finesteer.fit.directions import Head, HeadDirections
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, ABScorer, OptionScores
+from finesteer.sites import Head
 
 
 def letter_groups(letters: Sequence[str]) -> list[Tensor]:

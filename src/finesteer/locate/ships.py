@@ -17,7 +17,6 @@ tokenizer call did, no system prompt).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,21 +27,20 @@ import torch
 from torch import Tensor
 
 from finesteer.data.prompts import SAHARA_TEMPLATE, SHIPS_TEMPLATE, chat_prompt, raw_prompt
-from finesteer.interventions.edit import AblationMethod, Intervention, ablate_heads
+from finesteer.interventions.edit import AblationMethod, Intervention, ablate_heads, check_eps
 from finesteer.locate.engine import EncodedPrompts, Readout, ScanError, as_encoded
 from finesteer.locate.fast_scan import run_scan
 from finesteer.locate.scan import KLAndHidden, KLFromBase, LastHidden, LastLogits, scan
 from finesteer.locate.scores import HeadScores
 from finesteer.models.info import ModelInfo
 from finesteer.models.loading import LoadedModel
+from finesteer.sites import Head
 
 ABLATION_MODES: MappingProxyType[str, AblationMethod] = MappingProxyType(
     {"ua": "uniform_attention", "sc": "scale_output"}
 )
 TEMPLATES = MappingProxyType({"ships": SHIPS_TEMPLATE, "sahara": SAHARA_TEMPLATE})
 DEFAULT_EPS = 1e-5
-
-Head = tuple[int, int]
 
 
 def ablation_method(mode: str) -> AblationMethod:
@@ -54,29 +52,8 @@ def ablation_method(mode: str) -> AblationMethod:
     return ABLATION_MODES[mode]
 
 
-def check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"ε must be a finite number ≥ 0, got {eps}")
-    return eps
-
-
 def all_heads(info: ModelInfo) -> list[Head]:
     return [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]
-
-
-def check_heads(info: ModelInfo, heads: Sequence[Head]) -> list[Head]:
-    """Validate (layer, head) pairs against the model; duplicates are an error, not silently merged."""
-    out = []
-    for layer, head in heads:
-        if not (0 <= layer < info.n_layers and 0 <= head < info.n_heads):
-            raise ValueError(
-                f"unknown head {layer}.{head}: model has {info.n_layers} layers × {info.n_heads} heads"
-            )
-        out.append((int(layer), int(head)))
-    if len(set(out)) != len(out):
-        raise ValueError(f"duplicate heads in {[f'{lay}.{h}' for lay, h in out]}")
-    return out
 
 
 def ablation(heads: Sequence[Head], mode: str, eps: float = DEFAULT_EPS) -> Intervention:

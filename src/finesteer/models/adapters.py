@@ -12,8 +12,10 @@ from types import MappingProxyType
 
 from torch import nn
 
+from finesteer.errors import FinesteerError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(FinesteerError, ValueError):
     """The model's architecture has no adapter, or lacks a module the adapter expects."""
 
 

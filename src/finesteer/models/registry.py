@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from finesteer.errors import FinesteerError
 from finesteer.models.info import ModelInfo
 
 __all__ = ["DEFAULT_MODEL", "REGISTRY", "RegistryEntry", "UnknownModelError", "get_entry"]
@@ -132,7 +133,7 @@ REGISTRY: Mapping[str, RegistryEntry] = MappingProxyType({e.name: e for e in _EN
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(FinesteerError, ValueError):
     """A model name that is not in the registry; the message lists valid names and the closest one."""
 
     def __init__(self, name: str) -> None:

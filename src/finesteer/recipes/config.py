@@ -12,11 +12,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, field_validator
 
+from finesteer.errors import FinesteerError
 from finesteer.models.info import ModelInfo
 from finesteer.sites import SiteError, parse_heads
 
 
-class RecipeError(ValueError):
+class RecipeError(FinesteerError, ValueError):
     """A recipe that cannot run: unknown method, missing or mistyped field, head out of range."""
 
 

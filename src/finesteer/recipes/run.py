@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from finesteer import __version__
-from finesteer.paths import write_json
 from finesteer.recipes.config import RecipeBase, dump_recipe, load_recipe
+from finesteer.runs import METRICS_JSON, RECIPE_YAML, RESULT_JSON, RUN_JSON, STEPS_DIR, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-RECIPE_FILE = "recipe.yaml"
-RUN_FILE = "run.json"
 PACKAGES = ("torch", "transformers", "safetensors", "numpy", "scikit-learn", "peft", "finesteer")
 
 
@@ -61,14 +59,14 @@ class RunFolder:
     @classmethod
     def create(cls, root: Path, recipe: RecipeBase, command: str, *, folder: Path | None = None) -> RunFolder:
         path = folder or root / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (path / RUN_FILE).exists():
+        if (path / RUN_JSON).exists():
             raise FileExistsError(
                 f"{path} already holds a run; resume it with `finesteer run --resume {path}`"
             )
-        (path / "steps").mkdir(parents=True, exist_ok=True)
-        (path / RECIPE_FILE).write_text(dump_recipe(recipe))
-        write_json(
-            path / RUN_FILE,
+        (path / STEPS_DIR).mkdir(parents=True, exist_ok=True)
+        (path / RECIPE_YAML).write_text(dump_recipe(recipe))
+        write_json_atomic(
+            path / RUN_JSON,
             {
                 "status": "running",
                 "method": recipe.method,  # type: ignore[attr-defined]
@@ -87,13 +85,13 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: Path) -> RunFolder:
-        if not (path / RUN_FILE).is_file() or not (path / RECIPE_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a finesteer run folder (no {RUN_FILE} / {RECIPE_FILE})")
-        return cls(path, load_recipe(path / RECIPE_FILE))
+        if not (path / RUN_JSON).is_file() or not (path / RECIPE_YAML).is_file():
+            raise FileNotFoundError(f"{path} is not a finesteer run folder (no {RUN_JSON} / {RECIPE_YAML})")
+        return cls(path, load_recipe(path / RECIPE_YAML))
 
     @property
     def state(self) -> dict[str, Any]:
-        return json.loads((self.path / RUN_FILE).read_text())
+        return json.loads((self.path / RUN_JSON).read_text())
 
     def update(self, **fields: Any) -> None:
         state = self.state
@@ -102,18 +100,18 @@ class RunFolder:
                 state[key].update(value)
             else:
                 state[key] = value
-        write_json(self.path / RUN_FILE, state)
+        write_json_atomic(self.path / RUN_JSON, state)
 
     def step_dir(self, name: str) -> Path:
-        folder = self.path / "steps" / name
+        folder = self.path / STEPS_DIR / name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     def done(self, name: str) -> bool:
-        return name in self.state["steps"] and (self.path / "steps" / name / "result.json").is_file()
+        return name in self.state["steps"] and (self.path / STEPS_DIR / name / RESULT_JSON).is_file()
 
     def result(self, name: str) -> dict[str, Any]:
-        return json.loads((self.path / "steps" / name / "result.json").read_text())
+        return json.loads((self.path / STEPS_DIR / name / RESULT_JSON).read_text())
 
     def step(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         """Run `fn(step_dir)` once; on resume return the stored result without running it again."""
@@ -123,12 +121,12 @@ class RunFolder:
         log.info("step %s …", name)
         started = time.perf_counter()
         result = fn(self.step_dir(name))
-        write_json(self.step_dir(name) / "result.json", result)
+        write_json_atomic(self.step_dir(name) / RESULT_JSON, result)
         self.update(steps={name: {"seconds": round(time.perf_counter() - started, 2)}})
         if self.stop_after == name:
             raise StepInterrupted(f"stopped after step {name} (as asked)")
         return result
 
     def finish(self, metrics: dict[str, Any]) -> None:
-        write_json(self.path / "metrics.json", metrics)
+        write_json_atomic(self.path / METRICS_JSON, metrics)
         self.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -15,8 +15,8 @@ COLUMNS = ("refusal_rate", "over_refusal_rate", "fluency")
 
 
 def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
-    from finesteer.evaluate.sta_refusal import run_sta_refusal
     from finesteer.models import load_model
+    from finesteer.recipes.refusal import run_sta_refusal
     from finesteer.sae.io import load_sae
     from finesteer.sae.pipeline import train_on_model
     from finesteer.sae.train import TrainConfig

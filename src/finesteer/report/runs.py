@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from finesteer.report.html import ReportContent, Table, render_html
+from finesteer.runs import METRICS_JSON, RECIPE_YAML, RUN_JSON
 
 
 def is_run_folder(path: str | Path) -> bool:
     folder = Path(path)
-    return (folder / "run.json").is_file() and (folder / "recipe.yaml").is_file()
+    return (folder / RUN_JSON).is_file() and (folder / RECIPE_YAML).is_file()
 
 
 def _load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    state = json.loads((folder / "run.json").read_text())
-    metrics_path = folder / "metrics.json"
+    state = json.loads((folder / RUN_JSON).read_text())
+    metrics_path = folder / METRICS_JSON
     if not metrics_path.is_file():
         raise ValueError(f"{folder}: the run has not finished (no metrics.json); resume it first")
     return state, json.loads(metrics_path.read_text())

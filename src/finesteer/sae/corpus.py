@@ -10,14 +10,12 @@ them are not on SAE training text. `heldout_texts` draws from test splits only, 
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from finesteer.data import ABItem, PromptItem, chat_prompt, load_dataset
-from finesteer.data.items import option_letters
-from finesteer.data.items import option_text as item_option_text
+from finesteer.data import PromptItem, chat_prompt, load_ab_items, load_dataset
+from finesteer.errors import FinesteerError
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
@@ -39,7 +37,7 @@ EVALUATION_SETS: tuple[tuple[str, str | None], ...] = (
 """Held-out steering evaluation sets: their prompts are removed from every SAE corpus."""
 
 
-class CorpusError(ValueError):
+class CorpusError(FinesteerError, ValueError):
     """A corpus request that yields no text (all sources empty or limits of zero)."""
 
 
@@ -68,19 +66,6 @@ def evaluation_prompts() -> frozenset[str]:
     for name, split in EVALUATION_SETS:
         texts.update(_norm(item.prompt) for item in load_dataset(name, split=split))  # type: ignore[union-attr]
     return frozenset(texts)
-
-
-def option_text(question: str, letter: str) -> str:
-    """The text of option `letter` in an A/B question ("(A) I cannot help" → "I cannot help")."""
-    if letter in option_letters(question):
-        return item_option_text(question, letter)
-    raise CorpusError(f"option ({letter}) not found in question {question[:60]!r}")
-
-
-def question_stem(question: str) -> str:
-    """The question without its "Choices:" block (the request an open-ended answer replies to)."""
-    stem = re.split(r"\n\s*Choices:\s*\n", question, maxsplit=1)[0]
-    return stem.strip()
 
 
 def overlaps(text: str, exclude: frozenset[str]) -> bool:
@@ -133,12 +118,11 @@ def training_texts(tokenizer: Any, spec: CorpusSpec = CorpusSpec()) -> list[tupl
     texts = [("harmful", chat_prompt(tokenizer, p)) for p in harmful]
     texts += [("harmless", chat_prompt(tokenizer, p)) for p in harmless]
     for behaviour in spec.behaviours:
-        items = list(load_dataset(behaviour, "generate"))
+        items = load_ab_items(behaviour, "generate")
         rng.shuffle(items)
         for i, item in enumerate(items[: spec.ab_per_behaviour]):
-            assert isinstance(item, ABItem)
             letter = item.matching_letter if i % 2 == 0 else item.not_matching_letter
-            answer = f"({letter}) {option_text(item.question, letter)}"
+            answer = f"({letter}) {item.answer_text(letter)}"
             texts.append((f"ab:{behaviour}", chat_prompt(tokenizer, item.question, assistant_prefix=answer)))
     if not texts:
         raise CorpusError("the corpus spec selects no text")
@@ -160,10 +144,9 @@ def heldout_texts(
     texts = [("harmful", chat_prompt(tokenizer, p)) for p in _take(rng, harmful, n_per_source)]
     texts += [("harmless", chat_prompt(tokenizer, p)) for p in _take(rng, harmless, n_per_source)]
     for behaviour in AB_BEHAVIOURS:
-        for i, item in enumerate(load_dataset(behaviour, "test_ab", limit=n_ab_per_behaviour)):
-            assert isinstance(item, ABItem)
+        for i, item in enumerate(load_ab_items(behaviour, "test_ab", limit=n_ab_per_behaviour)):
             letter = item.matching_letter if i % 2 == 0 else item.not_matching_letter
-            answer = f"({letter}) {option_text(item.question, letter)}"
+            answer = f"({letter}) {item.answer_text(letter)}"
             texts.append((f"ab:{behaviour}", chat_prompt(tokenizer, item.question, assistant_prefix=answer)))
     rng.shuffle(texts)
     return texts
@@ -197,9 +180,7 @@ __all__ = [
     "CorpusSpec",
     "evaluation_prompts",
     "heldout_texts",
-    "option_text",
     "overlaps",
-    "question_stem",
     "training_texts",
     "with_generations",
 ]

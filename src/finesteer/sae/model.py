@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from finesteer.errors import FinesteerError
 from finesteer.sites import Site, SiteError
 
 ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "jumprelu")
@@ -43,7 +44,7 @@ DTYPES = MappingProxyType(
 )
 
 
-class SAEError(ValueError):
+class SAEError(FinesteerError, ValueError):
     """An SAE that is malformed or does not fit its input (bad config, shapes, NaN weights)."""
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from finesteer.paths import cache_root
+from finesteer.runs import cache_root
 from finesteer.sae.corpus import CorpusSpec, heldout_texts, training_texts, with_generations
 from finesteer.sae.io import save_sae
 from finesteer.sae.metrics import SAEMetrics, evaluate_sae

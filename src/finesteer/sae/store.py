@@ -15,18 +15,20 @@ goes to a held-out split, so explained variance is measured on texts the SAE nev
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.capture import pad
+from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
+from finesteer.runs import write_json_atomic, write_safetensors_atomic
 from finesteer.sites import Site
 
 if TYPE_CHECKING:
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 
 
-class StoreError(ValueError):
+class StoreError(FinesteerError, ValueError):
     """An activation store that does not match the request (other model, site or corpus)."""
 
 
@@ -73,7 +75,7 @@ def site_activations(
     site.validate(lm.info)
     if site.is_head:
         raise StoreError("SAE collection reads residual-style sites, not per-head sites")
-    pad = lm.tokenizer.pad_token_id
+    pad_id = lm.tokenizer.pad_token_id
     out: list[Tensor | None] = [None] * len(token_lists)
     grabbed: dict[str, Tensor] = {}
 
@@ -86,12 +88,7 @@ def site_activations(
         hooks.add(site, grab)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(token_lists[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, : len(token_lists[i])] = torch.tensor(list(token_lists[i]))
-                mask[r, : len(token_lists[i])] = 1
+            ids, mask = pad([token_lists[i] for i in rows], "right", pad_id)
             try:
                 with torch.no_grad():
                     lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
@@ -131,12 +128,6 @@ def _digest(texts: Sequence[str]) -> str:
         h.update(text.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def collect(
@@ -211,14 +202,12 @@ def collect(
         if not (torch.isfinite(tensors["train"]).all() and torch.isfinite(tensors["heldout"]).all()):
             raise StoreError(f"non-finite activations at {site} in texts {lo}..{hi - 1}")
         name = f"shard_{index:05d}.safetensors"
-        _atomic_save(tensors, folder / name)
+        write_safetensors_atomic(folder / name, tensors)
         entry = {"index": index, "file": name, "texts": [lo, hi], "train_tokens": len(tensors["train"]),
                  "heldout_tokens": len(tensors["heldout"])}  # fmt: skip
         manifest["shards"].append(entry)
         manifest["shards"].sort(key=lambda s: s["index"])
-        tmp = manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, manifest_path)
+        write_json_atomic(manifest_path, manifest, indent=1)
         train_tokens += entry["train_tokens"]
         bar.update(entry["train_tokens"])
     bar.close()

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,10 +34,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.runs import write_safetensors_atomic
 from finesteer.sae.metrics import SAEMetrics, evaluate_sae
 from finesteer.sae.model import SAEConfig, SAEError, SparseAutoencoder
 
@@ -160,7 +158,7 @@ def _from_jsonable(value: Any) -> Any:
 def _save_checkpoint(
     path: Path, tensors: dict[str, Tensor], optimizer: dict[str, Any], state: dict[str, Any]
 ) -> None:
-    """Write tensors + JSON state as one safetensors file; a unique temp name and one `os.replace`."""
+    """Write tensors + JSON state as one safetensors file, atomically (`runs.write_safetensors_atomic`)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in optimizer["state"].items():
@@ -174,14 +172,7 @@ def _save_checkpoint(
         **state,
         "optimizer": {"param_groups": optimizer["param_groups"], "state_scalars": scalars},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_STATE_KEY: json.dumps(_jsonable(header))})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_safetensors_atomic(path, tensors, metadata={_STATE_KEY: json.dumps(_jsonable(header))})
 
 
 def refuse_legacy_checkpoint(run_dir: str | Path) -> None:

@@ -11,8 +11,6 @@ the batch size.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
@@ -22,12 +20,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.errors import FinesteerError
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention, InterventionError
 from finesteer.models.loading import LoadedModel
 
 
-class ScoringError(ValueError):
+class ScoringError(FinesteerError, ValueError):
     """Scoring that cannot give a meaningful number (no items, untokenisable answer, NaN logits)."""
 
 
@@ -70,29 +69,6 @@ def rows_for_batch(intervention: Intervention | None, indices: Sequence[int]) ->
 def applied(lm: LoadedModel, intervention: Intervention | None) -> Any:
     """Context manager applying `intervention` (or nothing)."""
     return intervene(lm, intervention) if intervention is not None else nullcontext()
-
-
-def intervention_digest(intervention: Intervention | None) -> str:
-    """A short hash of an intervention's exact content (sites, ops, vectors, scopes, rows).
-
-    Lets a resumed run check it continues with the same intervention it started with.
-    """
-    if intervention is None:
-        return "none"
-    digest = hashlib.sha256()
-    for edit in intervention.edits:
-        spec = {
-            "site": edit.site.name,
-            "op": edit.op.kind,
-            "params": edit.op.params(),
-            "scope": str(edit.scope),
-            "rows": list(edit.rows) if edit.rows is not None else None,
-        }
-        digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
-        for key, tensor in sorted(edit.op.tensors().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -17,17 +17,18 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from finesteer.errors import FinesteerError
 from finesteer.evaluate.judges.prompts import HARMFULNESS
 from finesteer.evaluate.judges.rubric import ChatMessages, Rubric, RubricJudge
 
 __all__ = ["EndpointConfig", "JudgeConfigError", "JudgeRequestError", "LLMJudge", "resolve_endpoint"]
 
 
-class JudgeConfigError(ValueError):
+class JudgeConfigError(FinesteerError, ValueError):
     """The judge endpoint / model is not configured."""
 
 
-class JudgeRequestError(RuntimeError):
+class JudgeRequestError(FinesteerError, RuntimeError):
     """The judge endpoint could not be reached or answered with an error."""
 
 

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from finesteer.hooks import CallContext, HookSet
+from finesteer.interventions.edit import check_eps
 from finesteer.locate.attribution.metrics import AttributionError
-from finesteer.locate.ships import DEFAULT_EPS, ablation_method, check_eps
+from finesteer.locate.ships import DEFAULT_EPS, ablation_method
 from finesteer.models.loading import LoadedModel
 from finesteer.sites import Site
 

@@ -10,10 +10,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.interventions.edit import check_eps
 from finesteer.locate.attribution.gates import check_linearize, frozen_weights, gated_ablation
 from finesteer.locate.attribution.metrics import AttributionError, KLDivergence, Metric
 from finesteer.locate.engine import EncodedPrompts, as_encoded, prompt_batches
-from finesteer.locate.ships import DEFAULT_EPS, check_eps
+from finesteer.locate.ships import DEFAULT_EPS
 from finesteer.models.loading import LoadedModel
 
 

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from finesteer.errors import FinesteerError
 from finesteer.locate.engine import LastPosition, Readout
 
 DEFAULT_OUTCOMES = 2
 
 
-class AttributionError(ValueError):
+class AttributionError(FinesteerError, ValueError):
     """Attribution that cannot run: bad metric targets, a metric without gradient, NaN estimates."""
 
 

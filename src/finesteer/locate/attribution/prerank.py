@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from finesteer.interventions.edit import Intervention
+from finesteer.interventions.edit import Intervention, check_eps
 from finesteer.locate.attribution.gradients import gate_pass
 from finesteer.locate.attribution.metrics import AttributionError, KLDivergence, Metric, MetricReadout
 from finesteer.locate.engine import EncodedPrompts, LastPosition, as_encoded
@@ -19,8 +19,9 @@ from finesteer.locate.fast_scan import run_scan
 from finesteer.locate.rank_stats import spearman
 from finesteer.locate.scan import KLFromBase, LastLogits
 from finesteer.locate.scores import HeadScores
-from finesteer.locate.ships import DEFAULT_EPS, Head, ablation, all_heads, check_eps, check_heads
+from finesteer.locate.ships import DEFAULT_EPS, ablation, all_heads
 from finesteer.models.loading import LoadedModel
+from finesteer.sites import Head, check_heads
 
 DEFAULT_TOP_N = 16
 
@@ -95,7 +96,7 @@ def exact_effects(
     `base_logits` [P, vocab] are the unablated last-position logits when already known.
     """
     encoded = as_encoded(lm, prompts)
-    candidates = [ablation([h], mode, eps) for h in check_heads(lm.info, heads)]
+    candidates = [ablation([h], mode, eps) for h in check_heads(heads, lm.info.n_layers, lm.info.n_heads)]
     options: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "engine": engine}
     base = base_logits
     if base is None:

@@ -1,12 +1,16 @@
-"""The STA refusal experiment: baseline, prompting, CAA, SAE-all-atoms and STA across a λ sweep.
+"""The refusal experiment: baseline, prompting, answer-mean CAA, SAE-all-atoms and STA across a λ sweep.
 
 Positive = refusing a harmful request, negative = complying. All steering vectors come from the
 same contrast pairs (`finesteer.fit.refusal_pairs`) at the SAE's layer and are applied at every
-position: CAA is the answer-token-mean residual difference, SAE-all decodes every atom's Δa, STA
-decodes the selected atoms' Δa, the last two rescaled to CAA's norm, so at equal λ the three differ
-only in direction. "prompt" is the refusal system prompt itself; "prompt_caa" / "prompt_sta" are that
-system prompt turned into vectors (with − without it). Everything is measured by
-`compare_refusal` on held-out JailbreakBench (refusal) and XSTest-safe (over-refusal) prompts.
+position: "caa" is the answer-token-mean residual difference (`caa_answer_mean`), "sae_all" decodes
+every atom's Δa (`sta`, mode all), "sta" decodes the selected atoms' Δa, the last two rescaled to
+CAA's norm, so at equal λ the three differ only in direction. "prompt" is the refusal system prompt
+itself; "prompt_caa" / "prompt_sta" are that system prompt turned into vectors (with − without it).
+The names are resolved by the one method registry (`finesteer.methods.resolve_method(name,
+"refusal")`); every method is fitted once and swept with `Steering.scaled(λ)`. Everything is
+measured by `compare_refusal` on held-out JailbreakBench (refusal) and XSTest-safe (over-refusal)
+prompts. `refusal_comparison` is the whole experiment from names and option strings (what
+`finesteer eval sta-refusal` and `finesteer compare --task refusal` run).
 """
 
 from __future__ import annotations
@@ -19,29 +23,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finesteer.data import PromptItem, load_dataset
-from finesteer.evaluate.compare import ComparisonError, PendingSetup, SteeringSetup
+from finesteer.evaluate.compare import ComparisonError, PendingSteering
 from finesteer.evaluate.refusal_compare import RefusalSettings, compare_refusal
-from finesteer.fit.prompt_vector import prompt_vectors
 from finesteer.fit.refusal_pairs import REFUSAL_SYSTEM_PROMPT, harmful_training_prompts, refusal_triples
-from finesteer.fit.sta import (
-    DEFAULT_TRIM,
-    AtomStats,
-    answer_pairs,
-    atom_statistics,
-    fit_caa_from_stats,
-    fit_from_stats,
-)
+from finesteer.fit.sta import DEFAULT_TRIM
+from finesteer.fit.steering import Steering
+from finesteer.generation import GenerationConfig
+from finesteer.methods import ContrastData, resolve_method
+from finesteer.methods.registry import ALIASES
+from finesteer.models.loading import load_model
+from finesteer.sae.io import load_sae
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
     from finesteer.sae.model import SparseAutoencoder
 
-METHODS: tuple[str, ...] = ("baseline", "prompt", "caa", "sae_all", "sta", "sta_amplitude", "sta_frequency",
-                            "prompt_caa", "prompt_sta")  # fmt: skip
-SWEPT: frozenset[str] = frozenset(
-    {"caa", "sae_all", "sta", "sta_amplitude", "sta_frequency", "prompt_caa", "prompt_sta"}
-)
-_MODES = {"sae_all": "all", "sta": "sta", "sta_amplitude": "amplitude", "sta_frequency": "frequency"}
+METHODS: tuple[str, ...] = tuple(ALIASES["refusal"])
+"""The names the refusal experiment accepts (`--methods`)."""
+DEFAULT_METHODS: tuple[str, ...] = ("baseline", "prompt", "caa", "sae_all", "sta")
 
 
 def spread(items: Sequence[PromptItem], n: int) -> list[PromptItem]:
@@ -64,12 +63,61 @@ def label(method: str, multiplier: float) -> str:
     return f"{method}@{multiplier:g}"
 
 
+def _settings_for(method: str, trim: float, progress: bool) -> dict[str, Any]:
+    """The experiment's settings for a registered method: STA's trim; progress for the vector fits."""
+    if method == "sta":
+        return {"trim": trim, "progress": progress}
+    if method == "caa_answer_mean":
+        return {"progress": progress}
+    return {}
+
+
+def prompt_messages(n_prompt_messages: int) -> list[str]:
+    """Half harmful training prompts, half harmless ones: where the system prompt is measured."""
+    harmful = [p.prompt for p in harmful_training_prompts()[: n_prompt_messages // 2]]
+    harmless = [
+        p.prompt  # type: ignore[union-attr]
+        for p in load_dataset("refusal-direction-harmless", "train", limit=n_prompt_messages // 2)
+    ]
+    return harmful + harmless
+
+
+def fit_swept(
+    lm: LoadedModel,
+    data: ContrastData,
+    methods: Sequence[str],
+    multipliers: Sequence[float],
+    *,
+    trim: float,
+    timings: dict[str, float],
+    progress: bool = False,
+) -> tuple[list[Steering | PendingSteering], set[str]]:
+    """Each method fitted once (through the registry); one steering per λ for those with a vector
+    (named `method@λ`), the others as they are. Also returns the names of the swept methods."""
+    setups: list[Steering | PendingSteering] = []
+    swept: set[str] = set()
+    for method in methods:
+        choice = resolve_method(method, "refusal")
+        method_settings = choice.settings(_settings_for(choice.method.name, trim, progress))
+        t0 = time.perf_counter()
+        steering = choice.fit(lm, data, method_settings)
+        if steering.intervention is None:
+            setups.append(steering)
+            continue
+        by_prompt = getattr(method_settings, "source", "answers") == "system_prompt"
+        kind = "prompt_stats_s" if by_prompt else "answer_stats_s"
+        timings[kind] = round(timings.get(kind, 0.0) + time.perf_counter() - t0, 1)
+        swept.add(choice.label)
+        setups += [steering.scaled(m, name=label(choice.label, m)) for m in multipliers]
+    return setups, swept
+
+
 def run_sta_refusal(
     lm: LoadedModel,
     sae: SparseAutoencoder,
     out_dir: str | Path,
     *,
-    methods: Sequence[str] = ("baseline", "prompt", "caa", "sae_all", "sta"),
+    methods: Sequence[str] = DEFAULT_METHODS,
     multipliers: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
     headline: float = 1.0,
     trim: float = DEFAULT_TRIM,
@@ -99,53 +147,17 @@ def run_sta_refusal(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     n_ab = max(0, n_pairs // 5)
-    triples = refusal_triples(n_harmful=n_pairs - n_ab, n_ab=n_ab)
-    stats_path = folder / "atom_stats.safetensors"
-    needs_answer_stats = any(m in _MODES or m == "caa" for m in methods)
-    stats: AtomStats | None = None
-    if needs_answer_stats:
-        t0 = time.perf_counter()
-        if stats_path.exists():
-            stats = AtomStats.load(stats_path)
-        else:
-            stats = atom_statistics(lm, sae, answer_pairs(lm.tokenizer, triples), progress=progress)
-            stats.save(stats_path)
-        timings["answer_stats_s"] = round(time.perf_counter() - t0, 1)
-    prompt_fits: dict[str, Any] = {}
-    if any(m.startswith("prompt_") for m in methods):
-        t0 = time.perf_counter()
-        harmful_msgs = [p.prompt for p in harmful_training_prompts()[: n_prompt_messages // 2]]
-        harmless_msgs = [
-            p.prompt
-            for p in load_dataset("refusal-direction-harmless", "train", limit=n_prompt_messages // 2)
-        ]  # type: ignore[union-attr]
-        prompt_fits = prompt_vectors(
-            lm, sae, system_prompt, harmful_msgs + harmless_msgs, trim=trim, progress=progress
-        )
-        timings["prompt_stats_s"] = round(time.perf_counter() - t0, 1)
-
-    def fitted(method: str) -> Any:
-        if method == "caa":
-            assert stats is not None
-            return fit_caa_from_stats(stats, sae)
-        if method in _MODES:
-            assert stats is not None
-            return fit_from_stats(stats, sae, mode=_MODES[method], trim=trim, sae_path=sae_path)  # type: ignore[arg-type]
-        return prompt_fits[method]
-
-    setups: list[SteeringSetup | PendingSetup] = []
-    for method in methods:
-        if method == "baseline":
-            setups.append(SteeringSetup("baseline", lm))
-        elif method == "prompt":
-            setups.append(
-                SteeringSetup("prompt", lm, system_prompt=system_prompt, metadata={"method": "prompt"})
-            )
-        else:
-            fit = fitted(method)
-            for m in mults:
-                meta = {**fit.metadata, "multiplier": m}
-                setups.append(SteeringSetup(label(method, m), lm, fit.intervention.scaled(m), metadata=meta))
+    by_prompt = any(resolve_method(m, "refusal").fixed.get("source") == "system_prompt" for m in methods)
+    data = ContrastData(
+        "refusal",
+        tuple(refusal_triples(n_harmful=n_pairs - n_ab, n_ab=n_ab)),
+        system_prompt=system_prompt,
+        prompt_messages=tuple(prompt_messages(n_prompt_messages)) if by_prompt else (),
+        sae=sae,
+        sae_path=sae_path,
+        stats_path=folder / "atom_stats.safetensors",
+    )
+    setups, swept = fit_swept(lm, data, methods, mults, trim=trim, timings=timings, progress=progress)
     settings = settings or RefusalSettings()
     harmful, harmless = evaluation_sets(n_harmful, n_harmless)
     t0 = time.perf_counter()
@@ -154,10 +166,10 @@ def run_sta_refusal(
     timings["evaluation_s"] = round(time.perf_counter() - t0, 1)
     timings["total_s"] = round(time.perf_counter() - started, 1)
     headline_methods = {
-        method: results[method if method not in SWEPT else label(method, headline)] for method in methods
+        method: results[method if method not in swept else label(method, headline)] for method in methods
     }
     sweep = {
-        method: {f"{m:g}": results[label(method, m)] for m in mults} for method in methods if method in SWEPT
+        method: {f"{m:g}": results[label(method, m)] for m in mults} for method in methods if method in swept
     }
     payload = {
         "model": lm.name,
@@ -166,7 +178,7 @@ def run_sta_refusal(
         "headline_multiplier": headline,
         "multipliers": mults,
         "trim": trim,
-        "n_pairs": len(triples),
+        "n_pairs": len(data.triples),
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
         "harmful_set": "jailbreakbench (evenly spaced)",
@@ -246,11 +258,53 @@ def markdown_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def refusal_comparison(
+    model: str,
+    sae: Path,
+    out: Path,
+    *,
+    methods: str = ",".join(DEFAULT_METHODS),
+    lambdas: str = "0.5,1,1.5,2",
+    headline: float = 1.0,
+    trim: float = 0.35,
+    n_pairs: int = 160,
+    n_harmful: int = 40,
+    n_harmless: int = 40,
+    max_new_tokens: int = 32,
+    batch_size: int = 40,
+    judge: str = "gcg+",
+) -> dict[str, Any]:
+    """The refusal experiment behind `eval sta-refusal` and `compare --task refusal`: one payload
+    whose `methods` maps each method to refusal_rate, over_refusal_rate and fluency at λ = headline."""
+    started = time.perf_counter()
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    if not method_list:
+        raise ValueError("--methods is empty")
+    try:
+        mults = [float(x) for x in lambdas.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
+    settings = RefusalSettings(GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), judge)  # type: ignore[arg-type]
+    loaded = load_sae(sae)
+    lm = load_model(model)
+    payload = run_sta_refusal(
+        lm, loaded, out, methods=method_list, multipliers=mults, headline=headline, trim=trim,
+        n_pairs=n_pairs, n_harmful=n_harmful, n_harmless=n_harmless, settings=settings, sae_path=str(sae),
+    )  # fmt: skip
+    payload["wall_s"] = round(time.perf_counter() - started, 1)
+    return payload
+
+
 __all__ = [
+    "DEFAULT_METHODS",
     "METHODS",
     "equal_fluency_summary",
     "evaluation_sets",
+    "fit_swept",
+    "label",
     "markdown_table",
+    "prompt_messages",
+    "refusal_comparison",
     "run_sta_refusal",
     "spread",
 ]

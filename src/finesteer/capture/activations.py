@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.capture.padding import pad
+from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
@@ -29,7 +31,7 @@ Position = str | int
 TextInput = str | tuple[str, str]
 
 
-class CaptureError(ValueError):
+class CaptureError(FinesteerError, ValueError):
     """Bad capture request (position outside a prompt, no answer span, empty input)."""
 
 
@@ -161,12 +163,7 @@ def capture(
         batches = range(0, len(encoded), batch_size)
         for start in tqdm(batches, desc="capture", disable=not progress, unit="batch"):
             chunk = encoded[start : start + batch_size]
-            width = max(len(tokens) for tokens, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (tokens, _) in enumerate(chunk):
-                input_ids[row, : len(tokens)] = torch.tensor(tokens)
-                mask[row, : len(tokens)] = 1
+            input_ids, mask = pad([tokens for tokens, _ in chunk], "right", pad_id)
             batch_state["lengths"] = mask.sum(1)
             batch_state["starts"] = torch.tensor([s for _, s in chunk])
             all_lengths.append(batch_state["lengths"])

@@ -20,22 +20,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from finesteer.capture.activations import capture
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_completion, ab_prompt
+from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Edit, Intervention
 from finesteer.interventions.ops import Add
 from finesteer.interventions.scope import Scope
-from finesteer.sites import Site
+from finesteer.sites import Head, Site
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
 
-Head = tuple[int, int]
+
 LabelledCompletion = tuple[str, str, bool]
 """(formatted prompt, completion text, shows the behaviour?) — e.g. a sampled answer and its label."""
 
 
-class DirectionError(ValueError):
+class DirectionError(FinesteerError, ValueError):
     """Directions that cannot be computed or applied (one class missing, NaN, zero direction)."""
 
 
@@ -211,8 +213,6 @@ def capture_heads(
     progress: bool = False,
 ) -> Tensor:
     """z of every head of every layer: [N, n_layers, n_heads, head_dim], one capture pass."""
-    from finesteer.activations import capture
-
     sites = [Site(layer, "z") for layer in range(lm.info.n_layers)]
     acts = capture(lm, inputs, sites, position=position, batch_size=batch_size, progress=progress)
     return torch.stack([acts[site] for site in sites], dim=1)

@@ -1,0 +1,86 @@
+"""HSI: steer the k heads most sensitive to their behaviour direction, with one shared α."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from finesteer.fit.completions import LabelledCompletion
+from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig, fit_hsi
+from finesteer.fit.hsi_directions import DirectionsFrom
+from finesteer.fit.steering import Steering
+from finesteer.locate.hsi_table import RankBy
+from finesteer.methods.base import MethodSettings
+from finesteer.methods.caa import save_fitted
+from finesteer.methods.data import BehaviourData, ContrastData, require_behaviour
+from finesteer.report.sweep import plot_sweep_folder
+
+if TYPE_CHECKING:
+    from finesteer.models.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class HSISettings(MethodSettings):
+    """The fields of `finesteer.fit.hsi.HSIConfig` (same defaults; `system` / `prefill` for its prompt),
+    plus `fit_hsi`'s completions and progress."""
+
+    method = "hsi"
+    k: int = 4
+    alphas: Sequence[float] = DEFAULT_HSI_ALPHAS
+    heads_subset: Sequence[Sequence[int]] | None = None
+    progress: bool = True
+    n_sweep: int = 24
+    rank_by: RankBy = "balanced"
+    search_k: bool = True
+    system: str | None = None
+    prefill: str = "("
+    batch_size: int = 8
+    max_rows: int = 128
+    seed: int = 0
+    balance_letters: bool = True
+    directions_from: DirectionsFrom = "ab"
+    completions: Sequence[LabelledCompletion] = ()
+    n_samples: int = 2
+    sample_temperature: float = 0.8
+    final_check_tokens: int = 0
+
+    def config_fields(self) -> dict[str, object]:
+        """The fields `HSIConfig.from_settings` takes (everything but progress and completions)."""
+        skip = ("progress", "completions")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+class HSI:
+    """HSI: sweep-selected heads, shared α (fits on train, selects on val)."""
+
+    name: ClassVar[str] = "hsi"
+    description: ClassVar[str] = "HSI: sweep-selected heads, shared α"
+    Settings: ClassVar[type[MethodSettings]] = HSISettings
+
+    def fit(
+        self,
+        lm: LoadedModel,
+        data: BehaviourData | ContrastData,
+        settings: HSISettings | None = None,
+        run_dir: Path | None = None,
+    ) -> Steering:
+        s = HSISettings.parse(settings)
+        behaviour = require_behaviour(self.name, data)
+        config = HSIConfig.from_settings(s.config_fields())
+        fitted = fit_hsi(
+            lm,
+            list(behaviour.train),
+            list(behaviour.val),
+            config,
+            completions=s.completions,
+            run_dir=run_dir,
+            progress=s.progress,
+        )
+        if run_dir is not None:
+            plot_sweep_folder(run_dir, rank_by=config.rank_by, top=config.k)
+        return save_fitted(fitted.bound(lm), run_dir)
+
+
+__all__ = ["HSI", "HSISettings"]

@@ -1,0 +1,73 @@
+"""ITI (Li et al. 2023): probe-ranked heads, mass-mean direction, head count and α chosen on val."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from finesteer.fit.iti import DEFAULT_ITI_ALPHAS, fit_iti
+from finesteer.fit.steering import Steering
+from finesteer.methods.base import MethodSettings
+from finesteer.methods.caa import save_fitted
+from finesteer.methods.data import BehaviourData, ContrastData, require_behaviour
+from finesteer.report.probes import plot_probe_accuracy_folder
+
+if TYPE_CHECKING:
+    from finesteer.models.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class ITISettings(MethodSettings):
+    """Keywords of `finesteer.fit.iti.fit_iti` (same defaults)."""
+
+    method = "iti"
+    k: int = 4
+    alphas: Sequence[float] = DEFAULT_ITI_ALPHAS
+    progress: bool = True
+    system: str | None = None
+    prefill: str = "("
+    batch_size: int = 8
+    max_rows: int = 128
+    seed: int = 0
+    search_k: bool = True
+
+
+class ITI:
+    """ITI: probe-ranked heads, mass-mean direction (fits on train, selects on val)."""
+
+    name: ClassVar[str] = "iti"
+    description: ClassVar[str] = "ITI: probe-ranked heads, mass-mean direction"
+    Settings: ClassVar[type[MethodSettings]] = ITISettings
+
+    def fit(
+        self,
+        lm: LoadedModel,
+        data: BehaviourData | ContrastData,
+        settings: ITISettings | None = None,
+        run_dir: Path | None = None,
+    ) -> Steering:
+        s = ITISettings.parse(settings)
+        behaviour = require_behaviour(self.name, data)
+        fitted = fit_iti(
+            lm,
+            list(behaviour.train),
+            list(behaviour.val),
+            k=s.k,
+            alphas=s.alphas,
+            run_dir=run_dir,
+            progress=s.progress,
+            system=s.system,
+            prefill=s.prefill,
+            batch_size=s.batch_size,
+            max_rows=s.max_rows,
+            seed=s.seed,
+            search_k=s.search_k,
+        )
+        if run_dir is not None:
+            plot_probe_accuracy_folder(run_dir)
+        return save_fitted(fitted.bound(lm), run_dir)
+
+
+__all__ = ["ITI", "ITISettings"]
