@@ -209,9 +209,10 @@ def test_settings_defaults_match_the_fit_functions() -> None:
     import inspect
 
     from finesteer.fit.caa import fit_caa
-    from finesteer.fit.hsi import HSIConfig, fit_hsi
+    from finesteer.fit.hsi import HSIConfig
     from finesteer.fit.iti import fit_iti
     from finesteer.fit.lora import LoRASettings
+    from finesteer.methods.hsi import fit_hsi_checked
     from finesteer.methods.lora import LoRAMethodSettings
     from finesteer.scoring.ab import DEFAULT_PROMPT
 
@@ -220,7 +221,7 @@ def test_settings_defaults_match_the_fit_functions() -> None:
         found.update(system=DEFAULT_PROMPT.system, prefill=DEFAULT_PROMPT.prefill)
         return found
 
-    hsi = {**defaults(fit_hsi), **{f.name: f.default for f in dataclasses.fields(HSIConfig)}}
+    hsi = {**defaults(fit_hsi_checked), **{f.name: f.default for f in dataclasses.fields(HSIConfig)}}
     for name, expected in (("caa", defaults(fit_caa)), ("hsi", hsi), ("iti", defaults(fit_iti))):
         for f in dataclasses.fields(METHODS[name].Settings):  # type: ignore[arg-type]
             assert expected[f.name] == f.default, (name, f.name)

@@ -184,7 +184,7 @@ def test_cli_fit_hsi_reads_directions_from_a_completions_file(tmp_path: Path) ->
 
 
 def test_final_check_of_a_zero_edit_equals_the_unmodified_model(llama: LoadedModel) -> None:
-    from finesteer.fit.hsi import generation_check
+    from finesteer.evaluate.ab import generation_check
 
     zero = fit_head_directions(llama, ITEMS).intervention([(0, 1), (1, 2)], 0.0)
     check = generation_check(llama, ITEMS, zero, max_new_tokens=8, batch_size=2)

@@ -31,6 +31,7 @@ from finesteer.locate.hsi import select_heads, sweep_heads
 from finesteer.locate.hsi_table import HsiSweep, SweepError, check_alphas
 from finesteer.locate.iti import ProbeError, train_probes
 from finesteer.locate.selection import Candidate, balanced_mean, best_candidate, worst_letter_gain
+from finesteer.methods.hsi import fit_hsi_checked
 from finesteer.models import LoadedModel
 from finesteer.scoring.ab import ABScorer
 from finesteer.sites import Site
@@ -256,7 +257,6 @@ def test_hsi_config_validates_and_reads_settings() -> None:
         ({"rank_by": "best"}, "rank_by"),
         ({"directions_from": "letters"}, "directions_from"),
         ({"heads_subset": []}, "empty head subset"),
-        ({"final_check_tokens": -1}, "final_check_tokens"),
         ({"prompt": "("}, "ABPrompt"),
     ):
         with pytest.raises(HSIConfigError, match=message):
@@ -266,6 +266,8 @@ def test_hsi_config_validates_and_reads_settings() -> None:
     assert (made.prompt.system, made.prompt.prefill) == ("Be brief.", "(")
     with pytest.raises(HSIConfigError, match=r"does not take setting\(s\) \['kk'\]"):
         HSIConfig.from_settings({"kk": 2})
+    with pytest.raises(HSIConfigError, match="final_check_tokens"):
+        fit_hsi_checked(None, ITEMS, ITEMS, HSIConfig(), final_check_tokens=-1)  # type: ignore[arg-type]
 
 
 def test_select_heads_searches_prefixes_and_alphas_on_val(llama: LoadedModel) -> None:

@@ -289,8 +289,9 @@ def fit_hsi_command(
 ) -> None:
     """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact."""
     from finesteer.fit.completions import load_labelled_completions
-    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig, fit_hsi
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig
     from finesteer.fit.hsi_directions import check_directions_from
+    from finesteer.methods.hsi import fit_hsi_checked
     from finesteer.report.sweep import plot_sweep_folder
     from finesteer.scoring.ab import ABPrompt
     from finesteer.sites import parse_heads
@@ -313,9 +314,11 @@ def fit_hsi_command(
                 seed=seed,
                 directions_from=directions_from,  # type: ignore[arg-type]
                 n_samples=n_samples,
-                final_check_tokens=final_check_tokens,
             )
-            fitted = fit_hsi(lm, train, val, config, completions=given, run_dir=run_dir)
+            fitted = fit_hsi_checked(
+                lm, train, val, config, final_check_tokens=final_check_tokens, completions=given,
+                run_dir=run_dir,
+            )
             if run_dir is not None:
                 plot_sweep_folder(run_dir, rank_by=config.rank_by, top=config.k)
             return fitted

@@ -14,6 +14,7 @@ listed in the question (`ABItem.options`), never a fixed ("A", "B").
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +39,8 @@ from finesteer.scoring.ab import (
     parse_ab_answer,
 )
 from finesteer.scoring.forward import check_rows, rows_for_batch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -212,3 +215,33 @@ def ab_matching_rate_generated(
         n_undefined=rate.n_missing,
         method=f"generate:{prompt_style}",
     )
+
+
+def generation_check(
+    lm: LoadedModel,
+    items: Sequence[ABItem],
+    intervention: Intervention,
+    max_new_tokens: int,
+    prompt: ABPrompt = DEFAULT_PROMPT,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Generated-answer matching rate and undefined count on `items`, unmodified vs steered."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rows: dict[str, Any] = {"n": len(items), "max_new_tokens": max_new_tokens}
+    for name, edit in (("unmodified", None), ("steered", intervention)):
+        result = ab_matching_rate_generated(
+            lm, items, system=prompt.system, intervention=edit, config=config, progress=progress
+        )
+        rows[name] = {"matching_rate": result.matching_rate, "n_undefined": result.n_undefined}
+    lost = rows["steered"]["n_undefined"] - rows["unmodified"]["n_undefined"]
+    if lost > 0.25 * len(items):
+        log.warning(
+            "HSI final check: with the chosen edit %d more of %d validation replies name no option "
+            "(%d vs %d); the edit breaks the answer format, consider a smaller α",
+            lost,
+            len(items),
+            rows["steered"]["n_undefined"],
+            rows["unmodified"]["n_undefined"],
+        )
+    return rows

@@ -32,7 +32,6 @@ from finesteer.data.items import ABItem
 from finesteer.errors import FinesteerError
 from finesteer.fit.hsi_directions import DIRECTIONS_FROM, DirectionsFrom, hsi_directions, items_hash
 from finesteer.fit.steering import Steering
-from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi import select_heads, sweep_heads
 from finesteer.locate.hsi_table import RANK_BY, RankBy, check_alphas
 from finesteer.models.loading import LoadedModel
@@ -59,8 +58,7 @@ class HSIConfig:
     heads on. rank_by: "balanced" (the worst letter group's gain), "max" or "mean". prompt: the A/B
     prompt format. batch_size / max_rows: prompts per prefix batch / rows per cached forward. seed:
     the held-out split. balance_letters: score every item in both option orders. directions_from,
-    n_samples, sample_temperature: where directions come from (see `fit_hsi`). final_check_tokens:
-    > 0 runs the generated-answer check with that many new tokens.
+    n_samples, sample_temperature: where directions come from (see `fit_hsi`).
     """
 
     k: int = 4
@@ -77,7 +75,6 @@ class HSIConfig:
     directions_from: DirectionsFrom = "ab"
     n_samples: int = 2
     sample_temperature: float = 0.8
-    final_check_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("k", "n_sweep", "batch_size", "max_rows", "n_samples"):
@@ -103,8 +100,6 @@ class HSIConfig:
             raise HSIConfigError(f"prompt must be an ABPrompt, got {type(self.prompt).__name__}")
         if not (math.isfinite(self.sample_temperature) and self.sample_temperature >= 0):
             raise HSIConfigError(f"sample_temperature must be a number ≥ 0, got {self.sample_temperature}")
-        if isinstance(self.final_check_tokens, bool) or self.final_check_tokens < 0:
-            raise HSIConfigError(f"final_check_tokens must be ≥ 0, got {self.final_check_tokens!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise HSIConfigError(f"seed must be an integer, got {self.seed!r}")
 
@@ -163,39 +158,6 @@ def validate_heads(lm: LoadedModel, heads: Iterable[Head]) -> list[Head]:
     return checked
 
 
-def generation_check(
-    lm: LoadedModel,
-    items: Sequence[ABItem],
-    intervention: Intervention,
-    max_new_tokens: int,
-    prompt: ABPrompt = DEFAULT_PROMPT,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Generated-answer matching rate and undefined count on `items`, unmodified vs steered."""
-    from finesteer.evaluate.ab import ab_matching_rate_generated
-    from finesteer.generation import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    rows: dict[str, Any] = {"n": len(items), "max_new_tokens": max_new_tokens}
-    for name, edit in (("unmodified", None), ("steered", intervention)):
-        result = ab_matching_rate_generated(
-            lm, items, system=prompt.system, intervention=edit, config=config, progress=progress
-        )
-        rows[name] = {"matching_rate": result.matching_rate, "n_undefined": result.n_undefined}
-    lost = rows["steered"]["n_undefined"] - rows["unmodified"]["n_undefined"]
-    if lost > 0.25 * len(items):
-        log.warning(
-            "HSI final check: with the chosen edit %d more of %d validation replies name no option "
-            "(%d vs %d); the edit breaks the answer format, consider a smaller α",
-            lost,
-            len(items),
-            rows["steered"]["n_undefined"],
-            rows["unmodified"]["n_undefined"],
-        )
-    return rows
-
-
 def fit_hsi(
     lm: LoadedModel,
     train_items: Sequence[ABItem],
@@ -223,10 +185,7 @@ def fit_hsi(
     token: the paper's recipe), "both", or "given" (only `completions`). `completions` (formatted
     prompt, reply, label) are added in every case.
 
-    `final_check_tokens` > 0 runs the issue's "generation-and-parse as the final check": the
-    validation items are answered (HSI prompt, greedy, that many tokens) with and without the
-    chosen edit, and the matching rate and count of replies naming no option go into the metadata;
-    an edit that costs the answer format is logged as a warning.
+    Fitting does not generate: the generated-answer final check is `finesteer.methods.hsi.fit_hsi_checked`.
     """
     if not isinstance(config, HSIConfig):
         raise HSIConfigError(f"config must be an HSIConfig, got {type(config).__name__}")
@@ -283,11 +242,6 @@ def fit_hsi(
         max_rows=c.max_rows,
     )
     intervention = directions.intervention(selection.heads, selection.alpha, scope="last")
-    final_check = (
-        generation_check(lm, val_items, intervention, c.final_check_tokens, c.prompt, c.batch_size, progress)
-        if c.final_check_tokens > 0
-        else None
-    )
     metadata: dict[str, Any] = {
         "heads": [[layer, h] for layer, h in selection.heads],
         "alpha": selection.alpha,
@@ -307,7 +261,7 @@ def fit_hsi(
         "prefill": c.prompt.prefill,
         "position": "last token of prompt + answer",
         **source,
-        "final_check": final_check,
+        "final_check": None,  # filled by `finesteer.methods.hsi.fit_hsi_checked` (it generates)
         "seconds": {
             "directions": round(t_directions, 1),
             "sweep": round(t_sweep, 1),
@@ -326,7 +280,6 @@ __all__ = [
     "HSIConfig",
     "HSIConfigError",
     "fit_hsi",
-    "generation_check",
     "split_items",
     "validate_heads",
 ]

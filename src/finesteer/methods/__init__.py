@@ -6,8 +6,9 @@ frozen `Settings` per method: unknown keys are rejected when constructed) and re
 
 from __future__ import annotations
 
-from finesteer.methods.base import Method, MethodError, MethodSettings
+from finesteer.methods.base import Method, MethodSettings
 from finesteer.methods.data import BehaviourData, ContrastData, ab_triples, load_behaviour_data
+from finesteer.methods.errors import MethodError
 from finesteer.methods.registry import (
     ALIASES,
     METHODS,

@@ -13,16 +13,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
-from finesteer.errors import FinesteerError
+from finesteer.methods.errors import MethodError
 
 if TYPE_CHECKING:
     from finesteer.fit.steering import Steering
     from finesteer.methods.data import BehaviourData, ContrastData
     from finesteer.models.loading import LoadedModel
-
-
-class MethodError(FinesteerError, ValueError):
-    """An unknown method, a setting it does not take, or data it cannot fit on."""
 
 
 S = TypeVar("S", bound="MethodSettings")
@@ -82,4 +78,4 @@ class Method(Protocol):
     ) -> Steering: ...
 
 
-__all__ = ["Method", "MethodError", "MethodSettings"]
+__all__ = ["Method", "MethodSettings"]

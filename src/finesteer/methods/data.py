@@ -21,7 +21,7 @@ from finesteer.data.ab import load_ab_items
 from finesteer.data.catalog import dataset_info, list_datasets, load_dataset
 from finesteer.data.items import ABItem, OpenEndedItem, ab_triples
 from finesteer.fit.refusal_pairs import refusal_triples
-from finesteer.methods.base import MethodError
+from finesteer.methods.errors import MethodError
 
 if TYPE_CHECKING:
     from finesteer.sae.model import SparseAutoencoder

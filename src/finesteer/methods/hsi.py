@@ -7,8 +7,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from finesteer.data.balance import letter_balanced
+from finesteer.data.items import ABItem
+from finesteer.evaluate.ab import generation_check
 from finesteer.fit.completions import LabelledCompletion
-from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig, fit_hsi
+from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig, HSIConfigError, fit_hsi
 from finesteer.fit.hsi_directions import DirectionsFrom
 from finesteer.fit.steering import Steering
 from finesteer.locate.hsi_table import RankBy
@@ -16,6 +19,7 @@ from finesteer.methods.base import MethodSettings
 from finesteer.methods.caa import save_fitted
 from finesteer.methods.data import BehaviourData, ContrastData, require_behaviour
 from finesteer.report.sweep import plot_sweep_folder
+from finesteer.runs import write_json_atomic
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
@@ -48,8 +52,38 @@ class HSISettings(MethodSettings):
 
     def config_fields(self) -> dict[str, object]:
         """The fields `HSIConfig.from_settings` takes (everything but progress and completions)."""
-        skip = ("progress", "completions")
+        skip = ("progress", "completions", "final_check_tokens")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+def fit_hsi_checked(
+    lm: LoadedModel,
+    train_items: Sequence[ABItem],
+    val_items: Sequence[ABItem],
+    config: HSIConfig,
+    *,
+    final_check_tokens: int = 0,
+    completions: Sequence[LabelledCompletion] = (),
+    run_dir: Path | None = None,
+    progress: bool = True,
+) -> Steering:
+    """`fit_hsi`, then (`final_check_tokens` > 0) the generated-answer final check on the validation
+    items, unmodified vs steered (`finesteer.evaluate.ab.generation_check`), stored as the metadata's
+    `final_check` and in `selection.json`. Fitting itself never generates."""
+    if isinstance(final_check_tokens, bool) or final_check_tokens < 0:
+        raise HSIConfigError(f"final_check_tokens must be ≥ 0, got {final_check_tokens!r}")
+    fitted = fit_hsi(
+        lm, train_items, val_items, config, completions=completions, run_dir=run_dir, progress=progress
+    )
+    if final_check_tokens == 0 or fitted.intervention is None:
+        return fitted
+    items = letter_balanced(val_items, strict=False) if config.balance_letters else list(val_items)
+    fitted.metadata["final_check"] = generation_check(
+        lm, items, fitted.intervention, final_check_tokens, config.prompt, config.batch_size, progress
+    )
+    if run_dir is not None:
+        write_json_atomic(Path(run_dir) / "selection.json", fitted.metadata, indent=1)
+    return fitted
 
 
 class HSI:
@@ -69,11 +103,12 @@ class HSI:
         s = HSISettings.parse(settings)
         behaviour = require_behaviour(self.name, data)
         config = HSIConfig.from_settings(s.config_fields())
-        fitted = fit_hsi(
+        fitted = fit_hsi_checked(
             lm,
             list(behaviour.train),
             list(behaviour.val),
             config,
+            final_check_tokens=s.final_check_tokens,
             completions=s.completions,
             run_dir=run_dir,
             progress=s.progress,
@@ -83,4 +118,4 @@ class HSI:
         return save_fitted(fitted.bound(lm), run_dir)
 
 
-__all__ = ["HSI", "HSISettings"]
+__all__ = ["HSI", "HSISettings", "fit_hsi_checked"]

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from finesteer.fit.prompting import Direction, fit_prompting
 from finesteer.fit.steering import Steering
-from finesteer.methods.base import MethodError, MethodSettings
+from finesteer.methods.base import MethodSettings
 from finesteer.methods.data import BehaviourData, ContrastData
+from finesteer.methods.errors import MethodError
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel

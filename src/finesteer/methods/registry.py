@@ -19,9 +19,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from finesteer.fit.steering import Steering
-from finesteer.methods.base import Method, MethodError, MethodSettings
+from finesteer.methods.base import Method, MethodSettings
 from finesteer.methods.caa import CAA
 from finesteer.methods.data import BehaviourData, ContrastData
+from finesteer.methods.errors import MethodError
 from finesteer.methods.hsi import HSI
 from finesteer.methods.iti import ITI
 from finesteer.methods.lora import LoRA

@@ -31,9 +31,10 @@ from finesteer.fit.sta import (
     fit_sta,
 )
 from finesteer.fit.steering import Steering
-from finesteer.methods.base import MethodError, MethodSettings
+from finesteer.methods.base import MethodSettings
 from finesteer.methods.caa import save_fitted
 from finesteer.methods.data import BehaviourData, ContrastData, contrast_triples
+from finesteer.methods.errors import MethodError
 from finesteer.runs import cache_root
 from finesteer.sae.io import load_sae
 
