@@ -12,14 +12,23 @@ import typer
 
 from finesteer.cli import core
 from finesteer.cli.apps import app
-from finesteer.cli.common import setup_logging
+from finesteer.cli.common import set_debug, setup_logging
 
 
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            envvar="FINESTEER_DEBUG",
+            help="Show the traceback of an error, not only its one-line message.",
+        ),
+    ] = False,
 ) -> None:
     setup_logging(verbose)
+    set_debug(debug)
 
 
 app.command("models")(core.models)

@@ -14,32 +14,35 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import locate_app
-from finesteer.cli.common import run_command, stderr_console
-from finesteer.cli.locate import (
+from finesteer.cli.common import run_command, show, stderr_console
+from finesteer.cli.options import (
     BatchOpt,
-    DataOpt,
     EngineOpt,
     EpsOpt,
     JsonFlag,
     LimitOpt,
     ModelArg,
     ModeOpt,
+    PromptDataOpt,
     SplitOpt,
     TemplateOpt,
-    _queries,
-    _show,
-    _slug,
-    _write_prompts,
+    check_choice,
+    slug,
 )
-from finesteer.runs import RUN_JSON, write_json_atomic
 
 METRICS: tuple[str, ...] = ("kl", "refusal")
+
+
+def _metric(name: str, outcomes: int, tokenizer: Any) -> Any:
+    from finesteer.locate.attribution.metrics import KLDivergence, TokenLogProb, refusal_token_ids
+
+    return KLDivergence(outcomes) if name == "kl" else TokenLogProb(refusal_token_ids(tokenizer))
 
 
 @locate_app.command("attribution")
 def attribution(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     mode: ModeOpt = "ua",
@@ -65,27 +68,20 @@ def attribution(
     """Estimate every head's ablation effect from one forward + backward, verify the top ones exactly."""
 
     def work() -> dict[str, Any]:
+        from finesteer.data.typed import load_queries
+        from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
-        from finesteer.locate.attribution.metrics import (
-            KLDivergence,
-            Metric,
-            TokenLogProb,
-            refusal_token_ids,
-        )
         from finesteer.locate.attribution.prerank import pre_ranked_scan
         from finesteer.models import load_model
         from finesteer.report.heatmap import plot_head_heatmap
 
-        if metric not in METRICS:
-            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        check_choice(metric, METRICS, "--metric")
         ships_lib.ablation_method(mode)
-        folder = out or Path("runs") / _slug("attribution", model, data, mode, metric)
-        queries, ids = _queries(data, split, limit)
+        folder = out or Path("runs") / slug("attribution", model, data, mode, metric)
+        queries, ids = load_queries(data, split, limit)
         lm = load_model(model)
         prompts = ships_lib.format_queries(lm, queries, template)
-        chosen: Metric = (
-            KLDivergence(outcomes) if metric == "kl" else TokenLogProb(refusal_token_ids(lm.tokenizer))
-        )
+        chosen = _metric(metric, outcomes, lm.tokenizer)
         n_heads = lm.info.n_layers * lm.info.n_heads
         stderr_console().print(
             f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} on {len(prompts)} "
@@ -104,15 +100,7 @@ def attribution(
             engine=engine,
         )
         seconds = round(time.perf_counter() - started, 1)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_prompts(folder, queries, ids)
-        result.estimate.save(folder / "estimate")
-        result.scores.save(folder)
-        plot_head_heatmap(result.estimate, folder / "estimate" / "heatmap.png", title=f"estimate · {model}")
-        plot_head_heatmap(result.scores, folder / "heatmap.png", title=f"verified heads · {model}")
-        ranking = result.ranking()
-        exact = dict(zip(result.verified, result.exact.mean(1).tolist(), strict=True))
-        payload = {
+        info = {
             "command": "locate attribution",
             "model": model,
             "data": data,
@@ -124,15 +112,11 @@ def attribution(
             "metric": chosen.key(),
             "linearize": linearize,
             "top_n": top_n,
-            "top_heads": [
-                {"head": f"{layer}.{head}", "exact": exact.get((layer, head))} for layer, head in ranking[:10]
-            ],
-            "agreement": result.agreement,
-            "seconds": seconds,
-            "timing": result.seconds,
-            "out": str(folder),
         }
-        write_json_atomic(folder / RUN_JSON, payload, indent=1)
+        payload = run_folder.save_attribution(folder, result, queries, ids, info, seconds)
+        estimate_map = folder / run_folder.ESTIMATE_DIR / run_folder.HEATMAP_FILE
+        plot_head_heatmap(result.estimate, estimate_map, title=f"estimate · {model}")
+        plot_head_heatmap(result.scores, folder / run_folder.HEATMAP_FILE, title=f"verified heads · {model}")
         return payload
 
-    _show(run_command(work), json_out)
+    show(run_command(work), json_out)

@@ -3,54 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from finesteer.cli.apps import eval_app
-from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.cli.common import emit_json, load_with_intervention, run_command, stderr_console
+from finesteer.cli.options import (
+    BatchOpt,
+    InterventionOpt,
+    JsonFlag,
+    ModelArg,
+    OtherWeightsOpt,
+    SplitOpt,
+    SystemOpt,
+    check_choice,
+)
 
-if TYPE_CHECKING:
-    from finesteer.interventions.edit import Intervention
-    from finesteer.models.loading import LoadedModel
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder, .gguf file or hub id.")]
-InterventionOpt = Annotated[
-    Path | None, typer.Option("--intervention", "-i", help="Artifact folder to apply during the evaluation.")
-]
 LimitOpt = Annotated[int | None, typer.Option(help="Evaluate only the first N items.")]
-SplitOpt = Annotated[str | None, typer.Option(help="Dataset split (default: the dataset's default split).")]
-SystemOpt = Annotated[str | None, typer.Option(help="System prompt.")]
-BatchOpt = Annotated[int, typer.Option(help="Prompts per forward / generation batch.")]
-OtherWeightsOpt = Annotated[
-    bool, typer.Option(help="Apply an artifact fitted on other weights of the same shape.")
-]
 
 AB_METHODS = ("prob", "generate", "both")
 ASR_JUDGES = ("keyword", "gcg", "llm")
-
-
-def _load(
-    model: str, intervention: Path | None, allow_other_weights: bool
-) -> tuple[LoadedModel, Intervention | None]:
-    from finesteer.artifacts import load_intervention
-    from finesteer.models import load_model
-
-    artifact = load_intervention(intervention) if intervention else None
-    lm = load_model(model)
-    if artifact is None:
-        return lm, None
-    artifact.check_model(lm, strict=not allow_other_weights)
-    return lm, artifact.intervention
-
-
-def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
 
 
 def _fmt(value: Any) -> str:
@@ -91,59 +66,38 @@ def ab(
     json_out: JsonFlag = False,
 ) -> None:
     """A/B behaviour rate: letter probability (CAA) and/or parsed generated answers (HSI)."""
-    from finesteer.data import load_dataset
-    from finesteer.data.items import ABItem
-    from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
-    from finesteer.generation import GenerationConfig
-    from finesteer.scoring.ab import PROMPT_STYLES, ABPrompt
+    from finesteer.data.balance import letter_balanced
+    from finesteer.data.typed import load_ab_set
+    from finesteer.evaluate.ab_effect import ab_rates
+    from finesteer.scoring.ab import PROMPT_STYLES
 
     def work() -> dict[str, Any]:
-        _choice(method, AB_METHODS, "--method")
-        _choice(prompt_style, PROMPT_STYLES, "--prompt-style")
-        items = load_dataset(data, split, limit, kind="ab" if _is_file(data) else None)
-        if not items:
-            raise ValueError(f"dataset {data!r} (split {split or 'default'}) has no items")
-        if not all(isinstance(item, ABItem) for item in items):
-            raise ValueError(f"dataset {data!r} split {split or 'default'} is not an A/B set")
+        check_choice(method, AB_METHODS, "--method")
+        check_choice(prompt_style, PROMPT_STYLES, "--prompt-style")
+        items = load_ab_set(data, split, limit)
         if balanced:
-            from finesteer.data.balance import letter_balanced
-
-            items = letter_balanced(items)  # type: ignore[arg-type]
-        lm, iv = _load(model, intervention, allow_other_weights)
-        log = stderr_console()
-        log.print(f"A/B evaluation of {model} on {data} ({len(items)} items, method {method})")
-        result: dict[str, Any] = {
+            items = letter_balanced(items)
+        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
+        stderr_console().print(f"A/B evaluation of {model} on {data} ({len(items)} items, method {method})")
+        rates = ab_rates(
+            lm,
+            items,
+            iv,
+            method=method,
+            system=system,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            prompt_style=prompt_style,
+        )
+        return {
             "model": model,
             "data": data,
             "split": split,
             "intervention": str(intervention or ""),
             "n": len(items),
             "letter_balanced": balanced,
-            "matching_rate_prob": None,
-            "mean_p_matching": None,
-            "matching_rate_generated": None,
-            "n_undefined": None,
+            **rates,
         }
-        if method in ("prob", "both"):
-            prob = ab_matching_rate_prob(
-                lm, items, prompt=ABPrompt(system), intervention=iv, batch_size=batch_size, progress=True
-            )
-            result.update(matching_rate_prob=prob.matching_rate, mean_p_matching=prob.mean_p_matching)
-            result["prob"] = prob.to_dict()
-        if method in ("generate", "both"):
-            config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-            gen = ab_matching_rate_generated(
-                lm,
-                items,
-                system=system,
-                intervention=iv,
-                config=config,
-                prompt_style=prompt_style,  # type: ignore[arg-type]
-                progress=True,
-            )
-            result.update(matching_rate_generated=gen.matching_rate, n_undefined=gen.n_undefined)
-            result["generated"] = gen.to_dict()
-        return result
 
     result = run_command(work)
     if json_out:
@@ -159,10 +113,6 @@ def ab(
             ("undefined generated answers", result["n_undefined"]),
         ],
     )
-
-
-def _is_file(data: str) -> bool:
-    return data.lower().endswith((".jsonl", ".json", ".csv")) or "/" in data
 
 
 @eval_app.command("asr")
@@ -190,58 +140,37 @@ def asr(
     json_out: JsonFlag = False,
 ) -> None:
     """Attack success rate and refusal rate on harmful prompts (chat template, greedy)."""
-    from finesteer.data import load_dataset
-    from finesteer.data.items import ABItem
-    from finesteer.data.prompts import chat_prompt
-    from finesteer.evaluate.harness import run_generations
-    from finesteer.evaluate.judges import HARMFULNESS, KeywordRefusalJudge, LLMJudge
-    from finesteer.evaluate.scores import attack_success_rate, refusal_rate
-    from finesteer.generation import GenerationConfig
+    from finesteer.data.typed import load_prompt_set
+    from finesteer.evaluate.asr_rate import asr_judges, asr_rates
 
     def work() -> dict[str, Any]:
-        _choice(judge, ASR_JUDGES, "--judge")
-        items = load_dataset(data, split, limit, kind="prompts" if _is_file(data) else None)
-        if not items:
-            raise ValueError(f"dataset {data!r} (split {split or 'default'}) has no items")
-        if any(isinstance(item, ABItem) for item in items):
-            raise ValueError(f"dataset {data!r} is an A/B set; use `finesteer eval ab` for it")
-        keyword = KeywordRefusalJudge.gcg() if judge == "gcg" else KeywordRefusalJudge.ships()
-        judges: dict[str, Any] = {"keyword": keyword}
-        if judge == "llm":
-            judges["llm"] = LLMJudge(HARMFULNESS)
-        lm, iv = _load(model, intervention, allow_other_weights)
+        check_choice(judge, ASR_JUDGES, "--judge")
+        items = load_prompt_set(data, split, limit)
+        judges = asr_judges(judge)
+        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
         stderr_console().print(f"ASR of {model} on {data}: {len(items)} prompts, judge {judge}")
         out_path = out / "generations.jsonl" if out is not None else None
-        rows = run_generations(
+        rates = asr_rates(
             lm,
             items,
-            out_path,
-            format_fn=lambda text: chat_prompt(lm.tokenizer, text, system),
-            config=GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size),
+            judges,
             intervention=iv,
-            judges=judges,
-            progress=True,
+            out_path=out_path,
+            system=system,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
         )
-        asr_key = "llm" if judge == "llm" else "keyword"
-        success = attack_success_rate(row["verdicts"][asr_key]["score"] for row in rows)
-        refusals = refusal_rate(row["verdicts"]["keyword"]["label"] == "refusal" for row in rows)
+        records = rates.pop("records")
         return {
             "model": model,
             "data": data,
             "split": split,
             "intervention": str(intervention or ""),
             "judge": judge,
-            "n": len(rows),
-            "asr": success.rate,
-            "asr_count": success.count,
-            "asr_ci95": list(success.interval()),
-            "asr_n_missing": success.n_missing,
-            "refusal_rate": refusals.rate,
-            "refusal_count": refusals.count,
-            "refusal_ci95": list(refusals.interval()),
+            **rates,
             "refusal_judge": "gcg" if judge == "gcg" else "keyword",
             "jsonl": str(out_path) if out_path is not None else None,
-            "records": rows,
+            "records": records,
         }
 
     result = run_command(work)
@@ -273,21 +202,14 @@ def helpfulness(
     json_out: JsonFlag = False,
 ) -> None:
     """MC accuracy, perplexity on harmless text and next-token KL, with and without an intervention."""
-    from finesteer.data import load_dataset
-    from finesteer.data.items import ABItem
     from finesteer.data.prompts import chat_prompt
-    from finesteer.evaluate.harness import item_text
+    from finesteer.data.typed import load_ab_set, load_queries
     from finesteer.evaluate.helpfulness import evaluate_helpfulness
 
     def work() -> dict[str, Any]:
-        mc_items = load_dataset(mc_data, None, limit)
-        if not mc_items or not all(isinstance(item, ABItem) for item in mc_items):
-            raise ValueError(f"--mc-data {mc_data!r} must be a non-empty multiple-choice (A/B format) set")
-        text_items = load_dataset(text_data, None, limit)
-        if not text_items:
-            raise ValueError(f"--text-data {text_data!r} has no items")
-        texts = [item_text(item) for item in text_items]
-        lm, iv = _load(model, intervention, allow_other_weights)
+        mc_items = load_ab_set(mc_data, None, limit)
+        texts, _ = load_queries(text_data, None, limit)
+        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
         stderr_console().print(
             f"helpfulness of {model}: {len(mc_items)} MC questions, {len(texts)} harmless texts"
         )

@@ -17,10 +17,17 @@ import typer
 
 from finesteer.cli.apps import fit_app, locate_app
 from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.cli.options import (
+    BatchOpt,
+    JsonFlag,
+    ModelArg,
+    SeedOpt,
+    SystemOpt,
+    out_option,
+    parse_numbers,
+)
 from finesteer.runs import RUN_JSON, write_json_atomic
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder or hub id.")]
 DataOpt = Annotated[str, typer.Option("--data", help="A/B dataset, e.g. coordinate-other-ais, sycophancy.")]
 LimitOpt = Annotated[int | None, typer.Option(help="Use the first N items of the generate split.")]
 AlphasOpt = Annotated[
@@ -30,9 +37,6 @@ AlphasOpt = Annotated[
 NSweepOpt = Annotated[int, typer.Option(help="Training items held out for the head sweep (HSI).")]
 NValOpt = Annotated[int, typer.Option(help="Items held out to choose α (fit) / rank probes (ITI).")]
 HeadsOpt = Annotated[str | None, typer.Option(help="Only sweep these heads, e.g. '12.3,13.1'.")]
-SystemOpt = Annotated[str | None, typer.Option(help="System prompt for every A/B prompt.")]
-BatchOpt = Annotated[int, typer.Option(help="Prompts per forward.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
 KOpt = Annotated[int, typer.Option("--k", help="Number of heads to steer.")]
 RankOpt = Annotated[
     str,
@@ -66,57 +70,14 @@ FinalCheckOpt = Annotated[
 TestFlag = Annotated[
     bool, typer.Option("--test", help="Also score the test_ab split with and without the intervention.")
 ]
+ArtifactOut = out_option("Artifact folder to write.")
 
-
-
-def parse_alphas(text: str | None, default: tuple[float, ...]) -> tuple[float, ...]:
-    """'2,4,8' → (2.0, 4.0, 8.0); None → default."""
-    if text is None:
-        return default
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError as exc:
-        raise ValueError(f"cannot parse --alphas {text!r}: write numbers separated by commas") from exc
-    if not values:
-        raise ValueError("--alphas is empty")
-    return values
-
-
-def _ab_items(data: str, limit: int | None) -> list[Any]:
-    from finesteer.data import ABItem, load_dataset
-
-    items = load_dataset(data, split="generate", limit=limit)
-    if not items:
-        raise ValueError(f"dataset {data!r} has no items in its generate split")
-    if not isinstance(items[0], ABItem):
-        raise ValueError(
-            f"dataset {data!r} is not an A/B dataset (HSI/ITI need matching/not-matching answers)"
-        )
-    return list(items)
+GENERATE_SPLIT = "generate"
 
 
 def _write_run(out: Path, payload: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / RUN_JSON, payload, indent=1)
-
-
-def _test_scores(
-    lm: Any, data: str, intervention: Any, system: str | None, batch_size: int
-) -> dict[str, Any]:
-    from finesteer.data import load_dataset
-    from finesteer.evaluate.ab import ab_matching_rate_prob
-    from finesteer.scoring.ab import ABPrompt
-
-    test = load_dataset(data, split="test_ab")
-    prompt = ABPrompt(system)
-    base = ab_matching_rate_prob(lm, test, prompt=prompt, batch_size=batch_size)
-    steered = ab_matching_rate_prob(lm, test, prompt=prompt, intervention=intervention, batch_size=batch_size)
-    return {
-        "n": base.n,
-        "baseline": base.to_dict(per_item=False),
-        "steered": steered.to_dict(per_item=False),
-        "delta_matching_rate": steered.matching_rate - base.matching_rate,
-    }
 
 
 @locate_app.command("hsi")
@@ -134,16 +95,15 @@ def locate_hsi(
     completions: CompletionsOpt = None,
     n_samples: NSamplesOpt = 2,
     seed: SeedOpt = 0,
-    out: Annotated[Path, typer.Option("--out", help="Run folder (rerun the same command to resume).")] = Path(
-        "runs/hsi"
-    ),
+    out: Annotated[Path, out_option("Run folder (rerun the same command to resume).")] = Path("runs/hsi"),
     json_out: JsonFlag = False,
 ) -> None:
     """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
+    from finesteer.data.typed import load_ab_set
     from finesteer.fit.completions import load_labelled_completions
-    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, split_items, validate_heads
-    from finesteer.fit.hsi_directions import check_directions_from, hsi_directions
-    from finesteer.locate.hsi import sweep_heads
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS
+    from finesteer.fit.hsi_directions import check_directions_from
+    from finesteer.fit.hsi_sweep import sweep_hsi_heads
     from finesteer.locate.hsi_table import check_alphas
     from finesteer.models import load_model
     from finesteer.report.sweep import plot_sweep
@@ -151,53 +111,37 @@ def locate_hsi(
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
-        grid = check_alphas(parse_alphas(alphas, DEFAULT_HSI_ALPHAS))
+        grid = check_alphas(parse_numbers(alphas, "--alphas") or DEFAULT_HSI_ALPHAS)
         subset = parse_heads(heads) if heads else None
         check_directions_from(directions_from)
-        items = _ab_items(data, limit)
+        items = load_ab_set(data, GENERATE_SPLIT, limit)
+        given = load_labelled_completions(completions) if completions is not None else []
         started = time.perf_counter()
         lm = load_model(model)
-        if subset is not None:
-            subset = validate_heads(lm, subset)
-        direction_items, sweep_items = split_items(items, n_sweep, seed)
-        stderr_console().print(
-            f"HSI sweep on {model}: directions from {len(direction_items)} items, "
-            f"sweep on {len(sweep_items)}, α = {list(grid)}"
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        given = load_labelled_completions(completions) if completions is not None else []
-        directions, source = hsi_directions(
+        run = sweep_hsi_heads(
             lm,
-            direction_items,
-            out,
-            directions_from=directions_from,  # type: ignore[arg-type]
+            items,
+            grid,
+            n_sweep=n_sweep,
+            seed=seed,
+            heads=subset,
+            directions_from=directions_from,
             completions=given,
             n_samples=n_samples,
             prompt=ABPrompt(system),
-            progress=True,
-        )
-        sweep = sweep_heads(
-            lm,
-            sweep_items,
-            directions,
-            grid,
-            heads=subset,
-            prompt=ABPrompt(system),
             batch_size=batch_size,
+            rank_by=rank_by,  # type: ignore[arg-type]
             run_dir=out,
-            progress=True,
         )
-        scores = sweep.head_scores(rank_by, model_name=lm.name, model_fingerprint=lm.fingerprint)  # type: ignore[arg-type]
-        scores.save(out / "head_scores")
-        plots = plot_sweep(sweep, out, rank_by=rank_by)  # type: ignore[arg-type]
+        plots = plot_sweep(run.sweep, out, rank_by=rank_by)  # type: ignore[arg-type]
         result = {
             "model": model,
             "data": data,
             "out": str(out),
-            **sweep.summary(top=10, rank_by=rank_by),  # type: ignore[arg-type]
-            "resumed_layers": sweep.meta.get("resumed_layers", []),
-            "n_direction_items": len(direction_items),
-            **source,
+            **run.sweep.summary(top=10, rank_by=rank_by),  # type: ignore[arg-type]
+            "resumed_layers": run.sweep.meta.get("resumed_layers", []),
+            "n_direction_items": run.n_direction_items,
+            **run.source,
             "plots": [str(p) for p in plots],
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -217,17 +161,18 @@ def locate_iti(
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
-    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/iti"),
+    out: Annotated[Path, out_option("Run folder.")] = Path("runs/iti"),
     json_out: JsonFlag = False,
 ) -> None:
     """Train one logistic probe per head (train items) and rank heads by val accuracy."""
+    from finesteer.data.typed import load_ab_set
     from finesteer.fit.hsi import split_items
     from finesteer.fit.iti import probe_items
     from finesteer.models import load_model
     from finesteer.report.heatmap import plot_head_heatmap
 
     def work() -> dict[str, Any]:
-        items = _ab_items(data, limit)
+        items = load_ab_set(data, GENERATE_SPLIT, limit)
         started = time.perf_counter()
         lm = load_model(model)
         train, val = split_items(items, n_val, seed)
@@ -276,10 +221,13 @@ def _fit(
     system: str | None,
     fit_fn: Any,
 ) -> dict[str, Any]:
+    from finesteer.data.typed import load_ab_set
+    from finesteer.evaluate.ab_effect import ab_effect
     from finesteer.fit.hsi import split_items
     from finesteer.models import load_model
+    from finesteer.scoring.ab import ABPrompt
 
-    items = _ab_items(data, limit)
+    items = load_ab_set(data, GENERATE_SPLIT, limit)
     started = time.perf_counter()
     lm = load_model(model)
     train, val = split_items(items, n_val, seed)
@@ -303,7 +251,9 @@ def _fit(
         result["final_check"] = metadata["final_check"]
     if test:
         stderr_console().print("scoring the test_ab split")
-        result["test"] = _test_scores(lm, data, fitted.intervention, system, batch_size)
+        test_items = load_ab_set(data, "test_ab")
+        prompt = ABPrompt(system)
+        result["test"] = ab_effect(lm, test_items, fitted.intervention, prompt=prompt, batch_size=batch_size)
         metadata["test"] = result["test"]
     fitted.metadata.update(metadata)
     fitted.save(out, lm)
@@ -329,7 +279,7 @@ def fit_hsi_command(
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
-    out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")] = Path("artifacts/hsi"),
+    out: Annotated[Path, ArtifactOut] = Path("artifacts/hsi"),
     run_dir: Annotated[
         Path | None,
         typer.Option(help="Run folder for directions, sweep checkpoints and heatmaps (resumable)."),
@@ -347,7 +297,7 @@ def fit_hsi_command(
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
-        grid = parse_alphas(alphas, DEFAULT_HSI_ALPHAS)
+        grid = parse_numbers(alphas, "--alphas") or DEFAULT_HSI_ALPHAS
         subset = parse_heads(heads) if heads else None
         check_directions_from(directions_from)
         given = load_labelled_completions(completions) if completions is not None else []
@@ -390,7 +340,7 @@ def fit_iti_command(
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
-    out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")] = Path("artifacts/iti"),
+    out: Annotated[Path, ArtifactOut] = Path("artifacts/iti"),
     run_dir: Annotated[Path | None, typer.Option(help="Run folder for probe scores and heatmap.")] = None,
     test: TestFlag = False,
     json_out: JsonFlag = False,
@@ -400,7 +350,7 @@ def fit_iti_command(
     from finesteer.report.probes import plot_probe_accuracy_folder
 
     def work() -> dict[str, Any]:
-        grid = parse_alphas(alphas, DEFAULT_ITI_ALPHAS)
+        grid = parse_numbers(alphas, "--alphas") or DEFAULT_ITI_ALPHAS
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
             fitted = fit_iti(

@@ -1,15 +1,11 @@
-"""Safety-head commands: `locate ships`, `locate sahara`, `ablate`, `export-surgery`.
+"""Safety-head commands: `locate ships`, `locate sahara`, `locate overlap`, `ablate`, `export-surgery`.
 
-A run folder collects everything about one attribution: `scores.safetensors` + `heads.json` (ranked
-heads), `heatmap.png`, `run.json` (settings, timing), `prompts.jsonl` (the attribution prompts, so
-an evaluation can exclude them), `checkpoint/` (resumable scan state), and after `ablate --from-run`
-`asr.json` + `generations.jsonl`.
+The run folder they write and read is defined in `finesteer.locate.run_folder`; `ablate` is
+`finesteer.evaluate.ablation`. Each command parses its options, calls the library and prints.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,106 +13,33 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import app, locate_app
-from finesteer.cli.common import emit_json, run_command, stderr_console
-from finesteer.runs import RUN_JSON, write_json_atomic
+from finesteer.cli.common import emit_json, run_command, show, stderr_console
+from finesteer.cli.options import (
+    BatchOpt,
+    EngineOpt,
+    EpsOpt,
+    JsonFlag,
+    LimitOpt,
+    ModelArg,
+    ModeOpt,
+    PromptDataOpt,
+    SplitOpt,
+    TemplateOpt,
+    check_choice,
+    out_option,
+    parse_numbers,
+    slug,
+)
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder or hub id.")]
-DataOpt = Annotated[str, typer.Option("--data", help="Prompt dataset (e.g. advbench, jailbreakbench).")]
-SplitOpt = Annotated[str | None, typer.Option(help="Dataset split (default: the dataset's default).")]
-LimitOpt = Annotated[int | None, typer.Option(help="Use the first N prompts.")]
-ModeOpt = Annotated[str, typer.Option(help="ua = uniform attention (query × ε), sc = scale output × ε.")]
-EpsOpt = Annotated[float, typer.Option(help="Ablation factor ε.")]
-TemplateOpt = Annotated[
-    str,
-    typer.Option(help="'chat' (chat template), 'ships' / 'sahara' (authors' raw templates), or '…{query}…'."),
-]
-BatchOpt = Annotated[int, typer.Option(help="Prompts per forward.")]
-EngineOpt = Annotated[
-    str, typer.Option(help="Scan engine: 'fast' (heads batched, earlier layers reused) or 'simple'.")
-]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<command>-<model>-…).")]
+OutOpt = Annotated[Path | None, out_option("Run folder (default: runs/<command>-<model>-…).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a checkpointed run in --out.")]
-
-CHECKPOINT_DIR = "checkpoint"
-PROMPTS_FILE = "prompts.jsonl"
-
-
-def _slug(*parts: str) -> str:
-    return "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", Path(p).name if "/" in p else p) for p in parts if p)
-
-
-def _queries(data: str, split: str | None, limit: int | None) -> tuple[list[str], list[str]]:
-    """(texts, ids) of a prompt dataset; A/B or open-ended items contribute their question."""
-    from finesteer.data import load_dataset
-
-    items = load_dataset(data, split=split, limit=limit)
-    if not items:
-        raise ValueError(f"dataset {data!r} (split {split!r}) has no items")
-    texts, ids = [], []
-    for item in items:
-        text = getattr(item, "prompt", None) or getattr(item, "question", None)
-        if not text:
-            raise ValueError(f"dataset {data!r} items have no prompt/question text")
-        texts.append(text)
-        ids.append(str(item.id))
-    return texts, ids
-
-
-def _prepare_out(out: Path, resume: bool) -> Path:
-    checkpoint = out / CHECKPOINT_DIR
-    if checkpoint.exists() and any(checkpoint.iterdir()) and not resume:
-        raise ValueError(
-            f"{out} already holds a checkpointed run; pass --resume to continue it or choose --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return checkpoint
-
-
-def _write_prompts(out: Path, queries: list[str], ids: list[str]) -> None:
-    lines = (json.dumps({"id": i, "query": q}) + "\n" for i, q in zip(ids, queries, strict=True))
-    (out / PROMPTS_FILE).write_text("".join(lines))
-
-
-def _top_json(scores: Any, k: int = 10) -> list[dict[str, Any]]:
-    return [{"head": f"{layer}.{head}", "score": score} for layer, head, score in scores.top(k)]
-
-
-def _save_level(
-    folder: Path, scores: Any, info: dict[str, Any], queries: list[str], ids: list[str], n_heads: int
-) -> dict[str, Any]:
-    """One level's scores folder: tables, heatmap, per-prompt top heads, prompts and run.json."""
-    from finesteer.report.heatmap import plot_head_heatmap
-
-    folder.mkdir(parents=True, exist_ok=True)
-    scores.extra.update({k: info[k] for k in ("data", "split", "limit", "template", "level")})
-    scores.save(folder)
-    title = f"Ships {info['level']} {info['mode']} · {info['model']} · {info['data']}"
-    plot_head_heatmap(scores, folder / "heatmap.png", title=title)
-    _write_prompts(folder, queries, ids)
-    if scores.per_prompt is not None:
-        lines = []
-        for i, row in enumerate(scores.per_prompt.flatten(1)):
-            order = row.argsort(descending=True)[:10].tolist()
-            top = {f"{j // n_heads}.{j % n_heads}": float(row[j]) for j in order}
-            lines.append(json.dumps({"id": ids[i], "query": queries[i], "top": top}) + "\n")
-        (folder / "per_prompt_top.jsonl").write_text("".join(lines))
-    result = {
-        **info,
-        "top_heads": _top_json(scores),
-        "out": str(folder),
-        "scores": str(folder / "scores.safetensors"),
-        "heads_json": str(folder / "heads.json"),
-        "heatmap": str(folder / "heatmap.png"),
-    }
-    write_json_atomic(folder / RUN_JSON, result, indent=1)
-    return result
+LEVELS = ("query", "dataset", "both")
 
 
 @locate_app.command("ships")
 def ships(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     mode: ModeOpt = "ua",
@@ -139,22 +62,24 @@ def ships(
     """Score every head by how much ablating it changes the model's response to harmful prompts."""
 
     def work() -> dict[str, Any]:
+        from finesteer.data.typed import load_queries
+        from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
         from finesteer.models import load_model
+        from finesteer.report.heatmap import plot_head_heatmap
 
-        if level not in ("query", "dataset", "both"):
-            raise ValueError(f"--level must be 'query', 'dataset' or 'both', got {level!r}")
+        check_choice(level, LEVELS, "--level")
         ships_lib.ablation_method(mode)
-        folder = out or Path("runs") / _slug("ships", model, data, mode, level)
-        checkpoint = _prepare_out(folder, resume)
-        queries, ids = _queries(data, split, limit)
+        folder = out or Path("runs") / slug("ships", model, data, mode, level)
+        checkpoint = run_folder.prepare(folder, resume)
+        queries, ids = load_queries(data, split, limit)
         lm = load_model(model)
         prompts = ships_lib.format_queries(lm, queries, template)
-        _write_prompts(folder, queries, ids)
+        run_folder.write_prompts(folder, queries, ids)
         levels = ("query", "dataset") if level == "both" else (level,)
+        n_heads = lm.info.n_layers * lm.info.n_heads
         stderr_console().print(
-            f"Ships {'+'.join(levels)} ({mode}, ε={eps}) on {len(prompts)} prompts × "
-            f"{lm.info.n_layers * lm.info.n_heads} heads of {model}"
+            f"Ships {'+'.join(levels)} ({mode}, ε={eps}): {len(prompts)} prompts × {n_heads} heads of {model}"
         )
         started = time.perf_counter()
         tables = ships_lib.ships_scores(
@@ -181,25 +106,23 @@ def ships(
             "template": template,
             "seconds": seconds,
         }
-        results = {}
+        combined = level == "both"
+        payload = run_folder.save_ships(
+            folder, tables, info, queries, ids, lm.info.n_heads, r_main=r_main, combined=combined
+        )
         for name, scores in tables.items():
-            target = folder / name if level == "both" else folder
-            extra = {"level": name, "r_main": r_main if name == "dataset" else None}
-            results[name] = _save_level(target, scores, {**info, **extra}, queries, ids, lm.info.n_heads)
-        if level != "both":
-            return results[level]
-        combined = {**info, "level": "both", "out": str(folder), "levels": results}
-        write_json_atomic(folder / RUN_JSON, combined, indent=1)
-        return combined
+            heatmap = run_folder.level_folder(folder, name, combined) / run_folder.HEATMAP_FILE
+            plot_head_heatmap(scores, heatmap, title=f"Ships {name} {mode} · {model} · {data}")
+        return payload
 
     result = run_command(work)
-    _show(result, json_out)
+    show(result, json_out)
 
 
 @locate_app.command("sahara")
 def sahara(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     group_size: Annotated[int, typer.Option(help="Heads in the group.")] = 3,
@@ -220,6 +143,8 @@ def sahara(
     """Greedily find the head group whose joint ablation moves the safety subspace most."""
 
     def work() -> dict[str, Any]:
+        from finesteer.data.typed import load_queries
+        from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
         from finesteer.locate.sahara import sahara as run_sahara
         from finesteer.locate.scores import HeadScores
@@ -227,13 +152,13 @@ def sahara(
         from finesteer.report.heatmap import plot_head_heatmap
 
         ships_lib.ablation_method(mode)
-        folder = out or Path("runs") / _slug("sahara", model, data, mode)
-        checkpoint = _prepare_out(folder, resume)
+        folder = out or Path("runs") / slug("sahara", model, data, mode)
+        checkpoint = run_folder.prepare(folder, resume)
         candidates = HeadScores.load(candidates_from).top_heads(top_n) if candidates_from else None
-        queries, ids = _queries(data, split, limit)
+        queries, ids = load_queries(data, split, limit)
         lm = load_model(model)
         prompts = ships_lib.format_queries(lm, queries, template)
-        _write_prompts(folder, queries, ids)
+        run_folder.write_prompts(folder, queries, ids)
         started = time.perf_counter()
         result = run_sahara(
             lm,
@@ -248,7 +173,7 @@ def sahara(
             engine=engine,
         )
         seconds = round(time.perf_counter() - started, 1)
-        (folder / "sahara.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        sahara_file = run_folder.write_sahara(folder, result)
         first = result.step_scores(lm, 0)
         first.extra.update(data=data, split=split, limit=limit, template=template)
         first.save(folder)
@@ -267,34 +192,20 @@ def sahara(
             "step_scores": [s.score for s in result.steps],
             "seconds": seconds,
             "out": str(folder),
-            "sahara_json": str(folder / "sahara.json"),
+            "sahara_json": str(sahara_file),
             "heatmap": str(folder / "heatmap.png"),
         }
-        write_json_atomic(folder / RUN_JSON, payload, indent=1)
+        run_folder.write_run(folder, payload)
         return payload
 
     result = run_command(work)
-    _show(result, json_out)
-
-
-def _run_heads(run: Path, count: int) -> list[tuple[int, int]]:
-    """Heads of a run folder, best first: a Sahara group if there is one, else the score ranking."""
-    from finesteer.locate.scores import HeadScores
-
-    sahara_file = run / "sahara.json"
-    if sahara_file.is_file():
-        return [(int(lay), int(h)) for lay, h in json.loads(sahara_file.read_text())["group"]]
-    return HeadScores.load(run).top_heads(count)
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
+    show(result, json_out)
 
 
 @app.command("ablate")
 def ablate(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     heads: Annotated[str | None, typer.Option(help="Ranked heads LAYER.HEAD,… (best first).")] = None,
     from_run: Annotated[
         Path | None, typer.Option(help="Take the ranked heads (or Sahara group) from this run folder.")
@@ -328,106 +239,36 @@ def ablate(
     """Ablate the top-k heads and measure ASR against the unmodified model and random heads."""
 
     def work() -> dict[str, Any]:
-        from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
-        from finesteer.locate import ships as ships_lib
+        from finesteer.evaluate.ablation import AblationSetup, plan_ablation, run_ablation
         from finesteer.models import load_model
-        from finesteer.sites import parse_heads
 
-        if eval_kind != "asr":
-            raise ValueError(f"--eval {eval_kind!r} is not supported; choose 'asr'")
-        if (heads is None) == (from_run is None):
-            raise ValueError("give exactly one of --heads or --from-run")
-        run_file = from_run / RUN_JSON if from_run else None
-        run_info = json.loads(run_file.read_text()) if run_file and run_file.is_file() else {}
-        chosen_mode = mode or run_info.get("mode") or "ua"
-        chosen_eps = eps if eps is not None else float(run_info.get("eps") or 1e-5)
-        k_list = tuple(int(k) for k in ks.split(",")) if ks else None
-        if from_run is not None:
-            ranked = _run_heads(from_run, max(k_list or (5,)))
-        else:
-            ranked = parse_heads(heads or "")
-        k_values = k_list or tuple(range(1, min(5, len(ranked)) + 1))
-        queries, ids = _queries(data, split, limit)
-        excluded = 0
-        if from_run is not None and (from_run / PROMPTS_FILE).is_file():
-            seen = {
-                _norm(json.loads(line)["query"])
-                for line in (from_run / PROMPTS_FILE).read_text().splitlines()
-                if line.strip()
-            }
-            kept = [(q, i) for q, i in zip(queries, ids, strict=True) if _norm(q) not in seen]
-            excluded = len(queries) - len(kept)
-            if not kept:
-                raise ValueError("every evaluation prompt was also an attribution prompt")
-            queries, ids = [q for q, _ in kept], [i for _, i in kept]
-            if excluded:
-                stderr_console().print(f"dropped {excluded} evaluation prompts that were attribution prompts")
-        lm = load_model(model)
-        harmful = ships_lib.format_queries(lm, queries, template)
-        harmless_prompts = None
-        if harmless and harmless.lower() != "none":
-            texts, _ = _queries(harmless, None, harmless_limit or limit)
-            harmless_prompts = ships_lib.format_queries(lm, texts, template)
-        mc_items = None
-        if harmless_prompts is not None and mc.lower() != "none":
-            from finesteer.data import load_dataset
-
-            mc_items = load_dataset(mc)
-        folder = out or from_run or Path("runs") / _slug("ablate", model, data, chosen_mode)
-        settings = AsrSettings(
-            ks=k_values,
-            mode=chosen_mode,
-            eps=chosen_eps,
-            random_seeds=tuple(range(random_seeds)),
-            helpfulness_ks=tuple(int(k) for k in helpfulness_ks.split(",")) if helpfulness_ks else None,
+        setup = AblationSetup(
+            data=data,
+            heads=heads,
+            from_run=from_run,
+            eval_kind=eval_kind,
+            split=split,
+            limit=limit,
+            ks=parse_numbers(ks, "--ks", int),
+            mode=mode,
+            eps=eps,
+            random_seeds=random_seeds,
             max_new_tokens=max_new_tokens,
+            harmless=harmless,
+            harmless_limit=harmless_limit,
+            helpfulness_ks=parse_numbers(helpfulness_ks, "--helpfulness-ks", int),
+            mc=mc,
+            template=template,
             batch_size=batch_size,
         )
-        stderr_console().print(
-            f"ASR on {len(harmful)} prompts of {data}: baseline, top-k for k={list(k_values)}, "
-            f"{random_seeds} random sets per k ({chosen_mode}, ε={chosen_eps})"
-        )
-        result = asr_effect(
-            lm,
-            ranked,
-            harmful,
-            harmless_prompts=harmless_prompts,
-            mc_items=mc_items,
-            settings=settings,
-            out=folder,
-            resume=resume,
-            prompt_ids=ids,
-            metadata={
-                "data": data,
-                "split": split,
-                "template": template,
-                "excluded_overlap": excluded,
-                "harmless_data": harmless,
-                "mc_data": mc if mc_items else None,
-                "from_run": str(from_run or ""),
-            },
-        )
-        return {
-            "command": "ablate",
-            "model": model,
-            "data": data,
-            "n_prompts": len(harmful),
-            "excluded_overlap": excluded,
-            "heads": [f"{layer}.{head}" for layer, head in ranked],
-            "mode": chosen_mode,
-            "eps": chosen_eps,
-            "baseline_asr": result["baseline"]["asr"],
-            "ablated_asr": {k: v["asr"] for k, v in result["ablated"].items()},
-            "random_asr_mean": {k: v["mean"] for k, v in result["random"].items()},
-            "random_asr_std": {k: v["std"] for k, v in result["random"].items()},
-            "helpfulness": result.get("helpfulness"),
-            "out": str(folder),
-            "asr_json": str(folder / "asr.json"),
-            "generations": str(folder / "generations.jsonl"),
-        }
+        plan = plan_ablation(setup)
+        lm = load_model(model)
+        folder = out or from_run or Path("runs") / slug("ablate", model, data, plan.mode)
+        summary = run_ablation(lm, plan, folder, resume=resume)
+        return {"command": "ablate", "model": model, **summary}
 
     result = run_command(work)
-    _show(result, json_out)
+    show(result, json_out)
 
 
 @app.command("export-surgery")
@@ -466,31 +307,7 @@ def export_surgery(
         return result
 
     result = run_command(work)
-    _show(result, json_out)
-
-
-def _show(result: dict[str, Any], json_out: bool) -> None:
-    if json_out:
-        emit_json(result)
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_header=False, title=str(result.get("command", "")))
-    for key, value in result.items():
-        if key == "command":
-            continue
-        text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
-        table.add_row(key, text)
-    Console().print(table)
-
-
-def _scores_folder(path: Path) -> Path:
-    """A scores folder, or a run folder holding one (the Ships step's `scores`)."""
-    for candidate in (path, path / "scores", path / "steps" / "ships" / "scores"):
-        if (candidate / "scores.safetensors").is_file():
-            return candidate
-    raise FileNotFoundError(f"{path}: no scores.safetensors here, in scores/ or in steps/ships/scores/")
+    show(result, json_out)
 
 
 @locate_app.command("overlap")
@@ -508,9 +325,10 @@ def overlap_command(
 
     def work() -> dict[str, Any]:
         from finesteer.locate.rank_stats import spearman
+        from finesteer.locate.run_folder import scores_folder
         from finesteer.locate.scores import HeadScores, jaccard_top_k
 
-        a, b = (HeadScores.load(_scores_folder(p)) for p in (first, second))
+        a, b = (HeadScores.load(scores_folder(p)) for p in (first, second))
         jaccard = jaccard_top_k(a, b, k)
         shared = sorted(set(a.top_heads(k)) & set(b.top_heads(k)))
         return {

@@ -14,9 +14,8 @@ from rich.table import Table
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.cli.options import JsonFlag, OptionError
 from finesteer.runs import RESULT_JSON, STEPS_DIR
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 
 
 def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
@@ -53,7 +52,7 @@ def _execute(
         prepare(recipe)  # fail on bad fields before creating anything
         run = RunFolder.create(out, recipe, command)
     else:
-        raise ValueError("give a recipe file, or --resume RUN_DIR")
+        raise OptionError("give a recipe file, or --resume RUN_DIR")
     run.stop_after = stop_after
     stderr_console().print(f"run folder: {run.path}")
     return run.path, execute(run)

@@ -1,0 +1,89 @@
+"""Options and argument parsers shared by finesteer commands, defined once.
+
+Commands declare their parameters with these `Annotated` types (`model: ModelArg`, `json_out:
+JsonFlag = False`), so an option is spelled and documented the same way everywhere. Option values
+that are lists ('8,10,12', 'baseline,caa') are parsed here into tuples; a bad value becomes an
+`OptionError`, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from finesteer.errors import FinesteerError
+
+
+class OptionError(FinesteerError, ValueError):
+    """An option value that cannot be parsed or is not one of the allowed choices."""
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder, .gguf file or hub id.")]
+SplitOpt = Annotated[str | None, typer.Option(help="Dataset split (default: the dataset's default split).")]
+LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N items.")]
+BatchOpt = Annotated[int, typer.Option(help="Prompts per forward (or generation batch).")]
+SystemOpt = Annotated[str | None, typer.Option(help="System prompt for every prompt.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
+InterventionOpt = Annotated[
+    Path | None, typer.Option("--intervention", "-i", help="Artifact folder to apply.")
+]
+OtherWeightsOpt = Annotated[
+    bool, typer.Option(help="Apply an artifact fitted on other weights of the same shape.")
+]
+
+# Head-ablation commands (locate ships|sahara|attribution, ablate, export-surgery).
+PromptDataOpt = Annotated[str, typer.Option("--data", help="Prompt dataset (e.g. advbench, jailbreakbench).")]
+ModeOpt = Annotated[str, typer.Option(help="ua = uniform attention (query × ε), sc = scale output × ε.")]
+EpsOpt = Annotated[float, typer.Option(help="Ablation factor ε.")]
+TemplateOpt = Annotated[
+    str,
+    typer.Option(help="'chat' (chat template), 'ships' / 'sahara' (authors' raw templates), or '…{query}…'."),
+]
+EngineOpt = Annotated[
+    str, typer.Option(help="Scan engine: 'fast' (heads batched, earlier layers reused) or 'simple'.")
+]
+
+
+def out_option(help: str) -> Any:
+    """The `--out` option with a command's own help: `out: Annotated[Path, out_option("…")] = …`."""
+    return typer.Option("--out", help=help)
+
+
+def parse_numbers(text: str | None, option: str, kind: type = float) -> tuple[Any, ...] | None:
+    """A comma-separated option ('8,10,12') as a tuple of `kind`; None when the option is not given."""
+    if text is None:
+        return None
+    noun = "integers" if kind is int else "numbers"
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise OptionError(f"cannot parse {option} {text!r}: write {noun} separated by commas") from exc
+    if not values:
+        raise OptionError(f"{option} is empty")
+    return values
+
+
+def parse_names(text: str, option: str) -> list[str]:
+    """A comma-separated list of names ('baseline,caa'), blanks dropped; an error if none is left."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise OptionError(f"{option} is empty")
+    return names
+
+
+def check_choice(value: str, allowed: tuple[str, ...], option: str) -> str:
+    """`value` if it is one of `allowed`, else an OptionError listing them."""
+    if value not in allowed:
+        raise OptionError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def slug(*parts: str) -> str:
+    """A folder-name-safe slug of the parts ('runs/x', 'org/model' → their last component), joined by '-'."""
+    return "-".join(
+        re.sub(r"[^A-Za-z0-9._]+", "_", Path(part).name if "/" in part else part) for part in parts if part
+    )
