@@ -75,9 +75,13 @@ def _function_level_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
-@pytest.mark.parametrize("path", _modules(), ids=_name)
+@pytest.mark.parametrize("path", [p for p in _modules() if _name(p).split("/")[0] != "cli"], ids=_name)
 def test_no_function_level_import_of_finesteer(path: Path) -> None:
-    """Function-level imports hide edges from readers; heavy third-party imports may stay lazy."""
+    """Function-level imports hide edges from readers; heavy third-party imports may stay lazy.
+
+    `cli/` is exempt: it is the top stage (it cannot dodge a layer) and imports the library inside
+    each command so that `finesteer --help` does not load torch.
+    """
     tree = ast.parse(path.read_text())
     bad = []
     for node in _function_level_imports(tree):

@@ -97,7 +97,7 @@ def caa_vectors(
     progress: bool = False,
 ) -> CAAVectors:
     """Mean over items of resid_post(letter of matching) − resid_post(letter of not matching), per layer."""
-    from finesteer.capture.activations import capture
+    from finesteer.activations.capture import capture
 
     chosen = tuple(range(lm.info.n_layers)) if layers is None else tuple(int(x) for x in layers)
     if not chosen:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from finesteer.capture.directions import LabelledCompletion
+from finesteer.activations.directions import LabelledCompletion
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.errors import FinesteerError

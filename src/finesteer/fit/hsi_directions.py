@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from finesteer.capture.directions import HeadDirections, LabelledCompletion, fit_head_directions
+from finesteer.activations.directions import HeadDirections, LabelledCompletion, fit_head_directions
 from finesteer.data.items import ABItem
 from finesteer.fit.completions import (
     DEFAULT_SAMPLING,

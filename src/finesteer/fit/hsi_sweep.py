@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finesteer.capture.directions import HeadDirections, LabelledCompletion
+from finesteer.activations.directions import HeadDirections, LabelledCompletion
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.fit.hsi import split_items, validate_heads

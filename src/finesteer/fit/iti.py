@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from finesteer.capture.directions import ab_contrast_inputs, capture_heads, directions_from_activations
+from finesteer.activations.directions import ab_contrast_inputs, capture_heads, directions_from_activations
 from finesteer.data.items import ABItem
 from finesteer.fit.steering import Steering
 from finesteer.locate.hsi_table import check_alphas

@@ -136,7 +136,7 @@ class AtomStats:
 
 
 def _encode(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], int]:
-    """Prompt and completion tokenised separately and joined (as `finesteer.capture` does for pairs)."""
+    """Prompt and completion tokenised separately and joined (as `finesteer.activations` does for pairs)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if not answer_ids:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from finesteer.capture.directions import HeadDirections, directions_fingerprint
+from finesteer.activations.directions import HeadDirections, directions_fingerprint
 from finesteer.data.items import ABItem
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi_table import HsiSweep, RankBy, SweepError, check_alphas

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from finesteer.capture.directions import HeadDirections
+from finesteer.activations.directions import HeadDirections
 from finesteer.data.items import ABItem
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel

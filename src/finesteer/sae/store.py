@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from finesteer.capture import pad
+from finesteer.activations import pad
 from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.runs import write_json_atomic, write_safetensors_atomic

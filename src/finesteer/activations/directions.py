@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from finesteer.capture.activations import capture
+from finesteer.activations.capture import capture
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_completion, ab_prompt
 from finesteer.errors import FinesteerError
