@@ -18,6 +18,7 @@ from typing import Any
 from finesteer.errors import FinesteerError
 from finesteer.locate.scores import HeadScores
 from finesteer.runs import RUN_JSON, write_json_atomic
+from finesteer.runs.lock import FolderLock, check_writable
 from finesteer.sites import Head
 
 CHECKPOINT_DIR = "checkpoint"
@@ -35,7 +36,13 @@ class RunFolderError(FinesteerError, ValueError):
 
 
 def prepare(out: Path, resume: bool) -> Path:
-    """Create `out` and return its checkpoint folder; a checkpointed run is only continued with `resume`."""
+    """Create `out` and return its checkpoint folder; a checkpointed run is only continued with `resume`.
+
+    Fails at once (before any model is loaded) when `out` is a file or cannot be written, or when
+    another process is writing it (its lock is held)."""
+    check_writable(out)
+    with FolderLock(out):  # refused at once if another process holds it
+        pass
     checkpoint = out / CHECKPOINT_DIR
     if checkpoint.exists() and any(checkpoint.iterdir()) and not resume:
         raise RunFolderError(

@@ -82,12 +82,18 @@ class RunManifest:
 
     def differences(self, stored: Mapping[str, Any]) -> list[str]:
         """'key: was X, now Y' for every field that differs from `stored` (a `to_json()` dict)."""
-        old, new = _flatten(dict(stored)), _flatten(self.to_json())
-        return [
-            f"{key}: was {_short(old.get(key))}, now {_short(new.get(key))}"
-            for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key)
-        ]
+        return differences(stored, self.to_json())
+
+
+def differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """'key: was X, now Y' for every (dotted, nested) key whose value differs between two manifests."""
+    old = _flatten(json.loads(json.dumps(dict(stored), default=str)))
+    new = _flatten(json.loads(json.dumps(dict(now), default=str)))
+    return [
+        f"{key}: was {_short(old.get(key))}, now {_short(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
@@ -142,5 +148,6 @@ __all__ = [
     "RunManifest",
     "check_manifest",
     "content_hash",
+    "differences",
     "read_manifest",
 ]
