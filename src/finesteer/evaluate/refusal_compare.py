@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from finesteer.evaluate.scores import refusal_rate
 from finesteer.evaluate.text import fluency
 from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
+from finesteer.runs.lock import FolderLock
 from finesteer.runs.records import JsonFileRecords, Record
 from finesteer.runs.runner import Job, run_jobs
 
@@ -187,8 +189,9 @@ def compare_refusal(
         if on_method is not None:
             on_method(name, record["result"], resumed)
 
-    records = run_jobs([job(e) for e in setups], store, on_done=done, progress=progress, desc="methods",
-                       unit="method")  # fmt: skip
+    with FolderLock(folder) if folder is not None else nullcontext():  # a second writer is refused
+        records = run_jobs([job(e) for e in setups], store, on_done=done, progress=progress,
+                           desc="methods", unit="method")  # fmt: skip
     return {name: record["result"] for name, record in records.items()}
 
 
