@@ -4,6 +4,7 @@ from finesteer.models.adapters import ADAPTERS, ArchitectureAdapter, Unsupported
 from finesteer.models.info import ModelInfo
 from finesteer.models.loading import (
     LoadedModel,
+    ModelLoadError,
     describe_model,
     load_model,
     peek_model_info,
@@ -16,6 +17,7 @@ __all__ = [
     "ArchitectureAdapter",
     "LoadedModel",
     "ModelInfo",
+    "ModelLoadError",
     "UnsupportedArchitectureError",
     "adapter_for",
     "describe_model",
