@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from finesteer.interventions.apply import intervene
+from finesteer.interventions.apply import intervene, resolve
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
 
@@ -68,6 +68,7 @@ def generate_batches(
     """Yield the completions batch by batch (so callers can stream them to disk)."""
     tokenizer = lm.tokenizer
     if intervention is not None:
+        intervention = resolve(lm, intervention)
         intervention.validate(lm.info)  # fail on the first `next`, before any tokenising
     sampling = (
         {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}

@@ -174,6 +174,30 @@ def load_model(
     return loaded
 
 
+def peek_fingerprint(name_or_path: str | Path) -> str | None:
+    """The fingerprint `load_model` will report, where it is known without loading: tiny models,
+    registry pins, model folders (cheap edge hashes) and hub ids; None for GGUF files (a full hash)."""
+    from finesteer.models.registry import REGISTRY
+    from finesteer.models.tiny import TINY_CONFIGS
+
+    name = str(name_or_path)
+    if name in TINY_CONFIGS:
+        return f"{name}-seed0"
+    if name in REGISTRY:
+        return REGISTRY[name].gguf_sha256
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return None
+    if path.is_dir():
+        from finesteer.models.cache import model_fingerprint
+
+        try:
+            return model_fingerprint(path)
+        except OSError:
+            return None
+    return name if "/" in name and not path.exists() else None
+
+
 def peek_model_info(name_or_path: str | Path) -> ModelInfo | None:
     """A model's shape without loading (or downloading) its weights, or None when it can't be known.
 
