@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from finesteer.interventions.apply import intervene, resolve
 from finesteer.interventions.edit import Intervention
+from finesteer.models.context import check_prompt_lengths
 from finesteer.models.loading import LoadedModel
 
 
@@ -85,6 +86,8 @@ def generate_batches(
             padding_side="left",
             add_special_tokens=add_special_tokens,
         ).to(lm.device)
+        lengths = encoded["attention_mask"].sum(1).tolist()
+        check_prompt_lengths(lm, lengths, extra=config.max_new_tokens)
         steering = intervene(lm, intervention) if intervention is not None else nullcontext()
         seed = None if config.seed is None else config.seed + start
         with steering, _seeded(lm, seed), torch.no_grad():
