@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from finesteer.errors import ArgumentError, check_count, check_number
 from finesteer.interventions.apply import intervene, resolve
 from finesteer.interventions.edit import Intervention
 from finesteer.models.context import check_prompt_lengths
@@ -36,12 +37,11 @@ class GenerationConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError("sampling needs temperature > 0 (use do_sample=False for greedy)")
+        check_count(self.max_new_tokens, "max_new_tokens")
+        check_count(self.batch_size, "batch_size")
+        check_number(self.top_p, "top_p", minimum=0.0)
+        if self.do_sample and not check_number(self.temperature, "temperature") > 0:
+            raise ArgumentError("sampling needs temperature > 0 (use do_sample=False for greedy)")
 
 
 @contextmanager

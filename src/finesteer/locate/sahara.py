@@ -27,10 +27,12 @@ from finesteer.locate.scores import HeadScores
 from finesteer.locate.ships import (
     DEFAULT_EPS,
     ablation,
+    ablation_method,
     all_heads,
     base_hidden,
     subspace_angle_score,
 )
+from finesteer.models.info import ModelInfo
 from finesteer.models.loading import LoadedModel
 from finesteer.runs import write_json_atomic
 from finesteer.sites import Head, check_heads
@@ -115,6 +117,25 @@ def _save_state(path: Path, result: SaharaResult) -> None:
     write_json_atomic(path, result.to_dict(), indent=1)
 
 
+def check_sahara_settings(
+    info: ModelInfo,
+    *,
+    group_size: int,
+    candidates: Sequence[Head] | None = None,
+    mode: str = "ua",
+    eps: float = DEFAULT_EPS,
+) -> list[Head]:
+    """The candidate heads, after checking every setting that needs only the model's shape (so a
+    command can call it with `peek_model_info` before loading): group size within 1..candidates,
+    heads in range, a known ablation mode and a finite ε ≥ 0."""
+    ablation_method(mode)
+    check_eps(eps)
+    pool = check_heads(candidates, info.n_layers, info.n_heads) if candidates is not None else all_heads(info)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= len(pool):
+        raise ScanError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size!r}")
+    return pool
+
+
 def sahara(
     lm: LoadedModel,
     prompts: EncodedPrompts | Sequence[str],
@@ -138,13 +159,7 @@ def sahara(
     `engine` picks the scan engine ('fast' or 'simple', `finesteer.locate.fast_scan.run_scan`).
     """
     encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
-    pool = (
-        check_heads(candidates, lm.info.n_layers, lm.info.n_heads)
-        if candidates is not None
-        else all_heads(lm.info)
-    )
-    if not 1 <= group_size <= len(pool):
-        raise ValueError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size}")
+    pool = check_sahara_settings(lm.info, group_size=group_size, candidates=candidates, mode=mode, eps=eps)
     if r_main > len(encoded):
         raise ScanError(f"r_main={r_main} needs at least {r_main} prompts, got {len(encoded)}")
     settings = {
