@@ -1,0 +1,397 @@
+"""The bad-input catalogue of issue 15: each kind of bad input gives one clear error, nothing is
+written or lost, and every check that does not need the weights fails before the model loads.
+
+`CATALOGUE` below counts the kinds covered (each is at least one test here, or in the module named
+in its entry); `BEFORE_LOAD` is the subset whose CLI test asserts the model loader was never called.
+Tiny models only, nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import finesteer.models
+import finesteer.models.loading
+from finesteer.activations import capture
+from finesteer.artifacts import ArtifactError, load_intervention, save_intervention
+from finesteer.cli import app
+from finesteer.errors import ArgumentError, FinesteerError
+from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
+from finesteer.evaluate.harness import ResumeError, run_generations
+from finesteer.fit.hsi import split_items
+from finesteer.generation import GenerationConfig, generate
+from finesteer.interventions import Scope, intervene, steer_residual
+from finesteer.interventions.edit import check_eps
+from finesteer.locate.sahara import check_sahara_settings
+from finesteer.locate.ships import check_template
+from finesteer.models import LoadedModel, ModelLoadError, load_model, peek_model_info
+from finesteer.models.context import PromptLengthError
+from finesteer.recipes import RunFolder, RunResumeError
+from finesteer.runs import FolderLock, FolderLockedError, ManifestError, OutputFolderError, write_json_atomic
+from finesteer.scoring.ab import ABScorer
+from finesteer.sites import Site
+
+# Cases that live in their own modules, run here again so the catalogue is in one place.
+from tests.test_hook_safety import (  # noqa: F401
+    test_generator_abandoned_in_reference_cycle_leaves_no_hook,
+    test_paused_generator_does_not_steer_other_callers,
+)
+from tests.test_model_cache import fakes, test_same_size_corruption_is_found_and_reconverted  # noqa: F401
+from tests.test_sae_checkpoint import (  # noqa: F401
+    acts,
+    test_crafted_pickle_checkpoint_is_refused_and_never_runs,
+    test_truncated_checkpoint_is_a_clear_error,
+)
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def lm() -> LoadedModel:
+    return load_model("tiny-llama")
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes: compared before and after to show nothing changed."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The model loader fails the test if called: the error must come before any load."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(finesteer.models, "load_model", refuse)
+    monkeypatch.setattr(finesteer.models.loading, "load_model", refuse)
+    yield
+
+
+@pytest.fixture
+def other_thread_holds() -> Iterator[Callable[[Path], None]]:
+    """hold(folder): another thread takes the folder's lock until the test ends (a second writer)."""
+    release = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def hold(folder: Path) -> None:
+        taken = threading.Event()
+
+        def run() -> None:
+            with FolderLock(folder):
+                taken.set()
+                release.wait(30)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append(thread)
+        assert taken.wait(10)
+
+    yield hold
+    release.set()
+    for thread in threads:
+        thread.join(10)
+
+
+def cli_error(args: list[str], pattern: str) -> str:
+    """Run the CLI; it must exit 2 with one `error:` line matching `pattern` and no traceback."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    line = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert line, result.output
+    import re
+
+    assert re.search(pattern, line[-1]), line[-1]
+    return line[-1]
+
+
+# ----------------------------------------------------------------------------- library / API
+
+
+def test_empty_prompt_through_the_api(lm: LoadedModel) -> None:
+    with pytest.raises(PromptLengthError, match="prompt 0 is empty"):
+        generate(lm, [""], GenerationConfig(max_new_tokens=2))
+    with pytest.raises(PromptLengthError, match="input 0 is empty"):
+        capture(lm, [""], [Site(0, "resid_post")])
+
+
+def test_prompt_longer_than_the_context_is_refused(lm: LoadedModel) -> None:
+    from finesteer.data.items import ABItem
+
+    long = ABItem("word " * 1000 + "\n\nChoices:\n (A) yes\n (B) no", "(A)", "(B)", "x")
+    with pytest.raises(PromptLengthError, match="more than the model's context of 4096"):
+        ABScorer(lm, [long])
+    with pytest.raises(PromptLengthError, match="new tokens, more than the model's context"):
+        generate(lm, ["a" * 4090], GenerationConfig(max_new_tokens=10))
+
+
+@pytest.mark.parametrize("text", ["from:-1", "from:3,-2", "last:0", "from_end:-1"])
+def test_negative_or_unknown_scope_is_refused(text: str) -> None:
+    with pytest.raises(FinesteerError, match="scope"):
+        Scope.parse(text)
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf")])
+def test_negative_or_nan_eps_is_refused(eps: float) -> None:
+    with pytest.raises(FinesteerError, match="ε must be a finite number ≥ 0"):
+        check_eps(eps)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
+        ({"do_sample": True, "temperature": float("nan")}, "temperature"),
+    ],
+)
+def test_generation_settings_are_checked_on_construction(kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ArgumentError, match=pattern):
+        GenerationConfig(**kwargs)
+
+
+def test_zero_size_held_out_split_is_refused_not_made_one() -> None:
+    from finesteer.data.typed import load_ab_set
+
+    items = load_ab_set("coordinate-other-ais", None, 6)
+    with pytest.raises(FinesteerError, match="held-out split needs ≥ 1 item, got 0"):
+        split_items(items, 0)
+    with pytest.raises(FinesteerError, match="has no items"):
+        load_ab_set("coordinate-other-ais", None, 0)
+
+
+def test_checks_that_need_only_the_config() -> None:
+    info = peek_model_info("tiny-llama")
+    assert info is not None
+    with pytest.raises(FinesteerError, match="group_size must be in 1..12"):
+        check_sahara_settings(info, group_size=0)
+    with pytest.raises(FinesteerError, match="unknown head 9.0"):
+        check_sahara_settings(info, group_size=1, candidates=[(9, 0)])
+    with pytest.raises(FinesteerError, match="template must be"):
+        check_template("no field")
+
+
+def test_another_models_artifact_is_refused_by_the_api(lm: LoadedModel, tmp_path: Path) -> None:
+    steer = steer_residual(1, torch.ones(lm.info.hidden_size), 1.0)
+    folder = save_intervention(tmp_path / "art", steer, model_name="other", model_fingerprint="f" * 64,
+                               model_info=lm.info)  # fmt: skip
+    artifact = load_intervention(folder)
+    with pytest.raises(ArtifactError, match="allow_other_weights=True"):
+        load_intervention(folder, lm)
+    with pytest.raises(ArtifactError, match="artifact was made for weights"), intervene(lm, artifact):
+        pass
+    with pytest.raises(ArtifactError, match="artifact was made for weights"):
+        generate(lm, ["hi"], GenerationConfig(max_new_tokens=1), intervention=artifact)  # type: ignore[arg-type]
+    with intervene(lm, artifact.intervention_for(lm, allow_other_weights=True)):
+        pass  # explicitly allowed
+    assert load_intervention(folder, lm, allow_other_weights=True).model_name == "other"
+
+
+def test_malformed_and_truncated_artifacts(lm: LoadedModel, tmp_path: Path) -> None:
+    steer = steer_residual(1, torch.ones(lm.info.hidden_size), 1.0)
+    folder = save_intervention(tmp_path / "art", steer, lm)
+    tensors = next(folder.glob("*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:40])
+    with pytest.raises(ArtifactError, match="unreadable or truncated safetensors"):
+        load_intervention(folder)
+    spec = folder / "intervention.json"
+    for text in ("{not json", "[1, 2]"):
+        spec.write_text(text)
+        with pytest.raises(ArtifactError, match="intervention.json"):
+            load_intervention(folder)
+
+
+def test_bad_config_json_and_truncated_weights(lm: LoadedModel, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{broken")
+    with pytest.raises(ModelLoadError, match="config.json"):
+        peek_model_info(bad)
+    with pytest.raises(ModelLoadError, match="config"):
+        load_model(bad)
+    saved = tmp_path / "saved"
+    lm.model.save_pretrained(saved)
+    lm.tokenizer.save_pretrained(saved)
+    weights = saved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_model(saved)
+
+
+def test_offline_hub_id_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_model("nobody-here/no-such-model")
+    assert time.perf_counter() - started < 5
+
+
+def test_generations_resumed_with_other_data_are_refused(lm: LoadedModel, tmp_path: Path) -> None:
+    out = tmp_path / "gen" / "generations.jsonl"
+    config = GenerationConfig(max_new_tokens=2)
+    run_generations(lm, [("1", "first data set")], out, config=config, progress=False)
+    before = tree(tmp_path)
+    with pytest.raises(ResumeError, match="another prompt under id '1'"):
+        run_generations(lm, [("1", "second data set")], out, config=config, progress=False)
+    with pytest.raises(ResumeError, match="system prompt or template"):
+        run_generations(lm, [("1", "first data set")], out, config=config, progress=False,
+                        format_fn=lambda text: "SYSTEM " + text)  # fmt: skip
+    assert tree(tmp_path) == before  # nothing written, nothing lost
+
+
+def test_ablation_resumed_on_another_model_is_refused(lm: LoadedModel, tmp_path: Path) -> None:
+    settings = AsrSettings(ks=(1,), random_seeds=(), max_new_tokens=2, batch_size=4)
+    asr_effect(lm, [(0, 1)], ["hi there"], settings=settings, out=tmp_path, progress=False)
+    before = tree(tmp_path)
+    other = load_model("tiny-qwen2")
+    with pytest.raises(ManifestError, match="model: was 'tiny-llama-seed0', now 'tiny-qwen2-seed0'"):
+        asr_effect(
+            other, [(0, 1)], ["hi there"], settings=settings, out=tmp_path, resume=True, progress=False
+        )
+    assert tree(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- folders and locks
+
+
+def test_second_writer_on_one_folder_is_refused_at_once(
+    lm: LoadedModel, tmp_path: Path, other_thread_holds: Callable[[Path], None]
+) -> None:
+    out = tmp_path / "gen"
+    run_generations(lm, [("1", "a")], out / "generations.jsonl", config=GenerationConfig(2), progress=False)
+    before = tree(tmp_path)
+    other_thread_holds(out)
+    started = time.perf_counter()
+    with pytest.raises(FolderLockedError, match="being written by another finesteer process"):
+        run_generations(lm, [("1", "a"), ("2", "b")], out / "generations.jsonl",
+                        config=GenerationConfig(2), progress=False)  # fmt: skip
+    assert time.perf_counter() - started < 2  # at once, not after waiting
+    assert tree(tmp_path) == before
+
+
+def test_two_run_json_writers_never_corrupt_it(tmp_path: Path, other_thread_holds) -> None:
+    from finesteer.recipes import parse_recipe
+
+    recipe = parse_recipe({"method": "hsi", "name": "t", "model": "tiny-llama"})
+    run = RunFolder.create(tmp_path, recipe, "test", folder=tmp_path / "run")
+    # two threads writing run.json through the atomic writer: every read sees one whole file
+    errors: list[BaseException] = []
+
+    def writer(tag: str) -> None:
+        try:
+            for i in range(100):
+                write_json_atomic(run.path / "run.json", {**run.state, "writer": tag, "i": i})
+        except BaseException as exc:  # pragma: no cover - the failure being tested for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and json.loads((run.path / "run.json").read_text())["i"] == 99
+    assert not list(run.path.glob(".*.tmp"))  # unique temp names, all renamed or removed
+    # read-modify-write: while another process holds the folder, an update is refused, not lost
+    before = tree(run.path)
+    other_thread_holds(run.path)
+    with pytest.raises(FolderLockedError):
+        run.update(status="finished")
+    assert tree(run.path) == before
+
+
+def test_output_folder_that_is_a_file(tmp_path: Path) -> None:
+    from finesteer.runs import check_writable
+
+    file = tmp_path / "file"
+    file.write_text("keep me")
+    with pytest.raises(OutputFolderError, match="is a file"):
+        check_writable(file)
+    with pytest.raises(OutputFolderError, match="is a file, not a folder"):
+        check_writable(file / "sub")
+    with pytest.raises(OutputFolderError):
+        FolderLock(file).acquire()
+    assert file.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only folder")
+def test_read_only_output_folder(tmp_path: Path) -> None:
+    from finesteer.runs import check_writable
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(OutputFolderError, match="cannot write"):
+            check_writable(folder / "out")
+    finally:
+        folder.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def _recipe_file(tmp_path: Path, **fields: object) -> Path:
+    data = {"method": "hsi", "name": "t", "model": "tiny-llama", "train_limit": 8, **fields}
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    from finesteer.recipes import load_recipe
+
+    run = RunFolder.create(tmp_path, load_recipe(_recipe_file(tmp_path)), "test", folder=tmp_path / "run")
+    return run.path
+
+
+def test_resume_after_recipe_yaml_was_edited_is_refused(tmp_path: Path, no_load: None) -> None:
+    run = _run_folder(tmp_path)
+    text = (run / "recipe.yaml").read_text().replace("train_limit: 8", "train_limit: 50")
+    (run / "recipe.yaml").write_text(text)
+    before = tree(tmp_path)
+    cli_error(["run", "--resume", str(run)], "recipe.yaml was edited after the run started")
+    assert tree(tmp_path) == before
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path: Path, no_load: None) -> None:
+    run = _run_folder(tmp_path)
+    other = _recipe_file(tmp_path, train_limit=20)
+    before = tree(tmp_path)
+    cli_error(["run", str(other), "--resume", str(run)], r"settings.train_limit: was 8, now 20")
+    assert tree(tmp_path) == before
+    with pytest.raises(RunResumeError):
+        from finesteer.recipes import load_recipe
+
+        RunFolder.open(run, load_recipe(other))
+
+
+def test_resume_of_a_locked_run_folder_is_refused(tmp_path: Path, no_load: None, other_thread_holds) -> None:
+    run = _run_folder(tmp_path)
+    other_thread_holds(run)
+    before = tree(tmp_path)
+    cli_error(["run", "--resume", str(run)], "being written by another finesteer process")
+    assert tree(tmp_path) == before
+
+
+def test_pinned_inputs_differ_on_resume(tmp_path: Path) -> None:
+    from finesteer.recipes import load_recipe
+
+    run = RunFolder.create(tmp_path, load_recipe(_recipe_file(tmp_path)), "test", folder=tmp_path / "run")
+    run.pin(model_fingerprint="aaa", data_hashes={"train": "1"})
+    run.pin(model_fingerprint="aaa", data_hashes={"train": "1"})  # same inputs: fine
+    with pytest.raises(RunResumeError, match="model_fingerprint differ"):
+        run.pin(model_fingerprint="bbb")
+    with pytest.raises(RunResumeError, match="data_hashes.train differ"):
+        run.pin(data_hashes={"train": "2"})
