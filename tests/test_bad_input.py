@@ -175,9 +175,9 @@ def test_zero_size_held_out_split_is_refused_not_made_one() -> None:
 def test_checks_that_need_only_the_config() -> None:
     info = peek_model_info("tiny-llama")
     assert info is not None
-    with pytest.raises(FinesteerError, match="group_size must be in 1..12"):
+    with pytest.raises(FinesteerError, match=r"group_size must be in 1..12"):
         check_sahara_settings(info, group_size=0)
-    with pytest.raises(FinesteerError, match="unknown head 9.0"):
+    with pytest.raises(FinesteerError, match=r"unknown head 9.0"):
         check_sahara_settings(info, group_size=1, candidates=[(9, 0)])
     with pytest.raises(FinesteerError, match="template must be"):
         check_template("no field")
@@ -209,7 +209,7 @@ def test_malformed_and_truncated_artifacts(lm: LoadedModel, tmp_path: Path) -> N
     spec = folder / "intervention.json"
     for text in ("{not json", "[1, 2]"):
         spec.write_text(text)
-        with pytest.raises(ArtifactError, match="intervention.json"):
+        with pytest.raises(ArtifactError, match=r"intervention.json"):
             load_intervention(folder)
 
 
@@ -217,7 +217,7 @@ def test_bad_config_json_and_truncated_weights(lm: LoadedModel, tmp_path: Path) 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text("{broken")
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config.json"):
         peek_model_info(bad)
     with pytest.raises(ModelLoadError, match="config"):
         load_model(bad)
@@ -393,5 +393,5 @@ def test_pinned_inputs_differ_on_resume(tmp_path: Path) -> None:
     run.pin(model_fingerprint="aaa", data_hashes={"train": "1"})  # same inputs: fine
     with pytest.raises(RunResumeError, match="model_fingerprint differ"):
         run.pin(model_fingerprint="bbb")
-    with pytest.raises(RunResumeError, match="data_hashes.train differ"):
+    with pytest.raises(RunResumeError, match=r"data_hashes.train differ"):
         run.pin(data_hashes={"train": "2"})
