@@ -395,3 +395,132 @@ def test_pinned_inputs_differ_on_resume(tmp_path: Path) -> None:
         run.pin(model_fingerprint="bbb")
     with pytest.raises(RunResumeError, match=r"data_hashes.train differ"):
         run.pin(data_hashes={"train": "2"})
+
+
+# ----------------------------------------------------------------------------- CLI, before the load
+
+
+def _artifacts(root: Path) -> dict[str, Path]:
+    """Artifacts that cannot be applied to tiny-llama, each for one reason."""
+    llama = peek_model_info("tiny-llama")
+    qwen = peek_model_info("tiny-qwen2")
+    assert llama is not None and qwen is not None
+    ones = torch.ones(llama.hidden_size)
+    made = {
+        "shape": save_intervention(root / "shape", steer_residual(1, ones, 1.0), model_name="tiny-qwen2",
+                                   model_fingerprint="tiny-qwen2-seed0", model_info=qwen),
+        "weights": save_intervention(root / "weights", steer_residual(1, ones, 1.0), model_name="tiny-llama",
+                                     model_fingerprint="f" * 64, model_info=llama),
+        "layer": save_intervention(root / "layer", steer_residual(7, ones, 1.0), model_name="tiny-llama"),
+        "vector": save_intervention(root / "vector", steer_residual(1, torch.ones(32), 1.0),
+                                    model_name="tiny-llama"),
+    }  # fmt: skip
+    made["json"] = save_intervention(root / "json", steer_residual(1, ones, 1.0), model_name="tiny-llama")
+    (made["json"] / "intervention.json").write_text('{"format": ')
+    made["truncated"] = save_intervention(root / "truncated", steer_residual(1, ones, 1.0), model_name="x")
+    tensors = next(made["truncated"].glob("*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:30])
+    return made
+
+
+ARTIFACT_CASES = {
+    "shape": "artifact was made for tiny-qwen2",
+    "weights": "artifact was made for weights .*allow-other-weights",
+    "layer": "layer 7",
+    "vector": "has 32 elements",
+    "json": "invalid JSON",
+    "truncated": "truncated safetensors",
+}
+
+ASR = ["eval", "asr", "tiny-llama", "--data", "jailbreakbench", "--limit", "2"]
+SHIPS = ["locate", "ships", "tiny-llama", "--data", "jailbreakbench", "--limit", "2"]
+SAHARA = ["locate", "sahara", "tiny-llama", "--data", "jailbreakbench", "--limit", "2"]
+AB = ["eval", "ab", "tiny-llama", "--data", "coordinate-other-ais", "--limit", "2"]
+FIT_HSI = ["fit", "hsi", "tiny-llama", "--limit", "12"]
+
+#: (id, arguments, expected error text): every one fails before the model loads.
+OPTION_CASES = [
+    ("eval-asr-batch-size-0", [*ASR, "--batch-size", "0"], r"batch.size"),
+    ("eval-asr-max-new-tokens-0", [*ASR, "--max-new-tokens", "0"], r"max.new.tokens"),
+    ("eval-ab-batch-size-0", [*AB, "--batch-size", "0"], r"batch.size"),
+    ("eval-ab-max-new-tokens-0", [*AB, "--max-new-tokens", "0"], r"max.new.tokens"),
+    (
+        "generate-max-new-tokens-0",
+        ["generate", "tiny-llama", "hi", "--max-new-tokens", "0"],
+        r"max.new.tokens",
+    ),
+    ("ships-eps-nan", [*SHIPS, "--eps", "nan"], "ε must be a finite number"),
+    ("ships-eps-negative", [*SHIPS, "--eps", "-1"], "ε must be a finite number"),
+    ("ships-template", [*SHIPS, "--template", "no field"], "template must be"),
+    ("ships-batch-size-0", [*SHIPS, "--batch-size", "0"], r"batch.size"),
+    ("sahara-group-size-0", [*SAHARA, "--group-size", "0"], "group_size must be in 1..36"),
+    ("sahara-eps-nan", [*SAHARA, "--eps", "nan"], "ε must be a finite number"),
+    (
+        "ablate-head-out-of-range",
+        ["ablate", "tiny-llama", "--data", "jailbreakbench", "--limit", "2", "--heads", "9.0"],
+        "unknown head 9.0",
+    ),
+    (
+        "ablate-eps-negative",
+        ["ablate", "tiny-llama", "--data", "jailbreakbench", "--limit", "2", "--heads", "0.1", "--eps", "-1"],
+        "ε must be a finite number",
+    ),
+    ("fit-hsi-n-sweep-0", [*FIT_HSI, "--n-sweep", "0"], r"n.sweep"),
+    ("locate-hsi-head-out-of-range", ["locate", "hsi", "tiny-llama", "--heads", "0.9"], "unknown head 0.9"),
+    ("sae-train-layer-out-of-range", ["sae", "train", "tiny-llama", "--layer", "7"], "layer 7"),
+]
+
+
+@pytest.mark.parametrize("args, pattern", [c[1:] for c in OPTION_CASES], ids=[c[0] for c in OPTION_CASES])
+def test_option_errors_come_before_the_model_loads(
+    args: list[str], pattern: str, tmp_path: Path, no_load: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # default output folders land here, and must not be created
+    cli_error(args, pattern)
+    assert tree(tmp_path) == {}
+
+
+@pytest.mark.parametrize("kind", list(ARTIFACT_CASES))
+def test_artifact_errors_come_before_the_model_loads(kind: str, tmp_path: Path, no_load: None) -> None:
+    artifact = _artifacts(tmp_path / "artifacts")[kind]
+    before = tree(tmp_path)
+    cli_error([*ASR, "--intervention", str(artifact)], ARTIFACT_CASES[kind])
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [ASR, SHIPS, FIT_HSI, ["ablate", "tiny-llama", "--data", "jailbreakbench", "--heads", "0.1"]],
+    ids=["eval-asr", "locate-ships", "fit-hsi", "ablate"],
+)
+def test_output_folder_that_is_a_file_fails_before_the_load(
+    args: list[str], tmp_path: Path, no_load: None
+) -> None:
+    file = tmp_path / "out"
+    file.write_text("keep me")
+    cli_error([*args, "--out", str(file)], "is a file")
+    assert tree(tmp_path) == {"out": b"keep me"}
+
+
+def test_locked_output_folder_is_refused_before_the_load(
+    tmp_path: Path, no_load: None, other_thread_holds: Callable[[Path], None]
+) -> None:
+    out = tmp_path / "out"
+    other_thread_holds(out)
+    before = tree(tmp_path)
+    cli_error([*ASR, "--out", str(out)], "being written by another finesteer process")
+    cli_error([*SHIPS, "--out", str(out)], "being written by another finesteer process")
+    assert tree(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- CLI, needing the model
+
+
+def test_eval_asr_out_reused_with_other_data_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "asr"
+    args = ["eval", "asr", "tiny-llama", "--limit", "2", "--max-new-tokens", "2", "--out", str(out), "--json"]
+    first = runner.invoke(app, [*args, "--data", "jailbreakbench"])
+    assert first.exit_code == 0, first.output
+    before = tree(tmp_path)
+    cli_error([*args, "--data", "advbench"], "another prompt under id")
+    assert tree(tmp_path) == before
