@@ -10,14 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finesteer.data import load_dataset
+from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
+from finesteer.locate.attribution.metrics import TokenLogProb, refusal_token_ids
+from finesteer.locate.attribution.prerank import pre_ranked_scan
+from finesteer.locate.sahara import sahara
+from finesteer.locate.ships import ablation, format_queries, ships_scores
+from finesteer.models import load_model
 from finesteer.recipes.config import ShipsRecipe
 from finesteer.recipes.run import RunFolder, data_hash
 from finesteer.recipes.summary import examples_step, finish_report
+from finesteer.report.heatmap import plot_head_heatmap
 
 
 def _texts(name: str, split: str | None, limit: int) -> list[str]:
-    from finesteer.data import load_dataset
-
     items = load_dataset(name, split=split, limit=limit)
     return [getattr(item, "prompt", None) or item.question for item in items]
 
@@ -25,10 +31,6 @@ def _texts(name: str, split: str | None, limit: int) -> list[str]:
 def _refusal_ranking(lm: Any, prompts: list[str], recipe: ShipsRecipe, folder: Path) -> dict[str, Any]:
     """Heads ranked by how much ablating them lowers log p(refusal opening tokens): a gradient
     estimate for every head, the best `verify_top` verified exactly (`pre_ranked_scan`)."""
-    from finesteer.locate.attribution.metrics import TokenLogProb, refusal_token_ids
-    from finesteer.locate.attribution.prerank import pre_ranked_scan
-    from finesteer.report.heatmap import plot_head_heatmap
-
     metric = TokenLogProb(refusal_token_ids(lm.tokenizer))
     top_n = min(recipe.verify_top, lm.info.n_layers * lm.info.n_heads)
     result = pre_ranked_scan(lm, prompts, metric, mode=recipe.mode, eps=recipe.eps, top_n=top_n)
@@ -45,13 +47,6 @@ def _refusal_ranking(lm: Any, prompts: list[str], recipe: ShipsRecipe, folder: P
 
 
 def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
-    from finesteer.data import load_dataset
-    from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
-    from finesteer.locate.sahara import sahara
-    from finesteer.locate.ships import ablation, format_queries, ships_scores
-    from finesteer.models import load_model
-    from finesteer.report.heatmap import plot_head_heatmap
-
     recipe: ShipsRecipe = run.recipe  # type: ignore[assignment]
     attribution = _texts(recipe.attribution_data, recipe.attribution_split, recipe.attribution_limit)
     seen = {q.strip().lower() for q in attribution}
