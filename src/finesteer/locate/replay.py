@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from finesteer.hooks import HookSet
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.engine import PromptBatch, ScanError
@@ -90,22 +91,17 @@ def record_prefix(lm: LoadedModel, batch: PromptBatch, keep: set[int]) -> Record
         captured["hidden"] = value[rows, batch.last].detach()
 
     modules = [*(layers[i] for i in range(first, n_layers)), norm]
-    handles = []
     positions = torch.unique(batch.last)
-    try:
+    with HookSet(lm.model, lm.adapter) as hooks, torch.no_grad():
         for offset, module in enumerate(modules):
-            handles.append(module.register_forward_pre_hook(pre_hook(first + offset), with_kwargs=True))
-        handles.append(norm.register_forward_hook(read_norm))
-        with torch.no_grad():
-            output = lm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.mask,
-                use_cache=False,
-                logits_to_keep=positions,
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+            hooks.keep(module.register_forward_pre_hook(pre_hook(first + offset), with_kwargs=True))
+        hooks.keep(norm.register_forward_hook(read_norm))
+        output = lm.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.mask,
+            use_cache=False,
+            logits_to_keep=positions,
+        )
     column = torch.searchsorted(positions, batch.last)
     logits = output.logits[rows, column].detach().float().cpu()
     return RecordedPrefix(batch, calls, logits, captured["hidden"].float().cpu())
