@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.activations.padding import pad
 from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.scores import hash_prompts
@@ -93,12 +94,7 @@ def prompt_batches(
     out = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(encoded.ids[r]) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(encoded.ids[r])] = torch.tensor(encoded.ids[r])
-            mask[i, : len(encoded.ids[r])] = 1
+        input_ids, mask = pad([encoded.ids[r] for r in rows], "right", pad_id)
         out.append(
             PromptBatch(
                 torch.tensor(rows), input_ids.to(device), mask.to(device), (mask.sum(1) - 1).to(device)
