@@ -219,6 +219,31 @@ def built(entry: Steering | PendingSteering) -> Steering:
     return steering
 
 
+def method_store(folder: Path | None) -> JsonFileRecords | None:
+    """The per-method record store of a comparison folder (`methods/<name>.json`), or None."""
+    store = JsonFileRecords(folder / "methods") if folder is not None else None
+    if store is not None:
+        store.folder.mkdir(parents=True, exist_ok=True)
+    return store
+
+
+def run_methods(
+    jobs: Sequence[Job],
+    store: JsonFileRecords | None,
+    on_method: Callable[[str, dict[str, Any], bool], None] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The resumable comparison loop: one job per method, {name: result}; `on_method(name, result,
+    resumed)` after each."""
+
+    def done(name: str, record: Record, resumed: bool) -> None:
+        if on_method is not None:
+            on_method(name, record["result"], resumed)
+
+    records = run_jobs(jobs, store, on_done=done, progress=progress, desc="methods", unit="method")
+    return {name: record["result"] for name, record in records.items()}
+
+
 def compare_setups(
     setups: Sequence[Steering | PendingSteering],
     *,
@@ -253,9 +278,7 @@ def compare_setups(
         "judge": judge_desc,
     }
     folder = Path(out_dir) if out_dir is not None else None
-    store = JsonFileRecords(folder / "methods") if folder is not None else None
-    if store is not None:
-        store.folder.mkdir(parents=True, exist_ok=True)
+    store = method_store(folder)
     run_info = {**dict(info or {}), "settings": settings.to_dict(), "n_ab": len(ab_items)}
     run_info.update(n_open_ended=len(open_ended_items), n_harmless=len(harmless_prompts))
 
@@ -288,13 +311,7 @@ def compare_setups(
 
         return Job(entry.name, run, check)
 
-    def done(name: str, record: Record, resumed: bool) -> None:
-        if on_method is not None:
-            on_method(name, record["result"], resumed)
-
-    records = run_jobs([job(e) for e in setups], store, on_done=done, progress=progress, desc="methods",
-                       unit="method")  # fmt: skip
-    results = {name: record["result"] for name, record in records.items()}
+    results = run_methods([job(e) for e in setups], store, on_method, progress)
     comparison = ComparisonResult(results, judge_desc, run_info, folder)
     if folder is not None:
         (folder / "results.json").write_text(
