@@ -34,6 +34,7 @@ from finesteer.fit.hsi_directions import DIRECTIONS_FROM, DirectionsFrom, hsi_di
 from finesteer.fit.steering import Steering
 from finesteer.locate.hsi import select_heads, sweep_heads
 from finesteer.locate.hsi_table import RANK_BY, HsiSweep, RankBy, check_alphas
+from finesteer.locate.selection import Selection
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
 from finesteer.sites import Head, check_heads
@@ -251,6 +252,38 @@ def sweep_split(
     return HeadSweep(sweep, directions, len(direction_items), len(sweep_items), hashed, record, seconds)
 
 
+def _metadata(
+    c: HSIConfig, run: HeadSweep, selection: Selection, val_items: Sequence[ABItem], total_seconds: float
+) -> dict[str, Any]:
+    """What `fit_hsi` records about a fit (the Steering's metadata and `selection.json`)."""
+    return {
+        "heads": [[layer, h] for layer, h in selection.heads],
+        "alpha": selection.alpha,
+        "alpha_units": "sigma",
+        "scope": "last",
+        "sigma": run.directions.summary(selection.heads),
+        "selection": selection.to_dict(),
+        "sweep": run.sweep.summary(top=max(10, c.k), rank_by=c.rank_by),
+        "rank_by": c.rank_by,
+        "balance_letters": c.balance_letters,
+        "n_direction_items": run.n_direction_items,
+        "n_sweep_items": run.n_sweep_items,
+        "n_val_items": len(val_items),
+        "direction_items_hash": run.direction_items_hash,
+        "val_items_hash": items_hash(val_items),
+        "system": c.prompt.system,
+        "prefill": c.prompt.prefill,
+        "position": "last token of prompt + answer",
+        **run.source,
+        "final_check": None,  # filled by `finesteer.methods.hsi.fit_hsi_checked` (it generates)
+        "seconds": {
+            "directions": round(run.seconds["directions"], 1),
+            "sweep": round(run.seconds["sweep"], 1),
+            "total": round(total_seconds, 1),
+        },
+    }
+
+
 def fit_hsi(
     lm: LoadedModel,
     train_items: Sequence[ABItem],
@@ -303,7 +336,7 @@ def fit_hsi(
         run_dir=folder,
         progress=progress,
     )
-    sweep, directions, source = run.sweep, run.directions, run.source
+    sweep, directions = run.sweep, run.directions
     selection = select_heads(
         lm,
         sweep,
@@ -318,32 +351,7 @@ def fit_hsi(
         max_rows=c.max_rows,
     )
     intervention = directions.intervention(selection.heads, selection.alpha, scope="last")
-    metadata: dict[str, Any] = {
-        "heads": [[layer, h] for layer, h in selection.heads],
-        "alpha": selection.alpha,
-        "alpha_units": "sigma",
-        "scope": "last",
-        "sigma": directions.summary(selection.heads),
-        "selection": selection.to_dict(),
-        "sweep": sweep.summary(top=max(10, c.k), rank_by=c.rank_by),
-        "rank_by": c.rank_by,
-        "balance_letters": c.balance_letters,
-        "n_direction_items": run.n_direction_items,
-        "n_sweep_items": run.n_sweep_items,
-        "n_val_items": len(val_items),
-        "direction_items_hash": run.direction_items_hash,
-        "val_items_hash": items_hash(val_items),
-        "system": c.prompt.system,
-        "prefill": c.prompt.prefill,
-        "position": "last token of prompt + answer",
-        **source,
-        "final_check": None,  # filled by `finesteer.methods.hsi.fit_hsi_checked` (it generates)
-        "seconds": {
-            "directions": round(run.seconds["directions"], 1),
-            "sweep": round(run.seconds["sweep"], 1),
-            "total": round(time.perf_counter() - started, 1),
-        },
-    }
+    metadata = _metadata(c, run, selection, val_items, time.perf_counter() - started)
     if folder is not None:
         scores = sweep.head_scores(c.rank_by, model_name=lm.name, model_fingerprint=lm.fingerprint)
         scores.save(folder / "head_scores")
