@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import torch
 from safetensors.torch import load_file
@@ -84,6 +84,27 @@ class PromptBatch:
     input_ids: Tensor
     mask: Tensor
     last: Tensor
+
+
+@overload
+def last_logits(lm: LoadedModel, batch: PromptBatch) -> Tensor: ...
+@overload
+def last_logits(lm: LoadedModel, batch: PromptBatch, *, logits: bool) -> Tensor | None: ...
+def last_logits(lm: LoadedModel, batch: PromptBatch, *, logits: bool = True) -> Tensor | None:
+    """One forward of `batch`: the logits at each row's last real position [B, vocab] (the vocabulary
+    is projected only there), or None with `logits=False` (hooks then read what they need)."""
+    positions = torch.unique(batch.last)
+    output = lm.model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.mask,
+        use_cache=False,
+        logits_to_keep=positions if logits else 1,
+    )
+    if not logits:
+        return None
+    column = torch.searchsorted(positions, batch.last)
+    rows = torch.arange(batch.last.shape[0], device=batch.last.device)
+    return output.logits[rows, column]
 
 
 def prompt_batches(

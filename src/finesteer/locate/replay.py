@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from finesteer.hooks import HookSet
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
-from finesteer.locate.engine import PromptBatch, ScanError
+from finesteer.locate.engine import PromptBatch, ScanError, last_logits
 from finesteer.models.loading import LoadedModel
 
 REPLAY_TOLERANCE = 1e-4
@@ -91,19 +91,11 @@ def record_prefix(lm: LoadedModel, batch: PromptBatch, keep: set[int]) -> Record
         captured["hidden"] = value[rows, batch.last].detach()
 
     modules = [*(layers[i] for i in range(first, n_layers)), norm]
-    positions = torch.unique(batch.last)
     with HookSet(lm.model, lm.adapter) as hooks, torch.no_grad():
         for offset, module in enumerate(modules):
             hooks.keep(module.register_forward_pre_hook(pre_hook(first + offset), with_kwargs=True))
         hooks.keep(norm.register_forward_hook(read_norm))
-        output = lm.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.mask,
-            use_cache=False,
-            logits_to_keep=positions,
-        )
-    column = torch.searchsorted(positions, batch.last)
-    logits = output.logits[rows, column].detach().float().cpu()
+        logits = last_logits(lm, batch).detach().float().cpu()
     return RecordedPrefix(batch, calls, logits, captured["hidden"].float().cpu())
 
 
