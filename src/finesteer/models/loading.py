@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,12 @@ import torch
 from torch import nn
 
 from finesteer.errors import FinesteerError
-from finesteer.models.adapters import ArchitectureAdapter, adapter_for
+from finesteer.models.adapters import ADAPTERS, ArchitectureAdapter, adapter_for
+from finesteer.models.cache import file_sha256, model_fingerprint
 from finesteer.models.info import ModelInfo
+from finesteer.models.offline import resolve_registry_model
+from finesteer.models.registry import REGISTRY, UnknownModelError
+from finesteer.models.tiny import TINY_CONFIGS, build_tiny, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,6 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 def _hub_kwargs(name: str) -> dict[str, Any]:
     """How to load hub id `name`: from the local cache when it is there (no network), else after one
     quick probe of the hub, so an unreachable hub fails at once instead of after minutes of retries."""
-    import os
-
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
@@ -113,8 +116,6 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finesteer.models.tiny import TINY_CONFIGS, build_tiny
-
     name = str(name_or_path)
     started = time.perf_counter()
     if name in TINY_CONFIGS:
@@ -127,8 +128,6 @@ def load_model(
     path = Path(name).expanduser()
     fingerprint = ""
     if path.suffix == ".gguf":
-        from finesteer.models.cache import file_sha256
-
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         # the GGUF's own sha256: equal to a registry pin when these are the same weights
@@ -140,10 +139,6 @@ def load_model(
         except _load_errors() as exc:
             raise ModelLoadError(f"cannot load GGUF file {path}: {exc}") from exc
     else:
-        from finesteer.models.cache import model_fingerprint
-        from finesteer.models.offline import resolve_registry_model
-        from finesteer.models.registry import REGISTRY, UnknownModelError
-
         verified = name in REGISTRY
         if verified:
             folder_path = resolve_registry_model(name)  # checked against its manifest
@@ -177,9 +172,6 @@ def load_model(
 def peek_fingerprint(name_or_path: str | Path) -> str | None:
     """The fingerprint `load_model` will report, where it is known without loading: tiny models,
     registry pins, model folders (cheap edge hashes) and hub ids; None for GGUF files (a full hash)."""
-    from finesteer.models.registry import REGISTRY
-    from finesteer.models.tiny import TINY_CONFIGS
-
     name = str(name_or_path)
     if name in TINY_CONFIGS:
         return f"{name}-seed0"
@@ -189,8 +181,6 @@ def peek_fingerprint(name_or_path: str | Path) -> str | None:
     if path.suffix == ".gguf":
         return None
     if path.is_dir():
-        from finesteer.models.cache import model_fingerprint
-
         try:
             return model_fingerprint(path)
         except OSError:
@@ -203,10 +193,6 @@ def peek_model_info(name_or_path: str | Path) -> ModelInfo | None:
 
     Recipes use it to reject out-of-range layers and heads before any heavy work starts.
     """
-    from finesteer.models.adapters import ADAPTERS
-    from finesteer.models.registry import REGISTRY
-    from finesteer.models.tiny import TINY_CONFIGS, tiny_tokenizer
-
     name = str(name_or_path)
     if name in TINY_CONFIGS:
         config = TINY_CONFIGS[name](len(tiny_tokenizer()))

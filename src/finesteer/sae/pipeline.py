@@ -75,6 +75,22 @@ class PipelineResult:
         }
 
 
+def _described(sae: SparseAutoencoder, corpus: CorpusSpec, training: dict[str, Any]) -> SparseAutoencoder:
+    """`sae` with its provenance metadata: corpus, excluded positions, the training record."""
+    sae.cfg = replace(
+        sae.cfg,
+        metadata={
+            **sae.cfg.metadata,
+            "prepend_bos": False,
+            "context_size": None,
+            "dataset_path": "finesteer corpus: " + json.dumps(asdict(corpus)),
+            "exclude_positions": "first token of each text; shared template prefix kept once",
+            "training": training,
+        },
+    )
+    return sae
+
+
 def train_on_model(
     lm: LoadedModel,
     layer: int,
@@ -171,24 +187,14 @@ def _collect_and_train(
     timings["train_cpu_s"] = round(_cpu_seconds() - cpu, 1)
     metrics = evaluate_sae(result.sae, heldout)
     write_history(run, result, metrics)
-    final = result.sae.folded()
-    final.cfg = replace(
-        final.cfg,
-        metadata={
-            **final.cfg.metadata,
-            "prepend_bos": False,
-            "context_size": None,
-            "dataset_path": "finesteer corpus: " + json.dumps(asdict(corpus)),
-            "exclude_positions": "first token of each text; shared template prefix kept once",
-            "training": {
-                "config": asdict(config),
-                "n_train_tokens": len(train),
-                "n_heldout_tokens": len(heldout),
-                "heldout": metrics.to_dict(),
-                "timings": timings,
-            },
-        },
-    )
+    training = {
+        "config": asdict(config),
+        "n_train_tokens": len(train),
+        "n_heldout_tokens": len(heldout),
+        "heldout": metrics.to_dict(),
+        "timings": timings,
+    }
+    final = _described(result.sae.folded(), corpus, training)
     save_sae(final, out)
     return PipelineResult(final, out, metrics, timings, len(train), len(texts))
 
