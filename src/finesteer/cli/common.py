@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -115,6 +115,28 @@ def show(result: dict[str, Any], json_out: bool) -> None:
         if key == "command":
             continue
         text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(key, text)
+    Console().print(table)
+
+
+def show_json(result: dict[str, Any], json_out: bool) -> None:
+    """A command's result as one JSON object: compact on stdout with `--json`, else pretty-printed."""
+    if json_out:
+        emit_json(result)
+        return
+    Console().print_json(json.dumps(result, default=str))
+
+
+def print_rows(title: str, rows: Iterable[tuple[str, Any]], float_format: str = ".3f") -> None:
+    """A titled two-column table; floats in `float_format`, None as '-'."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        if value is None:
+            text = "-"
+        else:
+            text = format(value, float_format) if isinstance(value, float) else str(value)
         table.add_row(key, text)
     Console().print(table)
 
