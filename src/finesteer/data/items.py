@@ -81,15 +81,15 @@ def answer_letter(answer: str) -> str:
     """
     match = _ANSWER_RE.fullmatch(answer)
     if match is None:
-        raise ValueError(f"answer {answer!r} is not of the form '(X)' with X a capital letter")
+        raise DatasetError(f"answer {answer!r} is not of the form '(X)' with X a capital letter")
     return match.group(1)
 
 
 def _require_text(value: object, what: str) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+        raise DatasetError(f"{what} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise ValueError(f"{what} is empty")
+        raise DatasetError(f"{what} is empty")
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,12 @@ class ABItem:
         matching = answer_letter(self.matching)
         not_matching = answer_letter(self.not_matching)
         if matching == not_matching:
-            raise ValueError(f"matching and not_matching are both {self.matching!r}")
+            raise DatasetError(f"matching and not_matching are both {self.matching!r}")
         options = self.options
         if options:
             for name, letter in (("matching", matching), ("not_matching", not_matching)):
                 if letter not in options:
-                    raise ValueError(
+                    raise DatasetError(
                         f"{name} answer ({letter}) is not one of the question's options {options}"
                     )
 

@@ -130,7 +130,7 @@ def split_items(items: Sequence[ABItem], n_held_out: int, seed: int = 0) -> tupl
     for a behaviour change); the order of `rest` follows the input.
     """
     if len(items) < 2:
-        raise ValueError(f"need at least 2 training items to split, got {len(items)}")
+        raise HSIConfigError(f"need at least 2 training items to split, got {len(items)}")
     n = max(1, min(n_held_out, len(items) // 2))
     rng = random.Random(seed)
     groups: dict[str, list[int]] = {}
@@ -154,7 +154,7 @@ def validate_heads(lm: LoadedModel, heads: Iterable[Head]) -> list[Head]:
     """The heads as (layer, head) ints, checked against the model before any expensive step."""
     checked = check_heads(heads, lm.info.n_layers, lm.info.n_heads)
     if not checked:
-        raise ValueError("empty head subset")
+        raise HSIConfigError("empty head subset")
     return checked
 
 
@@ -190,7 +190,7 @@ def fit_hsi(
     if not isinstance(config, HSIConfig):
         raise HSIConfigError(f"config must be an HSIConfig, got {type(config).__name__}")
     if not val_items:
-        raise ValueError("fit_hsi needs validation items to choose α")
+        raise HSIConfigError("fit_hsi needs validation items to choose α")
     c = config
     subset = validate_heads(lm, c.heads_subset) if c.heads_subset is not None else None
     started = time.perf_counter()

@@ -144,7 +144,7 @@ def sahara(
         else all_heads(lm.info)
     )
     if not 1 <= group_size <= len(pool):
-        raise ValueError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size}")
+        raise ScanError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size}")
     if r_main > len(encoded):
         raise ScanError(f"r_main={r_main} needs at least {r_main} prompts, got {len(encoded)}")
     settings = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finesteer.recipes.config import ShipsRecipe
+from finesteer.recipes.config import RecipeError, ShipsRecipe
 from finesteer.recipes.run import RunFolder, data_hash
 from finesteer.recipes.summary import examples_step, finish_report
 
@@ -61,7 +61,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         if q.strip().lower() not in seen
     ]
     if not evaluation:
-        raise ValueError("every evaluation prompt is also an attribution prompt; choose other data")
+        raise RecipeError("every evaluation prompt is also an attribution prompt; choose other data")
     run.update(data_hashes={"attribution": data_hash(attribution), "evaluation": data_hash(evaluation)})
     lm = load_model(recipe.model)
     run.update(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
