@@ -42,12 +42,8 @@ FILE_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     NotADirectoryError,
 )
-# TEMPORARY (issue 13): every library error class now subclasses FinesteerError, but cli/compare.py
-# and cli/sta.py still raise plain ValueError for bad options (tests test_cli_fit_caa_and_compare and
-# test_cli_compare_refusal_task_maps_methods_to_refusal_metrics expect those as one line), and ~27
-# library modules raise plain ValueError for bad input. Drop ValueError once those raise FinesteerErrors.
-_NOT_YET_FINESTEER: tuple[type[BaseException], ...] = (ValueError,)
-USER_ERRORS: tuple[type[BaseException], ...] = (FinesteerError, *FILE_ERRORS, *_NOT_YET_FINESTEER)
+# Input the user gave badly raises a FinesteerError; a plain ValueError is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (FinesteerError, *FILE_ERRORS)
 
 
 def is_user_error(exc: BaseException) -> bool:
