@@ -203,16 +203,9 @@ def fit_iti_command(
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
             fitted = fit_iti(
-                lm,
-                train,
-                val,
-                k=k,
-                alphas=grid,
-                run_dir=run_dir,
-                system=system,
-                batch_size=batch_size,
+                lm, train, val, k=k, alphas=grid, run_dir=run_dir, system=system, batch_size=batch_size,
                 seed=seed,
-            )
+            )  # fmt: skip
             if run_dir is not None:
                 plot_probe_accuracy_folder(run_dir)
             return fitted
@@ -221,7 +214,6 @@ def fit_iti_command(
 
     result = run_command(work)
     show_json(result, json_out)
-
 
 
 @fit_app.command("caa")
