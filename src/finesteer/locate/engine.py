@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "scan.json"
 PART_PREFIX = "part-"
 SCAN_FORMAT = "finesteer.scan_checkpoint"
+SCAN_FORMAT_VERSION = 2
+"""2: candidates keyed by `Intervention.digest()` (1, before 0.2, keyed them by another hash)."""
 
 
 class ScanError(FinesteerError, ValueError):
@@ -141,6 +143,7 @@ def scan_manifest(
     """What names a scan in its checkpoint folder: model, prompts, readout and candidate keys."""
     return {
         "format": SCAN_FORMAT,
+        "format_version": SCAN_FORMAT_VERSION,
         "model_name": lm.name,
         "model_fingerprint": lm.fingerprint,
         "model_info": lm.info.to_dict(),
@@ -161,6 +164,13 @@ class ScanCheckpoint:
         path = folder / MANIFEST_FILE
         if path.is_file():
             found = json.loads(path.read_text())
+            version = found.get("format_version", 1)
+            if version != SCAN_FORMAT_VERSION:
+                raise ScanError(
+                    f"checkpoint {folder} was written by another finesteer version (scan checkpoint "
+                    f"format {version}, this version reads {SCAN_FORMAT_VERSION}) and cannot be resumed; "
+                    "delete it or use another folder"
+                )
             diff = sorted(k for k in manifest if found.get(k) != manifest[k])
             if diff:
                 raise ScanError(
