@@ -1,11 +1,10 @@
 """`finesteer fit hsi|iti|caa|sta`: fit an intervention and write an artifact folder.
 
-`fit hsi` and `fit iti` read an A/B dataset's `generate` split (first `--limit` items) and split it with
-a seeded shuffle: `--n-val` items choose α, HSI further holds out `--n-sweep` items for the head sweep,
-and the rest give the directions; `--test` also scores the `test_ab` split with and without the
-fitted intervention. `fit caa` divides the generate split like `compare` does
-(`finesteer.methods.load_behaviour_data`), so it fits exactly what `compare` fits. `fit sta` selects
-SAE atoms from contrast triples.
+`fit hsi` and `fit iti` fit on an A/B dataset's `generate` split (`finesteer.recipes.fit_split`):
+`--n-val` items choose α, HSI further holds out `--n-sweep` items for the head sweep, and the rest give
+the directions; `--test` also scores the `test_ab` split with and without the fitted intervention.
+`fit caa` divides the generate split like `compare` does (`finesteer.methods.load_behaviour_data`), so
+it fits exactly what `compare` fits. `fit sta` selects SAE atoms from contrast triples.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import typer
 from finesteer.cli.apps import fit_app
 from finesteer.cli.common import emit_json, print_rows, run_command, show_json, stderr_console
 from finesteer.cli.options import (
-    GENERATE_SPLIT,
     ABDataOpt,
     AlphasOpt,
     BatchOpt,
@@ -57,59 +55,6 @@ TestFlag = Annotated[
 ArtifactOut = out_option("Artifact folder to write.")
 
 
-def _fit(
-    method: str,
-    model: str,
-    data: str,
-    limit: int | None,
-    n_val: int,
-    seed: int,
-    out: Path,
-    test: bool,
-    batch_size: int,
-    system: str | None,
-    fit_fn: Any,
-) -> dict[str, Any]:
-    from finesteer.data.typed import load_ab_set
-    from finesteer.evaluate.ab_effect import ab_effect
-    from finesteer.fit.hsi import split_items
-    from finesteer.models import load_model
-    from finesteer.scoring.ab import ABPrompt
-
-    items = load_ab_set(data, GENERATE_SPLIT, limit)
-    started = time.perf_counter()
-    lm = load_model(model)
-    train, val = split_items(items, n_val, seed)
-    stderr_console().print(
-        f"fitting {method} on {model}/{data}: {len(train)} train items, {len(val)} val items"
-    )
-    fitted = fit_fn(lm, train, val)
-    fit_seconds = time.perf_counter() - started
-    metadata = {**fitted.metadata, "data": data, "limit": limit, "split_seed": seed}
-    result: dict[str, Any] = {
-        "method": method,
-        "model": model,
-        "data": data,
-        "artifact": str(out),
-        "heads": metadata["heads"],
-        "alpha": metadata["alpha"],
-        "selection": metadata["selection"],
-        "fit_seconds": round(fit_seconds, 1),
-    }
-    if metadata.get("final_check") is not None:
-        result["final_check"] = metadata["final_check"]
-    if test:
-        stderr_console().print("scoring the test_ab split")
-        test_items = load_ab_set(data, "test_ab")
-        prompt = ABPrompt(system)
-        result["test"] = ab_effect(lm, test_items, fitted.intervention, prompt=prompt, batch_size=batch_size)
-        metadata["test"] = result["test"]
-    fitted.metadata.update(metadata)
-    fitted.save(out, lm)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    return result
-
-
 @fit_app.command("hsi")
 def fit_hsi_command(
     model: ModelArg,
@@ -141,6 +86,7 @@ def fit_hsi_command(
     from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig
     from finesteer.fit.hsi_directions import check_directions_from
     from finesteer.methods.hsi import fit_hsi_checked
+    from finesteer.recipes.fit_split import fit_on_generate_split
     from finesteer.report.sweep import plot_sweep_folder
     from finesteer.scoring.ab import ABPrompt
     from finesteer.sites import parse_heads
@@ -172,7 +118,10 @@ def fit_hsi_command(
                 plot_sweep_folder(run_dir, rank_by=config.rank_by, top=config.k)
             return fitted
 
-        return _fit("hsi", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)
+        return fit_on_generate_split(
+            "hsi", model, data, fit_fn, out, limit=limit, n_val=n_val, seed=seed, test=test,
+            prompt=ABPrompt(system), batch_size=batch_size, say=stderr_console().print,
+        )  # fmt: skip
 
     result = run_command(work)
     show_json(result, json_out)
@@ -196,7 +145,9 @@ def fit_iti_command(
 ) -> None:
     """Fit the ITI baseline (probe-ranked top-k heads, mass-mean direction, α on val); write an artifact."""
     from finesteer.fit.iti import DEFAULT_ITI_ALPHAS, fit_iti
+    from finesteer.recipes.fit_split import fit_on_generate_split
     from finesteer.report.probes import plot_probe_accuracy_folder
+    from finesteer.scoring.ab import ABPrompt
 
     def work() -> dict[str, Any]:
         grid = parse_numbers(alphas, "--alphas") or DEFAULT_ITI_ALPHAS
@@ -210,7 +161,10 @@ def fit_iti_command(
                 plot_probe_accuracy_folder(run_dir)
             return fitted
 
-        return _fit("iti", model, data, limit, n_val, seed, out, test, batch_size, system, fit_fn)
+        return fit_on_generate_split(
+            "iti", model, data, fit_fn, out, limit=limit, n_val=n_val, seed=seed, test=test,
+            prompt=ABPrompt(system), batch_size=batch_size, say=stderr_console().print,
+        )  # fmt: skip
 
     result = run_command(work)
     show_json(result, json_out)

@@ -15,7 +15,6 @@ import typer
 from finesteer.cli.apps import locate_app
 from finesteer.cli.common import emit_json, run_command, show, show_json, stderr_console
 from finesteer.cli.options import (
-    GENERATE_SPLIT,
     ABDataOpt,
     AlphasOpt,
     BatchOpt,
@@ -277,6 +276,7 @@ def locate_hsi(
     from finesteer.locate.hsi_table import check_alphas
     from finesteer.locate.run_folder import write_run
     from finesteer.models import load_model
+    from finesteer.recipes.fit_split import GENERATE_SPLIT
     from finesteer.report.sweep import plot_sweep
     from finesteer.scoring.ab import ABPrompt
     from finesteer.sites import parse_heads
@@ -328,6 +328,7 @@ def locate_iti(
     from finesteer.fit.iti import probe_items
     from finesteer.locate.run_folder import write_run
     from finesteer.models import load_model
+    from finesteer.recipes.fit_split import GENERATE_SPLIT
     from finesteer.report.heatmap import plot_head_heatmap
 
     def work() -> dict[str, Any]:

@@ -53,7 +53,6 @@ OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default:
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a checkpointed run in --out.")]
 
 # A/B behaviour commands (locate hsi|iti, fit hsi|iti|caa, compare).
-GENERATE_SPLIT = "generate"  # the split the A/B commands fit and locate on
 ABDataOpt = Annotated[
     str,
     typer.Option("--data", help="CAA-style A/B behaviour: coordinate-other-ais, sycophancy, myopic-reward…"),
