@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from finesteer.interventions.edit import check_eps
-from finesteer.locate.engine import EncodedPrompts, ScanError, encode_prompts
+from finesteer.locate.engine import EncodedPrompts, ScanError, as_encoded
 from finesteer.locate.fast_scan import run_scan
 from finesteer.locate.scan import LastHidden
 from finesteer.locate.scores import HeadScores
@@ -137,7 +137,7 @@ def sahara(
     step N forwards instead of all heads). Ties go to the first head in (layer, head) order.
     `engine` picks the scan engine ('fast' or 'simple', `finesteer.locate.fast_scan.run_scan`).
     """
-    encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
+    encoded = as_encoded(lm, prompts)
     pool = (
         check_heads(candidates, lm.info.n_layers, lm.info.n_heads)
         if candidates is not None

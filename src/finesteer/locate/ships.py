@@ -195,6 +195,20 @@ def ships_scores(
         "prompts_hash": encoded.texts_hash,
         "n_prompts": len(encoded),
     }
+    return _level_scores(lm, values, levels, heads, base, r_main, common, seconds)
+
+
+def _level_scores(
+    lm: LoadedModel,
+    values: Tensor,
+    levels: tuple[str, ...],
+    heads: list[Head],
+    base: Tensor | None,
+    r_main: int,
+    common: dict[str, Any],
+    seconds: float,
+) -> dict[str, HeadScores]:
+    """The scan's values as query-level (KL) and/or dataset-level (subspace angle) head tables."""
     out: dict[str, HeadScores] = {}
     if "query" in levels:
         kl = values if levels == ("query",) else values[:, :, 0]
