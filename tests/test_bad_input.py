@@ -25,7 +25,7 @@ import finesteer.models.loading
 from finesteer.activations import capture
 from finesteer.artifacts import ArtifactError, load_intervention, save_intervention
 from finesteer.cli import app
-from finesteer.errors import ArgumentError, FinesteerError
+from finesteer.errors import FinesteerError
 from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
 from finesteer.evaluate.harness import ResumeError, run_generations
 from finesteer.fit.hsi import split_items
@@ -158,7 +158,7 @@ def test_negative_or_nan_eps_is_refused(eps: float) -> None:
     ],
 )
 def test_generation_settings_are_checked_on_construction(kwargs: dict, pattern: str) -> None:
-    with pytest.raises(ArgumentError, match=pattern):
+    with pytest.raises(FinesteerError, match=pattern):
         GenerationConfig(**kwargs)
 
 

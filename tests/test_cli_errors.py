@@ -31,7 +31,9 @@ def test_a_finesteer_error_prints_one_line_and_exits_2(monkeypatch: pytest.Monke
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("bug", [RuntimeError("CUDA out of memory"), KeyError("layer"), TypeError("x")])
+@pytest.mark.parametrize(
+    "bug", [RuntimeError("CUDA out of memory"), KeyError("layer"), TypeError("x"), ValueError("bad shape")]
+)
 def test_a_bug_propagates_with_its_traceback(monkeypatch: pytest.MonkeyPatch, bug: Exception) -> None:
     _fail_loading(monkeypatch, bug)
     result = CliRunner().invoke(app, ["info", "tiny-llama"])
@@ -66,6 +68,23 @@ def test_a_bad_option_value_is_one_line() -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert result.output.strip() == "error: cannot parse --ks '1,x': write integers separated by commas"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["locate", "ships", "tiny-llama", "--data", "advbench", "--mode", "xx"], "unknown Ships mode 'xx'"),
+        (["eval", "ab", "tiny-llama", "--data", "coordinate-other-ais", "--limit", "-1"], "limit must be"),
+        (["compare", "tiny-llama", "--methods", " , "], "--methods is empty"),
+        (["compare", "tiny-llama", "--settings", "[1]"], "--settings must map each method name"),
+    ],
+)
+def test_library_input_errors_are_one_line(args: list[str], message: str) -> None:
+    """Bad input the library rejects (a FinesteerError subclass, not a plain ValueError) is one line."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and message in result.output
+    assert "Traceback" not in result.output
 
 
 def test_option_helpers() -> None:

@@ -11,6 +11,7 @@ from the global RNG and takes no `torch.Generator`, hence the fork rather than a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -18,11 +19,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from finesteer.errors import ArgumentError, check_count, check_number
+from finesteer.errors import FinesteerError
 from finesteer.interventions.apply import intervene, resolve
 from finesteer.interventions.edit import Intervention
 from finesteer.models.context import check_prompt_lengths
 from finesteer.models.loading import LoadedModel
+
+
+class GenerationError(FinesteerError, ValueError):
+    """Generation settings that cannot work (no tokens, no batch, sampling at temperature 0)."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,12 @@ class GenerationConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        check_count(self.max_new_tokens, "max_new_tokens")
-        check_count(self.batch_size, "batch_size")
-        check_number(self.top_p, "top_p", minimum=0.0)
-        if self.do_sample and not check_number(self.temperature, "temperature") > 0:
-            raise ArgumentError("sampling needs temperature > 0 (use do_sample=False for greedy)")
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GenerationError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if self.do_sample and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise GenerationError("sampling needs a finite temperature > 0 (use do_sample=False for greedy)")
 
 
 @contextmanager

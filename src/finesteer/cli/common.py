@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -42,12 +42,8 @@ FILE_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     NotADirectoryError,
 )
-# TEMPORARY (issue 13): every library error class now subclasses FinesteerError, but cli/compare.py
-# and cli/sta.py still raise plain ValueError for bad options (tests test_cli_fit_caa_and_compare and
-# test_cli_compare_refusal_task_maps_methods_to_refusal_metrics expect those as one line), and ~27
-# library modules raise plain ValueError for bad input. Drop ValueError once those raise FinesteerErrors.
-_NOT_YET_FINESTEER: tuple[type[BaseException], ...] = (ValueError,)
-USER_ERRORS: tuple[type[BaseException], ...] = (FinesteerError, *FILE_ERRORS, *_NOT_YET_FINESTEER)
+# Input the user gave badly raises a FinesteerError; a plain ValueError is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (FinesteerError, *FILE_ERRORS)
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -115,6 +111,28 @@ def show(result: dict[str, Any], json_out: bool) -> None:
         if key == "command":
             continue
         text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(key, text)
+    Console().print(table)
+
+
+def show_json(result: dict[str, Any], json_out: bool) -> None:
+    """A command's result as one JSON object: compact on stdout with `--json`, else pretty-printed."""
+    if json_out:
+        emit_json(result)
+        return
+    Console().print_json(json.dumps(result, default=str))
+
+
+def print_rows(title: str, rows: Iterable[tuple[str, Any]], float_format: str = ".3f") -> None:
+    """A titled two-column table; floats in `float_format`, None as '-'."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        if value is None:
+            text = "-"
+        else:
+            text = format(value, float_format) if isinstance(value, float) else str(value)
         table.add_row(key, text)
     Console().print(table)
 

@@ -8,10 +8,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, load_with_intervention, run_command, stderr_console
 from finesteer.cli.options import InterventionOpt, JsonFlag, ModelArg, OtherWeightsOpt, SystemOpt
 
 
+@app.command("models")
 def models(json_out: JsonFlag = False) -> None:
     """List the offline model registry and what is already in the local cache."""
     from finesteer.models.offline import registry_status
@@ -32,6 +34,7 @@ def models(json_out: JsonFlag = False) -> None:
     Console().print(f"tiny test models (random weights): {', '.join(TINY_CONFIGS)}")
 
 
+@app.command("info")
 def info(
     model: ModelArg,
     json_out: JsonFlag = False,
@@ -64,6 +67,7 @@ def info(
     Console().print(table)
 
 
+@app.command("generate")
 def generate(
     model: ModelArg,
     prompt: Annotated[str, typer.Argument(help="User message (the chat template is applied unless --raw).")],

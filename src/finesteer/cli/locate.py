@@ -1,7 +1,7 @@
-"""Safety-head commands: `locate ships`, `locate sahara`, `locate overlap`, `ablate`, `export-surgery`.
+"""`finesteer locate ships|sahara|attribution|hsi|iti|overlap`: score every head for a behaviour.
 
-The run folder they write and read is defined in `finesteer.locate.run_folder`; `ablate` is
-`finesteer.evaluate.ablation`. Each command parses its options, calls the library and prints.
+Ships, Sahara and attribution ablate heads on a prompt set (run folder: `finesteer.locate.run_folder`);
+`locate hsi` sweeps single-head steering and `locate iti` probes every head on an A/B `generate` split.
 """
 
 from __future__ import annotations
@@ -12,28 +12,59 @@ from typing import Annotated, Any
 
 import typer
 
-from finesteer.cli.apps import app, locate_app
-from finesteer.cli.common import emit_json, run_command, show, stderr_console
+from finesteer.cli.apps import locate_app
+from finesteer.cli.common import emit_json, run_command, show, show_json, stderr_console
 from finesteer.cli.options import (
+    ABDataOpt,
+    AlphasOpt,
     BatchOpt,
+    CompletionsOpt,
+    DirectionsFromOpt,
     EngineOpt,
     EpsOpt,
+    GenerateLimitOpt,
+    HeadsOpt,
     JsonFlag,
     LimitOpt,
     ModelArg,
     ModeOpt,
+    NSamplesOpt,
+    NSweepOpt,
+    NValOpt,
+    OutOpt,
     PromptDataOpt,
+    RankOpt,
+    ResumeOpt,
+    SeedOpt,
     SplitOpt,
+    SystemOpt,
     TemplateOpt,
     check_choice,
+    head_names,
     out_option,
     parse_numbers,
     slug,
 )
 
-OutOpt = Annotated[Path | None, out_option("Run folder (default: runs/<command>-<model>-…).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a checkpointed run in --out.")]
 LEVELS = ("query", "dataset", "both")
+METRICS = ("kl", "refusal")
+
+
+def _prompts(
+    model: str, data: str, split: str | None, limit: int | None, template: str, folder: Path | None = None
+) -> tuple[Any, list[str], list[str], list[str]]:
+    """The model and the formatted prompts of a head-ablation scan (`prompts.jsonl` written to `folder`)."""
+    from finesteer.data.typed import load_queries
+    from finesteer.locate.run_folder import write_prompts
+    from finesteer.locate.ships import format_queries
+    from finesteer.models import load_model
+
+    queries, ids = load_queries(data, split, limit)
+    lm = load_model(model)
+    prompts = format_queries(lm, queries, template)
+    if folder is not None:
+        write_prompts(folder, queries, ids)
+    return lm, queries, ids, prompts
 
 
 @locate_app.command("ships")
@@ -45,11 +76,8 @@ def ships(
     mode: ModeOpt = "ua",
     eps: EpsOpt = 1e-5,
     level: Annotated[
-        str,
-        typer.Option(
-            help="query (next-token KL), dataset (principal angles), or both from one scan "
-            "(then written to OUT/query and OUT/dataset)."
-        ),
+        str, typer.Option(help="query (next-token KL), dataset (principal angles), or both from one scan "
+                          "(then written to OUT/query and OUT/dataset).")
     ] = "query",
     r_main: Annotated[int, typer.Option(help="Principal angles summed (dataset level).")] = 1,
     template: TemplateOpt = "chat",
@@ -62,20 +90,15 @@ def ships(
     """Score every head by how much ablating it changes the model's response to harmful prompts."""
 
     def work() -> dict[str, Any]:
-        from finesteer.data.typed import load_queries
         from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
-        from finesteer.models import load_model
         from finesteer.report.heatmap import plot_head_heatmap
 
         check_choice(level, LEVELS, "--level")
         ships_lib.ablation_method(mode)
         folder = out or Path("runs") / slug("ships", model, data, mode, level)
         checkpoint = run_folder.prepare(folder, resume)
-        queries, ids = load_queries(data, split, limit)
-        lm = load_model(model)
-        prompts = ships_lib.format_queries(lm, queries, template)
-        run_folder.write_prompts(folder, queries, ids)
+        lm, queries, ids, prompts = _prompts(model, data, split, limit, template, folder)
         levels = ("query", "dataset") if level == "both" else (level,)
         n_heads = lm.info.n_layers * lm.info.n_heads
         stderr_console().print(
@@ -83,29 +106,14 @@ def ships(
         )
         started = time.perf_counter()
         tables = ships_lib.ships_scores(
-            lm,
-            prompts,
-            levels=levels,
-            mode=mode,
-            eps=eps,
-            r_main=r_main,
-            batch_size=batch_size,
-            checkpoint=checkpoint,
-            engine=engine,
-        )
+            lm, prompts, levels=levels, mode=mode, eps=eps, r_main=r_main, batch_size=batch_size,
+            checkpoint=checkpoint, engine=engine,
+        )  # fmt: skip
         seconds = round(time.perf_counter() - started, 1)
         info = {
-            "command": "locate ships",
-            "model": model,
-            "data": data,
-            "split": split,
-            "limit": limit,
-            "n_prompts": len(prompts),
-            "mode": mode,
-            "eps": eps,
-            "template": template,
-            "seconds": seconds,
-        }
+            "command": "locate ships", "model": model, "data": data, "split": split, "limit": limit,
+            "n_prompts": len(prompts), "mode": mode, "eps": eps, "template": template, "seconds": seconds,
+        }  # fmt: skip
         combined = level == "both"
         payload = run_folder.save_ships(
             folder, tables, info, queries, ids, lm.info.n_heads, r_main=r_main, combined=combined
@@ -143,35 +151,22 @@ def sahara(
     """Greedily find the head group whose joint ablation moves the safety subspace most."""
 
     def work() -> dict[str, Any]:
-        from finesteer.data.typed import load_queries
         from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
         from finesteer.locate.sahara import sahara as run_sahara
         from finesteer.locate.scores import HeadScores
-        from finesteer.models import load_model
         from finesteer.report.heatmap import plot_head_heatmap
 
         ships_lib.ablation_method(mode)
         folder = out or Path("runs") / slug("sahara", model, data, mode)
         checkpoint = run_folder.prepare(folder, resume)
         candidates = HeadScores.load(candidates_from).top_heads(top_n) if candidates_from else None
-        queries, ids = load_queries(data, split, limit)
-        lm = load_model(model)
-        prompts = ships_lib.format_queries(lm, queries, template)
-        run_folder.write_prompts(folder, queries, ids)
+        lm, _, _, prompts = _prompts(model, data, split, limit, template, folder)
         started = time.perf_counter()
         result = run_sahara(
-            lm,
-            prompts,
-            group_size=group_size,
-            mode=mode,
-            eps=eps,
-            r_main=r_main,
-            candidates=candidates,
-            batch_size=batch_size,
-            checkpoint=checkpoint,
-            engine=engine,
-        )
+            lm, prompts, group_size=group_size, mode=mode, eps=eps, r_main=r_main, candidates=candidates,
+            batch_size=batch_size, checkpoint=checkpoint, engine=engine,
+        )  # fmt: skip
         seconds = round(time.perf_counter() - started, 1)
         sahara_file = run_folder.write_sahara(folder, result)
         first = result.step_scores(lm, 0)
@@ -179,22 +174,12 @@ def sahara(
         first.save(folder)
         plot_head_heatmap(first, folder / "heatmap.png", title=f"Sahara step 1 {mode} · {model} · {data}")
         payload = {
-            "command": "locate sahara",
-            "model": model,
-            "data": data,
-            "split": split,
-            "n_prompts": len(prompts),
-            "mode": mode,
-            "eps": eps,
-            "r_main": r_main,
-            "template": template,
-            "group": [f"{layer}.{head}" for layer, head in result.group],
-            "step_scores": [s.score for s in result.steps],
-            "seconds": seconds,
-            "out": str(folder),
-            "sahara_json": str(sahara_file),
+            "command": "locate sahara", "model": model, "data": data, "split": split,
+            "n_prompts": len(prompts), "mode": mode, "eps": eps, "r_main": r_main, "template": template,
+            "group": head_names(result.group), "step_scores": [s.score for s in result.steps],
+            "seconds": seconds, "out": str(folder), "sahara_json": str(sahara_file),
             "heatmap": str(folder / "heatmap.png"),
-        }
+        }  # fmt: skip
         run_folder.write_run(folder, payload)
         return payload
 
@@ -202,112 +187,178 @@ def sahara(
     show(result, json_out)
 
 
-@app.command("ablate")
-def ablate(
+@locate_app.command("attribution")
+def attribution(
     model: ModelArg,
     data: PromptDataOpt,
-    heads: Annotated[str | None, typer.Option(help="Ranked heads LAYER.HEAD,… (best first).")] = None,
-    from_run: Annotated[
-        Path | None, typer.Option(help="Take the ranked heads (or Sahara group) from this run folder.")
-    ] = None,
-    eval_kind: Annotated[str, typer.Option("--eval", help="What to measure: asr.")] = "asr",
     split: SplitOpt = None,
     limit: LimitOpt = None,
-    ks: Annotated[str | None, typer.Option(help="Head counts to ablate, e.g. 1,2,3 (default 1..5).")] = None,
-    mode: Annotated[str | None, typer.Option(help="ua or sc (default: the run's mode, else ua).")] = None,
-    eps: Annotated[
-        float | None, typer.Option(help="Ablation factor ε (default: the run's, else 1e-5).")
-    ] = None,
-    random_seeds: Annotated[int, typer.Option(help="Random-head control sets per k.")] = 3,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (greedy).")] = 64,
-    harmless: Annotated[
-        str | None, typer.Option(help="Harmless dataset for helpfulness ('none' to skip).")
-    ] = "jailbreakbench-benign",
-    harmless_limit: Annotated[int | None, typer.Option(help="Harmless prompts (default: --limit).")] = None,
-    helpfulness_ks: Annotated[
-        str | None, typer.Option(help="Head counts whose helpfulness is measured (default: all --ks).")
-    ] = None,
-    mc: Annotated[
-        str, typer.Option(help="Multiple-choice set for helpfulness accuracy ('none' to skip).")
-    ] = "finesteer-mc",
-    template: TemplateOpt = "chat",
-    batch_size: BatchOpt = 8,
-    out: OutOpt = None,
-    resume: ResumeOpt = False,
-    json_out: JsonFlag = False,
-) -> None:
-    """Ablate the top-k heads and measure ASR against the unmodified model and random heads."""
-
-    def work() -> dict[str, Any]:
-        from finesteer.evaluate.ablation import AblationSetup, plan_ablation, run_ablation
-        from finesteer.models import load_model
-
-        setup = AblationSetup(
-            data=data,
-            heads=heads,
-            from_run=from_run,
-            eval_kind=eval_kind,
-            split=split,
-            limit=limit,
-            ks=parse_numbers(ks, "--ks", int),
-            mode=mode,
-            eps=eps,
-            random_seeds=random_seeds,
-            max_new_tokens=max_new_tokens,
-            harmless=harmless,
-            harmless_limit=harmless_limit,
-            helpfulness_ks=parse_numbers(helpfulness_ks, "--helpfulness-ks", int),
-            mc=mc,
-            template=template,
-            batch_size=batch_size,
-        )
-        plan = plan_ablation(setup)
-        lm = load_model(model)
-        folder = out or from_run or Path("runs") / slug("ablate", model, data, plan.mode)
-        summary = run_ablation(lm, plan, folder, resume=resume)
-        return {"command": "ablate", "model": model, **summary}
-
-    result = run_command(work)
-    show(result, json_out)
-
-
-@app.command("export-surgery")
-def export_surgery(
-    model: ModelArg,
-    heads: Annotated[str, typer.Option(help="Heads to ablate, LAYER.HEAD,…")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the exported HF model (must be empty).")],
     mode: ModeOpt = "ua",
     eps: EpsOpt = 1e-5,
-    verify: Annotated[
-        bool, typer.Option(help="Reload with plain transformers and compare logits with the hooked model.")
-    ] = True,
+    metric: Annotated[
+        str, typer.Option(help="kl (query-level Ships: KL from the unablated next-token distribution, second "
+                          "order) or refusal (drop in log p(refusal opening tokens), first order).")
+    ] = "kl",
+    top_n: Annotated[int, typer.Option(help="Heads verified exactly (the estimate's best).")] = 16,
+    outcomes: Annotated[int, typer.Option(help="KL: likeliest tokens kept as outcomes (+ the rest).")] = 2,
+    linearize: Annotated[
+        str, typer.Option(help="activation (ua: exact uniform-attention output change) or gate.")
+    ] = "activation",
+    template: TemplateOpt = "chat",
+    batch_size: BatchOpt = 8,
+    engine: EngineOpt = "fast",
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Export a copy of the model with the head ablation baked into its weights (plain HF folder)."""
+    """Estimate every head's ablation effect from one forward + backward, verify the top ones exactly."""
 
     def work() -> dict[str, Any]:
-        from finesteer.models import load_model
-        from finesteer.sites import parse_heads
-        from finesteer.surgery import export_surgery as run_export
-        from finesteer.surgery import verify_export
+        from finesteer.locate import run_folder
+        from finesteer.locate import ships as ships_lib
+        from finesteer.locate.attribution.metrics import KLDivergence, TokenLogProb, refusal_token_ids
+        from finesteer.locate.attribution.prerank import pre_ranked_scan
+        from finesteer.report.heatmap import plot_head_heatmap
 
+        check_choice(metric, METRICS, "--metric")
+        ships_lib.ablation_method(mode)
+        folder = out or Path("runs") / slug("attribution", model, data, mode, metric)
+        lm, queries, ids, prompts = _prompts(model, data, split, limit, template)
+        chosen = KLDivergence(outcomes) if metric == "kl" else TokenLogProb(refusal_token_ids(lm.tokenizer))
+        n_heads = lm.info.n_layers * lm.info.n_heads
+        stderr_console().print(
+            f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} on {len(prompts)} "
+            f"prompts, verifying the top {top_n}"
+        )
+        started = time.perf_counter()
+        result = pre_ranked_scan(
+            lm, prompts, chosen, mode=mode, eps=eps, top_n=top_n, linearize=linearize,
+            batch_size=batch_size, engine=engine,
+        )  # fmt: skip
+        seconds = round(time.perf_counter() - started, 1)
+        info = {
+            "command": "locate attribution", "model": model, "data": data, "split": split, "limit": limit,
+            "n_prompts": len(prompts), "mode": mode, "eps": eps, "metric": chosen.key(),
+            "linearize": linearize, "top_n": top_n,
+        }  # fmt: skip
+        payload = run_folder.save_attribution(folder, result, queries, ids, info, seconds)
+        estimate_map = folder / run_folder.ESTIMATE_DIR / run_folder.HEATMAP_FILE
+        plot_head_heatmap(result.estimate, estimate_map, title=f"estimate · {model}")
+        plot_head_heatmap(result.scores, folder / run_folder.HEATMAP_FILE, title=f"verified heads · {model}")
+        return payload
+
+    show(run_command(work), json_out)
+
+
+@locate_app.command("hsi")
+def locate_hsi(
+    model: ModelArg,
+    data: ABDataOpt = "coordinate-other-ais",
+    limit: GenerateLimitOpt = None,
+    alphas: AlphasOpt = None,
+    n_sweep: NSweepOpt = 24,
+    heads: HeadsOpt = None,
+    system: SystemOpt = None,
+    batch_size: BatchOpt = 8,
+    rank_by: RankOpt = "balanced",
+    directions_from: DirectionsFromOpt = "ab",
+    completions: CompletionsOpt = None,
+    n_samples: NSamplesOpt = 2,
+    seed: SeedOpt = 0,
+    out: Annotated[Path, out_option("Run folder (rerun the same command to resume).")] = Path("runs/hsi"),
+    json_out: JsonFlag = False,
+) -> None:
+    """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
+    from finesteer.data.typed import load_ab_set
+    from finesteer.fit.completions import load_labelled_completions
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS
+    from finesteer.fit.hsi_directions import check_directions_from
+    from finesteer.fit.hsi_sweep import sweep_hsi_heads
+    from finesteer.locate.hsi_table import check_alphas
+    from finesteer.locate.run_folder import write_run
+    from finesteer.models import load_model
+    from finesteer.recipes.fit_split import GENERATE_SPLIT
+    from finesteer.report.sweep import plot_sweep
+    from finesteer.scoring.ab import ABPrompt
+    from finesteer.sites import parse_heads
+
+    def work() -> dict[str, Any]:
+        grid = check_alphas(parse_numbers(alphas, "--alphas") or DEFAULT_HSI_ALPHAS)
+        subset = parse_heads(heads) if heads else None
+        check_directions_from(directions_from)
+        items = load_ab_set(data, GENERATE_SPLIT, limit)
+        given = load_labelled_completions(completions) if completions is not None else []
+        started = time.perf_counter()
         lm = load_model(model)
-        head_list = parse_heads(heads)
-        folder = run_export(lm, head_list, out, mode=mode, eps=eps)
-        result: dict[str, Any] = {
-            "command": "export-surgery",
-            "model": model,
-            "heads": [f"{layer}.{head}" for layer, head in head_list],
-            "mode": mode,
-            "eps": eps,
-            "out": str(folder),
-        }
-        if verify:
-            result["verify"] = verify_export(lm, head_list, folder, mode=mode, eps=eps)
+        run = sweep_hsi_heads(
+            lm, items, grid, n_sweep=n_sweep, seed=seed, heads=subset, directions_from=directions_from,
+            completions=given, n_samples=n_samples, prompt=ABPrompt(system), batch_size=batch_size,
+            rank_by=rank_by, run_dir=out,  # type: ignore[arg-type]
+        )  # fmt: skip
+        plots = plot_sweep(run.sweep, out, rank_by=rank_by)  # type: ignore[arg-type]
+        result = {
+            "model": model, "data": data, "out": str(out),
+            **run.sweep.summary(top=10, rank_by=rank_by),  # type: ignore[arg-type]
+            "resumed_layers": run.sweep.meta.get("resumed_layers", []),
+            "n_direction_items": run.n_direction_items, **run.source,
+            "plots": [str(p) for p in plots], "seconds": round(time.perf_counter() - started, 1),
+        }  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        write_run(out, {"command": "locate hsi", **result})
         return result
 
     result = run_command(work)
-    show(result, json_out)
+    show_json(result, json_out)
+
+
+@locate_app.command("iti")
+def locate_iti(
+    model: ModelArg,
+    data: ABDataOpt = "coordinate-other-ais",
+    limit: GenerateLimitOpt = None,
+    n_val: NValOpt = 30,
+    system: SystemOpt = None,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    out: Annotated[Path, out_option("Run folder.")] = Path("runs/iti"),
+    json_out: JsonFlag = False,
+) -> None:
+    """Train one logistic probe per head (train items) and rank heads by val accuracy."""
+    from finesteer.data.typed import load_ab_set
+    from finesteer.fit.hsi import split_items
+    from finesteer.fit.iti import probe_items
+    from finesteer.locate.run_folder import write_run
+    from finesteer.models import load_model
+    from finesteer.recipes.fit_split import GENERATE_SPLIT
+    from finesteer.report.heatmap import plot_head_heatmap
+
+    def work() -> dict[str, Any]:
+        items = load_ab_set(data, GENERATE_SPLIT, limit)
+        started = time.perf_counter()
+        lm = load_model(model)
+        train, val = split_items(items, n_val, seed)
+        stderr_console().print(f"ITI probes on {model}: train {len(train)} items, val {len(val)}")
+        probes, z, _ = probe_items(
+            lm, train, val, system=system, batch_size=batch_size, seed=seed, progress=True
+        )
+        table = probes.head_scores(model_name=lm.name, model_fingerprint=lm.fingerprint, n_prompts=len(z))
+        table.save(out / "head_scores")
+        plot = plot_head_heatmap(table, out / "iti_val_accuracy.png", label="probe val accuracy")
+        top = [
+            {"layer": layer, "head": h, "val_accuracy": float(probes.val_accuracy[layer, h]),
+             "train_accuracy": float(probes.train_accuracy[layer, h])}
+            for layer, h in probes.top_heads(10)
+        ]  # fmt: skip
+        result = {
+            "model": model, "data": data, "out": str(out), "n_train_items": len(train),
+            "n_val_items": len(val), "top": top, "plots": [str(plot)],
+            "seconds": round(time.perf_counter() - started, 1),
+        }  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        write_run(out, {"command": "locate iti", **result})
+        return result
+
+    result = run_command(work)
+    show_json(result, json_out)
 
 
 @locate_app.command("overlap")
@@ -329,18 +380,14 @@ def overlap_command(
         from finesteer.locate.scores import HeadScores, jaccard_top_k
 
         a, b = (HeadScores.load(scores_folder(p)) for p in (first, second))
-        jaccard = jaccard_top_k(a, b, k)
         shared = sorted(set(a.top_heads(k)) & set(b.top_heads(k)))
         return {
             "first": {"path": str(first), "model": a.model_name, "method": a.method, "mode": a.mode},
             "second": {"path": str(second), "model": b.model_name, "method": b.method, "mode": b.mode},
-            "k": k,
-            "jaccard": jaccard,
-            "shared": [f"{layer}.{head}" for layer, head in shared],
+            "k": k, "jaccard": jaccard_top_k(a, b, k), "shared": head_names(shared),
             "spearman": spearman(a.scores.flatten(), b.scores.flatten()),
-            "top_first": [f"{layer}.{head}" for layer, head in a.top_heads(k)],
-            "top_second": [f"{layer}.{head}" for layer, head in b.top_heads(k)],
-        }
+            "top_first": head_names(a.top_heads(k)), "top_second": head_names(b.top_heads(k)),
+        }  # fmt: skip
 
     result = run_command(work)
     if json_out:

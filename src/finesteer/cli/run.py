@@ -58,6 +58,7 @@ def _execute(
     return run.path, execute(run)
 
 
+@app.command("run")
 def run(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (see examples/recipes/).")] = None,
     resume: Annotated[
@@ -93,6 +94,7 @@ def _examples(run_dir: Path) -> list[dict[str, str]]:
     return json.loads(path.read_text()).get("examples", []) if path.is_file() else []
 
 
+@app.command("demo")
 def demo(
     model: Annotated[str, typer.Option(help="Model to run the demo on.")] = "smollm2-135m-instruct",
     out: Annotated[Path, typer.Option(help="Where the run folder is created.")] = Path("runs"),
@@ -115,6 +117,3 @@ def demo(
     run_dir, metrics = run_command(work)
     _finish(run_dir, metrics, json_out)
 
-
-app.command("run")(run)
-app.command("demo")(demo)

@@ -157,7 +157,7 @@ def validate_heads(lm: LoadedModel, heads: Iterable[Head]) -> list[Head]:
     """The heads as (layer, head) ints, checked against the model before any expensive step."""
     checked = check_heads(heads, lm.info.n_layers, lm.info.n_heads)
     if not checked:
-        raise ValueError("empty head subset")
+        raise HSIConfigError("empty head subset")
     return checked
 
 
@@ -318,7 +318,7 @@ def fit_hsi(
     if not isinstance(config, HSIConfig):
         raise HSIConfigError(f"config must be an HSIConfig, got {type(config).__name__}")
     if not val_items:
-        raise ValueError("fit_hsi needs validation items to choose α")
+        raise HSIConfigError("fit_hsi needs validation items to choose α")
     c = config
     subset = validate_heads(lm, c.heads_subset) if c.heads_subset is not None else None
     started = time.perf_counter()

@@ -46,7 +46,7 @@ DEFAULT_EPS = 1e-5
 def ablation_method(mode: str) -> AblationMethod:
     """Map a Ships mode name ('ua' / 'sc') to the intervention ablation method."""
     if mode not in ABLATION_MODES:
-        raise ValueError(
+        raise ScanError(
             f"unknown Ships mode '{mode}'; choose 'ua' (uniform attention) or 'sc' (scale output)"
         )
     return ABLATION_MODES[mode]
@@ -172,7 +172,7 @@ def ships_scores(
     """
     levels = tuple(dict.fromkeys(levels))
     if not levels or any(level not in ("query", "dataset") for level in levels):
-        raise ValueError(f"levels must be 'query' and/or 'dataset', got {levels}")
+        raise ScanError(f"levels must be 'query' and/or 'dataset', got {levels}")
     encoded = as_encoded(lm, prompts)
     if "dataset" in levels and not 1 <= r_main <= len(encoded):
         raise ScanError(f"r_main={r_main} needs 1 ≤ r_main ≤ number of prompts ({len(encoded)})")

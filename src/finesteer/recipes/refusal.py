@@ -293,11 +293,11 @@ def refusal_comparison(
     started = time.perf_counter()
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:
-        raise ValueError("--methods is empty")
+        raise ComparisonError("--methods is empty")
     try:
         mults = [float(x) for x in lambdas.split(",") if x.strip()]
     except ValueError as exc:
-        raise ValueError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
+        raise ComparisonError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
     settings = RefusalSettings(GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), judge)  # type: ignore[arg-type]
     loaded = load_sae(sae)
     lm = load_model(model)

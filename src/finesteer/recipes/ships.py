@@ -17,7 +17,7 @@ from finesteer.locate.attribution.prerank import pre_ranked_scan
 from finesteer.locate.sahara import sahara
 from finesteer.locate.ships import ablation, format_queries, ships_scores
 from finesteer.models import load_model
-from finesteer.recipes.config import ShipsRecipe
+from finesteer.recipes.config import RecipeError, ShipsRecipe
 from finesteer.recipes.run import RunFolder, data_hash
 from finesteer.recipes.summary import examples_step, finish_report
 from finesteer.report.heatmap import plot_head_heatmap
@@ -108,7 +108,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         if q.strip().lower() not in seen
     ]
     if not evaluation:
-        raise ValueError("every evaluation prompt is also an attribution prompt; choose other data")
+        raise RecipeError("every evaluation prompt is also an attribution prompt; choose other data")
     run.pin(data_hashes={"attribution": data_hash(attribution), "evaluation": data_hash(evaluation)})
     lm = load_model(recipe.model)
     run.pin(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())

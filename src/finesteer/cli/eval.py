@@ -1,4 +1,4 @@
-"""`finesteer eval ab|asr|helpfulness`: measure behaviour and ability, with or without an intervention."""
+"""`finesteer eval ab|asr|helpfulness|sta-refusal`: behaviour and ability, with or without an intervention."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from finesteer.cli.apps import eval_app
-from finesteer.cli.common import emit_json, load_with_intervention, run_command, stderr_console
+from finesteer.cli.common import emit_json, load_with_intervention, print_rows, run_command, stderr_console
 from finesteer.cli.options import (
     BatchOpt,
     InterventionOpt,
     JsonFlag,
+    LimitOpt,
     ModelArg,
     OtherWeightsOpt,
     SplitOpt,
@@ -22,23 +21,17 @@ from finesteer.cli.options import (
     check_choice,
 )
 
-LimitOpt = Annotated[int | None, typer.Option(help="Evaluate only the first N items.")]
-
 AB_METHODS = ("prob", "generate", "both")
 ASR_JUDGES = ("keyword", "gcg", "llm")
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def run_refusal(model: str, sae: Path, out: Path, **settings: Any) -> dict[str, Any]:
+    """The refusal experiment (`finesteer.recipes.refusal.refusal_comparison`), its table logged on stderr."""
+    from finesteer.recipes.refusal import markdown_table, refusal_comparison
 
-
-def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
-    table = Table(title=title, show_header=False)
-    for key, value in rows:
-        table.add_row(key, _fmt(value))
-    Console().print(table)
+    payload = refusal_comparison(model, sae, out, **settings)
+    stderr_console().print(markdown_table(payload), highlight=False, markup=False)
+    return payload
 
 
 @eval_app.command("ab")
@@ -103,7 +96,7 @@ def ab(
     if json_out:
         emit_json(result)
         return
-    _print_table(
+    print_rows(
         f"A/B {data}: {model}" + (f" + {intervention}" if intervention else ""),
         [
             ("n", result["n"]),
@@ -177,7 +170,7 @@ def asr(
     if json_out:
         emit_json(result)
         return
-    _print_table(
+    print_rows(
         f"ASR {data}: {model}" + (f" + {intervention}" if intervention else ""),
         [
             ("n", result["n"]),
@@ -245,7 +238,7 @@ def helpfulness(
     if json_out:
         emit_json(result)
         return
-    _print_table(
+    print_rows(
         f"helpfulness: {model}" + (f" + {intervention}" if intervention else ""),
         [
             ("MC questions", result["n"]),
@@ -257,3 +250,44 @@ def helpfulness(
             ("next-token KL max (nats)", result["kl_max"]),
         ],
     )
+
+
+@eval_app.command("sta-refusal")
+def sta_refusal_command(
+    model: ModelArg,
+    sae: Annotated[Path, typer.Option("--sae", help="SAE folder at the layer to steer.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (resumable): results.json, table.md.")],
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of baseline, prompt, caa, sae_all, sta, sta_amplitude, "
+            "sta_frequency, prompt_caa, prompt_sta."
+        ),
+    ] = "baseline,prompt,caa,sae_all,sta",
+    lambdas: Annotated[
+        str, typer.Option(help="Comma list of multipliers λ for the vector methods.")
+    ] = "0.5,1,1.5,2",
+    headline: Annotated[float, typer.Option(help="λ reported under `methods` in the JSON.")] = 1.0,
+    trim: Annotated[float, typer.Option(help="STA trim.")] = 0.35,
+    n_pairs: Annotated[
+        int, typer.Option(help="Training triples (4/5 templated harmful, 1/5 CAA A/B).")
+    ] = 160,
+    n_harmful: Annotated[int, typer.Option(help="JailbreakBench prompts (evenly spaced).")] = 40,
+    n_harmless: Annotated[int, typer.Option(help="XSTest-safe prompts (evenly spaced).")] = 40,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per reply.")] = 32,
+    batch_size: BatchOpt = 40,
+    judge: Annotated[
+        str, typer.Option(help="Keyword refusal judge: gcg+ (GCG + inability phrases), gcg, ships.")
+    ] = "gcg+",
+    json_out: JsonFlag = False,
+) -> None:
+    """Refusal steering head to head: prompting vs CAA vs SAE-all-atoms vs STA across λ."""
+    result = run_command(
+        lambda: run_refusal(
+            model, sae, out, methods=methods, lambdas=lambdas, headline=headline, trim=trim,
+            n_pairs=n_pairs, n_harmful=n_harmful, n_harmless=n_harmless, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, judge=judge,
+        )
+    )  # fmt: skip
+    if json_out:
+        emit_json(result)
