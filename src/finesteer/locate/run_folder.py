@@ -11,7 +11,8 @@ and reads the files.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,14 @@ def prepare(out: Path, resume: bool) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     return checkpoint
+
+
+@contextmanager
+def writing(out: Path, resume: bool) -> Iterator[Path]:
+    """`with writing(out, resume) as checkpoint:` — `prepare`, then hold `out`'s lock until the block
+    ends, so a second process on the same run folder is refused at once (before any model loads)."""
+    with FolderLock(out):
+        yield prepare(out, resume)
 
 
 def write_run(folder: Path, payload: dict[str, Any]) -> None:

@@ -27,9 +27,9 @@ from finesteer.locate.scores import HeadScores
 from finesteer.locate.ships import (
     DEFAULT_EPS,
     ablation,
-    ablation_method,
     all_heads,
     base_hidden,
+    check_scan_settings,
     subspace_angle_score,
 )
 from finesteer.models.info import ModelInfo
@@ -118,21 +118,32 @@ def _save_state(path: Path, result: SaharaResult) -> None:
 
 
 def check_sahara_settings(
-    info: ModelInfo,
+    info: ModelInfo | None,
     *,
     group_size: int,
     candidates: Sequence[Head] | None = None,
     mode: str = "ua",
     eps: float = DEFAULT_EPS,
+    template: str = "chat",
+    batch_size: int = 8,
+    r_main: int = 1,
 ) -> list[Head]:
     """The candidate heads, after checking every setting that needs only the model's shape (so a
     command can call it with `peek_model_info` before loading): group size within 1..candidates,
     heads in range, a known ablation mode and a finite ε ≥ 0."""
-    ablation_method(mode)
-    check_eps(eps)
-    pool = check_heads(candidates, info.n_layers, info.n_heads) if candidates is not None else all_heads(info)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= len(pool):
-        raise ScanError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size!r}")
+    check_scan_settings(mode=mode, eps=eps, template=template, batch_size=batch_size, r_main=r_main)
+    if info is None:  # shape unknown before loading: what can be checked without it
+        pool = list(candidates or [])
+        limit = len(pool) if candidates is not None else group_size
+    else:
+        pool = (
+            check_heads(candidates, info.n_layers, info.n_heads)
+            if candidates is not None
+            else all_heads(info)
+        )
+        limit = len(pool)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= limit:
+        raise ScanError(f"group_size must be in 1..{limit} (candidate heads), got {group_size!r}")
     return pool
 
 

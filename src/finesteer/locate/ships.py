@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from finesteer.data.prompts import SAHARA_TEMPLATE, SHIPS_TEMPLATE, chat_prompt, raw_prompt
+from finesteer.errors import check_count
 from finesteer.interventions.edit import AblationMethod, Intervention, ablate_heads, check_eps
 from finesteer.locate.engine import EncodedPrompts, Readout, ScanError, as_encoded
 from finesteer.locate.fast_scan import run_scan
@@ -70,6 +71,17 @@ def check_template(template: str) -> str:
             f"template must be 'chat', 'ships', 'sahara' or contain '{{query}}', got {template!r}"
         )
     return fmt
+
+
+def check_scan_settings(
+    *, mode: str, eps: float, template: str, batch_size: int = 8, r_main: int = 1
+) -> None:
+    """Every setting of a Ships / Sahara scan that needs no model: mode, ε, template, counts."""
+    ablation_method(mode)
+    check_eps(eps)
+    check_template(template)
+    check_count(batch_size, "batch_size")
+    check_count(r_main, "r_main")
 
 
 def format_queries(lm: LoadedModel, queries: Sequence[str], template: str = "chat") -> list[str]:
