@@ -527,3 +527,13 @@ def test_eval_asr_out_reused_with_other_data_is_refused(tmp_path: Path) -> None:
     before = tree(tmp_path)
     cli_error([*args, "--data", "advbench"], "another prompt under id")
     assert tree(tmp_path) == before
+
+
+def test_locate_resume_with_other_prompts_keeps_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "ships"
+    args = ["locate", "ships", "tiny-llama", "--data", "jailbreakbench", "--limit", "2", "--out", str(out)]
+    first = runner.invoke(app, [*args, "--json"])
+    assert first.exit_code == 0, first.output
+    before = tree(tmp_path)
+    cli_error([*args[:-4], "--limit", "3", "--out", str(out), "--resume"], "holds a scan of other prompts")
+    assert tree(tmp_path) == before

@@ -73,9 +73,19 @@ def read_run(folder: Path) -> dict[str, Any]:
 
 
 def write_prompts(folder: Path, queries: Sequence[str], ids: Sequence[str]) -> None:
-    """`prompts.jsonl`: the attribution prompts (id, query), one per line."""
-    lines = (json.dumps({"id": i, "query": q}) + "\n" for i, q in zip(ids, queries, strict=True))
-    (folder / PROMPTS_FILE).write_text("".join(lines))
+    """`prompts.jsonl`: the attribution prompts (id, query), one per line.
+
+    A folder holding a checkpointed scan keeps its prompts: other prompts are refused here (the scan
+    would refuse them too, after this file had been replaced)."""
+    text = "".join(json.dumps({"id": i, "query": q}) + "\n" for i, q in zip(ids, queries, strict=True))
+    path = folder / PROMPTS_FILE
+    checkpoint = folder / CHECKPOINT_DIR
+    if path.is_file() and checkpoint.is_dir() and any(checkpoint.iterdir()) and path.read_text() != text:
+        raise RunFolderError(
+            f"{folder} holds a scan of other prompts ({PROMPTS_FILE} differs); resume it with the same "
+            "--data/--split/--limit, or choose another --out"
+        )
+    path.write_text(text)
 
 
 def read_prompts(folder: Path) -> list[str] | None:
