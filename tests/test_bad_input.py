@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -74,10 +73,11 @@ def no_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    original = finesteer.models.loading.load_model
-    for name, module in list(sys.modules.items()):  # every module that bound the loader by name
-        if name.startswith("finesteer") and getattr(module, "load_model", None) is original:
-            monkeypatch.setattr(module, "load_model", refuse)
+    # patched where the weights are built, so every binding of `load_model` (however imported) hits it
+    import transformers
+
+    monkeypatch.setattr(finesteer.models.loading, "build_tiny", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     yield
 
 
@@ -537,3 +537,65 @@ def test_locate_resume_with_other_prompts_keeps_the_run(tmp_path: Path) -> None:
     before = tree(tmp_path)
     cli_error([*args[:-4], "--limit", "3", "--out", str(out), "--resume"], "holds a scan of other prompts")
     assert tree(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- the catalogue itself
+
+#: kind of bad input -> (the test showing it, whether the error comes before any model load).
+CATALOGUE: dict[str, tuple[str, bool]] = {
+    # CLI, asserted with the loader guard (`no_load`)
+    "--batch-size 0": ("test_option_errors_come_before_the_model_loads", True),
+    "--max-new-tokens 0": ("test_option_errors_come_before_the_model_loads", True),
+    "--eps nan": ("test_option_errors_come_before_the_model_loads", True),
+    "negative --eps": ("test_option_errors_come_before_the_model_loads", True),
+    "bad --template": ("test_option_errors_come_before_the_model_loads", True),
+    "--group-size 0": ("test_option_errors_come_before_the_model_loads", True),
+    "out-of-range --heads": ("test_option_errors_come_before_the_model_loads", True),
+    "--n-sweep 0": ("test_option_errors_come_before_the_model_loads", True),
+    "out-of-range --layer": ("test_option_errors_come_before_the_model_loads", True),
+    "artifact of another shape": ("test_artifact_errors_come_before_the_model_loads", True),
+    "artifact for other weights": ("test_artifact_errors_come_before_the_model_loads", True),
+    "artifact layer out of range": ("test_artifact_errors_come_before_the_model_loads", True),
+    "artifact vector size": ("test_artifact_errors_come_before_the_model_loads", True),
+    "malformed artifact JSON": ("test_artifact_errors_come_before_the_model_loads", True),
+    "truncated artifact safetensors": ("test_artifact_errors_come_before_the_model_loads", True),
+    "--out is a file": ("test_output_folder_that_is_a_file_fails_before_the_load", True),
+    "--out being written by another process": ("test_locked_output_folder_is_refused_before_the_load", True),
+    "run --resume, recipe.yaml edited": ("test_resume_after_recipe_yaml_was_edited_is_refused", True),
+    "run RECIPE --resume RUN with another recipe": ("test_resume_with_another_recipe_is_refused", True),
+    "run --resume of a locked run folder": ("test_resume_of_a_locked_run_folder_is_refused", True),
+    # need the model (tokenizer, fingerprint, forward) or are API-only
+    "eval asr --out reused with other --data": ("test_eval_asr_out_reused_with_other_data_is_refused", False),
+    "locate --resume with other prompts": ("test_locate_resume_with_other_prompts_keeps_the_run", False),
+    "generations resumed, other data": ("test_generations_resumed_with_other_data_are_refused", False),
+    "ablation resumed on another model": ("test_ablation_resumed_on_another_model_is_refused", False),
+    "run resumed with another model or data": ("test_pinned_inputs_differ_on_resume", False),
+    "empty prompt through the API": ("test_empty_prompt_through_the_api", False),
+    "prompt longer than the context": ("test_prompt_longer_than_the_context_is_refused", False),
+    "negative or unknown scope": ("test_negative_or_unknown_scope_is_refused", True),
+    "ε < 0, NaN or inf through the API": ("test_negative_or_nan_eps_is_refused", True),
+    "generation settings through the API": ("test_generation_settings_are_checked_on_construction", True),
+    "zero-size split": ("test_zero_size_held_out_split_is_refused_not_made_one", True),
+    "group size / heads / template through the API": ("test_checks_that_need_only_the_config", True),
+    "another model's artifact through the API": ("test_another_models_artifact_is_refused_by_the_api", False),
+    "malformed / truncated artifact through the API": ("test_malformed_and_truncated_artifacts", True),
+    "bad config.json / truncated model weights": ("test_bad_config_json_and_truncated_weights", False),
+    "offline hub id": ("test_offline_hub_id_fails_fast", False),
+    "second writer on one folder": ("test_second_writer_on_one_folder_is_refused_at_once", True),
+    "two run.json writers": ("test_two_run_json_writers_never_corrupt_it", True),
+    "output folder that is a file (library)": ("test_output_folder_that_is_a_file", True),
+    "read-only output folder (skipped as root)": ("test_read_only_output_folder", True),
+    "corrupted converted-model cache": ("test_same_size_corruption_is_found_and_reconverted", False),
+    "crafted pickle checkpoint": ("test_crafted_pickle_checkpoint_is_refused_and_never_runs", True),
+    "truncated SAE checkpoint": ("test_truncated_checkpoint_is_a_clear_error", True),
+    "generator abandoned in a reference cycle (hook leak)": (
+        "test_generator_abandoned_in_reference_cycle_leaves_no_hook", False),
+    "paused generator steering another caller": ("test_paused_generator_does_not_steer_other_callers", False),
+}  # fmt: skip
+BEFORE_LOAD = [kind for kind, (_, before) in CATALOGUE.items() if before]
+
+
+def test_every_catalogue_entry_has_its_test() -> None:
+    missing = [test for test, _ in CATALOGUE.values() if not callable(globals().get(test))]
+    assert not missing
+    assert len(CATALOGUE) == 45 and len(BEFORE_LOAD) == 32
