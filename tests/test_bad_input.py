@@ -513,6 +513,8 @@ def test_locked_output_folder_is_refused_before_the_load(
     before = tree(tmp_path)
     cli_error([*ASR, "--out", str(out)], "being written by another finesteer process")
     cli_error([*SHIPS, "--out", str(out)], "being written by another finesteer process")
+    cli_error(["compare", "tiny-llama", "--methods", "caa", "--train-limit", "8", "--out", str(out)],
+              "being written by another finesteer process")  # fmt: skip
     assert tree(tmp_path) == before
 
 
