@@ -19,6 +19,7 @@ from finesteer.evaluate.effect_verdict import (
     best_of_sweep_null,
     effect_verdict,
 )
+from finesteer.evaluate.resampling import cluster_sums, sign_flip_test
 from finesteer.evaluate.scores import wilson_interval
 from finesteer.evaluate.stats import (
     Estimate,
@@ -30,7 +31,6 @@ from finesteer.evaluate.stats import (
     paired_effect,
     rate_estimate,
     seed_spread,
-    sign_flip_test,
 )
 
 SIMS = 400
@@ -296,3 +296,60 @@ def test_best_of_sweep_null_checks_its_input() -> None:
         best_of_sweep_null(np.zeros(5), np.zeros(5))
     with pytest.raises(StatsError):
         best_of_sweep_null(np.zeros((2, 5)), np.zeros(5), labels=["only one"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Clusters: a question and its option-swapped mirror count once
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cluster_bootstrap_of_duplicated_items_equals_the_bootstrap_of_the_originals() -> None:
+    x = np.random.default_rng(8).random(25)
+    doubled, clusters = np.repeat(x, 2), [f"q{i}" for i in range(25) for _ in range(2)]
+    sums, counts = cluster_sums(doubled, clusters)
+    assert sums == pytest.approx(2 * x) and (counts == 2).all()
+    once, twice = mean_estimate(x, seed=3), mean_estimate(doubled, seed=3, clusters=clusters)
+    assert (twice.low, twice.high) == pytest.approx((once.low, once.high))
+    assert twice.n == 50 and twice.method == "cluster-bootstrap-percentile"
+    naive = mean_estimate(doubled, seed=3)
+    assert naive.high - naive.low < 0.85 * (twice.high - twice.low)  # treating copies as new data
+    with pytest.raises(StatsError):
+        mean_estimate(x, clusters=clusters)
+
+
+def test_cluster_intervals_cover_when_mirrored_items_are_correlated() -> None:
+    rng = np.random.default_rng(9)
+    k, shift = 30, 0.05
+    clusters = [i for i in range(k) for _ in range(2)]
+    hits_cluster = hits_naive = 0
+    for _ in range(SIMS):
+        question = np.repeat(rng.normal(0, 0.3, k), 2)  # each question's own effect, shared by its mirror
+        d = shift + question + rng.normal(0, 0.05, 2 * k)
+        with_clusters = paired_effect(d, np.zeros(2 * k), n_resamples=500, seed=rng, clusters=clusters)
+        naive = paired_effect(d, np.zeros(2 * k), n_resamples=500, seed=rng)
+        hits_cluster += with_clusters.low <= shift <= with_clusters.high
+        hits_naive += naive.low <= shift <= naive.high
+    assert 0.92 <= hits_cluster / SIMS <= 0.98
+    assert hits_naive / SIMS < 0.9
+
+
+def test_ab_effect_vs_resamples_an_item_and_its_mirror_together() -> None:
+    rows = [("q1", "yes", False, 0.4), ("q1~swap", "yes", True, 0.6), ("q2", "no", True, 0.7),
+            ("q2~swap", "no", False, 0.3)]  # fmt: skip
+    after = [(i, pol, not m, 1 - p) for i, pol, m, p in rows]
+    comparison = ab_effect_vs(_result(rows), _result(after))
+    assert comparison.matching.test == "cluster-sign-flip-permutation"
+    assert comparison.matching.details["n_clusters"] == 2
+    assert comparison.p_matching is not None and comparison.p_matching.details["n_clusters"] == 2
+    assert comparison.matching.to_dict()["interval_method"] == "paired-cluster-bootstrap-percentile"
+    interval = _result(rows).to_dict()["interval"]["mean_p_matching"]
+    assert interval["method"] == "cluster-bootstrap-percentile"
+
+
+def test_best_of_sweep_null_flips_clusters_together() -> None:
+    d = np.random.default_rng(10).normal(0.1, 1, (8, 20))
+    once = best_of_sweep_null(d, np.zeros(20), seed=4)
+    clusters = [i for i in range(20) for _ in range(2)]
+    twice = best_of_sweep_null(np.repeat(d, 2, axis=1), np.zeros(40), seed=4, clusters=clusters)
+    assert twice.best_index == once.best_index and twice.p_value == pytest.approx(once.p_value)
+    assert best_of_sweep_null(np.repeat(d, 2, axis=1), np.zeros(40), seed=4).p_value < once.p_value

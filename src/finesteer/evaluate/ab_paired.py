@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from finesteer.evaluate.ab import ABResult
+from finesteer.evaluate.ab import ABResult, mirror_clusters
 from finesteer.evaluate.stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -101,7 +101,9 @@ def ab_effect_vs(
     """Paired effect of `other` vs `reference` (same items, paired by id; both id sets must match).
 
     `direction` +1 means `other` is meant to raise the matching rate (−1: lower it); it decides which
-    way counts as anti-steerable. Tests are two-sided; `effect_verdict` applies the direction.
+    way counts as anti-steerable. Tests are two-sided; `effect_verdict` applies the direction. When
+    the items include option-swapped mirrors, a question and its mirror are resampled and flipped
+    together (cluster bootstrap and cluster sign-flip test instead of McNemar).
     """
     ref, oth = _records(reference, "reference"), _records(other, "other")
     if set(ref) != set(oth):
@@ -116,7 +118,13 @@ def ab_effect_vs(
     before, after = [ref[i] for i in ids], [oth[i] for i in ids]
     was = [float(bool(r["is_matching"])) for r in before]
     now = [float(bool(r["is_matching"])) for r in after]
-    kwargs: dict[str, Any] = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
+    clusters = mirror_clusters(before)
+    kwargs: dict[str, Any] = {
+        "confidence": confidence,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "clusters": clusters,
+    }
     matching = paired_effect(now, was, binary=True, **kwargs)
     p_before, p_after = _p_matching(before), _p_matching(after)
     p_effect = anti = None

@@ -22,22 +22,23 @@ three plain labels. The rule, at level `alpha` (default 0.05):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from finesteer.evaluate.stats import (
-    DEFAULT_RESAMPLES,
-    PairedEffect,
+from finesteer.evaluate.resampling import (
     SeedLike,
     StatsError,
+    cluster_sums,
     is_exact,
-    json_number,
     permutation_p,
+    rng_from,
     sign_flips,
+    tolerance,
 )
+from finesteer.evaluate.stats import DEFAULT_RESAMPLES, PairedEffect, json_number
 
 __all__ = [
     "EFFECT_LABELS",
@@ -125,6 +126,7 @@ def best_of_sweep_null(
     labels: Sequence[str] | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: SeedLike = 0,
+    clusters: Sequence[Hashable] | None = None,
 ) -> SweepNull:
     """Selection-aware test of the best of a sweep against a reference on the same items.
 
@@ -132,7 +134,8 @@ def best_of_sweep_null(
     scores per item ([n_items]: the unmodified model or one control for all) or per configuration
     ([n_configs, n_items]: a matched control for each). The best configuration maximises
     `direction` × statistic of (treated − reference): the mean difference, or its t statistic
-    (`statistic="t"`, fairer when configurations differ in noise).
+    (`statistic="t"`, fairer when configurations differ in noise). `clusters` labels items that
+    are flipped together (an A/B question and its mirror).
     """
     if direction not in (1, -1):
         raise StatsError(f"direction must be +1 or -1, got {direction}")
@@ -154,15 +157,15 @@ def best_of_sweep_null(
     observed = _statistics(d.sum(axis=1), squares, n, statistic)
     best = int(np.argmax(observed))
     best_value = float(observed[best])
-    tolerance = 1e-12 * max(1.0, abs(best_value))
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    slack = tolerance(best_value)
+    sums, _ = cluster_sums(d, clusters)  # [n_configs, n_units]: flipping a unit flips all its items
     exceed_best = exceed_naive = total = 0
-    for flips in sign_flips(n, n_resamples, rng):
-        null = _statistics(flips @ d.T, squares, n, statistic)  # [b, n_configs]
-        exceed_best += int((null.max(axis=1) >= best_value - tolerance).sum())
-        exceed_naive += int((null[:, best] >= best_value - tolerance).sum())
+    for flips in sign_flips(sums.shape[1], n_resamples, rng_from(seed)):
+        null = _statistics(flips @ sums.T, squares, n, statistic)  # [b, n_configs]
+        exceed_best += int((null.max(axis=1) >= best_value - slack).sum())
+        exceed_naive += int((null[:, best] >= best_value - slack).sum())
         total += flips.shape[0]
-    exact = is_exact(n, n_resamples)
+    exact = is_exact(sums.shape[1], n_resamples)
     return SweepNull(
         best_index=best,
         best_label=None if labels is None else str(labels[best]),
