@@ -11,7 +11,7 @@ import pytest
 
 from finesteer.errors import FinesteerError
 from finesteer.evaluate.ab import ABResult
-from finesteer.evaluate.ab_paired import ab_effect_vs
+from finesteer.evaluate.ab_paired import ab_effect_vs, ab_effect_vs_controls
 from finesteer.evaluate.effect_verdict import (
     NO_RELIABLE_EFFECT,
     RELIABLE_EFFECT,
@@ -353,3 +353,24 @@ def test_best_of_sweep_null_flips_clusters_together() -> None:
     twice = best_of_sweep_null(np.repeat(d, 2, axis=1), np.zeros(40), seed=4, clusters=clusters)
     assert twice.best_index == once.best_index and twice.p_value == pytest.approx(once.p_value)
     assert best_of_sweep_null(np.repeat(d, 2, axis=1), np.zeros(40), seed=4).p_value < once.p_value
+
+
+def test_ab_effect_vs_controls_pairs_against_the_mean_control() -> None:
+    method = _result([("a", "yes", True, 0.9), ("b", "no", True, 0.8), ("c", "no", False, 0.4)])
+    controls = [
+        _result([("c", "no", False, 0.4), ("b", "no", False, 0.4), ("a", "yes", True, 0.6)]),
+        _result([("a", "yes", False, 0.3), ("b", "no", True, 0.6), ("c", "no", False, 0.2)]),
+        _result([("a", "yes", True, 0.6), ("b", "no", False, 0.2), ("c", "no", True, 0.6)]),
+    ]
+    comparison = ab_effect_vs_controls(controls, method)
+    assert (comparison.n, comparison.n_seeds) == (3, 3)
+    # per-item control means: a 2/3, b 1/3, c 1/3 → method − control = (1/3 + 2/3 − 1/3) / 3
+    assert comparison.matching.difference == pytest.approx(2 / 9)
+    assert comparison.matching.test == "sign-flip-permutation"
+    assert comparison.p_matching is not None
+    assert comparison.p_matching.difference == pytest.approx((0.4 + 0.4 - 0.0) / 3)
+    spread = comparison.per_seed["delta_matching_rate"]
+    assert spread["n_seeds"] == 3 and spread["mean"] == pytest.approx(2 / 9)
+    _strict_json(comparison.to_dict())
+    with pytest.raises(StatsError):
+        ab_effect_vs_controls([], method)
