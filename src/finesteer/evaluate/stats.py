@@ -13,9 +13,9 @@
 Randomness comes only from the `seed` argument (a `numpy.random.Generator` built from it, or one
 passed in): the same call gives the same interval, and nothing seeds a process-wide RNG. Items
 that are not independent (an A/B question and its mirror) can be given as `clusters`, resampled and
-sign-flipped together (`finesteer.evaluate.resampling`). Every
-`to_dict()` is JSON-ready and never holds NaN or infinity: an undefined number is null, with a
-`reason`. Selection over a sweep and the verdict rule are in `finesteer.evaluate.effect_verdict`.
+sign-flipped together (`finesteer.evaluate.resampling`). Every `to_dict()` is JSON-ready and never
+holds NaN or infinity: an undefined number is null, with a `reason`. Selection over a sweep and the
+verdict rule are in `finesteer.evaluate.effect_verdict`; docs/results/statistics.md explains both.
 """
 
 from __future__ import annotations
