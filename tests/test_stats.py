@@ -374,3 +374,13 @@ def test_ab_effect_vs_controls_pairs_against_the_mean_control() -> None:
     _strict_json(comparison.to_dict())
     with pytest.raises(StatsError):
         ab_effect_vs_controls([], method)
+
+
+def test_ab_effect_vs_pairs_by_position_when_both_list_the_same_ids() -> None:
+    rows = [("x", "yes", False, 0.2), ("x", "no", True, 0.7)]  # a data file that repeats an id
+    comparison = ab_effect_vs(_result(rows), _result([("x", "yes", True, 0.9), ("x", "no", True, 0.8)]))
+    assert comparison.n == 2 and comparison.p_matching is not None
+    assert comparison.p_matching.difference == pytest.approx(0.4)
+    three = [*rows, ("y", "no", False, 0.1)]
+    with pytest.raises(StatsError, match="twice"):
+        ab_effect_vs(_result(three), _result(three[::-1]))

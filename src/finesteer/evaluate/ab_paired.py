@@ -70,7 +70,14 @@ def _records(result: ABResult, which: str) -> dict[str, dict[str, Any]]:
 def _paired_records(
     reference: ABResult, other: ABResult
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The two results' per-item records in the reference's item order; both must hold the same ids."""
+    """The two results' per-item records in the reference's item order; both must hold the same ids.
+
+    Two results listing the same ids in the same order pair by position (so a data file that repeats
+    an id still compares with itself); otherwise ids must be unique, and pair by id.
+    """
+    ids_ref = [r.get("id") for r in reference.per_item]
+    if reference.per_item and None not in ids_ref and ids_ref == [r.get("id") for r in other.per_item]:
+        return list(reference.per_item), list(other.per_item)
     ref, oth = _records(reference, "reference"), _records(other, "other")
     if set(ref) != set(oth):
         only_ref, only_other = sorted(set(ref) - set(oth)), sorted(set(oth) - set(ref))
