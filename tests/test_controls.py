@@ -143,3 +143,18 @@ def test_random_ablation_control_moves_the_same_ops_to_random_heads(llama: Loade
         random_ablation_control(ablate_head(0, 1, "mean", mean=torch.zeros(info.head_dim)), 2, 4, 0)
     with pytest.raises(ControlError):
         matched_controls(lambda s: random_ablation_control(ablate_heads(HEADS), 2, 4, s), seeds=[1, 1])
+
+
+def test_random_head_control_never_draws_a_head_without_a_direction(directions: HeadDirections) -> None:
+    flat = directions.directions.clone()
+    flat[1] = 0.0  # layer 1 has no direction anywhere
+    sigma = directions.sigma.clone()
+    sigma[1] = 0.0
+    partial = HeadDirections(flat, sigma, directions.n_pos, directions.n_neg)
+    for seed in CONTROL_SEEDS:
+        heads = random_head_control(partial, [(0, 0)], 1.0, seed).heads
+        assert all(layer != 1 for layer, _ in heads)
+    # 8 heads to match, and only the 4 of the last layer left with a direction
+    method = [(layer, h) for layer in (0, 1) for h in range(directions.n_heads)]
+    with pytest.raises(ControlError):
+        random_head_control(partial, method, 1.0, 0)

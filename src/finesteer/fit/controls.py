@@ -77,16 +77,18 @@ def random_heads(
     seed: int,
     exclude: Iterable[Head] = (),
     *,
-    allowed: Iterable[Head] = (),
+    allowed: Iterable[Head] | None = None,
 ) -> list[Head]:
-    """k heads drawn uniformly without replacement from every head (or `allowed`) not in `exclude`.
+    """k heads drawn uniformly without replacement from every head (or only the `allowed` ones) not
+    in `exclude`.
 
     A seed gives one permutation of the pool (layer-major order), so the draw for k is nested in the
     draw for k + 1 — the same draw as `finesteer.evaluate.asr_effect.random_heads`.
     """
     excluded = {(int(layer), int(head)) for layer, head in exclude}
-    candidates = [(int(layer), int(head)) for layer, head in allowed]
-    pool = candidates or [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    if allowed is None:
+        allowed = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    pool = [(int(layer), int(head)) for layer, head in allowed]
     pool = [h for h in pool if h not in excluded]
     if k < 0 or k > len(pool):
         raise ControlError(f"cannot draw {k} random heads from the {len(pool)} heads outside the method's")
@@ -200,7 +202,7 @@ def _direction_control(intervention: Intervention, seed: int) -> Control:
 def matched_controls(build: Callable[[int], Control], seeds: Sequence[int] = CONTROL_SEEDS) -> list[Control]:
     """One control per seed: `build(seed)`, e.g. `lambda s: random_head_control(dirs, heads, 2.0, s)`.
 
-    For residual-stream vectors pass `matched_direction_controls` instead. Seeds must be distinct.
+    Residual-stream vectors have `matched_direction_controls`. Seeds must be distinct.
     """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
