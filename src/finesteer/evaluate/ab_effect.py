@@ -7,6 +7,7 @@ from typing import Any
 
 from finesteer.data.items import ABItem
 from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
+from finesteer.evaluate.ab_paired import ab_effect_vs
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
@@ -21,7 +22,8 @@ def ab_effect(
     prompt: ABPrompt = DEFAULT_PROMPT,
     batch_size: int = 8,
 ) -> dict[str, Any]:
-    """Matching rate (letter probability) of `items` unmodified vs steered, and the difference."""
+    """Matching rate (letter probability) of `items` unmodified vs steered, and the difference
+    (`effect`: paired intervals and tests, anti-steerable fraction; see `ab_effect_vs`)."""
     base = ab_matching_rate_prob(lm, items, prompt=prompt, batch_size=batch_size)
     steered = ab_matching_rate_prob(
         lm, items, prompt=prompt, intervention=intervention, batch_size=batch_size
@@ -31,6 +33,7 @@ def ab_effect(
         "baseline": base.to_dict(per_item=False),
         "steered": steered.to_dict(per_item=False),
         "delta_matching_rate": steered.matching_rate - base.matching_rate,
+        "effect": ab_effect_vs(base, steered).to_dict(),
     }
 
 
