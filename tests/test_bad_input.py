@@ -571,6 +571,7 @@ CATALOGUE: dict[str, tuple[str, bool]] = {
     "locate --resume with other prompts": ("test_locate_resume_with_other_prompts_keeps_the_run", False),
     "generations resumed, other data": ("test_generations_resumed_with_other_data_are_refused", False),
     "ablation resumed on another model": ("test_ablation_resumed_on_another_model_is_refused", False),
+    "SAE training resumed on another model": ("test_sae_training_resumed_on_another_model_is_refused", False),
     "run resumed with another model or data": ("test_pinned_inputs_differ_on_resume", False),
     "empty prompt through the API": ("test_empty_prompt_through_the_api", False),
     "prompt longer than the context": ("test_prompt_longer_than_the_context_is_refused", False),
@@ -600,4 +601,22 @@ BEFORE_LOAD = [kind for kind, (_, before) in CATALOGUE.items() if before]
 def test_every_catalogue_entry_has_its_test() -> None:
     missing = [test for test, _ in CATALOGUE.values() if not callable(globals().get(test))]
     assert not missing
-    assert len(CATALOGUE) == 45 and len(BEFORE_LOAD) == 32
+    assert len(CATALOGUE) == 46 and len(BEFORE_LOAD) == 32
+
+
+def test_sae_training_resumed_on_another_model_is_refused(lm: LoadedModel, tmp_path: Path) -> None:
+    from finesteer.sae.corpus import CorpusSpec
+    from finesteer.sae.pipeline import train_on_model
+    from finesteer.sae.train import TrainConfig
+
+    small = CorpusSpec(harmful=6, harmless=6, ab_per_behaviour=1, behaviours=("sycophancy",))
+    cfg = TrainConfig(d_sae=32, k=4, epochs=1, batch_size=64)
+    train_on_model(lm, 1, tmp_path / "sae", tokens=500, config=cfg, corpus=small, progress=False)
+    before = tree(tmp_path)
+    with pytest.raises(ManifestError, match="model: was 'tiny-llama-seed0', now 'tiny-qwen2-seed0'"):
+        train_on_model(load_model("tiny-qwen2"), 1, tmp_path / "sae", tokens=500, config=cfg, corpus=small,
+                       resume=True, progress=False)  # fmt: skip
+    with pytest.raises(ManifestError, match=r"settings\.train\.k: was 4, now 8"):
+        train_on_model(lm, 1, tmp_path / "sae", tokens=500, config=TrainConfig(d_sae=32, k=8, epochs=1,
+                       batch_size=64), corpus=small, resume=True, progress=False)  # fmt: skip
+    assert tree(tmp_path) == before
