@@ -471,6 +471,7 @@ OPTION_CASES = [
     ("fit-hsi-n-sweep-0", [*FIT_HSI, "--n-sweep", "0"], r"n.sweep"),
     ("locate-hsi-head-out-of-range", ["locate", "hsi", "tiny-llama", "--heads", "0.9"], "unknown head 0.9"),
     ("sae-train-layer-out-of-range", ["sae", "train", "tiny-llama", "--layer", "7"], "layer 7"),
+    ("fit-caa-layer-out-of-range", ["fit", "caa", "tiny-llama", "--layers", "1,7"], "layer 7"),
 ]
 
 
@@ -493,8 +494,9 @@ def test_artifact_errors_come_before_the_model_loads(kind: str, tmp_path: Path, 
 
 @pytest.mark.parametrize(
     "args",
-    [ASR, SHIPS, FIT_HSI, ["ablate", "tiny-llama", "--data", "jailbreakbench", "--heads", "0.1"]],
-    ids=["eval-asr", "locate-ships", "fit-hsi", "ablate"],
+    [ASR, SHIPS, FIT_HSI, ["ablate", "tiny-llama", "--data", "jailbreakbench", "--heads", "0.1"],
+     ["fit", "caa", "tiny-llama", "--train-limit", "8"]],
+    ids=["eval-asr", "locate-ships", "fit-hsi", "ablate", "fit-caa"],
 )
 def test_output_folder_that_is_a_file_fails_before_the_load(
     args: list[str], tmp_path: Path, no_load: None

@@ -19,6 +19,7 @@ from finesteer.cli.apps import fit_app
 from finesteer.cli.common import (
     check_model_heads,
     emit_json,
+    model_shape,
     print_rows,
     run_command,
     show_json,
@@ -202,11 +203,18 @@ def fit_caa_command(
     from finesteer.fit.caa import DEFAULT_MULTIPLIERS, fit_caa
     from finesteer.methods import load_behaviour_data
     from finesteer.models import load_model
+    from finesteer.runs import check_writable
     from finesteer.scoring.ab import ABPrompt
+    from finesteer.sites import Site
 
     def work() -> dict[str, Any]:
         grid = parse_numbers(multipliers, "--multipliers") or DEFAULT_MULTIPLIERS
         chosen_layers = parse_numbers(layers, "--layers", int)
+        info = model_shape(model)  # --layers and --out checked before loading
+        if info is not None and chosen_layers:
+            for layer in chosen_layers:
+                Site(layer, "resid_post").validate(info)
+        check_writable(out)
         behaviour = load_behaviour_data(
             data, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit, seed=seed
         )
