@@ -1,15 +1,18 @@
 """The bad-input catalogue of issue 15: each kind of bad input gives one clear error, nothing is
 written or lost, and every check that does not need the weights fails before the model loads.
 
-`CATALOGUE` below counts the kinds covered (each is at least one test here, or in the module named
-in its entry); `BEFORE_LOAD` is the subset whose CLI test asserts the model loader was never called.
-Tiny models only, nothing downloaded.
+`CATALOGUE` (at the end) lists the kinds covered, each with the test showing it (47 kinds);
+`BEFORE_LOAD` those refused before any model load (33: 20 CLI cases whose test asserts the weights
+were never built, and 13 library checks that involve no model at all). The hook-leak, crafted-pickle,
+truncated-checkpoint and corrupted-cache cases are imported from their own modules and run here
+again. Tiny models only, nothing downloaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -588,6 +591,7 @@ CATALOGUE: dict[str, tuple[str, bool]] = {
     "offline hub id": ("test_offline_hub_id_fails_fast", False),
     "second writer on one folder": ("test_second_writer_on_one_folder_is_refused_at_once", True),
     "two run.json writers": ("test_two_run_json_writers_never_corrupt_it", True),
+    "second writer in another process": ("test_a_second_process_is_refused_at_once", True),
     "output folder that is a file (library)": ("test_output_folder_that_is_a_file", True),
     "read-only output folder (skipped as root)": ("test_read_only_output_folder", True),
     "corrupted converted-model cache": ("test_same_size_corruption_is_found_and_reconverted", False),
@@ -603,7 +607,7 @@ BEFORE_LOAD = [kind for kind, (_, before) in CATALOGUE.items() if before]
 def test_every_catalogue_entry_has_its_test() -> None:
     missing = [test for test, _ in CATALOGUE.values() if not callable(globals().get(test))]
     assert not missing
-    assert len(CATALOGUE) == 46 and len(BEFORE_LOAD) == 32
+    assert len(CATALOGUE) == 47 and len(BEFORE_LOAD) == 33
 
 
 def test_sae_training_resumed_on_another_model_is_refused(lm: LoadedModel, tmp_path: Path) -> None:
@@ -622,3 +626,23 @@ def test_sae_training_resumed_on_another_model_is_refused(lm: LoadedModel, tmp_p
         train_on_model(lm, 1, tmp_path / "sae", tokens=500, config=TrainConfig(d_sae=32, k=8, epochs=1,
                        batch_size=64), corpus=small, resume=True, progress=False)  # fmt: skip
     assert tree(tmp_path) == before
+
+
+def test_a_second_process_is_refused_at_once(tmp_path: Path) -> None:
+    import subprocess
+
+    out = tmp_path / "out"
+    code = "import sys; from finesteer.runs import FolderLock\nwith FolderLock(sys.argv[1]):\n" \
+           "    print('held', flush=True); sys.stdin.read()"  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.perf_counter()
+        with pytest.raises(FolderLockedError, match="being written by another finesteer process"):
+            FolderLock(out).acquire()
+        assert time.perf_counter() - started < 1
+    finally:
+        holder.communicate("", timeout=10)
+    FolderLock(out).acquire().release()  # free again once the other process has finished
