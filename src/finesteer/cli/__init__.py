@@ -33,6 +33,7 @@ from finesteer.cli import evaluate as _evaluate  # noqa: E402,F401
 from finesteer.cli import hsi as _hsi  # noqa: E402,F401
 from finesteer.cli import locate as _locate  # noqa: E402,F401
 from finesteer.cli import run as _run  # noqa: E402,F401
+from finesteer.cli import serve as _serve  # noqa: E402,F401
 from finesteer.cli import sta as _sta  # noqa: E402,F401
 
 

@@ -10,4 +10,12 @@ from finesteer.serve.errors import ServeError
 from finesteer.serve.registry import InterventionRegistry
 from finesteer.serve.sampling import SamplingParams
 
-__all__ = ["Engine", "InterventionRegistry", "Job", "SamplingParams", "ServeConfig", "ServeError", "create_app"]
+__all__ = [
+    "Engine",
+    "InterventionRegistry",
+    "Job",
+    "SamplingParams",
+    "ServeConfig",
+    "ServeError",
+    "create_app",
+]

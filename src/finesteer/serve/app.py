@@ -10,6 +10,7 @@ row at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -33,7 +34,7 @@ from finesteer.serve.prompts import chat_text, encode, token_budget
 from finesteer.serve.registry import InterventionRegistry
 from finesteer.serve.resolve import Resolved, resolve
 from finesteer.serve.sampling import SamplingParams
-from finesteer.serve.schemas import ChatRequest, CompletionRequest, LoadRequest, CompletionFields
+from finesteer.serve.schemas import ChatRequest, CompletionFields, CompletionRequest, LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,9 @@ class _Channel:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def emit(self, event: Event) -> None:
-        try:
+        # RuntimeError: the loop is gone (server shutting down), nobody is listening
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
-            pass
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -110,11 +110,15 @@ def create_app(lm: LoadedModel, registry: InterventionRegistry, config: ServeCon
         first = problems[0] if problems else {}
         if first.get("type") == "json_invalid":
             detail = (first.get("ctx") or {}).get("error", "")
-            return error(f"the body is not valid JSON{': ' + str(detail) if detail else ''}", 400,
-                         code="invalid_json")
+            return error(
+                f"the body is not valid JSON{': ' + str(detail) if detail else ''}", 400, code="invalid_json"
+            )
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'bad body')}", 400,
-                     param=where or None)
+        return error(
+            f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'bad body')}",
+            400,
+            param=where or None,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -126,21 +130,32 @@ def create_app(lm: LoadedModel, registry: InterventionRegistry, config: ServeCon
             header = request.headers.get("authorization", "")
             token = header[7:] if header[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                response = error("invalid or missing API key (send 'Authorization: Bearer KEY')", 401,
-                                 code="invalid_api_key")
+                response = error(
+                    "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                    401,
+                    code="invalid_api_key",
+                )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
         return await call_next(request)
 
     # --- request → job -----------------------------------------------------------------------------
 
-    def prepare(req: CompletionFields, messages: list[dict[str, str]] | None, prompt: str | None) -> tuple[Job, Resolved]:
+    def prepare(
+        req: CompletionFields, messages: list[dict[str, str]] | None, prompt: str | None
+    ) -> tuple[Job, Resolved]:
         if req.n != 1:
             raise ServeError("only n=1 is supported", 400, param="n")
         if req.logprobs:
             raise ServeError("logprobs are not supported", 400, param="logprobs")
-        resolved = resolve(registry, model=req.model, served=config.model_id, field=req.intervention,
-                           scale=req.scale, max_scale=config.max_scale)
+        resolved = resolve(
+            registry,
+            model=req.model,
+            served=config.model_id,
+            field=req.intervention,
+            scale=req.scale,
+            max_scale=config.max_scale,
+        )
         if messages is not None:
             text = chat_text(lm.tokenizer, messages, resolved.system_prompt)
         else:
@@ -148,8 +163,9 @@ def create_app(lm: LoadedModel, registry: InterventionRegistry, config: ServeCon
             text = prompt
         ids = encode(lm.tokenizer, text)
         limit = req.max_completion_tokens if isinstance(req, ChatRequest) else None
-        budget = token_budget(len(ids), limit or req.max_tokens, context=context,
-                              default=config.default_max_tokens)
+        budget = token_budget(
+            len(ids), limit or req.max_tokens, context=context, default=config.default_max_tokens
+        )
         params = SamplingParams(
             max_tokens=budget,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -193,18 +209,23 @@ def create_app(lm: LoadedModel, registry: InterventionRegistry, config: ServeCon
                         return
                     else:
                         assert isinstance(event, Failed)
-                        yield _sse(error_body(f"generation failed: {event.error}", 500,
-                                              code="generation_failed"))
+                        yield _sse(
+                            error_body(f"generation failed: {event.error}", 500, code="generation_failed")
+                        )
                         return
             finally:
                 job.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     def usage(done: Done) -> dict[str, int]:
-        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                "total_tokens": done.prompt_tokens + done.completion_tokens}
+        return {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        }
 
     # --- endpoints ---------------------------------------------------------------------------------
 
@@ -218,19 +239,36 @@ def create_app(lm: LoadedModel, registry: InterventionRegistry, config: ServeCon
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": req.model}
         if req.stream:
+
             def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-                delta = {"role": "assistant", "content": ""} if text is None else (
-                    {"content": text} if text else {})
-                return {**head, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                delta = (
+                    {"role": "assistant", "content": ""}
+                    if text is None
+                    else ({"content": text} if text else {})
+                )
+                return {
+                    **head,
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                }
 
             include = bool(req.stream_options and req.stream_options.include_usage)
             return stream(job, _Channel(), chunk, include)
         done = await run(job, _Channel())
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                             "finish_reason": done.finish_reason, "logprobs": None}],
-                "usage": usage(done), "intervention": list(resolved.names)}
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": done.text},
+                    "finish_reason": done.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage(done),
+            "intervention": list(resolved.names),
+        }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
@@ -242,26 +280,43 @@ def create_app(lm: LoadedModel, registry: InterventionRegistry, config: ServeCon
         head = {"id": rid, "created": created, "model": req.model}
         echo = prompts[0] if req.echo else ""
         if req.stream:
+
             def chunk(text: str | None, finish: str | None) -> dict[str, Any] | None:
                 if text is None and not echo:
                     return None
-                return {**head, "object": "text_completion",
-                        "choices": [{"index": 0, "text": echo if text is None else text,
-                                     "finish_reason": finish, "logprobs": None}]}
+                return {
+                    **head,
+                    "object": "text_completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": echo if text is None else text,
+                            "finish_reason": finish,
+                            "logprobs": None,
+                        }
+                    ],
+                }
 
             include = bool(req.stream_options and req.stream_options.include_usage)
             return stream(job, _Channel(), chunk, include)
         done = await run(job, _Channel())
-        return {**head, "object": "text_completion",
-                "choices": [{"index": 0, "text": echo + done.text, "finish_reason": done.finish_reason,
-                             "logprobs": None}],
-                "usage": usage(done), "intervention": list(resolved.names)}
+        return {
+            **head,
+            "object": "text_completion",
+            "choices": [
+                {"index": 0, "text": echo + done.text, "finish_reason": done.finish_reason, "logprobs": None}
+            ],
+            "usage": usage(done),
+            "intervention": list(resolved.names),
+        }
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
         ids = [config.model_id] + [f"{config.model_id}:{name}" for name in registry.names()]
-        return {"object": "list",
-                "data": [{"id": i, "object": "model", "created": 0, "owned_by": "finesteer"} for i in ids]}
+        return {
+            "object": "list",
+            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "finesteer"} for i in ids],
+        }
 
     @app.get("/v1/interventions")
     def list_interventions() -> dict[str, Any]:
@@ -281,7 +336,14 @@ def create_app(lm: LoadedModel, registry: InterventionRegistry, config: ServeCon
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model_id, "fingerprint": lm.fingerprint,
-                "active_requests": engine.active, "interventions": registry.names()}
+        return {
+            "status": "ok",
+            "model": config.model_id,
+            "fingerprint": lm.fingerprint,
+            "active_requests": engine.active,
+            "decode_steps": engine.steps,
+            "peak_batch": engine.peak_rows,
+            "interventions": registry.names(),
+        }
 
     return app

@@ -30,7 +30,7 @@ from torch import Tensor
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
-from finesteer.serve.kvbatch import KVBatch
+from finesteer.serve.kvbatch import KVBatch, check_cache_layout, new_cache
 from finesteer.serve.sampling import SamplingParams, next_token
 from finesteer.serve.text import TextStream
 
@@ -106,7 +106,9 @@ class Engine:
         # transformers ≥ 5.x names the cache argument `cache`; older versions `past_key_values`
         params = inspect.signature(lm.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.steps = 0
+        check_cache_layout(lm)
+        self.steps = 0  # decoding steps run (shared by all rows of a batch)
+        self.peak_rows = 0  # largest batch seen
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._rows: list[Job] = []
@@ -178,8 +180,6 @@ class Engine:
 
     def _prefill(self, jobs: list[Job]) -> None:
         """Run the joining jobs' prompts as one left-padded batch and splice them into the batch."""
-        from transformers import DynamicCache
-
         device = self.lm.device
         longest = max(len(job.prompt_ids) for job in jobs)
         pad = self.lm.tokenizer.pad_token_id or 0
@@ -190,7 +190,7 @@ class Engine:
             ids[i, longest - n :] = torch.tensor(job.prompt_ids, dtype=torch.long, device=device)
             mask[i, longest - n :] = 1
         positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)
-        cache = DynamicCache(config=self.lm.model.config)
+        cache = new_cache(self.lm)
         try:
             with self._steered(jobs), torch.no_grad():
                 out = self.lm.model(
@@ -215,6 +215,7 @@ class Engine:
         else:
             self._batch.join(group)
         self._rows.extend(jobs)
+        self.peak_rows = max(self.peak_rows, len(self._rows))
         self._take(out.logits[:, -1, :], jobs)
 
     def _decode(self) -> None:

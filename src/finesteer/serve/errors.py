@@ -17,7 +17,7 @@ _TYPES = {
 }
 
 
-class ServeError(FinesteerError):
+class ServeError(FinesteerError, ValueError):
     """A request the server refuses: HTTP status plus OpenAI's `code` and `param` fields."""
 
     def __init__(self, message: str, status: int = 400, *, code: str | None = None, param: str | None = None):
@@ -28,7 +28,9 @@ class ServeError(FinesteerError):
         self.param = param
 
 
-def error_body(message: str, status: int, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, status: int, *, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """`{"error": {"message", "type", "param", "code"}}` as OpenAI returns it."""
     kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

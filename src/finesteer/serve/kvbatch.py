@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from finesteer.errors import FinesteerError
+from finesteer.models.loading import LoadedModel
 
 
 class CacheLayoutError(FinesteerError, RuntimeError):
@@ -43,6 +44,23 @@ def layer_tensors(cache: object) -> list[tuple[Tensor, Tensor]]:
             )
         out.append((layer.keys, layer.values))
     return out
+
+
+def new_cache(lm: LoadedModel) -> object:
+    """An empty HF DynamicCache laid out for `lm` (one layer object per decoder layer)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=lm.model.config)
+
+
+def check_cache_layout(lm: LoadedModel) -> None:
+    """Refuse, at server start, models whose cache layers cannot be spliced (sliding windows)."""
+    for layer in getattr(new_cache(lm), "layers", []):
+        if getattr(layer, "is_sliding", False):
+            raise CacheLayoutError(
+                f"{lm.name} uses sliding-window attention layers; the server's continuous batching "
+                "supports full-attention dynamic caches only"
+            )
 
 
 def _left_pad(t: Tensor, extra: int, dim: int) -> Tensor:
@@ -84,8 +102,9 @@ class KVBatch:
         """Append `other`'s rows (after this batch's), left-padding the shorter side."""
         length = max(self.length, other.length)
         mine, theirs = length - self.length, length - other.length
-        for (k1, v1), layer, (k2, v2) in zip(
-            layer_tensors(self.cache), self.cache.layers, layer_tensors(other.cache)  # type: ignore[attr-defined]
+        layers = self.cache.layers  # type: ignore[attr-defined]
+        for layer, (k1, v1), (k2, v2) in zip(
+            layers, layer_tensors(self.cache), layer_tensors(other.cache), strict=True
         ):
             layer.keys = torch.cat([_left_pad(k1, mine, 2), _left_pad(k2, theirs, 2)], dim=0)
             layer.values = torch.cat([_left_pad(v1, mine, 2), _left_pad(v2, theirs, 2)], dim=0)

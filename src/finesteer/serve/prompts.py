@@ -25,8 +25,12 @@ def chat_text(tokenizer: Any, messages: list[dict[str, str]], system_prompt: str
         system = messages[0]["content"] if len(messages) == 2 else None
         return chat_prompt(tokenizer, messages[-1]["content"], system=system)
     if not getattr(tokenizer, "chat_template", None):
-        raise ServeError("this model has no chat template: send one user message (and optionally a "
-                         "system message), or use /v1/completions", 400, param="messages")
+        raise ServeError(
+            "this model has no chat template: send one user message (and optionally a "
+            "system message), or use /v1/completions",
+            400,
+            param="messages",
+        )
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # jinja raises for roles/orders a template rejects
@@ -47,7 +51,9 @@ def token_budget(prompt_len: int, max_tokens: int | None, *, context: int, defau
     if room < 1:
         raise ServeError(
             f"the prompt has {prompt_len} tokens; this server's context is {context} tokens",
-            400, code="context_length_exceeded", param="messages",
+            400,
+            code="context_length_exceeded",
+            param="messages",
         )
     if max_tokens is None:
         return min(default, room)
@@ -56,6 +62,8 @@ def token_budget(prompt_len: int, max_tokens: int | None, *, context: int, defau
     if max_tokens > room:
         raise ServeError(
             f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of {context}",
-            400, code="context_length_exceeded", param="max_tokens",
+            400,
+            code="context_length_exceeded",
+            param="max_tokens",
         )
     return max_tokens

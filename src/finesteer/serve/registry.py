@@ -76,26 +76,41 @@ class InterventionRegistry:
         if entry is None:
             known = ", ".join(self.names()) or "none loaded"
             raise ServeError(
-                f"unknown intervention '{name}' (known: {known})", 400, code="unknown_intervention",
+                f"unknown intervention '{name}' (known: {known})",
+                400,
+                code="unknown_intervention",
                 param="intervention",
             )
         return entry
 
-    def add(self, name: str, intervention: Intervention | None, *, system_prompt: str | None = None,
-            source: str = "<memory>", metadata: dict[str, Any] | None = None, replace: bool = True) -> Entry:
+    def add(
+        self,
+        name: str,
+        intervention: Intervention | None,
+        *,
+        system_prompt: str | None = None,
+        source: str = "<memory>",
+        metadata: dict[str, Any] | None = None,
+        replace: bool = True,
+    ) -> Entry:
         """Register an in-memory intervention (validated against the model)."""
         self._check_name(name)
         if intervention is not None:
             try:
                 intervention.validate(self.lm.info)
             except FinesteerError as exc:
-                raise ServeError(f"intervention '{name}' does not fit {self.lm.name}: {exc}", 400,
-                                 code="model_mismatch") from exc
+                raise ServeError(
+                    f"intervention '{name}' does not fit {self.lm.name}: {exc}", 400, code="model_mismatch"
+                ) from exc
         entry = Entry(name, intervention, system_prompt, source, dict(metadata or {}))
         with self._lock:
             if not replace and name in self._entries:
-                raise ServeError(f"intervention '{name}' is already loaded; DELETE it first", 409,
-                                 code="already_loaded", param="name")
+                raise ServeError(
+                    f"intervention '{name}' is already loaded; DELETE it first",
+                    409,
+                    code="already_loaded",
+                    param="name",
+                )
             self._entries[name] = entry
         return entry
 
@@ -115,12 +130,22 @@ class InterventionRegistry:
                 artifact.check_model(self.lm, strict=not self.allow_other_weights)
                 metadata = {"model": artifact.model_name, **artifact.metadata}
         except ArtifactError as exc:
-            raise ServeError(str(exc), 400, code="model_mismatch" if "made for" in str(exc) else
-                             "invalid_artifact", param="path") from exc
+            raise ServeError(
+                str(exc),
+                400,
+                code="model_mismatch" if "made for" in str(exc) else "invalid_artifact",
+                param="path",
+            ) from exc
         except FinesteerError as exc:
             raise ServeError(f"{folder}: {exc}", 400, code="invalid_artifact", param="path") from exc
-        return self.add(name, steering.intervention, system_prompt=steering.system_prompt,
-                        source=str(path), metadata=metadata, replace=not via_api)
+        return self.add(
+            name,
+            steering.intervention,
+            system_prompt=steering.system_prompt,
+            source=str(path),
+            metadata=metadata,
+            replace=not via_api,
+        )
 
     def remove(self, name: str) -> Entry:
         with self._lock:
@@ -133,17 +158,22 @@ class InterventionRegistry:
         if not NAME_PATTERN.match(name):
             raise ServeError(
                 f"bad intervention name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)",
-                400, code="invalid_name", param="name",
+                400,
+                code="invalid_name",
+                param="name",
             )
 
     def _allowed(self, path: Path) -> Path:
         if not self.allow_dirs:
             raise ServeError(
                 "loading interventions from a path is off; start the server with --allow-dir DIR",
-                403, code="path_loading_disabled", param="path",
+                403,
+                code="path_loading_disabled",
+                param="path",
             )
         resolved = path.resolve()
         if not any(resolved.is_relative_to(d) for d in self.allow_dirs):
-            raise ServeError(f"{path} is outside the allowed directories", 403, code="path_not_allowed",
-                             param="path")
+            raise ServeError(
+                f"{path} is outside the allowed directories", 403, code="path_not_allowed", param="path"
+            )
         return resolved
