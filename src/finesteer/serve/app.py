@@ -172,6 +172,7 @@ def create_app(lm: LoadedModel, registry: InterventionRegistry, config: ServeCon
             top_p=1.0 if req.top_p is None else req.top_p,
             stop=req.stops(),
             seed=req.seed,
+            min_tokens=req.min_tokens,
         )
         return Job(ids, params, lambda event: None, resolved.intervention, stream=req.stream), resolved
 

@@ -15,6 +15,7 @@ each row's last prompt token and each decoding step's single new token is a gene
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import threading
 import time
@@ -78,6 +79,7 @@ class Job:
     text: TextStream | None = field(default=None, repr=False)
     pending: int = -1
     finish_reason: str | None = None
+    seq: int = -1  # the engine's admission number: identifies the row while it lives
 
     def cancel(self) -> None:
         """Ask the engine to drop this row at the next step (client went away)."""
@@ -115,6 +117,8 @@ class Engine:
         self._batch: KVBatch | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._per_row: tuple[tuple[int, ...], Intervention] = ((), Intervention())
+        self._seq = itertools.count()
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -132,6 +136,7 @@ class Engine:
             self._thread = None
 
     def submit(self, job: Job) -> None:
+        job.seq = next(self._seq)
         job.generator = job.params.generator(self.lm.device)
         job.text = TextStream(self.lm.tokenizer, job.params.stop)
         with self._wake:
@@ -173,10 +178,17 @@ class Engine:
             return joining
 
     def _steered(self, jobs: list[Job]) -> Any:
-        """`intervene` with row i of the batch getting jobs[i]'s edit (nothing when none has one)."""
+        """`intervene` with row i of the batch getting jobs[i]'s edit (nothing when none has one).
+
+        The per-row intervention is rebuilt only when the batch's rows change (join or leave).
+        """
         if all(job.intervention is None for job in jobs):
             return nullcontext()
-        return intervene(self.lm, Intervention.per_row([job.intervention or Intervention() for job in jobs]))
+        key = tuple(job.seq for job in jobs)
+        if self._per_row[0] != key:
+            combined = Intervention.per_row([job.intervention or Intervention() for job in jobs])
+            self._per_row = (key, combined)
+        return intervene(self.lm, self._per_row[1])
 
     def _prefill(self, jobs: list[Job]) -> None:
         """Run the joining jobs' prompts as one left-padded batch and splice them into the batch."""
@@ -246,7 +258,10 @@ class Engine:
     def _take(self, logits: Tensor, jobs: list[Job]) -> None:
         """Sample each job's next token (logits row i is jobs[i]), then let finished rows leave."""
         logits = logits.float()
+        eos = sorted(self.eos)
         for offset, job in enumerate(jobs):
+            if eos and job.text is not None and len(job.text.tokens) < job.params.min_tokens:
+                logits[offset, eos] = float("-inf")
             self._advance(job, next_token(logits[offset], job.params, job.generator))
         keep = [i for i, job in enumerate(self._rows) if job.finish_reason is None and not job.cancelled]
         if len(keep) == len(self._rows):

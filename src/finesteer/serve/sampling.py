@@ -21,13 +21,18 @@ class SamplingError(FinesteerError, ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """OpenAI's decoding fields; temperature 0 means greedy (argmax, as `finesteer generate`)."""
+    """OpenAI's decoding fields; temperature 0 means greedy (argmax, as `finesteer generate`).
+
+    `min_tokens` (vLLM's extra field, HF's `min_new_tokens`) forbids end-of-sequence before that many
+    tokens, so benchmarks can generate exactly `max_tokens` tokens.
+    """
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -36,6 +41,8 @@ class SamplingParams:
             raise SamplingError(f"temperature must be between 0 and 2, got {self.temperature}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingError(f"min_tokens must be between 0 and max_tokens, got {self.min_tokens}")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise SamplingError("stop takes at most 4 non-empty strings")
 

@@ -45,6 +45,7 @@ class CompletionFields(BaseModel):
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
