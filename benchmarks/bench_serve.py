@@ -11,11 +11,14 @@ Three rows, one run, same prompts, greedy, exactly `--tokens` new tokens per pro
       `finesteer serve` subprocess (the same model, the same thread count);
   (c) `serve, K interventions`: the same with request i asking for intervention i mod K (K = 8
       distinct 2-head steering artifacts), so every batch mixes K edits.
-Each row is repeated `--repeats` times and the median wall time is reported; the server is warmed
-up first. Latency percentiles are per request (end to end). "same tokens as (a)" checks that the
-server's unsteered replies equal the batched `generate` output. Clients and server are separate
-processes, so the client side's Python work competes for the same CPUs (on a 2-core box it is part
-of the measured cost).
+Repeats are interleaved (a, b, c, a, b, c, …) so load drift on a shared machine hits every row
+alike, and the median is reported, both wall time and CPU time: the bench process's for (a), the
+server process's (model, HTTP and JSON together) for (b)/(c). With `--threads 1` CPU time is the
+work itself and its ratio is robust to other jobs on the machine. The server is warmed up first.
+Latency percentiles are per request (end to end). "same tokens" checks that the server's
+unsteered replies equal the batched `generate` output. Clients and server are separate processes,
+so the client side's Python work competes for the same CPUs (on a 2-core box it is part of the
+measured wall time, not of the CPU columns).
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ COLUMNS = (
     "seconds",
     "tokens_per_s",
     "ratio_to_generate",
+    "cpu_seconds",
+    "cpu_tokens_per_s",
+    "cpu_ratio",
     "p50_s",
     "p90_s",
     "p99_s",
@@ -171,6 +177,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process (Linux /proc), so ratios survive a loaded machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,83 +201,82 @@ def main() -> None:
     users = [USERS[i % len(USERS)] for i in range(args.clients)]
     prompts = [chat_prompt(lm.tokenizer, u) for u in users]
     edits = interventions(lm, args.interventions)
+    names = [f"iv{i}" for i in range(len(edits))]
+    labels = (
+        "(a) generate, batch of all",
+        "(b) serve, no intervention",
+        f"(c) serve, {len(names)} interventions",
+    )
+    plans = {
+        labels[1]: [None] * args.clients,
+        labels[2]: [names[i % len(names)] for i in range(args.clients)],
+    }
+    walls: dict[str, list[float]] = {label: [] for label in labels}
+    cpus: dict[str, list[float]] = {label: [] for label in labels}
+    latencies: dict[str, list[float]] = {label: [] for label in labels}
+    counts: dict[str, int] = {labels[0]: args.clients * args.tokens}
+    texts: dict[str, list[str]] = {}
 
-    log(f"(a) batched generate: {args.clients} prompts × {args.tokens} tokens, {args.threads} threads")
-    run_generate(lm, prompts[:2], 4)  # warm-up
-    gen_runs = [run_generate(lm, prompts, args.tokens) for _ in range(args.repeats)]
-    gen_seconds = statistics.median(s for s, _ in gen_runs)
-    gen_texts = lm.tokenizer.batch_decode(gen_runs[0][1], skip_special_tokens=True)
-    gen_tokens = args.clients * args.tokens
-
-    rows: list[dict[str, Any]] = [
-        {
-            "row": "(a) generate, batch of all",
-            "requests": args.clients,
-            "tokens": gen_tokens,
-            "seconds": gen_seconds,
-            "tokens_per_s": gen_tokens / gen_seconds,
-            "ratio_to_generate": 1.0,
-        }
-    ]
     with tempfile.TemporaryDirectory() as tmp:
-        names = [f"iv{i}" for i in range(len(edits))]
         for name, iv in zip(names, edits, strict=True):
             save_intervention(Path(tmp) / name, iv, lm)
-        del lm
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "FINESTEER_API_KEY": ""}
-        command = [
-            sys.executable,
-            "-c",
-            "from finesteer.cli import main; main()",
-            "serve",
-            args.model,
-            "--port",
-            str(port),
-            "--max-batch",
-            str(args.clients),
-            *[a for name in names for a in ("-i", f"{name}={Path(tmp) / name}")],
-        ]
+        command = [sys.executable, "-c", "from finesteer.cli import main; main()", "serve", args.model]
+        command += ["--port", str(port), "--max-batch", str(args.clients)]
+        command += [a for name in names for a in ("-i", f"{name}={Path(tmp) / name}")]
         log("starting " + " ".join(command[3:]))
         server = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         try:
             wait_healthy(url, server)
-            run_clients(url, args.model, users[:2], [None, names[0]], 4)  # warm-up
-            plans = {
-                "(b) serve, no intervention": [None] * args.clients,
-                f"(c) serve, {len(names)} interventions": [
-                    names[i % len(names)] for i in range(args.clients)
-                ],
-            }
-            for label, plan in plans.items():
-                log(label)
-                runs = [run_clients(url, args.model, users, plan, args.tokens) for _ in range(args.repeats)]
-                wall = statistics.median(r[0] for r in runs)
-                latencies = [lat for r in runs for lat in r[1]]
-                tokens = runs[0][3]
-                row: dict[str, Any] = {
-                    "row": label,
-                    "requests": args.clients,
-                    "tokens": tokens,
-                    "seconds": wall,
-                    "tokens_per_s": tokens / wall,
-                    "ratio_to_generate": (tokens / wall) / (gen_tokens / gen_seconds),
-                    "p50_s": percentile(latencies, 50),
-                    "p90_s": percentile(latencies, 90),
-                    "p99_s": percentile(latencies, 99),
-                }
-                if plan[0] is None:
-                    row["same_tokens"] = (
-                        f"{sum(a == b for a, b in zip(runs[0][2], gen_texts, strict=True))}/{len(users)}"
-                    )
-                rows.append(row)
+            run_generate(lm, prompts[:2], 4)  # warm-up
+            run_clients(url, args.model, users[:2], [None, names[0]], 4)
+            for repeat in range(args.repeats):  # interleaved, so load drift hits every row alike
+                log(f"repeat {repeat + 1}/{args.repeats}: {labels[0]}")
+                cpu = time.process_time()
+                seconds, tokens = run_generate(lm, prompts, args.tokens)
+                cpus[labels[0]].append(time.process_time() - cpu)
+                walls[labels[0]].append(seconds)
+                texts[labels[0]] = lm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+                for label, plan in plans.items():
+                    log(f"repeat {repeat + 1}/{args.repeats}: {label}")
+                    cpu = cpu_seconds(server.pid)
+                    wall, lat, replies, count = run_clients(url, args.model, users, plan, args.tokens)
+                    cpus[label].append(cpu_seconds(server.pid) - cpu)
+                    walls[label].append(wall)
+                    latencies[label] += lat
+                    counts[label], texts[label] = count, replies
         finally:
             server.terminate()
             server.wait(timeout=60)
 
+    base_wall = counts[labels[0]] / statistics.median(walls[labels[0]])
+    base_cpu = counts[labels[0]] / statistics.median(cpus[labels[0]])
+    rows: list[dict[str, Any]] = []
+    for label in labels:
+        wall, cpu = statistics.median(walls[label]), statistics.median(cpus[label])
+        row: dict[str, Any] = {
+            "row": label,
+            "requests": args.clients,
+            "tokens": counts[label],
+            "seconds": wall,
+            "tokens_per_s": counts[label] / wall,
+            "ratio_to_generate": counts[label] / wall / base_wall,
+            "cpu_seconds": cpu,
+            "cpu_tokens_per_s": counts[label] / cpu,
+            "cpu_ratio": counts[label] / cpu / base_cpu,
+        }
+        if latencies[label]:
+            for q in (50, 90, 99):
+                row[f"p{q}_s"] = percentile(latencies[label], q)
+        if label == labels[1]:
+            same = sum(a == b for a, b in zip(texts[label], texts[labels[0]], strict=True))
+            row["same_tokens"] = f"{same}/{len(users)}"
+        rows.append(row)
+
     note = (
-        f"{args.model}, {args.clients} clients × {args.tokens} tokens, "
+        f"{args.model}, {args.clients} clients × {args.tokens} tokens, median of {args.repeats}, "
         f"{args.threads} torch threads, {load_note()}"
     )
     if args.json:
