@@ -529,3 +529,26 @@ def test_load_64_clients_x_8_requests(
     assert all(results), f"{results.count(False)} of 512 requests failed or differed"
     assert time.monotonic() - started < 120
     assert live_hook_sets(lm.model) == []
+
+
+def test_delete_by_query_parameter(server: str, artifacts: Path) -> None:
+    loaded = httpx.post(f"{server}/v1/interventions", json={"name": "tmp", "path": str(artifacts / "abl")})
+    assert loaded.status_code == 201, loaded.text
+    assert httpx.delete(f"{server}/v1/interventions", params={"name": "tmp"}).status_code == 200
+    assert "tmp" not in _health(server)["interventions"]
+
+
+def test_serve_command(monkeypatch: pytest.MonkeyPatch, artifacts: Path) -> None:
+    """The CLI builds the app with the named artifacts and refuses bad specs (uvicorn.run is stubbed)."""
+    from finesteer.cli import app
+
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda server_app, **kw: started.update(app=server_app, **kw))
+    ok = CliRunner().invoke(app, ["serve", MODEL, "-i", f"up={artifacts / 'up'}", "--port", "8123"])
+    assert ok.exit_code == 0, ok.output
+    assert started["host"] == "127.0.0.1" and started["port"] == 8123
+    assert started["app"].state.registry.names() == ["up"]
+    bad_spec = CliRunner().invoke(app, ["serve", MODEL, "-i", "no-folder"])
+    assert bad_spec.exit_code == 2 and "NAME=FOLDER" in bad_spec.output
+    other = CliRunner().invoke(app, ["serve", MODEL, "-i", f"q={artifacts / 'qwen'}"])
+    assert other.exit_code == 2 and "made for" in other.output

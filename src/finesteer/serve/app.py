@@ -329,6 +329,10 @@ def create_app(lm: LoadedModel, registry: InterventionRegistry, config: ServeCon
         log.info("loaded intervention %s from %s", entry.name, entry.source)
         return entry.describe()
 
+    @app.delete("/v1/interventions")
+    def unload_intervention_query(name: str) -> dict[str, Any]:
+        return unload_intervention(name)
+
     @app.delete("/v1/interventions/{name}")
     def unload_intervention(name: str) -> dict[str, Any]:
         registry.remove(name)

@@ -153,11 +153,28 @@ class Engine:
         while True:
             joining = self._admit()
             if joining is None:
+                self._fail_all(RuntimeError("the server is shutting down"))
                 return
-            if joining:
-                self._prefill(joining)
-            if self._rows:
-                self._decode()
+            try:
+                if joining:
+                    self._prefill(joining)
+                if self._rows:
+                    self._decode()
+            except Exception as exc:  # a bug in the loop itself: fail the batch, keep serving
+                log.exception("engine step failed")
+                self._fail_all(exc, joining)
+
+    def _fail_all(self, error: BaseException, also: list[Job] | None = None) -> None:
+        """Fail every row (and `also`, and on shutdown every waiting job); the batch is dropped."""
+        with self._wake:
+            waiting = list(self._waiting) if self._stop else []
+            if self._stop:
+                self._waiting.clear()
+        failed = {job.seq: job for job in [*self._rows, *(also or []), *waiting] if job.finish_reason is None}
+        for job in failed.values():
+            job.finish_reason = "error"
+            job.emit(Failed(error))
+        self._rows, self._batch = [], None
 
     def _admit(self) -> list[Job] | None:
         """Take waiting jobs that fit; block while there is nothing at all to do (None = stop)."""
@@ -219,6 +236,7 @@ class Engine:
                     self._prefill([job])
                 return
             log.exception("prefill failed")
+            jobs[0].finish_reason = "error"
             jobs[0].emit(Failed(exc))
             return
         group = KVBatch(cache, mask)
@@ -247,9 +265,7 @@ class Engine:
                 )
         except Exception as exc:
             log.exception("decoding step failed; failing the %d requests in the batch", len(rows))
-            for job in rows:
-                job.emit(Failed(exc))
-            self._rows, self._batch = [], None
+            self._fail_all(exc)
             return
         batch.advance()
         self.steps += 1
