@@ -18,7 +18,6 @@ import inspect
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -302,8 +301,6 @@ class Engine:
                 job.emit(Delta(piece))
             if job.text.stopped:
                 job.finish_reason = "stop"
-            elif len(job.text.tokens) >= job.params.max_tokens:
-                job.finish_reason = "length"
         if job.finish_reason is None and len(job.text.tokens) >= job.params.max_tokens:
             job.finish_reason = "length"
         if job.finish_reason is not None:
@@ -311,11 +308,3 @@ class Engine:
             if rest and job.stream:
                 job.emit(Delta(rest))
             job.emit(Done(job.text.text(), job.finish_reason, len(job.prompt_ids), len(job.text.tokens)))
-
-
-def wait_idle(engine: Engine, timeout_s: float = 10.0) -> bool:
-    """True once the engine has no rows and no waiting jobs (tests and shutdown use it)."""
-    deadline = time.monotonic() + timeout_s
-    while engine.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return not engine.active
