@@ -84,4 +84,5 @@ def serve_command(
     if host not in LOOPBACK and not api_key:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
     stderr_console().print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C to stop)")
-    uvicorn.run(server_app, host=host, port=port, log_level="info")  # type: ignore[arg-type]
+    # log_config=None: uvicorn logs (access lines too) go through finesteer's stderr handler
+    uvicorn.run(server_app, host=host, port=port, log_level="info", log_config=None)  # type: ignore[arg-type]
