@@ -61,6 +61,18 @@ class Boom(Op):
         raise RuntimeError("boom")
 
 
+@dataclass(frozen=True, eq=False)
+class BoomWhenDecoding(Op):
+    """Passes at prefill, fails at the first decoding step (one position per row)."""
+
+    kind: ClassVar[str] = "boom_decoding"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            raise RuntimeError("boom while decoding")
+        return x
+
+
 @pytest.fixture(scope="module")
 def lm() -> LoadedModel:
     return load_model(MODEL)
@@ -106,6 +118,7 @@ def registry(
     for name in interventions:
         reg.load(name, artifacts / name)
     reg.add("boom", Intervention((Edit(Site(1, "z", 0), Boom(), Scope("all")),)))
+    reg.add("boom-late", Intervention((Edit(Site(2, "z", 1), BoomWhenDecoding(), Scope("all")),)))
     return reg
 
 
@@ -445,6 +458,41 @@ def test_failed_request_leaves_no_hooks(
         strict=True,
     ):
         assert content(response) == solo[user, name]
+    assert live_hook_sets(lm.model) == []
+
+
+def test_a_row_failing_mid_decoding_fails_alone(
+    lm: LoadedModel, registry: InterventionRegistry, solo: dict[tuple[str, str | None], str]
+) -> None:
+    """All rows share the step that fails (queued before the engine starts): only the culprit fails."""
+    from finesteer.serve.engine import Done, Engine, Failed, Job
+    from finesteer.serve.sampling import SamplingParams
+
+    cases = [
+        (USERS[0], "up"),
+        (USERS[1], "boom-late"),
+        (USERS[2], None),
+        (USERS[3], "abl"),
+        (USERS[2], "down"),
+    ]
+    events: dict[int, Any] = {}
+    engine = Engine(lm, max_batch=8)
+    for i, (user, name) in enumerate(cases):
+        ids = lm.tokenizer(chat_prompt(lm.tokenizer, user), add_special_tokens=False)["input_ids"]
+        iv = registry.get(name).intervention if name else None
+        engine.submit(Job(ids, SamplingParams(TOKENS, 0.0), lambda e, i=i: events.setdefault(i, e), iv))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(events) < len(cases) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert engine.peak_rows == len(cases)
+    assert isinstance(events[1], Failed) and "boom while decoding" in str(events[1].error)
+    for i, case in enumerate(cases):
+        if i != 1:
+            assert isinstance(events[i], Done) and events[i].text == solo[case], case
     assert live_hook_sets(lm.model) == []
 
 

@@ -247,28 +247,69 @@ class Engine:
         self.peak_rows = max(self.peak_rows, len(self._rows))
         self._take(out.logits[:, -1, :], jobs)
 
+    def _forward_step(self, rows: list[Job], steering: Any) -> Tensor:
+        """Feed each row's pending token under `steering`; returns the [B, vocab] next-token logits."""
+        batch = self._batch
+        assert batch is not None
+        ids = torch.tensor([[job.pending] for job in rows], dtype=torch.long, device=self.lm.device)
+        with steering, torch.no_grad():
+            out = self.lm.model(
+                input_ids=ids,
+                attention_mask=batch.step_mask(),
+                position_ids=batch.positions(),
+                use_cache=True,
+                **{self._cache_arg: batch.cache},
+            )
+        return out.logits[:, -1, :]
+
     def _decode(self) -> None:
         """One step: feed every row's pending token, sample the next ones, drop finished rows."""
         batch = self._batch
         assert batch is not None
         rows = self._rows
-        ids = torch.tensor([[job.pending] for job in rows], dtype=torch.long, device=self.lm.device)
         try:
-            with self._steered(rows), torch.no_grad():
-                out = self.lm.model(
-                    input_ids=ids,
-                    attention_mask=batch.step_mask(),
-                    position_ids=batch.positions(),
-                    use_cache=True,
-                    **{self._cache_arg: batch.cache},
-                )
+            logits = self._forward_step(rows, self._steered(rows))
         except Exception as exc:
-            log.exception("decoding step failed; failing the %d requests in the batch", len(rows))
-            self._fail_all(exc)
+            batch.truncate()
+            self._isolate_failure(rows, exc)
             return
         batch.advance()
         self.steps += 1
-        self._take(out.logits[:, -1, :], rows)
+        self._take(logits, rows)
+
+    def _isolate_failure(self, rows: list[Job], error: Exception) -> None:
+        """After a failed step, find the rows whose own intervention fails and fail only those.
+
+        Each steered row is retried alone (its edit on its row, the others unsteered; the cache is
+        cut back after every try). The rows that pass stay in the batch and redo the step next time.
+        If no single row explains the failure, the whole batch fails.
+        """
+        batch = self._batch
+        assert batch is not None
+        culprits = []
+        for i, job in enumerate(rows):
+            if job.intervention is None:
+                continue
+            alone = [job.intervention if j == i else Intervention() for j in range(len(rows))]
+            try:
+                self._forward_step(rows, intervene(self.lm, Intervention.per_row(alone)))
+            except Exception:
+                culprits.append(i)
+            batch.truncate()
+        if not culprits:
+            log.error("decoding step failed; failing the %d requests in the batch", len(rows))
+            self._fail_all(error)
+            return
+        for i in culprits:
+            log.error("request %d failed in a decoding step: %s", rows[i].seq, error)
+            rows[i].finish_reason = "error"
+            rows[i].emit(Failed(error))
+        keep = [i for i in range(len(rows)) if i not in culprits]
+        if not keep:
+            self._rows, self._batch = [], None
+            return
+        batch.keep(keep)
+        self._rows = [rows[i] for i in keep]
 
     def _take(self, logits: Tensor, jobs: list[Job]) -> None:
         """Sample each job's next token (logits row i is jobs[i]), then let finished rows leave."""

@@ -98,6 +98,13 @@ class KVBatch:
         """Record that a decoding step appended one real column to every row."""
         self.mask = self.step_mask()
 
+    def truncate(self) -> None:
+        """Drop cache columns beyond the mask (a step that failed half-way through the layers)."""
+        for layer in self.cache.layers:  # type: ignore[attr-defined]
+            if getattr(layer, "keys", None) is not None and layer.keys.shape[2] > self.length:
+                layer.keys = layer.keys[:, :, : self.length]
+                layer.values = layer.values[:, :, : self.length]
+
     def join(self, other: KVBatch) -> None:
         """Append `other`'s rows (after this batch's), left-padding the shorter side."""
         length = max(self.length, other.length)
