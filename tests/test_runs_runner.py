@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from finesteer.runs.records import JsonFileRecords, JsonlRecords, RecordError
 from finesteer.runs.runner import Job, run_jobs
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finesteer.capture.activations import capture
+from finesteer.activations.capture import capture
 from finesteer.data.items import option_text, question_stem
 from finesteer.data.prompts import chat_prompt
 from finesteer.models import LoadedModel

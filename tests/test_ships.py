@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from finesteer.cli import app
 from finesteer.evaluate.asr_effect import AsrSettings, asr_effect, random_heads
 from finesteer.interventions import Intervention, ablate_head, intervene
-from finesteer.locate.engine import ScanError, encode_prompts
+from finesteer.locate.engine import MANIFEST_FILE, ScanError, encode_prompts
 from finesteer.locate.scan import KLFromBase, LastHidden, LastLogits, scan
 from finesteer.locate.scores import HeadScores, HeadScoresError, jaccard_top_k
 from finesteer.locate.ships import (
@@ -148,6 +148,12 @@ def test_scan_resume_skips_finished_candidates(lm, tmp_path, caplog):
     assert torch.equal(resumed, full)
     with pytest.raises(ScanError, match="different scan"):
         scan(lm, prompts, candidates[:2], LastHidden(), checkpoint=tmp_path, progress=False)
+    # A checkpoint from before the intervention-digest change (no format_version) is refused clearly.
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    del manifest["format_version"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ScanError, match="another finesteer version"):
+        scan(lm, prompts, candidates, LastHidden(), checkpoint=tmp_path, progress=False)
 
 
 def test_scan_rejects_empty_input(lm):

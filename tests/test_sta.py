@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finesteer.capture.activations import capture
+from finesteer.activations.capture import capture
 from finesteer.data import load_dataset
 from finesteer.data.prompts import chat_prompt
 from finesteer.fit.prompt_vector import prompt_vectors, system_prompt_pairs

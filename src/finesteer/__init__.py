@@ -25,22 +25,17 @@ _EXPORTS = {
     "ablate_head": "finesteer.interventions",
     "ablate_heads": "finesteer.interventions",
     "project_out": "finesteer.interventions",
-    "Activations": "finesteer.capture",
+    "capture": "finesteer.activations",
+    "Activations": "finesteer.activations",
     "save_intervention": "finesteer.artifacts",
     "load_intervention": "finesteer.artifacts",
     "generate": "finesteer.generation",
 }
 
-# Subpackages exported under their own name: `finesteer.capture` is the package, callable as the
-# capture function (see finesteer/capture/__init__.py).
-_SUBPACKAGES = frozenset({"capture"})
-
-__all__ = ["__version__", *_EXPORTS, *_SUBPACKAGES]
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'finesteer' has no attribute '{name}'")

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from finesteer.errors import FinesteerError
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
+
+
+class GenerationError(FinesteerError, ValueError):
+    """Generation settings that cannot work (no tokens, no batch, sampling at temperature 0)."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,11 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+            raise GenerationError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+            raise GenerationError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError("sampling needs temperature > 0 (use do_sample=False for greedy)")
+            raise GenerationError("sampling needs temperature > 0 (use do_sample=False for greedy)")
 
 
 @contextmanager

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 
 from finesteer import __version__
+from finesteer.data.prompts import chat_prompt
 from finesteer.errors import FinesteerError
-from finesteer.interventions.edit import InterventionError, check_eps
+from finesteer.interventions.apply import intervene
+from finesteer.interventions.edit import InterventionError, ablate_heads, check_eps
 from finesteer.models.loading import LoadedModel
 from finesteer.sites import Head, HeadError, check_heads
 
@@ -127,10 +129,6 @@ def verify_export(
     Compares every real token's logits (right-padded batch) and reports the largest difference.
     """
     from transformers import AutoModelForCausalLM
-
-    from finesteer.data.prompts import chat_prompt
-    from finesteer.interventions.apply import intervene
-    from finesteer.interventions.edit import ablate_heads
 
     checked = _check(lm, heads, mode, eps)
     texts = list(prompts or [chat_prompt(lm.tokenizer, q) for q in _VERIFY_QUERIES])

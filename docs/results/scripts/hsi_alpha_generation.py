@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from finesteer.capture.directions import HeadDirections
+from finesteer.activations.directions import HeadDirections
 from finesteer.data.balance import letter_balanced
 from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
 from finesteer.generation import GenerationConfig

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from finesteer.capture.directions import fit_head_directions
+from finesteer.activations.directions import fit_head_directions
 from finesteer.data.balance import letter_balanced
 from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
 from finesteer.generation import GenerationConfig, generate

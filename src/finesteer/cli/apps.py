@@ -20,7 +20,11 @@ fit_app = typer.Typer(
 eval_app = typer.Typer(
     help="Measure behaviour and ability, with or without an intervention.", no_args_is_help=True
 )
+sae_app = typer.Typer(
+    help="Sparse autoencoders: train one on a model's residual stream, measure one.", no_args_is_help=True
+)
 
 app.add_typer(locate_app, name="locate")
 app.add_typer(fit_app, name="fit")
 app.add_typer(eval_app, name="eval")
+app.add_typer(sae_app, name="sae")

@@ -1,149 +1,38 @@
-"""Baseline and comparison commands: `fit caa` and `compare`.
+"""`finesteer compare`: fit and evaluate several steering methods on one behaviour, or compare run folders.
 
-Both read a behaviour dataset's `generate` split and divide it with a seeded shuffle into train and
-val (`finesteer.methods.load_behaviour_data`), so `fit caa` fits exactly what `compare` fits.
-`compare` evaluates on the `test_ab` and `test_open_ended` splits; rerunning it with the same
+The A/B task reads a behaviour dataset's `generate` split and divides it with a seeded shuffle into
+train and val (`finesteer.methods.load_behaviour_data`, as `fit caa` does), and evaluates on the
+`test_ab` and `test_open_ended` splits; the refusal task is `eval sta-refusal`. Rerunning with the same
 `--out` skips the methods already finished there.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from finesteer.cli.apps import app, fit_app
+from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, run_command, stderr_console
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder or hub id.")]
-DataOpt = Annotated[
-    str,
-    typer.Option("--data", help="CAA-style A/B behaviour: coordinate-other-ais, sycophancy, myopic-reward…"),
-]
-TrainLimitOpt = Annotated[int | None, typer.Option(help="Use the first N training items (after the split).")]
-ValLimitOpt = Annotated[int | None, typer.Option(help="Use the first N validation items.")]
-ValFractionOpt = Annotated[float, typer.Option(help="Share of the generate split held out for validation.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
-BatchOpt = Annotated[int, typer.Option(help="Prompts per forward.")]
+from finesteer.cli.eval import run_refusal
+from finesteer.cli.options import (
+    ABDataOpt,
+    BatchOpt,
+    JsonFlag,
+    OptionError,
+    SeedOpt,
+    TrainLimitOpt,
+    ValFractionOpt,
+    ValLimitOpt,
+    parse_names,
+    parse_settings,
+    slug,
+)
 
 DEFAULT_METHODS = "baseline,prompt,caa,iti,lora,hsi"
 DEFAULT_REFUSAL_METHODS = "baseline,prompt,caa,sae_all,sta"
 TASKS = ("auto", "ab", "refusal")
-
-
-def _numbers(text: str | None, what: str, kind: type = float) -> tuple[Any, ...] | None:
-    """A comma-separated option ('8,10,12') as numbers of `kind`; None when the option is not given."""
-    if text is None:
-        return None
-    noun = "integers" if kind is int else "numbers"
-    try:
-        values = tuple(kind(p) for p in text.split(",") if p.strip())
-    except ValueError as exc:
-        raise ValueError(f"cannot parse {what} {text!r}: write {noun} separated by commas") from exc
-    if not values:
-        raise ValueError(f"{what} is empty")
-    return values
-
-
-def parse_settings(text: str | None) -> dict[str, dict[str, Any]]:
-    """--settings: a JSON object (or a path to a .json file) mapping method name → its settings."""
-    if text is None:
-        return {}
-    path = Path(text)
-    raw = path.read_text(encoding="utf-8") if path.suffix == ".json" and path.is_file() else text
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f'--settings must be JSON like \'{{"caa": {{"multipliers": [1, 2]}}}}\' or a .json file: {exc}'
-        ) from exc
-    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise ValueError("--settings must map each method name to an object of settings")
-    return value
-
-
-@fit_app.command("caa")
-def fit_caa_command(
-    model: ModelArg,
-    data: DataOpt = "coordinate-other-ais",
-    out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")] = Path("runs/caa"),
-    layers: Annotated[
-        str | None, typer.Option(help="Layers to sweep, e.g. '8,10,12' (default: all).")
-    ] = None,
-    multipliers: Annotated[
-        str | None, typer.Option(help="Multiplier grid, comma-separated (default 0.5,1,2,5).")
-    ] = None,
-    direction: Annotated[str, typer.Option(help="'towards' the behaviour or 'away' from it.")] = "towards",
-    system: Annotated[str | None, typer.Option(help="System prompt for every A/B prompt.")] = None,
-    train_limit: TrainLimitOpt = None,
-    val_limit: ValLimitOpt = None,
-    val_fraction: ValFractionOpt = 0.2,
-    seed: SeedOpt = 0,
-    batch_size: BatchOpt = 8,
-    json_out: JsonFlag = False,
-) -> None:
-    """CAA: residual vectors at the answer letter, layer × multiplier chosen on val; writes an artifact."""
-    from finesteer.fit.caa import DEFAULT_MULTIPLIERS, fit_caa
-    from finesteer.methods import load_behaviour_data
-    from finesteer.models import load_model
-    from finesteer.scoring.ab import ABPrompt
-
-    def work() -> dict[str, Any]:
-        grid = _numbers(multipliers, "--multipliers") or DEFAULT_MULTIPLIERS
-        chosen_layers = _numbers(layers, "--layers", int)
-        behaviour = load_behaviour_data(
-            data, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit, seed=seed
-        )
-        started = time.perf_counter()
-        lm = load_model(model)
-        stderr_console().print(
-            f"CAA on {model}: vectors from {len(behaviour.train)} items, layer × multiplier sweep on "
-            f"{len(behaviour.val)} items"
-        )
-        fitted = fit_caa(
-            lm,
-            list(behaviour.train),
-            list(behaviour.val),
-            layers=chosen_layers,
-            multipliers=grid,
-            direction=direction,  # type: ignore[arg-type]
-            prompt=ABPrompt(system),
-            batch_size=batch_size,
-            run_dir=out,
-        )
-        fitted.save(out, lm)
-        meta = fitted.metadata
-        return {
-            "model": model,
-            "data": data,
-            "artifact": str(out),
-            "layer": meta["layer"],
-            "multiplier": meta["multiplier"],
-            "vector_norm": meta["vector_norm"],
-            "scope": meta["scope"],
-            "val_mean_p_matching": meta["val_mean_p_matching"],
-            "val_matching_rate": meta["val_matching_rate"],
-            "val_baseline_mean_p_matching": meta["val_baseline_mean_p_matching"],
-            "val_baseline_matching_rate": meta["val_baseline_matching_rate"],
-            "data_splits": behaviour.summary(),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-
-    result = run_command(work)
-    if json_out:
-        emit_json(result)
-        return
-    stderr_console().print(
-        f"layer {result['layer']}, multiplier {result['multiplier']:g} (|v| = {result['vector_norm']:.3g}), "
-        f"scope {result['scope']}: val p(matching) {result['val_baseline_mean_p_matching']:.3f} → "
-        f"{result['val_mean_p_matching']:.3f}, matching rate {result['val_baseline_matching_rate']:.2f} → "
-        f"{result['val_matching_rate']:.2f}"
-    )
-    typer.echo(str(out))
 
 
 @app.command("compare")
@@ -155,7 +44,7 @@ def compare_command(
             "(put them side by side in one report).",
         ),
     ],
-    data: DataOpt = "coordinate-other-ais",
+    data: ABDataOpt = "coordinate-other-ais",
     methods: Annotated[
         str | None,
         typer.Option(
@@ -235,18 +124,7 @@ def compare_command(
                 f"{len(result['rows'])} method rows from {len(targets)} runs; report: {result['report']}"
             )
         return
-    if len(targets) != 1:
-        not_runs = [t for t in targets if not is_run_folder(t)]
-        Console(stderr=True).print(
-            f"[bold red]error:[/] give one model, or only finished run folders ({', '.join(not_runs)} "
-            "is not a run folder)",
-            soft_wrap=True,
-        )
-        raise typer.Exit(code=2)
-    model = targets[0]
-    if task not in TASKS:
-        Console(stderr=True).print(f"[bold red]error:[/] unknown --task {task!r}; choose {', '.join(TASKS)}")
-        raise typer.Exit(code=2)
+    model = run_command(lambda: _one_model(targets, task))
     if task == "refusal" or (task == "auto" and sae is not None):
         _compare_refusal(
             model, sae, out, methods or DEFAULT_REFUSAL_METHODS, lambdas, headline, n_harmful, n_harmless,
@@ -256,7 +134,7 @@ def compare_command(
     from finesteer.recipes.compare import ABComparison, run_ab_comparison
 
     def work() -> Any:
-        names = [n.strip() for n in (methods or DEFAULT_METHODS).split(",") if n.strip()]
+        names = parse_names(methods or DEFAULT_METHODS, "--methods")
         options = ABComparison(
             data=data, methods=names, settings=parse_settings(settings), val_fraction=val_fraction,
             seed=seed, train_limit=train_limit, val_limit=val_limit, test_limit=test_limit,
@@ -271,6 +149,20 @@ def compare_command(
         emit_json(comparison.to_json())
         return
     Console().print(comparison.table())
+
+
+def _one_model(targets: list[str], task: str) -> str:
+    """The model `compare` fits on: the one target that is not a run folder (and a known --task)."""
+    from finesteer.report.runs import is_run_folder
+
+    if len(targets) != 1:
+        not_runs = [t for t in targets if not is_run_folder(t)]
+        raise OptionError(
+            f"give one model, or only finished run folders ({', '.join(not_runs)} is not a run folder)"
+        )
+    if task not in TASKS:
+        raise OptionError(f"unknown --task {task!r}; choose {', '.join(TASKS)}")
+    return targets[0]
 
 
 def _compare_refusal(
@@ -289,23 +181,18 @@ def _compare_refusal(
     json_out: bool,
 ) -> None:
     """`compare --task refusal`: the STA refusal experiment (`eval sta-refusal`) under `compare`."""
-    from finesteer.recipes.compare import slug
-    from finesteer.recipes.refusal import markdown_table, refusal_comparison
-
     def work() -> dict[str, Any]:
         if sae is None:
-            raise ValueError(
+            raise OptionError(
                 "the refusal task steers through an SAE: pass --sae FOLDER (train one with "
                 "`finesteer sae train`)"
             )
         folder = out or Path("runs") / f"compare-{slug(model)}-refusal"
-        payload = refusal_comparison(
+        return run_refusal(
             model, sae, folder, methods=methods, lambdas=lambdas, headline=headline,
             n_harmful=n_harmful, n_harmless=n_harmless, n_pairs=n_pairs, trim=trim,
             max_new_tokens=max_new_tokens, batch_size=batch_size,
         )  # fmt: skip
-        stderr_console().print(markdown_table(payload), highlight=False, markup=False)
-        return payload
 
     result = run_command(work)
     if json_out:

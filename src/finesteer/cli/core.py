@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.cli.apps import app
+from finesteer.cli.common import emit_json, load_with_intervention, run_command, stderr_console
+from finesteer.cli.options import InterventionOpt, JsonFlag, ModelArg, OtherWeightsOpt, SystemOpt
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 
-
+@app.command("models")
 def models(json_out: JsonFlag = False) -> None:
     """List the offline model registry and what is already in the local cache."""
     from finesteer.models.offline import registry_status
@@ -34,10 +34,9 @@ def models(json_out: JsonFlag = False) -> None:
     Console().print(f"tiny test models (random weights): {', '.join(TINY_CONFIGS)}")
 
 
+@app.command("info")
 def info(
-    model: Annotated[
-        str, typer.Argument(help="Registry name, tiny-* name, HF folder, .gguf file or hub id.")
-    ],
+    model: ModelArg,
     json_out: JsonFlag = False,
 ) -> None:
     """Show a model's architecture: layers, query heads, kv heads, head_dim, hidden size."""
@@ -68,14 +67,13 @@ def info(
     Console().print(table)
 
 
+@app.command("generate")
 def generate(
-    model: Annotated[str, typer.Argument(help="Model to load.")],
+    model: ModelArg,
     prompt: Annotated[str, typer.Argument(help="User message (the chat template is applied unless --raw).")],
-    intervention: Annotated[
-        Path | None, typer.Option("--intervention", "-i", help="Artifact folder to apply while generating.")
-    ] = None,
+    intervention: InterventionOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
-    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    system: SystemOpt = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Use the prompt text as is, without chat template.")
     ] = False,
@@ -85,38 +83,29 @@ def generate(
     compare: Annotated[
         bool, typer.Option("--compare", help="Also generate without the intervention, side by side.")
     ] = False,
-    allow_other_weights: Annotated[
-        bool, typer.Option(help="Apply an artifact fitted on other weights of the same shape.")
-    ] = False,
+    allow_other_weights: OtherWeightsOpt = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Generate a reply, optionally with a saved intervention applied."""
-    from finesteer.artifacts import load_intervention
     from finesteer.data.prompts import chat_prompt
     from finesteer.generation import GenerationConfig
     from finesteer.generation import generate as run_generate
-    from finesteer.models import load_model
 
     def work() -> dict[str, object]:
-        artifact = load_intervention(intervention) if intervention else None
-        lm = load_model(model)
-        if artifact is not None:
-            artifact.check_model(lm, strict=not allow_other_weights)
+        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
         text = prompt if raw else chat_prompt(lm.tokenizer, prompt, system=system)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, seed=seed
         )
         stderr_console().print(f"generating with {model}" + (f" + {intervention}" if intervention else ""))
-        steered = run_generate(lm, [text], config, intervention=artifact.intervention if artifact else None)[
-            0
-        ]
+        steered = run_generate(lm, [text], config, intervention=iv)[0]
         result: dict[str, object] = {
             "model": model,
             "prompt": prompt,
             "intervention": str(intervention or ""),
             "output": steered,
         }
-        if compare and artifact is not None:
+        if compare and iv is not None:
             result["baseline_output"] = run_generate(lm, [text], config)[0]
         return result
 

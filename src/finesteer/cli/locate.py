@@ -1,132 +1,83 @@
-"""Safety-head commands: `locate ships`, `locate sahara`, `ablate`, `export-surgery`.
+"""`finesteer locate ships|sahara|attribution|hsi|iti|overlap`: score every head for a behaviour.
 
-A run folder collects everything about one attribution: `scores.safetensors` + `heads.json` (ranked
-heads), `heatmap.png`, `run.json` (settings, timing), `prompts.jsonl` (the attribution prompts, so
-an evaluation can exclude them), `checkpoint/` (resumable scan state), and after `ablate --from-run`
-`asr.json` + `generations.jsonl`.
+Ships, Sahara and attribution ablate heads on a prompt set (run folder: `finesteer.locate.run_folder`);
+`locate hsi` sweeps single-head steering and `locate iti` probes every head on an A/B `generate` split.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from finesteer.cli.apps import app, locate_app
-from finesteer.cli.common import emit_json, run_command, stderr_console
-from finesteer.runs import RUN_JSON, write_json_atomic
+from finesteer.cli.apps import locate_app
+from finesteer.cli.common import emit_json, run_command, show, show_json, stderr_console
+from finesteer.cli.options import (
+    ABDataOpt,
+    AlphasOpt,
+    BatchOpt,
+    CompletionsOpt,
+    DirectionsFromOpt,
+    EngineOpt,
+    EpsOpt,
+    GenerateLimitOpt,
+    HeadsOpt,
+    JsonFlag,
+    LimitOpt,
+    ModelArg,
+    ModeOpt,
+    NSamplesOpt,
+    NSweepOpt,
+    NValOpt,
+    OutOpt,
+    PromptDataOpt,
+    RankOpt,
+    ResumeOpt,
+    SeedOpt,
+    SplitOpt,
+    SystemOpt,
+    TemplateOpt,
+    check_choice,
+    head_names,
+    out_option,
+    parse_numbers,
+    slug,
+)
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-ModelArg = Annotated[str, typer.Argument(help="Registry name, tiny-* name, HF folder or hub id.")]
-DataOpt = Annotated[str, typer.Option("--data", help="Prompt dataset (e.g. advbench, jailbreakbench).")]
-SplitOpt = Annotated[str | None, typer.Option(help="Dataset split (default: the dataset's default).")]
-LimitOpt = Annotated[int | None, typer.Option(help="Use the first N prompts.")]
-ModeOpt = Annotated[str, typer.Option(help="ua = uniform attention (query × ε), sc = scale output × ε.")]
-EpsOpt = Annotated[float, typer.Option(help="Ablation factor ε.")]
-TemplateOpt = Annotated[
-    str,
-    typer.Option(help="'chat' (chat template), 'ships' / 'sahara' (authors' raw templates), or '…{query}…'."),
-]
-BatchOpt = Annotated[int, typer.Option(help="Prompts per forward.")]
-EngineOpt = Annotated[
-    str, typer.Option(help="Scan engine: 'fast' (heads batched, earlier layers reused) or 'simple'.")
-]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<command>-<model>-…).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a checkpointed run in --out.")]
-
-CHECKPOINT_DIR = "checkpoint"
-PROMPTS_FILE = "prompts.jsonl"
-
-
-def _slug(*parts: str) -> str:
-    return "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", Path(p).name if "/" in p else p) for p in parts if p)
-
-
-def _queries(data: str, split: str | None, limit: int | None) -> tuple[list[str], list[str]]:
-    """(texts, ids) of a prompt dataset; A/B or open-ended items contribute their question."""
-    from finesteer.data import load_dataset
-
-    items = load_dataset(data, split=split, limit=limit)
-    if not items:
-        raise ValueError(f"dataset {data!r} (split {split!r}) has no items")
-    texts, ids = [], []
-    for item in items:
-        text = getattr(item, "prompt", None) or getattr(item, "question", None)
-        if not text:
-            raise ValueError(f"dataset {data!r} items have no prompt/question text")
-        texts.append(text)
-        ids.append(str(item.id))
-    return texts, ids
+LEVELS = ("query", "dataset", "both")
+METRICS = ("kl", "refusal")
 
 
-def _prepare_out(out: Path, resume: bool) -> Path:
-    checkpoint = out / CHECKPOINT_DIR
-    if checkpoint.exists() and any(checkpoint.iterdir()) and not resume:
-        raise ValueError(
-            f"{out} already holds a checkpointed run; pass --resume to continue it or choose --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return checkpoint
+def _prompts(
+    model: str, data: str, split: str | None, limit: int | None, template: str, folder: Path | None = None
+) -> tuple[Any, list[str], list[str], list[str]]:
+    """The model and the formatted prompts of a head-ablation scan (`prompts.jsonl` written to `folder`)."""
+    from finesteer.data.typed import load_queries
+    from finesteer.locate.run_folder import write_prompts
+    from finesteer.locate.ships import format_queries
+    from finesteer.models import load_model
 
-
-def _write_prompts(out: Path, queries: list[str], ids: list[str]) -> None:
-    lines = (json.dumps({"id": i, "query": q}) + "\n" for i, q in zip(ids, queries, strict=True))
-    (out / PROMPTS_FILE).write_text("".join(lines))
-
-
-def _top_json(scores: Any, k: int = 10) -> list[dict[str, Any]]:
-    return [{"head": f"{layer}.{head}", "score": score} for layer, head, score in scores.top(k)]
-
-
-def _save_level(
-    folder: Path, scores: Any, info: dict[str, Any], queries: list[str], ids: list[str], n_heads: int
-) -> dict[str, Any]:
-    """One level's scores folder: tables, heatmap, per-prompt top heads, prompts and run.json."""
-    from finesteer.report.heatmap import plot_head_heatmap
-
-    folder.mkdir(parents=True, exist_ok=True)
-    scores.extra.update({k: info[k] for k in ("data", "split", "limit", "template", "level")})
-    scores.save(folder)
-    title = f"Ships {info['level']} {info['mode']} · {info['model']} · {info['data']}"
-    plot_head_heatmap(scores, folder / "heatmap.png", title=title)
-    _write_prompts(folder, queries, ids)
-    if scores.per_prompt is not None:
-        lines = []
-        for i, row in enumerate(scores.per_prompt.flatten(1)):
-            order = row.argsort(descending=True)[:10].tolist()
-            top = {f"{j // n_heads}.{j % n_heads}": float(row[j]) for j in order}
-            lines.append(json.dumps({"id": ids[i], "query": queries[i], "top": top}) + "\n")
-        (folder / "per_prompt_top.jsonl").write_text("".join(lines))
-    result = {
-        **info,
-        "top_heads": _top_json(scores),
-        "out": str(folder),
-        "scores": str(folder / "scores.safetensors"),
-        "heads_json": str(folder / "heads.json"),
-        "heatmap": str(folder / "heatmap.png"),
-    }
-    write_json_atomic(folder / RUN_JSON, result, indent=1)
-    return result
+    queries, ids = load_queries(data, split, limit)
+    lm = load_model(model)
+    prompts = format_queries(lm, queries, template)
+    if folder is not None:
+        write_prompts(folder, queries, ids)
+    return lm, queries, ids, prompts
 
 
 @locate_app.command("ships")
 def ships(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     mode: ModeOpt = "ua",
     eps: EpsOpt = 1e-5,
     level: Annotated[
-        str,
-        typer.Option(
-            help="query (next-token KL), dataset (principal angles), or both from one scan "
-            "(then written to OUT/query and OUT/dataset)."
-        ),
+        str, typer.Option(help="query (next-token KL), dataset (principal angles), or both from one scan "
+                          "(then written to OUT/query and OUT/dataset).")
     ] = "query",
     r_main: Annotated[int, typer.Option(help="Principal angles summed (dataset level).")] = 1,
     template: TemplateOpt = "chat",
@@ -139,67 +90,47 @@ def ships(
     """Score every head by how much ablating it changes the model's response to harmful prompts."""
 
     def work() -> dict[str, Any]:
+        from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
-        from finesteer.models import load_model
+        from finesteer.report.heatmap import plot_head_heatmap
 
-        if level not in ("query", "dataset", "both"):
-            raise ValueError(f"--level must be 'query', 'dataset' or 'both', got {level!r}")
+        check_choice(level, LEVELS, "--level")
         ships_lib.ablation_method(mode)
-        folder = out or Path("runs") / _slug("ships", model, data, mode, level)
-        checkpoint = _prepare_out(folder, resume)
-        queries, ids = _queries(data, split, limit)
-        lm = load_model(model)
-        prompts = ships_lib.format_queries(lm, queries, template)
-        _write_prompts(folder, queries, ids)
+        folder = out or Path("runs") / slug("ships", model, data, mode, level)
+        checkpoint = run_folder.prepare(folder, resume)
+        lm, queries, ids, prompts = _prompts(model, data, split, limit, template, folder)
         levels = ("query", "dataset") if level == "both" else (level,)
+        n_heads = lm.info.n_layers * lm.info.n_heads
         stderr_console().print(
-            f"Ships {'+'.join(levels)} ({mode}, ε={eps}) on {len(prompts)} prompts × "
-            f"{lm.info.n_layers * lm.info.n_heads} heads of {model}"
+            f"Ships {'+'.join(levels)} ({mode}, ε={eps}): {len(prompts)} prompts × {n_heads} heads of {model}"
         )
         started = time.perf_counter()
         tables = ships_lib.ships_scores(
-            lm,
-            prompts,
-            levels=levels,
-            mode=mode,
-            eps=eps,
-            r_main=r_main,
-            batch_size=batch_size,
-            checkpoint=checkpoint,
-            engine=engine,
-        )
+            lm, prompts, levels=levels, mode=mode, eps=eps, r_main=r_main, batch_size=batch_size,
+            checkpoint=checkpoint, engine=engine,
+        )  # fmt: skip
         seconds = round(time.perf_counter() - started, 1)
         info = {
-            "command": "locate ships",
-            "model": model,
-            "data": data,
-            "split": split,
-            "limit": limit,
-            "n_prompts": len(prompts),
-            "mode": mode,
-            "eps": eps,
-            "template": template,
-            "seconds": seconds,
-        }
-        results = {}
+            "command": "locate ships", "model": model, "data": data, "split": split, "limit": limit,
+            "n_prompts": len(prompts), "mode": mode, "eps": eps, "template": template, "seconds": seconds,
+        }  # fmt: skip
+        combined = level == "both"
+        payload = run_folder.save_ships(
+            folder, tables, info, queries, ids, lm.info.n_heads, r_main=r_main, combined=combined
+        )
         for name, scores in tables.items():
-            target = folder / name if level == "both" else folder
-            extra = {"level": name, "r_main": r_main if name == "dataset" else None}
-            results[name] = _save_level(target, scores, {**info, **extra}, queries, ids, lm.info.n_heads)
-        if level != "both":
-            return results[level]
-        combined = {**info, "level": "both", "out": str(folder), "levels": results}
-        write_json_atomic(folder / RUN_JSON, combined, indent=1)
-        return combined
+            heatmap = run_folder.level_folder(folder, name, combined) / run_folder.HEATMAP_FILE
+            plot_head_heatmap(scores, heatmap, title=f"Ships {name} {mode} · {model} · {data}")
+        return payload
 
     result = run_command(work)
-    _show(result, json_out)
+    show(result, json_out)
 
 
 @locate_app.command("sahara")
 def sahara(
     model: ModelArg,
-    data: DataOpt,
+    data: PromptDataOpt,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     group_size: Annotated[int, typer.Option(help="Heads in the group.")] = 3,
@@ -220,277 +151,214 @@ def sahara(
     """Greedily find the head group whose joint ablation moves the safety subspace most."""
 
     def work() -> dict[str, Any]:
+        from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
         from finesteer.locate.sahara import sahara as run_sahara
         from finesteer.locate.scores import HeadScores
-        from finesteer.models import load_model
         from finesteer.report.heatmap import plot_head_heatmap
 
         ships_lib.ablation_method(mode)
-        folder = out or Path("runs") / _slug("sahara", model, data, mode)
-        checkpoint = _prepare_out(folder, resume)
+        folder = out or Path("runs") / slug("sahara", model, data, mode)
+        checkpoint = run_folder.prepare(folder, resume)
         candidates = HeadScores.load(candidates_from).top_heads(top_n) if candidates_from else None
-        queries, ids = _queries(data, split, limit)
-        lm = load_model(model)
-        prompts = ships_lib.format_queries(lm, queries, template)
-        _write_prompts(folder, queries, ids)
+        lm, _, _, prompts = _prompts(model, data, split, limit, template, folder)
         started = time.perf_counter()
         result = run_sahara(
-            lm,
-            prompts,
-            group_size=group_size,
-            mode=mode,
-            eps=eps,
-            r_main=r_main,
-            candidates=candidates,
-            batch_size=batch_size,
-            checkpoint=checkpoint,
-            engine=engine,
-        )
+            lm, prompts, group_size=group_size, mode=mode, eps=eps, r_main=r_main, candidates=candidates,
+            batch_size=batch_size, checkpoint=checkpoint, engine=engine,
+        )  # fmt: skip
         seconds = round(time.perf_counter() - started, 1)
-        (folder / "sahara.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        sahara_file = run_folder.write_sahara(folder, result)
         first = result.step_scores(lm, 0)
         first.extra.update(data=data, split=split, limit=limit, template=template)
         first.save(folder)
         plot_head_heatmap(first, folder / "heatmap.png", title=f"Sahara step 1 {mode} · {model} · {data}")
         payload = {
-            "command": "locate sahara",
-            "model": model,
-            "data": data,
-            "split": split,
-            "n_prompts": len(prompts),
-            "mode": mode,
-            "eps": eps,
-            "r_main": r_main,
-            "template": template,
-            "group": [f"{layer}.{head}" for layer, head in result.group],
-            "step_scores": [s.score for s in result.steps],
-            "seconds": seconds,
-            "out": str(folder),
-            "sahara_json": str(folder / "sahara.json"),
+            "command": "locate sahara", "model": model, "data": data, "split": split,
+            "n_prompts": len(prompts), "mode": mode, "eps": eps, "r_main": r_main, "template": template,
+            "group": head_names(result.group), "step_scores": [s.score for s in result.steps],
+            "seconds": seconds, "out": str(folder), "sahara_json": str(sahara_file),
             "heatmap": str(folder / "heatmap.png"),
-        }
-        write_json_atomic(folder / RUN_JSON, payload, indent=1)
+        }  # fmt: skip
+        run_folder.write_run(folder, payload)
         return payload
 
     result = run_command(work)
-    _show(result, json_out)
+    show(result, json_out)
 
 
-def _run_heads(run: Path, count: int) -> list[tuple[int, int]]:
-    """Heads of a run folder, best first: a Sahara group if there is one, else the score ranking."""
-    from finesteer.locate.scores import HeadScores
-
-    sahara_file = run / "sahara.json"
-    if sahara_file.is_file():
-        return [(int(lay), int(h)) for lay, h in json.loads(sahara_file.read_text())["group"]]
-    return HeadScores.load(run).top_heads(count)
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-@app.command("ablate")
-def ablate(
+@locate_app.command("attribution")
+def attribution(
     model: ModelArg,
-    data: DataOpt,
-    heads: Annotated[str | None, typer.Option(help="Ranked heads LAYER.HEAD,… (best first).")] = None,
-    from_run: Annotated[
-        Path | None, typer.Option(help="Take the ranked heads (or Sahara group) from this run folder.")
-    ] = None,
-    eval_kind: Annotated[str, typer.Option("--eval", help="What to measure: asr.")] = "asr",
+    data: PromptDataOpt,
     split: SplitOpt = None,
     limit: LimitOpt = None,
-    ks: Annotated[str | None, typer.Option(help="Head counts to ablate, e.g. 1,2,3 (default 1..5).")] = None,
-    mode: Annotated[str | None, typer.Option(help="ua or sc (default: the run's mode, else ua).")] = None,
-    eps: Annotated[
-        float | None, typer.Option(help="Ablation factor ε (default: the run's, else 1e-5).")
-    ] = None,
-    random_seeds: Annotated[int, typer.Option(help="Random-head control sets per k.")] = 3,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (greedy).")] = 64,
-    harmless: Annotated[
-        str | None, typer.Option(help="Harmless dataset for helpfulness ('none' to skip).")
-    ] = "jailbreakbench-benign",
-    harmless_limit: Annotated[int | None, typer.Option(help="Harmless prompts (default: --limit).")] = None,
-    helpfulness_ks: Annotated[
-        str | None, typer.Option(help="Head counts whose helpfulness is measured (default: all --ks).")
-    ] = None,
-    mc: Annotated[
-        str, typer.Option(help="Multiple-choice set for helpfulness accuracy ('none' to skip).")
-    ] = "finesteer-mc",
-    template: TemplateOpt = "chat",
-    batch_size: BatchOpt = 8,
-    out: OutOpt = None,
-    resume: ResumeOpt = False,
-    json_out: JsonFlag = False,
-) -> None:
-    """Ablate the top-k heads and measure ASR against the unmodified model and random heads."""
-
-    def work() -> dict[str, Any]:
-        from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
-        from finesteer.locate import ships as ships_lib
-        from finesteer.models import load_model
-        from finesteer.sites import parse_heads
-
-        if eval_kind != "asr":
-            raise ValueError(f"--eval {eval_kind!r} is not supported; choose 'asr'")
-        if (heads is None) == (from_run is None):
-            raise ValueError("give exactly one of --heads or --from-run")
-        run_file = from_run / RUN_JSON if from_run else None
-        run_info = json.loads(run_file.read_text()) if run_file and run_file.is_file() else {}
-        chosen_mode = mode or run_info.get("mode") or "ua"
-        chosen_eps = eps if eps is not None else float(run_info.get("eps") or 1e-5)
-        k_list = tuple(int(k) for k in ks.split(",")) if ks else None
-        if from_run is not None:
-            ranked = _run_heads(from_run, max(k_list or (5,)))
-        else:
-            ranked = parse_heads(heads or "")
-        k_values = k_list or tuple(range(1, min(5, len(ranked)) + 1))
-        queries, ids = _queries(data, split, limit)
-        excluded = 0
-        if from_run is not None and (from_run / PROMPTS_FILE).is_file():
-            seen = {
-                _norm(json.loads(line)["query"])
-                for line in (from_run / PROMPTS_FILE).read_text().splitlines()
-                if line.strip()
-            }
-            kept = [(q, i) for q, i in zip(queries, ids, strict=True) if _norm(q) not in seen]
-            excluded = len(queries) - len(kept)
-            if not kept:
-                raise ValueError("every evaluation prompt was also an attribution prompt")
-            queries, ids = [q for q, _ in kept], [i for _, i in kept]
-            if excluded:
-                stderr_console().print(f"dropped {excluded} evaluation prompts that were attribution prompts")
-        lm = load_model(model)
-        harmful = ships_lib.format_queries(lm, queries, template)
-        harmless_prompts = None
-        if harmless and harmless.lower() != "none":
-            texts, _ = _queries(harmless, None, harmless_limit or limit)
-            harmless_prompts = ships_lib.format_queries(lm, texts, template)
-        mc_items = None
-        if harmless_prompts is not None and mc.lower() != "none":
-            from finesteer.data import load_dataset
-
-            mc_items = load_dataset(mc)
-        folder = out or from_run or Path("runs") / _slug("ablate", model, data, chosen_mode)
-        settings = AsrSettings(
-            ks=k_values,
-            mode=chosen_mode,
-            eps=chosen_eps,
-            random_seeds=tuple(range(random_seeds)),
-            helpfulness_ks=tuple(int(k) for k in helpfulness_ks.split(",")) if helpfulness_ks else None,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-        )
-        stderr_console().print(
-            f"ASR on {len(harmful)} prompts of {data}: baseline, top-k for k={list(k_values)}, "
-            f"{random_seeds} random sets per k ({chosen_mode}, ε={chosen_eps})"
-        )
-        result = asr_effect(
-            lm,
-            ranked,
-            harmful,
-            harmless_prompts=harmless_prompts,
-            mc_items=mc_items,
-            settings=settings,
-            out=folder,
-            resume=resume,
-            prompt_ids=ids,
-            metadata={
-                "data": data,
-                "split": split,
-                "template": template,
-                "excluded_overlap": excluded,
-                "harmless_data": harmless,
-                "mc_data": mc if mc_items else None,
-                "from_run": str(from_run or ""),
-            },
-        )
-        return {
-            "command": "ablate",
-            "model": model,
-            "data": data,
-            "n_prompts": len(harmful),
-            "excluded_overlap": excluded,
-            "heads": [f"{layer}.{head}" for layer, head in ranked],
-            "mode": chosen_mode,
-            "eps": chosen_eps,
-            "baseline_asr": result["baseline"]["asr"],
-            "ablated_asr": {k: v["asr"] for k, v in result["ablated"].items()},
-            "random_asr_mean": {k: v["mean"] for k, v in result["random"].items()},
-            "random_asr_std": {k: v["std"] for k, v in result["random"].items()},
-            "helpfulness": result.get("helpfulness"),
-            "out": str(folder),
-            "asr_json": str(folder / "asr.json"),
-            "generations": str(folder / "generations.jsonl"),
-        }
-
-    result = run_command(work)
-    _show(result, json_out)
-
-
-@app.command("export-surgery")
-def export_surgery(
-    model: ModelArg,
-    heads: Annotated[str, typer.Option(help="Heads to ablate, LAYER.HEAD,…")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the exported HF model (must be empty).")],
     mode: ModeOpt = "ua",
     eps: EpsOpt = 1e-5,
-    verify: Annotated[
-        bool, typer.Option(help="Reload with plain transformers and compare logits with the hooked model.")
-    ] = True,
+    metric: Annotated[
+        str, typer.Option(help="kl (query-level Ships: KL from the unablated next-token distribution, second "
+                          "order) or refusal (drop in log p(refusal opening tokens), first order).")
+    ] = "kl",
+    top_n: Annotated[int, typer.Option(help="Heads verified exactly (the estimate's best).")] = 16,
+    outcomes: Annotated[int, typer.Option(help="KL: likeliest tokens kept as outcomes (+ the rest).")] = 2,
+    linearize: Annotated[
+        str, typer.Option(help="activation (ua: exact uniform-attention output change) or gate.")
+    ] = "activation",
+    template: TemplateOpt = "chat",
+    batch_size: BatchOpt = 8,
+    engine: EngineOpt = "fast",
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Export a copy of the model with the head ablation baked into its weights (plain HF folder)."""
+    """Estimate every head's ablation effect from one forward + backward, verify the top ones exactly."""
 
     def work() -> dict[str, Any]:
-        from finesteer.models import load_model
-        from finesteer.sites import parse_heads
-        from finesteer.surgery import export_surgery as run_export
-        from finesteer.surgery import verify_export
+        from finesteer.locate import run_folder
+        from finesteer.locate import ships as ships_lib
+        from finesteer.locate.attribution.metrics import KLDivergence, TokenLogProb, refusal_token_ids
+        from finesteer.locate.attribution.prerank import pre_ranked_scan
+        from finesteer.report.heatmap import plot_head_heatmap
 
+        check_choice(metric, METRICS, "--metric")
+        ships_lib.ablation_method(mode)
+        folder = out or Path("runs") / slug("attribution", model, data, mode, metric)
+        lm, queries, ids, prompts = _prompts(model, data, split, limit, template)
+        chosen = KLDivergence(outcomes) if metric == "kl" else TokenLogProb(refusal_token_ids(lm.tokenizer))
+        n_heads = lm.info.n_layers * lm.info.n_heads
+        stderr_console().print(
+            f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} on {len(prompts)} "
+            f"prompts, verifying the top {top_n}"
+        )
+        started = time.perf_counter()
+        result = pre_ranked_scan(
+            lm, prompts, chosen, mode=mode, eps=eps, top_n=top_n, linearize=linearize,
+            batch_size=batch_size, engine=engine,
+        )  # fmt: skip
+        seconds = round(time.perf_counter() - started, 1)
+        info = {
+            "command": "locate attribution", "model": model, "data": data, "split": split, "limit": limit,
+            "n_prompts": len(prompts), "mode": mode, "eps": eps, "metric": chosen.key(),
+            "linearize": linearize, "top_n": top_n,
+        }  # fmt: skip
+        payload = run_folder.save_attribution(folder, result, queries, ids, info, seconds)
+        estimate_map = folder / run_folder.ESTIMATE_DIR / run_folder.HEATMAP_FILE
+        plot_head_heatmap(result.estimate, estimate_map, title=f"estimate · {model}")
+        plot_head_heatmap(result.scores, folder / run_folder.HEATMAP_FILE, title=f"verified heads · {model}")
+        return payload
+
+    show(run_command(work), json_out)
+
+
+@locate_app.command("hsi")
+def locate_hsi(
+    model: ModelArg,
+    data: ABDataOpt = "coordinate-other-ais",
+    limit: GenerateLimitOpt = None,
+    alphas: AlphasOpt = None,
+    n_sweep: NSweepOpt = 24,
+    heads: HeadsOpt = None,
+    system: SystemOpt = None,
+    batch_size: BatchOpt = 8,
+    rank_by: RankOpt = "balanced",
+    directions_from: DirectionsFromOpt = "ab",
+    completions: CompletionsOpt = None,
+    n_samples: NSamplesOpt = 2,
+    seed: SeedOpt = 0,
+    out: Annotated[Path, out_option("Run folder (rerun the same command to resume).")] = Path("runs/hsi"),
+    json_out: JsonFlag = False,
+) -> None:
+    """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
+    from finesteer.data.typed import load_ab_set
+    from finesteer.fit.completions import load_labelled_completions
+    from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS
+    from finesteer.fit.hsi_directions import check_directions_from
+    from finesteer.fit.hsi_sweep import sweep_hsi_heads
+    from finesteer.locate.hsi_table import check_alphas
+    from finesteer.locate.run_folder import write_run
+    from finesteer.models import load_model
+    from finesteer.recipes.fit_split import GENERATE_SPLIT
+    from finesteer.report.sweep import plot_sweep
+    from finesteer.scoring.ab import ABPrompt
+    from finesteer.sites import parse_heads
+
+    def work() -> dict[str, Any]:
+        grid = check_alphas(parse_numbers(alphas, "--alphas") or DEFAULT_HSI_ALPHAS)
+        subset = parse_heads(heads) if heads else None
+        check_directions_from(directions_from)
+        items = load_ab_set(data, GENERATE_SPLIT, limit)
+        given = load_labelled_completions(completions) if completions is not None else []
+        started = time.perf_counter()
         lm = load_model(model)
-        head_list = parse_heads(heads)
-        folder = run_export(lm, head_list, out, mode=mode, eps=eps)
-        result: dict[str, Any] = {
-            "command": "export-surgery",
-            "model": model,
-            "heads": [f"{layer}.{head}" for layer, head in head_list],
-            "mode": mode,
-            "eps": eps,
-            "out": str(folder),
-        }
-        if verify:
-            result["verify"] = verify_export(lm, head_list, folder, mode=mode, eps=eps)
+        run = sweep_hsi_heads(
+            lm, items, grid, n_sweep=n_sweep, seed=seed, heads=subset, directions_from=directions_from,
+            completions=given, n_samples=n_samples, prompt=ABPrompt(system), batch_size=batch_size,
+            rank_by=rank_by, run_dir=out,  # type: ignore[arg-type]
+        )  # fmt: skip
+        plots = plot_sweep(run.sweep, out, rank_by=rank_by)  # type: ignore[arg-type]
+        result = {
+            "model": model, "data": data, "out": str(out),
+            **run.sweep.summary(top=10, rank_by=rank_by),  # type: ignore[arg-type]
+            "resumed_layers": run.sweep.meta.get("resumed_layers", []),
+            "n_direction_items": run.n_direction_items, **run.source,
+            "plots": [str(p) for p in plots], "seconds": round(time.perf_counter() - started, 1),
+        }  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        write_run(out, {"command": "locate hsi", **result})
         return result
 
     result = run_command(work)
-    _show(result, json_out)
+    show_json(result, json_out)
 
 
-def _show(result: dict[str, Any], json_out: bool) -> None:
-    if json_out:
-        emit_json(result)
-        return
-    from rich.console import Console
-    from rich.table import Table
+@locate_app.command("iti")
+def locate_iti(
+    model: ModelArg,
+    data: ABDataOpt = "coordinate-other-ais",
+    limit: GenerateLimitOpt = None,
+    n_val: NValOpt = 30,
+    system: SystemOpt = None,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    out: Annotated[Path, out_option("Run folder.")] = Path("runs/iti"),
+    json_out: JsonFlag = False,
+) -> None:
+    """Train one logistic probe per head (train items) and rank heads by val accuracy."""
+    from finesteer.data.typed import load_ab_set
+    from finesteer.fit.hsi import split_items
+    from finesteer.fit.iti import probe_items
+    from finesteer.locate.run_folder import write_run
+    from finesteer.models import load_model
+    from finesteer.recipes.fit_split import GENERATE_SPLIT
+    from finesteer.report.heatmap import plot_head_heatmap
 
-    table = Table(show_header=False, title=str(result.get("command", "")))
-    for key, value in result.items():
-        if key == "command":
-            continue
-        text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
-        table.add_row(key, text)
-    Console().print(table)
+    def work() -> dict[str, Any]:
+        items = load_ab_set(data, GENERATE_SPLIT, limit)
+        started = time.perf_counter()
+        lm = load_model(model)
+        train, val = split_items(items, n_val, seed)
+        stderr_console().print(f"ITI probes on {model}: train {len(train)} items, val {len(val)}")
+        probes, z, _ = probe_items(
+            lm, train, val, system=system, batch_size=batch_size, seed=seed, progress=True
+        )
+        table = probes.head_scores(model_name=lm.name, model_fingerprint=lm.fingerprint, n_prompts=len(z))
+        table.save(out / "head_scores")
+        plot = plot_head_heatmap(table, out / "iti_val_accuracy.png", label="probe val accuracy")
+        top = [
+            {"layer": layer, "head": h, "val_accuracy": float(probes.val_accuracy[layer, h]),
+             "train_accuracy": float(probes.train_accuracy[layer, h])}
+            for layer, h in probes.top_heads(10)
+        ]  # fmt: skip
+        result = {
+            "model": model, "data": data, "out": str(out), "n_train_items": len(train),
+            "n_val_items": len(val), "top": top, "plots": [str(plot)],
+            "seconds": round(time.perf_counter() - started, 1),
+        }  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        write_run(out, {"command": "locate iti", **result})
+        return result
 
-
-def _scores_folder(path: Path) -> Path:
-    """A scores folder, or a run folder holding one (the Ships step's `scores`)."""
-    for candidate in (path, path / "scores", path / "steps" / "ships" / "scores"):
-        if (candidate / "scores.safetensors").is_file():
-            return candidate
-    raise FileNotFoundError(f"{path}: no scores.safetensors here, in scores/ or in steps/ships/scores/")
+    result = run_command(work)
+    show_json(result, json_out)
 
 
 @locate_app.command("overlap")
@@ -508,21 +376,18 @@ def overlap_command(
 
     def work() -> dict[str, Any]:
         from finesteer.locate.rank_stats import spearman
+        from finesteer.locate.run_folder import scores_folder
         from finesteer.locate.scores import HeadScores, jaccard_top_k
 
-        a, b = (HeadScores.load(_scores_folder(p)) for p in (first, second))
-        jaccard = jaccard_top_k(a, b, k)
+        a, b = (HeadScores.load(scores_folder(p)) for p in (first, second))
         shared = sorted(set(a.top_heads(k)) & set(b.top_heads(k)))
         return {
             "first": {"path": str(first), "model": a.model_name, "method": a.method, "mode": a.mode},
             "second": {"path": str(second), "model": b.model_name, "method": b.method, "mode": b.mode},
-            "k": k,
-            "jaccard": jaccard,
-            "shared": [f"{layer}.{head}" for layer, head in shared],
+            "k": k, "jaccard": jaccard_top_k(a, b, k), "shared": head_names(shared),
             "spearman": spearman(a.scores.flatten(), b.scores.flatten()),
-            "top_first": [f"{layer}.{head}" for layer, head in a.top_heads(k)],
-            "top_second": [f"{layer}.{head}" for layer, head in b.top_heads(k)],
-        }
+            "top_first": head_names(a.top_heads(k)), "top_second": head_names(b.top_heads(k)),
+        }  # fmt: skip
 
     result = run_command(work)
     if json_out:

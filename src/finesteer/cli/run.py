@@ -14,9 +14,8 @@ from rich.table import Table
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.cli.options import JsonFlag, OptionError
 from finesteer.runs import RESULT_JSON, STEPS_DIR
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 
 
 def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
@@ -53,12 +52,13 @@ def _execute(
         prepare(recipe)  # fail on bad fields before creating anything
         run = RunFolder.create(out, recipe, command)
     else:
-        raise ValueError("give a recipe file, or --resume RUN_DIR")
+        raise OptionError("give a recipe file, or --resume RUN_DIR")
     run.stop_after = stop_after
     stderr_console().print(f"run folder: {run.path}")
     return run.path, execute(run)
 
 
+@app.command("run")
 def run(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (see examples/recipes/).")] = None,
     resume: Annotated[
@@ -94,6 +94,7 @@ def _examples(run_dir: Path) -> list[dict[str, str]]:
     return json.loads(path.read_text()).get("examples", []) if path.is_file() else []
 
 
+@app.command("demo")
 def demo(
     model: Annotated[str, typer.Option(help="Model to run the demo on.")] = "smollm2-135m-instruct",
     out: Annotated[Path, typer.Option(help="Where the run folder is created.")] = Path("runs"),
@@ -116,6 +117,3 @@ def demo(
     run_dir, metrics = run_command(work)
     _finish(run_dir, metrics, json_out)
 
-
-app.command("run")(run)
-app.command("demo")(demo)

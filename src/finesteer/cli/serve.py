@@ -10,6 +10,7 @@ import typer
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import run_command, stderr_console
+from finesteer.cli.options import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def _named_folders(specs: list[str]) -> list[tuple[str, Path]]:
     for spec in specs:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
-            raise ValueError(f"--intervention takes NAME=FOLDER, got {spec!r}")
+            raise OptionError(f"--intervention takes NAME=FOLDER, got {spec!r}")
         pairs.append((name.strip(), Path(folder.strip())))
     return pairs
 
@@ -62,7 +63,7 @@ def serve_command(
 
     def build() -> object:
         if max_batch < 1 or max_tokens < 1:
-            raise ValueError("--max-batch and --max-tokens must be ≥ 1")
+            raise OptionError("--max-batch and --max-tokens must be ≥ 1")
         named = _named_folders(intervention or [])
         lm = load_model(model)
         registry = InterventionRegistry(

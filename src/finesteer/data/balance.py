@@ -19,6 +19,9 @@ from finesteer.errors import FinesteerError
 
 log = logging.getLogger(__name__)
 
+SWAP_SUFFIX = "~swap"
+"""Appended to an item's id by `swap_options`; `unswapped_id` takes it off."""
+
 
 class SwapError(FinesteerError, ValueError):
     """The item cannot be mirrored (it does not list exactly two options, one per line)."""
@@ -46,8 +49,14 @@ def swap_options(item: ABItem) -> ABItem:
         question=text,
         matching=f"({other[item.matching_letter]})",
         not_matching=f"({other[item.not_matching_letter]})",
-        id=f"{item.id}~swap",
+        id=f"{item.id}{SWAP_SUFFIX}",
     )
+
+
+def unswapped_id(item_id: str) -> str:
+    """The id of the item a mirror was made from (the id itself for an original): an item and its
+    mirror are one question, so statistics resample them together."""
+    return item_id.removesuffix(SWAP_SUFFIX)
 
 
 def letter_balanced(items: Sequence[ABItem], *, strict: bool = True) -> list[ABItem]:

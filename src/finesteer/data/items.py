@@ -12,12 +12,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from finesteer.data.errors import DatasetError
+from finesteer.errors import FinesteerError
+
+
+class ItemError(FinesteerError, ValueError):
+    """An item with malformed fields; a loader reports it as a `DatasetError` with the file and line."""
+
 
 # An answer option is a line that starts with "(X)", optionally indented: the layout of the CAA and
 # Anthropic-evals questions ("Choices:\n (A) Yes\n (B) No"). Inline mentions such as the HSI
 # instruction 'Answer: (A) / (B)' are deliberately not options. The one option-line pattern:
 # indent, letter, and the rest of the line as written.
 _OPTION_LINE = re.compile(r"^([ \t]*)\(([A-Z])\)(.*)$", re.MULTILINE)
+
 _ANSWER_RE = re.compile(r"\(([A-Z])\)")
 _CHOICES_SPLIT = re.compile(r"\n\s*Choices:\s*\n")
 
@@ -81,15 +88,15 @@ def answer_letter(answer: str) -> str:
     """
     match = _ANSWER_RE.fullmatch(answer)
     if match is None:
-        raise ValueError(f"answer {answer!r} is not of the form '(X)' with X a capital letter")
+        raise ItemError(f"answer {answer!r} is not of the form '(X)' with X a capital letter")
     return match.group(1)
 
 
 def _require_text(value: object, what: str) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+        raise ItemError(f"{what} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise ValueError(f"{what} is empty")
+        raise ItemError(f"{what} is empty")
 
 
 @dataclass(frozen=True)
@@ -111,12 +118,12 @@ class ABItem:
         matching = answer_letter(self.matching)
         not_matching = answer_letter(self.not_matching)
         if matching == not_matching:
-            raise ValueError(f"matching and not_matching are both {self.matching!r}")
+            raise ItemError(f"matching and not_matching are both {self.matching!r}")
         options = self.options
         if options:
             for name, letter in (("matching", matching), ("not_matching", not_matching)):
                 if letter not in options:
-                    raise ValueError(
+                    raise ItemError(
                         f"{name} answer ({letter}) is not one of the question's options {options}"
                     )
 

@@ -271,7 +271,7 @@ def _build(rows: list[Row], make: Callable[[Row, int], T], limit: int | None) ->
 def check_limit(limit: int | None) -> None:
     """Reject a negative or non-integer `limit` early, with a clear message."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+        raise DatasetError(f"limit must be a non-negative integer or None, got {limit!r}")
 
 
 def read_ab_items(

@@ -12,9 +12,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from finesteer.data.items import ABItem, answer_letter
+from finesteer.errors import FinesteerError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+class PromptError(FinesteerError, ValueError):
+    """A prompt that cannot be built: a template with bad or missing fields, or a letter the item lacks."""
+
 
 SHIPS_TEMPLATE = "## Query: {query}\n## Answer:"
 """Ships query template (Zhou et al. 2025, `ships_test(use_tem=True)`; paper Fig. 10).
@@ -42,11 +48,11 @@ def raw_prompt(template: str, **fields: str) -> str:
     names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     bad_names = sorted(n for n in names if not n.isidentifier())
     if bad_names:
-        raise ValueError(f"template fields must be names, got {bad_names} in {template!r}")
+        raise PromptError(f"template fields must be names, got {bad_names} in {template!r}")
     missing = sorted(names - set(fields))
     unused = sorted(set(fields) - names)
     if missing or unused:
-        raise ValueError(
+        raise PromptError(
             f"template {template!r} needs fields {sorted(names)}; missing {missing}, unexpected {unused}"
         )
     return template.format(**fields)
@@ -134,10 +140,10 @@ def ab_completion(
     """
     bare = letter if len(letter) == 1 else answer_letter(letter.strip())
     if not ("A" <= bare <= "Z"):
-        raise ValueError(f"answer letter must be a capital letter or '(X)', got {letter!r}")
+        raise PromptError(f"answer letter must be a capital letter or '(X)', got {letter!r}")
     options = item.options
     if options and bare not in options:
-        raise ValueError(f"letter {bare!r} is not one of item {item.id!r}'s options {options}")
+        raise PromptError(f"letter {bare!r} is not one of item {item.id!r}'s options {options}")
     answer = f"{bare})" if prefill.endswith("(") else f"({bare})"
     return ab_prompt(tokenizer, item, system=system, prefill=prefill) + answer
 

@@ -22,9 +22,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from finesteer.data.balance import matching_polarity
+from finesteer.data.balance import SWAP_SUFFIX, matching_polarity, unswapped_id
 from finesteer.data.items import ABItem
 from finesteer.evaluate.scores import matching_rate, wilson_interval
+from finesteer.evaluate.stats import DEFAULT_CONFIDENCE, Estimate, mean_estimate, rate_estimate
 from finesteer.generation import GenerationConfig, generate
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
@@ -41,6 +42,13 @@ from finesteer.scoring.ab import (
 from finesteer.scoring.forward import check_rows, rows_for_batch
 
 log = logging.getLogger(__name__)
+
+
+def mirror_clusters(records: Sequence[dict[str, Any]]) -> list[str] | None:
+    """One cluster label per record, shared by an item and its option-swapped mirror; None when no
+    record is a mirror (every item is then independent)."""
+    ids = [str(record.get("id", "")) for record in records]
+    return [unswapped_id(i) for i in ids] if any(i.endswith(SWAP_SUFFIX) for i in ids) else None
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,23 @@ class ABResult:
         """Wilson interval of the matching rate."""
         return wilson_interval(self.count, self.n, confidence)
 
+    def estimates(self, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Estimate | None]:
+        """The matching rate (Wilson interval) and mean p(matching) (bootstrap over items, seed 0,
+        an item and its mirror resampled together; None for generated answers) as `Estimate`s."""
+        out: dict[str, Estimate | None] = {
+            "matching_rate": rate_estimate(self.count, self.n, confidence),
+            "mean_p_matching": None,
+        }
+        if self.mean_p_matching is not None:
+            p = [record["p_matching"] for record in self.per_item if "p_matching" in record]
+            out["mean_p_matching"] = (
+                mean_estimate(p, confidence, clusters=mirror_clusters(self.per_item))
+                if len(p) == self.n
+                else Estimate(self.mean_p_matching, self.n, math.nan, math.nan, confidence,
+                              "bootstrap-percentile", "per-item p(matching) not kept")
+            )  # fmt: skip
+        return out
+
     def by_matching_polarity(self) -> dict[str, dict[str, float]]:
         """Matching rate split by whether the matching option says "Yes", "No" or other (see
         `finesteer.data.balance.matching_polarity`): an edit that only adds a "Yes" bias helps the
@@ -90,6 +115,10 @@ class ABResult:
             "mean_p_matching": self.mean_p_matching,
             "n_undefined": self.n_undefined,
             "by_matching_polarity": self.by_matching_polarity(),
+            "interval": {
+                name: None if estimate is None else estimate.to_dict()
+                for name, estimate in self.estimates().items()
+            },
         }
         if per_item:
             out["per_item"] = self.per_item

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from finesteer.data.items import ABItem
+from finesteer.evaluate.errors import EvaluationError
 from finesteer.evaluate.helpfulness import mc_accuracy, next_token_kl
 from finesteer.evaluate.judges import KeywordRefusalJudge
 from finesteer.evaluate.scores import attack_success_rate, refusal_rate
@@ -51,11 +52,11 @@ class AsrSettings:
 
     def __post_init__(self) -> None:
         if not self.ks or any(k < 1 for k in self.ks):
-            raise ValueError(f"ks must be positive head counts, got {self.ks}")
+            raise EvaluationError(f"ks must be positive head counts, got {self.ks}")
         if self.helpfulness_ks is not None and any(k < 1 for k in self.helpfulness_ks):
-            raise ValueError(f"helpfulness_ks must be positive head counts, got {self.helpfulness_ks}")
+            raise EvaluationError(f"helpfulness_ks must be positive head counts, got {self.helpfulness_ks}")
         if len(set(self.random_seeds)) != len(self.random_seeds):
-            raise ValueError(f"duplicate random seeds {self.random_seeds}")
+            raise EvaluationError(f"duplicate random seeds {self.random_seeds}")
         check_eps(self.eps)
         GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
@@ -80,7 +81,7 @@ def random_heads(lm: LoadedModel, k: int, seed: int, exclude: Sequence[Head]) ->
     """
     pool = [h for h in all_heads(lm.info) if h not in set(exclude)]
     if k > len(pool):
-        raise ValueError(f"cannot draw {k} random heads from {len(pool)} heads outside the tested ones")
+        raise EvaluationError(f"cannot draw {k} random heads from {len(pool)} heads outside the tested ones")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pool), generator=generator).tolist()
     return [pool[i] for i in order[:k]]
@@ -230,11 +231,11 @@ def _checked_heads(
     checked = check_heads(heads, lm.info.n_layers, lm.info.n_heads)
     largest = max((*settings.ks, *(settings.helpfulness_ks or ())))
     if largest > len(checked):
-        raise ValueError(f"head counts go up to {largest} but only {len(checked)} heads were given")
+        raise EvaluationError(f"head counts go up to {largest} but only {len(checked)} heads were given")
     if not harmful_prompts:
-        raise ValueError("no harmful prompts to evaluate")
+        raise EvaluationError("no harmful prompts to evaluate")
     if harmless_prompts is not None and not harmless_prompts:
-        raise ValueError("harmless_prompts is empty; pass None to skip helpfulness")
+        raise EvaluationError("harmless_prompts is empty; pass None to skip helpfulness")
     return checked
 
 

@@ -95,6 +95,43 @@ def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
 
+def _open_ended(
+    lm: LoadedModel,
+    setup: Steering,
+    open_ended_items: Sequence[OpenEndedItem],
+    judge: Judge | None,
+    settings: CompareSettings,
+    out_dir: Path | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Fluency and judged score of the open-ended answers (None with no items or no judge)."""
+    system, iv = setup.system_prompt, setup.intervention
+    if not open_ended_items:
+        return {"fluency": None, "open_ended_n": 0, "open_ended_score": None, "open_ended_std": None}
+    rows = run_generations(
+        lm,
+        open_ended_items,
+        out_dir / "generations" / f"{setup.name}.jsonl" if out_dir is not None else None,
+        format_fn=lambda text: chat_prompt(lm.tokenizer, text, system=system),
+        config=settings.open_ended,
+        intervention=iv,
+        judges={"judge": judge} if judge is not None else None,
+        progress=progress,
+    )
+    responses = [row["response"] for row in rows]
+    result: dict[str, Any] = {"fluency": _finite(fluency(responses)), "open_ended_n": len(rows)}
+    if judge is not None:
+        stats = mean_std([row["verdicts"]["judge"]["score"] for row in rows])
+        result.update(
+            open_ended_score=_finite(stats.mean),
+            open_ended_std=_finite(stats.std),
+            open_ended_n_unscored=stats.n_missing,
+        )
+    else:
+        result.update(open_ended_score=None, open_ended_std=None, open_ended_n_unscored=len(rows))
+    return result
+
+
 def evaluate_setup(
     setup: Steering,
     *,
@@ -140,31 +177,7 @@ def evaluate_setup(
     result.update(ab_matching_rate_generated=_finite(gen.matching_rate), ab_n_undefined=gen.n_undefined)
     if out_dir is not None:
         _write_jsonl(out_dir / "ab_generations" / f"{setup.name}.jsonl", gen.per_item)
-    if open_ended_items:
-        rows = run_generations(
-            lm,
-            open_ended_items,
-            out_dir / "generations" / f"{setup.name}.jsonl" if out_dir is not None else None,
-            format_fn=lambda text: chat_prompt(lm.tokenizer, text, system=system),
-            config=settings.open_ended,
-            intervention=iv,
-            judges={"judge": judge} if judge is not None else None,
-            progress=progress,
-        )
-        responses = [row["response"] for row in rows]
-        result["fluency"] = _finite(fluency(responses))
-        result["open_ended_n"] = len(rows)
-        if judge is not None:
-            stats = mean_std([row["verdicts"]["judge"]["score"] for row in rows])
-            result.update(
-                open_ended_score=_finite(stats.mean),
-                open_ended_std=_finite(stats.std),
-                open_ended_n_unscored=stats.n_missing,
-            )
-        else:
-            result.update(open_ended_score=None, open_ended_std=None, open_ended_n_unscored=len(rows))
-    else:
-        result.update(fluency=None, open_ended_n=0, open_ended_score=None, open_ended_std=None)
+    result.update(_open_ended(lm, setup, open_ended_items, judge, settings, out_dir, progress))
     if harmless_prompts:
         kl = next_token_kl_between(reference, setup, harmless_prompts, batch_size=settings.batch_size)
         result.update(kl_harmless=float(sum(kl) / len(kl)), kl_harmless_max=max(kl), kl_n=len(kl))
@@ -219,6 +232,31 @@ def built(entry: Steering | PendingSteering) -> Steering:
     return steering
 
 
+def method_store(folder: Path | None) -> JsonFileRecords | None:
+    """The per-method record store of a comparison folder (`methods/<name>.json`), or None."""
+    store = JsonFileRecords(folder / "methods") if folder is not None else None
+    if store is not None:
+        store.folder.mkdir(parents=True, exist_ok=True)
+    return store
+
+
+def run_methods(
+    jobs: Sequence[Job],
+    store: JsonFileRecords | None,
+    on_method: Callable[[str, dict[str, Any], bool], None] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The resumable comparison loop: one job per method, {name: result}; `on_method(name, result,
+    resumed)` after each."""
+
+    def done(name: str, record: Record, resumed: bool) -> None:
+        if on_method is not None:
+            on_method(name, record["result"], resumed)
+
+    records = run_jobs(jobs, store, on_done=done, progress=progress, desc="methods", unit="method")
+    return {name: record["result"] for name, record in records.items()}
+
+
 def compare_setups(
     setups: Sequence[Steering | PendingSteering],
     *,
@@ -253,9 +291,7 @@ def compare_setups(
         "judge": judge_desc,
     }
     folder = Path(out_dir) if out_dir is not None else None
-    store = JsonFileRecords(folder / "methods") if folder is not None else None
-    if store is not None:
-        store.folder.mkdir(parents=True, exist_ok=True)
+    store = method_store(folder)
     run_info = {**dict(info or {}), "settings": settings.to_dict(), "n_ab": len(ab_items)}
     run_info.update(n_open_ended=len(open_ended_items), n_harmless=len(harmless_prompts))
 
@@ -288,13 +324,7 @@ def compare_setups(
 
         return Job(entry.name, run, check)
 
-    def done(name: str, record: Record, resumed: bool) -> None:
-        if on_method is not None:
-            on_method(name, record["result"], resumed)
-
-    records = run_jobs([job(e) for e in setups], store, on_done=done, progress=progress, desc="methods",
-                       unit="method")  # fmt: skip
-    results = {name: record["result"] for name, record in records.items()}
+    results = run_methods([job(e) for e in setups], store, on_method, progress)
     comparison = ComparisonResult(results, judge_desc, run_info, folder)
     if folder is not None:
         (folder / "results.json").write_text(

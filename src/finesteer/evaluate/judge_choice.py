@@ -21,6 +21,7 @@ from finesteer.evaluate.judges import (
 from finesteer.evaluate.kl import token_ids
 from finesteer.evaluate.verdict import Judge
 from finesteer.generation import GenerationConfig, generate
+from finesteer.models.loading import load_model
 from finesteer.scoring.forward import log_probs_at
 
 if TYPE_CHECKING:
@@ -134,7 +135,6 @@ def make_judge(
             samples = 5 if rubric is HSI_COORDINATION_0_5 else 1
             judge = LLMJudge(rubric, env=env, n_samples=samples)
             return judge, f"llm:{endpoint.model} ({rubric.name}, n={samples})"
-    from finesteer.models.loading import load_model
 
     judge_lm = load_model(local_model)
     expected = local_judge_expected_score(judge_lm, rubric)

@@ -20,15 +20,23 @@ from typing import Any, Literal
 
 from finesteer.data.items import PromptItem
 from finesteer.data.prompts import chat_prompt
-from finesteer.evaluate.compare import ComparisonError, PendingSteering, built, check_names, digest
+from finesteer.evaluate.compare import (
+    ComparisonError,
+    PendingSteering,
+    built,
+    check_names,
+    digest,
+    method_store,
+    run_methods,
+)
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.judges import GCG_REFUSAL_PREFIXES, KeywordRefusalJudge
 from finesteer.evaluate.scores import refusal_rate
 from finesteer.evaluate.text import fluency
 from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
-from finesteer.runs.records import JsonFileRecords, Record
-from finesteer.runs.runner import Job, run_jobs
+from finesteer.runs.records import Record
+from finesteer.runs.runner import Job
 
 JudgeName = Literal["gcg+", "gcg", "ships"]
 JUDGES: tuple[str, ...] = ("gcg+", "gcg", "ships")
@@ -154,9 +162,7 @@ def compare_refusal(
         "settings": settings.to_dict(),
     }
     folder = Path(out_dir) if out_dir is not None else None
-    store = JsonFileRecords(folder / "methods") if folder is not None else None
-    if store is not None:
-        store.folder.mkdir(parents=True, exist_ok=True)
+    store = method_store(folder)
 
     def job(entry: Steering | PendingSteering) -> Job:
         pending_key = dict(entry.key) if isinstance(entry, PendingSteering) else None
@@ -183,13 +189,7 @@ def compare_refusal(
 
         return Job(entry.name, run, check)
 
-    def done(name: str, record: Record, resumed: bool) -> None:
-        if on_method is not None:
-            on_method(name, record["result"], resumed)
-
-    records = run_jobs([job(e) for e in setups], store, on_done=done, progress=progress, desc="methods",
-                       unit="method")  # fmt: skip
-    return {name: record["result"] for name, record in records.items()}
+    return run_methods([job(e) for e in setups], store, on_method, progress)
 
 
 __all__ = ["INABILITY_PHRASES", "JUDGES", "RefusalSettings", "compare_refusal", "evaluate_refusal_setup"]

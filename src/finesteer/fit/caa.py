@@ -154,6 +154,40 @@ def select_point(
 # --- fit----------------------------------------------------------------------------------------------
 
 
+def _reference_check(
+    lm: LoadedModel,
+    val_items: Sequence[ABItem],
+    prompt: ABPrompt,
+    batch_size: int,
+    intervention: Intervention,
+    chosen: SweepPoint,
+) -> tuple[float, float]:
+    """The chosen setting's (mean p(matching), matching rate) through the reference path (full
+    forwards, no prefix reuse); warns if the sweep's fast path disagreed."""
+    check = ABScorer(lm, val_items, prompt, batch_size=batch_size).score([intervention])
+    check_p, check_rate = float(check.p_matching[0].mean()), int(check.matching[0].sum()) / len(val_items)
+    if abs(check_p - chosen.mean_p_matching) > 1e-3:
+        log.warning(
+            "CAA sweep fast path and plain evaluation disagree: %.4f vs %.4f", chosen.mean_p_matching, check_p
+        )
+    return check_p, check_rate
+
+
+def _save_sweep(
+    folder: Path,
+    vectors: CAAVectors,
+    baseline: tuple[float, float],
+    points: Sequence[SweepPoint],
+    chosen: SweepPoint,
+) -> None:
+    """`caa_vectors.safetensors` and `caa_sweep.json` (baseline, every point, the chosen one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vectors.save(folder / "caa_vectors.safetensors")
+    sweep = {"baseline": {"mean_p_matching": baseline[0], "matching_rate": baseline[1]}}
+    sweep["points"] = [p.to_dict() for p in points]  # type: ignore[assignment]
+    (folder / "caa_sweep.json").write_text(json.dumps({**sweep, "chosen": chosen.to_dict()}, indent=2) + "\n")
+
+
 def fit_caa(
     lm: LoadedModel,
     train_items: Sequence[ABItem],
@@ -193,13 +227,7 @@ def fit_caa(
     chosen = select_point(points, base_p, direction, tolerance)
     intervention = caa_intervention(vectors.vector(chosen.layer), chosen.layer, chosen.multiplier, k)
     norms = vectors.norms()
-    # Report the chosen setting through the reference path (full forwards, no prefix reuse).
-    check = ABScorer(lm, val_items, prompt, batch_size=batch_size).score([intervention])
-    check_p, check_rate = float(check.p_matching[0].mean()), int(check.matching[0].sum()) / len(val_items)
-    if abs(check_p - chosen.mean_p_matching) > 1e-3:
-        log.warning(
-            "CAA sweep fast path and plain evaluation disagree: %.4f vs %.4f", chosen.mean_p_matching, check_p
-        )
+    check_p, check_rate = _reference_check(lm, val_items, prompt, batch_size, intervention, chosen)
     metadata: dict[str, Any] = {
         "method": "caa",
         "layer": chosen.layer,
@@ -226,14 +254,7 @@ def fit_caa(
         "fit_seconds": round(time.perf_counter() - started, 2),
     }
     if run_dir is not None:
-        folder = Path(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        vectors.save(folder / "caa_vectors.safetensors")
-        sweep = {"baseline": {"mean_p_matching": base_p, "matching_rate": base_rate}}
-        sweep["points"] = [p.to_dict() for p in points]  # type: ignore[assignment]
-        (folder / "caa_sweep.json").write_text(
-            json.dumps({**sweep, "chosen": chosen.to_dict()}, indent=2) + "\n"
-        )
+        _save_sweep(Path(run_dir), vectors, (base_p, base_rate), points, chosen)
     log.info(
         "CAA: layer %d, multiplier %g (|v| = %.3g): val p(matching) %.3f (unsteered %.3f)",
         chosen.layer,

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from finesteer.activations.capture import capture
 from finesteer.data.items import ABItem
 from finesteer.fit.caa_tail import CAAError
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, item_target
@@ -97,8 +98,6 @@ def caa_vectors(
     progress: bool = False,
 ) -> CAAVectors:
     """Mean over items of resid_post(letter of matching) − resid_post(letter of not matching), per layer."""
-    from finesteer.capture.activations import capture
-
     chosen = tuple(range(lm.info.n_layers)) if layers is None else tuple(int(x) for x in layers)
     if not chosen:
         raise CAAError("no layers given")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from finesteer.capture.directions import LabelledCompletion
+from finesteer.activations.directions import LabelledCompletion
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
 from finesteer.errors import FinesteerError

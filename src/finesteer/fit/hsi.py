@@ -22,18 +22,19 @@ import math
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from finesteer.capture.directions import LabelledCompletion
+from finesteer.activations.directions import HeadDirections, LabelledCompletion
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.errors import FinesteerError
 from finesteer.fit.hsi_directions import DIRECTIONS_FROM, DirectionsFrom, hsi_directions, items_hash
 from finesteer.fit.steering import Steering
 from finesteer.locate.hsi import select_heads, sweep_heads
-from finesteer.locate.hsi_table import RANK_BY, RankBy, check_alphas
+from finesteer.locate.hsi_table import RANK_BY, HsiSweep, RankBy, check_alphas
+from finesteer.locate.selection import Selection
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
 from finesteer.sites import Head, check_heads
@@ -130,7 +131,7 @@ def split_items(items: Sequence[ABItem], n_held_out: int, seed: int = 0) -> tupl
     for a behaviour change); the order of `rest` follows the input.
     """
     if len(items) < 2:
-        raise ValueError(f"need at least 2 training items to split, got {len(items)}")
+        raise HSIConfigError(f"need at least 2 training items to split, got {len(items)}")
     n = max(1, min(n_held_out, len(items) // 2))
     rng = random.Random(seed)
     groups: dict[str, list[int]] = {}
@@ -154,8 +155,133 @@ def validate_heads(lm: LoadedModel, heads: Iterable[Head]) -> list[Head]:
     """The heads as (layer, head) ints, checked against the model before any expensive step."""
     checked = check_heads(heads, lm.info.n_layers, lm.info.n_heads)
     if not checked:
-        raise ValueError("empty head subset")
+        raise HSIConfigError("empty head subset")
     return checked
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Which items rank the heads: `n_sweep` training items held out (split with `seed`), every head
+    or `heads` steered alone on them (`max_rows` rows per cached forward), in both option orders
+    with `balance_letters`."""
+
+    n_sweep: int
+    seed: int
+    heads: list[Head] | None
+    balance_letters: bool
+    max_rows: int = 128
+
+
+@dataclass(frozen=True)
+class DirectionSource:
+    """What the head directions are read from (see `fit_hsi`); `batch_size`: prompts per capture."""
+
+    directions_from: DirectionsFrom
+    completions: Sequence[LabelledCompletion]
+    n_samples: int
+    temperature: float
+    batch_size: int
+
+
+@dataclass
+class HeadSweep:
+    """A finished sweep and what it was read from."""
+
+    sweep: HsiSweep
+    directions: HeadDirections
+    n_direction_items: int
+    n_sweep_items: int
+    direction_items_hash: str
+    source: dict[str, Any] = field(default_factory=dict)  # directions_from, n_completions, sampled
+    seconds: dict[str, float] = field(default_factory=dict)  # directions, sweep
+
+
+def sweep_split(
+    lm: LoadedModel,
+    items: Sequence[ABItem],
+    alphas: Sequence[float],
+    plan: SweepPlan,
+    source: DirectionSource,
+    *,
+    prompt: ABPrompt,
+    batch_size: int,
+    run_dir: Path | None,
+    progress: bool,
+) -> HeadSweep:
+    """HSI's locate half: directions from `items` minus the held-out items, then every head swept
+    alone on those over `alphas` (the part of `fit_hsi` before the top-k and α choice)."""
+    started = time.perf_counter()
+    direction_items, sweep_items = split_items(items, plan.n_sweep, plan.seed)
+    if plan.balance_letters:
+        direction_items = letter_balanced(direction_items, strict=False)
+        sweep_items = letter_balanced(sweep_items, strict=False)
+    log.info(
+        "HSI sweep on %s: directions from %d items, sweep on %d, α = %s",
+        lm.name,
+        len(direction_items),
+        len(sweep_items),
+        list(alphas),
+    )
+    directions, record = hsi_directions(
+        lm,
+        direction_items,
+        run_dir,
+        directions_from=source.directions_from,
+        completions=source.completions,
+        n_samples=source.n_samples,
+        temperature=source.temperature,
+        prompt=prompt,
+        batch_size=source.batch_size,
+        progress=progress,
+    )
+    t_directions = time.perf_counter() - started
+    sweep = sweep_heads(
+        lm,
+        sweep_items,
+        directions,
+        alphas,
+        heads=plan.heads,
+        prompt=prompt,
+        batch_size=batch_size,
+        max_rows=plan.max_rows,
+        run_dir=run_dir,
+        progress=progress,
+    )
+    seconds = {"directions": t_directions, "sweep": time.perf_counter() - started - t_directions}
+    hashed = items_hash(direction_items)
+    return HeadSweep(sweep, directions, len(direction_items), len(sweep_items), hashed, record, seconds)
+
+
+def _metadata(
+    c: HSIConfig, run: HeadSweep, selection: Selection, val_items: Sequence[ABItem], total_seconds: float
+) -> dict[str, Any]:
+    """What `fit_hsi` records about a fit (the Steering's metadata and `selection.json`)."""
+    return {
+        "heads": [[layer, h] for layer, h in selection.heads],
+        "alpha": selection.alpha,
+        "alpha_units": "sigma",
+        "scope": "last",
+        "sigma": run.directions.summary(selection.heads),
+        "selection": selection.to_dict(),
+        "sweep": run.sweep.summary(top=max(10, c.k), rank_by=c.rank_by),
+        "rank_by": c.rank_by,
+        "balance_letters": c.balance_letters,
+        "n_direction_items": run.n_direction_items,
+        "n_sweep_items": run.n_sweep_items,
+        "n_val_items": len(val_items),
+        "direction_items_hash": run.direction_items_hash,
+        "val_items_hash": items_hash(val_items),
+        "system": c.prompt.system,
+        "prefill": c.prompt.prefill,
+        "position": "last token of prompt + answer",
+        **run.source,
+        "final_check": None,  # filled by `finesteer.methods.hsi.fit_hsi_checked` (it generates)
+        "seconds": {
+            "directions": round(run.seconds["directions"], 1),
+            "sweep": round(run.seconds["sweep"], 1),
+            "total": round(total_seconds, 1),
+        },
+    }
 
 
 def fit_hsi(
@@ -190,44 +316,27 @@ def fit_hsi(
     if not isinstance(config, HSIConfig):
         raise HSIConfigError(f"config must be an HSIConfig, got {type(config).__name__}")
     if not val_items:
-        raise ValueError("fit_hsi needs validation items to choose α")
+        raise HSIConfigError("fit_hsi needs validation items to choose α")
     c = config
     subset = validate_heads(lm, c.heads_subset) if c.heads_subset is not None else None
     started = time.perf_counter()
     folder = Path(run_dir) if run_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    direction_items, sweep_items = split_items(train_items, c.n_sweep, c.seed)
     if c.balance_letters:
-        direction_items = letter_balanced(direction_items, strict=False)
-        sweep_items = letter_balanced(sweep_items, strict=False)
         val_items = letter_balanced(val_items, strict=False)
-    directions, source = hsi_directions(
+    run = sweep_split(
         lm,
-        direction_items,
-        folder,
-        directions_from=c.directions_from,
-        completions=completions,
-        n_samples=c.n_samples,
-        temperature=c.sample_temperature,
-        prompt=c.prompt,
-        batch_size=c.batch_size,
-        progress=progress,
-    )
-    t_directions = time.perf_counter() - started
-    sweep = sweep_heads(
-        lm,
-        sweep_items,
-        directions,
+        train_items,
         c.alphas,
-        heads=subset,
+        SweepPlan(c.n_sweep, c.seed, subset, c.balance_letters, c.max_rows),
+        DirectionSource(c.directions_from, completions, c.n_samples, c.sample_temperature, c.batch_size),
         prompt=c.prompt,
         batch_size=c.batch_size,
-        max_rows=c.max_rows,
         run_dir=folder,
         progress=progress,
     )
-    t_sweep = time.perf_counter() - started - t_directions
+    sweep, directions = run.sweep, run.directions
     selection = select_heads(
         lm,
         sweep,
@@ -242,32 +351,7 @@ def fit_hsi(
         max_rows=c.max_rows,
     )
     intervention = directions.intervention(selection.heads, selection.alpha, scope="last")
-    metadata: dict[str, Any] = {
-        "heads": [[layer, h] for layer, h in selection.heads],
-        "alpha": selection.alpha,
-        "alpha_units": "sigma",
-        "scope": "last",
-        "sigma": directions.summary(selection.heads),
-        "selection": selection.to_dict(),
-        "sweep": sweep.summary(top=max(10, c.k), rank_by=c.rank_by),
-        "rank_by": c.rank_by,
-        "balance_letters": c.balance_letters,
-        "n_direction_items": len(direction_items),
-        "n_sweep_items": len(sweep_items),
-        "n_val_items": len(val_items),
-        "direction_items_hash": items_hash(direction_items),
-        "val_items_hash": items_hash(val_items),
-        "system": c.prompt.system,
-        "prefill": c.prompt.prefill,
-        "position": "last token of prompt + answer",
-        **source,
-        "final_check": None,  # filled by `finesteer.methods.hsi.fit_hsi_checked` (it generates)
-        "seconds": {
-            "directions": round(t_directions, 1),
-            "sweep": round(t_sweep, 1),
-            "total": round(time.perf_counter() - started, 1),
-        },
-    }
+    metadata = _metadata(c, run, selection, val_items, time.perf_counter() - started)
     if folder is not None:
         scores = sweep.head_scores(c.rank_by, model_name=lm.name, model_fingerprint=lm.fingerprint)
         scores.save(folder / "head_scores")
@@ -277,9 +361,13 @@ def fit_hsi(
 
 __all__ = [
     "DEFAULT_HSI_ALPHAS",
+    "DirectionSource",
     "HSIConfig",
     "HSIConfigError",
+    "HeadSweep",
+    "SweepPlan",
     "fit_hsi",
     "split_items",
+    "sweep_split",
     "validate_heads",
 ]

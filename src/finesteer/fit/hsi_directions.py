@@ -13,8 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from finesteer.capture.directions import HeadDirections, LabelledCompletion, fit_head_directions
+from finesteer.activations.directions import HeadDirections, LabelledCompletion, fit_head_directions
 from finesteer.data.items import ABItem
+from finesteer.errors import FinesteerError
 from finesteer.fit.completions import (
     DEFAULT_SAMPLING,
     CompletionError,
@@ -25,6 +26,11 @@ from finesteer.fit.completions import (
 from finesteer.locate.scores import hash_prompts
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
+
+
+class DirectionsError(FinesteerError, ValueError):
+    """An unknown source for the HSI directions (--directions-from)."""
+
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ def cached_directions(
 def check_directions_from(value: str) -> DirectionsFrom:
     """`value` if it names a directions source, else a ValueError listing the sources."""
     if value not in DIRECTIONS_FROM:
-        raise ValueError(f"directions_from must be one of {', '.join(DIRECTIONS_FROM)}, got {value!r}")
+        raise DirectionsError(f"directions_from must be one of {', '.join(DIRECTIONS_FROM)}, got {value!r}")
     return value  # type: ignore[return-value]
 
 

@@ -17,14 +17,20 @@ from typing import Any
 
 import torch
 
-from finesteer.capture.directions import ab_contrast_inputs, capture_heads, directions_from_activations
+from finesteer.activations.directions import ab_contrast_inputs, capture_heads, directions_from_activations
 from finesteer.data.items import ABItem
+from finesteer.errors import FinesteerError
 from finesteer.fit.steering import Steering
 from finesteer.locate.hsi_table import check_alphas
 from finesteer.locate.iti import ProbeScores, train_probes
 from finesteer.locate.selection import select_prefix_and_alpha
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import ABPrompt
+
+
+class ITIError(FinesteerError, ValueError):
+    """An ITI fit that cannot run (no train or no val items)."""
+
 
 DEFAULT_ITI_ALPHAS: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
 """α grid in units of σ (ITI's default is 15 with K=48 heads on Llama-2-7B)."""
@@ -47,7 +53,7 @@ def probe_items(
 ) -> tuple[ProbeScores, torch.Tensor, torch.Tensor]:
     """Probe accuracies plus the pooled activations [N, L, H, D] and labels of train ∪ val."""
     if not train_items or not val_items:
-        raise ValueError("ITI needs both train and val items (probes are ranked on val accuracy)")
+        raise ITIError("ITI needs both train and val items (probes are ranked on val accuracy)")
     train_inputs, train_y = ab_contrast_inputs(lm.tokenizer, train_items, system=system, prefill=prefill)
     val_inputs, val_y = ab_contrast_inputs(lm.tokenizer, val_items, system=system, prefill=prefill)
     z = capture_heads(lm, train_inputs + val_inputs, batch_size=batch_size, progress=progress)

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from finesteer.activations.padding import pad
 from finesteer.data.items import ABItem, option_text
 from finesteer.errors import FinesteerError
+from finesteer.models.loading import wrap_model
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, item_target
 
 if TYPE_CHECKING:
@@ -113,13 +115,9 @@ def training_sequences(
 
 
 def _batch(chunk: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in chunk)
-    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    input_ids, mask = pad([ids for ids, _ in chunk], "right", pad_id)
+    labels = torch.full(input_ids.shape, -100, dtype=torch.long)
     for row, (ids, start) in enumerate(chunk):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
         labels[row, start : len(ids)] = torch.tensor(ids[start:])
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
@@ -207,7 +205,6 @@ def fit_lora(
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:  # optional dependency
         raise LoRAError("the LoRA baseline needs peft: pip install 'finesteer[lora]'") from exc
-    from finesteer.models.loading import wrap_model
 
     settings = settings or LoRASettings()
     sequences = training_sequences(lm.tokenizer, train_items, completion=settings.completion, prompt=prompt)

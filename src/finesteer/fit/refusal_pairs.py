@@ -12,7 +12,13 @@ from __future__ import annotations
 import random
 
 from finesteer.data import ABTriple, PromptItem, ab_triples, load_ab_items, load_dataset
+from finesteer.errors import FinesteerError
 from finesteer.sae.corpus import evaluation_prompts, overlaps
+
+
+class RefusalPairsError(FinesteerError, ValueError):
+    """Refusal training triples that cannot be built from the requested counts."""
+
 
 REFUSAL_TEMPLATES: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",
@@ -70,7 +76,7 @@ def harmful_training_prompts(seed: int = 0) -> list[PromptItem]:
 def refusal_triples(n_harmful: int = 160, n_ab: int = 80, seed: int = 0) -> list[ABTriple]:
     """(question, refusal, compliance) triples: `n_harmful` templated + `n_ab` from CAA refusal A/B."""
     if n_harmful < 0 or n_ab < 0 or n_harmful + n_ab == 0:
-        raise ValueError(f"need n_harmful, n_ab ≥ 0 and at least one triple, got {n_harmful}, {n_ab}")
+        raise RefusalPairsError(f"need n_harmful, n_ab ≥ 0 and at least one triple, got {n_harmful}, {n_ab}")
     triples: list[ABTriple] = []
     for i, item in enumerate(harmful_training_prompts(seed)[:n_harmful]):
         compliance = item.target or COMPLIANCE_TEMPLATES[i % len(COMPLIANCE_TEMPLATES)]

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -39,6 +38,7 @@ from finesteer.data.prompts import chat_prompt
 from finesteer.errors import FinesteerError
 from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import steer_residual
+from finesteer.runs import write_safetensors_atomic
 from finesteer.sae.model import SparseAutoencoder
 from finesteer.sae.store import site_activations
 
@@ -117,12 +117,9 @@ class AtomStats:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            k: getattr(self, k).contiguous() for k in ("mean_pos", "mean_neg", "count_pos", "count_neg")
-        }
-        tensors["caa_vector"] = self.caa_vector.contiguous()
+        names = ("mean_pos", "mean_neg", "count_pos", "count_neg", "caa_vector")
         meta = {"n_pairs": str(self.n_pairs), "hook_name": self.hook_name, "kind": "finesteer.atom_stats"}
-        save_file(tensors, str(path), metadata=meta)
+        write_safetensors_atomic(path, {k: getattr(self, k) for k in names}, meta)
         return path
 
     @classmethod
@@ -136,7 +133,7 @@ class AtomStats:
 
 
 def _encode(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], int]:
-    """Prompt and completion tokenised separately and joined (as `finesteer.capture` does for pairs)."""
+    """Prompt and completion tokenised separately and joined (as `finesteer.activations` does for pairs)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if not answer_ids:

@@ -18,13 +18,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.activations.padding import pad
 from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.scores import hash_prompts
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "scan.json"
 PART_PREFIX = "part-"
 SCAN_FORMAT = "finesteer.scan_checkpoint"
+SCAN_FORMAT_VERSION = 2
+"""2: candidates keyed by `Intervention.digest()` (1, before 0.2, keyed them by another hash)."""
 
 
 class ScanError(FinesteerError, ValueError):
@@ -85,6 +88,27 @@ class PromptBatch:
     last: Tensor
 
 
+@overload
+def last_logits(lm: LoadedModel, batch: PromptBatch) -> Tensor: ...
+@overload
+def last_logits(lm: LoadedModel, batch: PromptBatch, *, logits: bool) -> Tensor | None: ...
+def last_logits(lm: LoadedModel, batch: PromptBatch, *, logits: bool = True) -> Tensor | None:
+    """One forward of `batch`: the logits at each row's last real position [B, vocab] (the vocabulary
+    is projected only there), or None with `logits=False` (hooks then read what they need)."""
+    positions = torch.unique(batch.last)
+    output = lm.model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.mask,
+        use_cache=False,
+        logits_to_keep=positions if logits else 1,
+    )
+    if not logits:
+        return None
+    column = torch.searchsorted(positions, batch.last)
+    rows = torch.arange(batch.last.shape[0], device=batch.last.device)
+    return output.logits[rows, column]
+
+
 def prompt_batches(
     encoded: EncodedPrompts, batch_size: int, pad_id: int, device: torch.device
 ) -> list[PromptBatch]:
@@ -93,12 +117,7 @@ def prompt_batches(
     out = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(encoded.ids[r]) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(encoded.ids[r])] = torch.tensor(encoded.ids[r])
-            mask[i, : len(encoded.ids[r])] = 1
+        input_ids, mask = pad([encoded.ids[r] for r in rows], "right", pad_id)
         out.append(
             PromptBatch(
                 torch.tensor(rows), input_ids.to(device), mask.to(device), (mask.sum(1) - 1).to(device)
@@ -141,6 +160,7 @@ def scan_manifest(
     """What names a scan in its checkpoint folder: model, prompts, readout and candidate keys."""
     return {
         "format": SCAN_FORMAT,
+        "format_version": SCAN_FORMAT_VERSION,
         "model_name": lm.name,
         "model_fingerprint": lm.fingerprint,
         "model_info": lm.info.to_dict(),
@@ -161,6 +181,13 @@ class ScanCheckpoint:
         path = folder / MANIFEST_FILE
         if path.is_file():
             found = json.loads(path.read_text())
+            version = found.get("format_version", 1)
+            if version != SCAN_FORMAT_VERSION:
+                raise ScanError(
+                    f"checkpoint {folder} was written by another finesteer version (scan checkpoint "
+                    f"format {version}, this version reads {SCAN_FORMAT_VERSION}) and cannot be resumed; "
+                    "delete it or use another folder"
+                )
             diff = sorted(k for k in manifest if found.get(k) != manifest[k])
             if diff:
                 raise ScanError(

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from finesteer.capture.directions import HeadDirections, directions_fingerprint
+from finesteer.activations.directions import HeadDirections, directions_fingerprint
 from finesteer.data.items import ABItem
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.hsi_table import HsiSweep, RankBy, SweepError, check_alphas
@@ -95,6 +95,53 @@ def _read_checkpoint(path: Path, key: str) -> dict[str, Tensor] | None:
         return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
 
 
+def _baseline(scorer: ABScorer, folder: Path | None, key: str) -> tuple[Tensor, float]:
+    """The unsteered p(matching) per item and matching rate, read from or written to `folder`."""
+    baseline_ckpt = _read_checkpoint(folder / BASELINE_FILE, key) if folder else None
+    if baseline_ckpt is not None:
+        return baseline_ckpt["p_matching"], float(baseline_ckpt["matching_rate"][0])
+    base = scorer.score([Intervention()], reuse_prefix=1)
+    # float32 tables, as the sweep has always stored them.
+    baseline_p, baseline_rate = base.p_matching[0].float(), float(base.matching.float().mean(dim=-1)[0])
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"p_matching": baseline_p.contiguous(), "matching_rate": torch.tensor([baseline_rate])},
+            str(folder / BASELINE_FILE),
+            metadata={"config_key": key},
+        )
+    return baseline_p, baseline_rate
+
+
+def _sweep_layer(
+    scorer: ABScorer,
+    directions: HeadDirections,
+    layer: int,
+    layer_heads: list[int],
+    alphas: Sequence[float],
+    path: Path | None,
+    key: str,
+) -> tuple[Tensor, Tensor]:
+    """p(matching) and matching [heads, alphas, items] of one layer's heads steered alone
+    (checkpointed to `path` when given)."""
+    n_items = len(scorer.targets)
+    interventions = [directions.intervention([(layer, h)], a) for h in layer_heads for a in alphas]
+    scores = scorer.score(interventions, reuse_prefix=1)
+    layer_p = scores.p_matching.float().view(len(layer_heads), len(alphas), n_items)
+    layer_match = scores.matching.view(len(layer_heads), len(alphas), n_items)
+    if path is not None:
+        save_file(
+            {
+                "heads": torch.tensor(layer_heads),
+                "per_item": layer_p.contiguous(),
+                "matching": layer_match.to(torch.uint8).contiguous(),
+            },
+            str(path),
+            metadata={"config_key": key},
+        )
+    return layer_p, layer_match
+
+
 def sweep_heads(
     lm: LoadedModel,
     items: Sequence[ABItem],
@@ -125,21 +172,7 @@ def sweep_heads(
     rate = torch.full(shape, float("nan"))
     per_item = torch.full((*shape, n_items), float("nan"))
 
-    baseline_ckpt = _read_checkpoint(folder / BASELINE_FILE, key) if folder else None
-    if baseline_ckpt is None:
-        base = scorer.score([Intervention()], reuse_prefix=1)
-        # float32 tables, as the sweep has always stored them.
-        baseline_p, baseline_rate = base.p_matching[0].float(), float(base.matching.float().mean(dim=-1)[0])
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(
-                {"p_matching": baseline_p.contiguous(), "matching_rate": torch.tensor([baseline_rate])},
-                str(folder / BASELINE_FILE),
-                metadata={"config_key": key},
-            )
-    else:
-        baseline_p, baseline_rate = baseline_ckpt["p_matching"], float(baseline_ckpt["matching_rate"][0])
-
+    baseline_p, baseline_rate = _baseline(scorer, folder, key)
     resumed = []
     for layer in tqdm(sorted(grouped), desc="hsi sweep (layers)", disable=not progress, unit="layer"):
         layer_heads = grouped[layer]
@@ -150,20 +183,7 @@ def sweep_heads(
             layer_p = ckpt["per_item"]
             layer_match = ckpt["matching"].bool()
         else:
-            interventions = [directions.intervention([(layer, h)], a) for h in layer_heads for a in alphas]
-            scores = scorer.score(interventions, reuse_prefix=1)
-            layer_p = scores.p_matching.float().view(len(layer_heads), len(alphas), n_items)
-            layer_match = scores.matching.view(len(layer_heads), len(alphas), n_items)
-            if path is not None:
-                save_file(
-                    {
-                        "heads": torch.tensor(layer_heads),
-                        "per_item": layer_p.contiguous(),
-                        "matching": layer_match.to(torch.uint8).contiguous(),
-                    },
-                    str(path),
-                    metadata={"config_key": key},
-                )
+            layer_p, layer_match = _sweep_layer(scorer, directions, layer, layer_heads, alphas, path, key)
         index = torch.tensor(layer_heads)
         per_item[layer, index] = layer_p
         p_matching[layer, index] = layer_p.mean(-1)

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from finesteer.hooks import HookSet
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
-from finesteer.locate.engine import PromptBatch, ScanError
+from finesteer.locate.engine import PromptBatch, ScanError, last_logits
 from finesteer.models.loading import LoadedModel
 
 REPLAY_TOLERANCE = 1e-4
@@ -90,24 +91,11 @@ def record_prefix(lm: LoadedModel, batch: PromptBatch, keep: set[int]) -> Record
         captured["hidden"] = value[rows, batch.last].detach()
 
     modules = [*(layers[i] for i in range(first, n_layers)), norm]
-    handles = []
-    positions = torch.unique(batch.last)
-    try:
+    with HookSet(lm.model, lm.adapter) as hooks, torch.no_grad():
         for offset, module in enumerate(modules):
-            handles.append(module.register_forward_pre_hook(pre_hook(first + offset), with_kwargs=True))
-        handles.append(norm.register_forward_hook(read_norm))
-        with torch.no_grad():
-            output = lm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.mask,
-                use_cache=False,
-                logits_to_keep=positions,
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
-    column = torch.searchsorted(positions, batch.last)
-    logits = output.logits[rows, column].detach().float().cpu()
+            hooks.keep(module.register_forward_pre_hook(pre_hook(first + offset), with_kwargs=True))
+        hooks.keep(norm.register_forward_hook(read_norm))
+        logits = last_logits(lm, batch).detach().float().cpu()
     return RecordedPrefix(batch, calls, logits, captured["hidden"].float().cpu())
 
 

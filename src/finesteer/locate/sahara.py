@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from finesteer.interventions.edit import check_eps
-from finesteer.locate.engine import EncodedPrompts, ScanError, encode_prompts
+from finesteer.locate.engine import EncodedPrompts, ScanError, as_encoded
 from finesteer.locate.fast_scan import run_scan
 from finesteer.locate.scan import LastHidden
 from finesteer.locate.scores import HeadScores
@@ -137,14 +137,14 @@ def sahara(
     step N forwards instead of all heads). Ties go to the first head in (layer, head) order.
     `engine` picks the scan engine ('fast' or 'simple', `finesteer.locate.fast_scan.run_scan`).
     """
-    encoded = prompts if isinstance(prompts, EncodedPrompts) else encode_prompts(lm, prompts)
+    encoded = as_encoded(lm, prompts)
     pool = (
         check_heads(candidates, lm.info.n_layers, lm.info.n_heads)
         if candidates is not None
         else all_heads(lm.info)
     )
     if not 1 <= group_size <= len(pool):
-        raise ValueError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size}")
+        raise ScanError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size}")
     if r_main > len(encoded):
         raise ScanError(f"r_main={r_main} needs at least {r_main} prompts, got {len(encoded)}")
     settings = {

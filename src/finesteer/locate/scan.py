@@ -30,6 +30,7 @@ from finesteer.locate.engine import (
     Readout,
     ScanEngine,
     ScanError,
+    last_logits,
     prompt_batches,
 )
 from finesteer.models.loading import LoadedModel
@@ -141,21 +142,12 @@ def _forward(lm: LoadedModel, batch: PromptBatch, readout: Readout) -> Tensor:
     def read_hidden(act: Tensor, ctx: CallContext) -> None:
         captured["hidden"] = act[batch_rows, batch.last].detach()
 
-    positions = torch.unique(batch.last)
     with HookSet(lm.model, lm.adapter) as hooks:
         if readout.needs_hidden:
             hooks.add(Site(lm.info.n_layers - 1, "ln_final"), read_hidden)
         with torch.no_grad():
-            output = lm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.mask,
-                use_cache=False,
-                logits_to_keep=positions if readout.needs_logits else 1,
-            )
-    logits = None
-    if readout.needs_logits:
-        column = torch.searchsorted(positions, batch.last)
-        logits = output.logits[batch_rows, column].detach().float().cpu()
+            output = last_logits(lm, batch, logits=readout.needs_logits)
+    logits = output.detach().float().cpu() if output is not None else None
     hidden = captured["hidden"].float().cpu() if readout.needs_hidden else None
     return readout(LastPosition(logits, hidden, batch.rows))
 

@@ -21,12 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from finesteer.capture.directions import HeadDirections
+from finesteer.activations.directions import HeadDirections
 from finesteer.data.items import ABItem
+from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, ABScorer, OptionScores
 from finesteer.sites import Head
+
+
+class SelectionError(FinesteerError, ValueError):
+    """A head/α selection that cannot be made (k out of range, no validation items)."""
 
 
 def letter_groups(letters: Sequence[str]) -> list[Tensor]:
@@ -118,11 +123,11 @@ def select_prefix_and_alpha(
 ) -> Selection:
     """Score top-j heads (j = 1..k, or only k without `search_k`) × α on `val_items`; keep the best."""
     if k < 1:
-        raise ValueError(f"k must be ≥ 1, got {k}")
+        raise SelectionError(f"k must be ≥ 1, got {k}")
     if len(ranked_heads) < k:
-        raise ValueError(f"asked for k={k} heads but the ranking has only {len(ranked_heads)}")
+        raise SelectionError(f"asked for k={k} heads but the ranking has only {len(ranked_heads)}")
     if not val_items:
-        raise ValueError("no validation items to choose the heads and α on")
+        raise SelectionError("no validation items to choose the heads and α on")
     sign = 1.0 if alphas[0] > 0 else -1.0
     sizes = list(range(1, k + 1)) if search_k else [k]
     configs = [(j, float(a)) for j in sizes for a in alphas]

@@ -46,7 +46,7 @@ DEFAULT_EPS = 1e-5
 def ablation_method(mode: str) -> AblationMethod:
     """Map a Ships mode name ('ua' / 'sc') to the intervention ablation method."""
     if mode not in ABLATION_MODES:
-        raise ValueError(
+        raise ScanError(
             f"unknown Ships mode '{mode}'; choose 'ua' (uniform attention) or 'sc' (scale output)"
         )
     return ABLATION_MODES[mode]
@@ -66,12 +66,12 @@ def format_queries(lm: LoadedModel, queries: Sequence[str], template: str = "cha
     'sahara' (the authors' raw templates, BOS prepended where the tokenizer adds one), or any
     string with a `{query}` field."""
     if not queries:
-        raise ValueError("no queries to format")
+        raise ScanError("no queries to format")
     if template == "chat":
         return [chat_prompt(lm.tokenizer, q) for q in queries]
     fmt = TEMPLATES.get(template, template)
     if "{query}" not in fmt:
-        raise ValueError(
+        raise ScanError(
             f"template must be 'chat', 'ships', 'sahara' or contain '{{query}}', got {template!r}"
         )
     bos = lm.tokenizer.bos_token
@@ -165,7 +165,7 @@ def ships_scores(
     """
     levels = tuple(dict.fromkeys(levels))
     if not levels or any(level not in ("query", "dataset") for level in levels):
-        raise ValueError(f"levels must be 'query' and/or 'dataset', got {levels}")
+        raise ScanError(f"levels must be 'query' and/or 'dataset', got {levels}")
     encoded = as_encoded(lm, prompts)
     if "dataset" in levels and not 1 <= r_main <= len(encoded):
         raise ScanError(f"r_main={r_main} needs 1 ≤ r_main ≤ number of prompts ({len(encoded)})")
@@ -195,6 +195,20 @@ def ships_scores(
         "prompts_hash": encoded.texts_hash,
         "n_prompts": len(encoded),
     }
+    return _level_scores(lm, values, levels, heads, base, r_main, common, seconds)
+
+
+def _level_scores(
+    lm: LoadedModel,
+    values: Tensor,
+    levels: tuple[str, ...],
+    heads: list[Head],
+    base: Tensor | None,
+    r_main: int,
+    common: dict[str, Any],
+    seconds: float,
+) -> dict[str, HeadScores]:
+    """The scan's values as query-level (KL) and/or dataset-level (subspace angle) head tables."""
     out: dict[str, HeadScores] = {}
     if "query" in levels:
         kl = values if levels == ("query",) else values[:, :, 0]

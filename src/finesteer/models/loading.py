@@ -11,8 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from finesteer.models.adapters import ArchitectureAdapter, adapter_for
+from finesteer.models.adapters import ADAPTERS, ArchitectureAdapter, adapter_for
+from finesteer.models.cache import file_sha256, model_fingerprint
 from finesteer.models.info import ModelInfo
+from finesteer.models.offline import resolve_registry_model
+from finesteer.models.registry import REGISTRY, UnknownModelError
+from finesteer.models.tiny import TINY_CONFIGS, build_tiny, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +83,6 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finesteer.models.tiny import TINY_CONFIGS, build_tiny
-
     name = str(name_or_path)
     started = time.perf_counter()
     if name in TINY_CONFIGS:
@@ -93,8 +95,6 @@ def load_model(
     path = Path(name).expanduser()
     fingerprint = ""
     if path.suffix == ".gguf":
-        from finesteer.models.cache import file_sha256
-
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         # the GGUF's own sha256: equal to a registry pin when these are the same weights
@@ -103,10 +103,6 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     else:
-        from finesteer.models.cache import model_fingerprint
-        from finesteer.models.offline import resolve_registry_model
-        from finesteer.models.registry import REGISTRY, UnknownModelError
-
         verified = name in REGISTRY
         if verified:
             folder_path = resolve_registry_model(name)  # checked against its manifest
@@ -135,10 +131,6 @@ def peek_model_info(name_or_path: str | Path) -> ModelInfo | None:
 
     Recipes use it to reject out-of-range layers and heads before any heavy work starts.
     """
-    from finesteer.models.adapters import ADAPTERS
-    from finesteer.models.registry import REGISTRY
-    from finesteer.models.tiny import TINY_CONFIGS, tiny_tokenizer
-
     name = str(name_or_path)
     if name in TINY_CONFIGS:
         config = TINY_CONFIGS[name](len(tiny_tokenizer()))

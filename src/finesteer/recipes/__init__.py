@@ -8,6 +8,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from finesteer.data import CATALOG
+from finesteer.models import peek_model_info
 from finesteer.recipes.config import (
     HSIRecipe,
     RecipeError,
@@ -36,9 +38,6 @@ def runner_for(method: str) -> Callable[..., dict[str, Any]]:
 
 def prepare(recipe: HSIRecipe | ShipsRecipe | STARecipe) -> None:
     """Every check that can fail before the model is loaded: data names, layer and head ranges."""
-    from finesteer.data import CATALOG
-    from finesteer.models import peek_model_info
-
     for field in ("behaviour", "attribution_data", "evaluation_data"):
         name = getattr(recipe, field, None)
         if name is not None and name not in CATALOG and not Path(name).is_file():

@@ -64,11 +64,11 @@ class ABComparison:
     def choices(self) -> list[MethodChoice]:
         """The methods, resolved (unknown names and settings for absent methods are errors)."""
         if not self.methods:
-            raise ValueError("--methods is empty")
+            raise MethodError("--methods is empty")
         choices = [resolve_method(n, "ab") for n in self.methods]
         unknown = sorted(set(self.settings) - {c.label for c in choices})
         if unknown:
-            raise ValueError(f"--settings names method(s) {unknown} that are not in --methods")
+            raise MethodError(f"--settings names method(s) {unknown} that are not in --methods")
         return choices
 
     def behaviour_data(self) -> BehaviourData:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, field_validator
 
 from finesteer.errors import FinesteerError
+from finesteer.locate.hsi_table import check_alphas
 from finesteer.models.info import ModelInfo
 from finesteer.sites import SiteError, parse_heads
 
@@ -84,8 +85,6 @@ class HSIRecipe(RecipeBase):
     @field_validator("alphas")
     @classmethod
     def _check_alphas(cls, value: list[float]) -> list[float]:
-        from finesteer.locate.hsi_table import check_alphas
-
         return list(check_alphas(value))
 
     def head_fields(self) -> dict[str, list[tuple[int, int]]]:

@@ -11,9 +11,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from finesteer.artifacts import load_intervention, save_intervention
+from finesteer.evaluate.ab import ab_matching_rate_prob
+from finesteer.fit.hsi import HSIConfig, fit_hsi
+from finesteer.methods import fit_method, load_behaviour_data
+from finesteer.models import load_model
 from finesteer.recipes.config import HSIRecipe
 from finesteer.recipes.run import RunFolder
 from finesteer.recipes.summary import AB_COLUMNS, ab_row, examples_step, finish_report
+from finesteer.report.sweep import plot_sweep_folder
+from finesteer.scoring.ab import ABPrompt
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +35,6 @@ def _heads_subset(recipe: HSIRecipe, n_heads: int) -> list[tuple[int, int]] | No
 
 
 def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
-    from finesteer.artifacts import load_intervention
-    from finesteer.evaluate.ab import ab_matching_rate_prob
-    from finesteer.fit.hsi import HSIConfig, fit_hsi
-    from finesteer.methods import fit_method, load_behaviour_data
-    from finesteer.models import load_model
-    from finesteer.report.sweep import plot_sweep_folder
-    from finesteer.scoring.ab import ABPrompt
-
     recipe: HSIRecipe = run.recipe  # type: ignore[assignment]
     data = load_behaviour_data(
         recipe.behaviour,
@@ -83,8 +82,6 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         def other(folder: Path, name: str = name) -> dict[str, Any]:
             setup = fit_method(name, lm, data, {"progress": progress} if name != "prompt" else {}, folder)
             if setup.intervention is not None:
-                from finesteer.artifacts import save_intervention
-
                 save_intervention(
                     run.path / "artifacts" / name, setup.intervention, lm, metadata=setup.metadata
                 )

@@ -112,6 +112,30 @@ def fit_swept(
     return setups, swept
 
 
+def _contrast_data(
+    methods: Sequence[str],
+    n_pairs: int,
+    system_prompt: str,
+    n_prompt_messages: int,
+    sae: SparseAutoencoder,
+    sae_path: str | None,
+    folder: Path,
+) -> ContrastData:
+    """The refusal contrast pairs (a fifth of them A/B), with prompt messages only when a method
+    steers by system prompt; atom statistics are cached in `folder`."""
+    n_ab = max(0, n_pairs // 5)
+    by_prompt = any(resolve_method(m, "refusal").fixed.get("source") == "system_prompt" for m in methods)
+    return ContrastData(
+        "refusal",
+        tuple(refusal_triples(n_harmful=n_pairs - n_ab, n_ab=n_ab)),
+        system_prompt=system_prompt,
+        prompt_messages=tuple(prompt_messages(n_prompt_messages)) if by_prompt else (),
+        sae=sae,
+        sae_path=sae_path,
+        stats_path=folder / "atom_stats.safetensors",
+    )
+
+
 def run_sta_refusal(
     lm: LoadedModel,
     sae: SparseAutoencoder,
@@ -146,17 +170,7 @@ def run_sta_refusal(
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    n_ab = max(0, n_pairs // 5)
-    by_prompt = any(resolve_method(m, "refusal").fixed.get("source") == "system_prompt" for m in methods)
-    data = ContrastData(
-        "refusal",
-        tuple(refusal_triples(n_harmful=n_pairs - n_ab, n_ab=n_ab)),
-        system_prompt=system_prompt,
-        prompt_messages=tuple(prompt_messages(n_prompt_messages)) if by_prompt else (),
-        sae=sae,
-        sae_path=sae_path,
-        stats_path=folder / "atom_stats.safetensors",
-    )
+    data = _contrast_data(methods, n_pairs, system_prompt, n_prompt_messages, sae, sae_path, folder)
     setups, swept = fit_swept(lm, data, methods, mults, trim=trim, timings=timings, progress=progress)
     settings = settings or RefusalSettings()
     harmful, harmless = evaluation_sets(n_harmful, n_harmless)
@@ -279,11 +293,11 @@ def refusal_comparison(
     started = time.perf_counter()
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:
-        raise ValueError("--methods is empty")
+        raise ComparisonError("--methods is empty")
     try:
         mults = [float(x) for x in lambdas.split(",") if x.strip()]
     except ValueError as exc:
-        raise ValueError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
+        raise ComparisonError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
     settings = RefusalSettings(GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), judge)  # type: ignore[arg-type]
     loaded = load_sae(sae)
     lm = load_model(model)

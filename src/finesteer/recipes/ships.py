@@ -10,14 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finesteer.recipes.config import ShipsRecipe
+from finesteer.data import load_dataset
+from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
+from finesteer.locate.attribution.metrics import TokenLogProb, refusal_token_ids
+from finesteer.locate.attribution.prerank import pre_ranked_scan
+from finesteer.locate.sahara import sahara
+from finesteer.locate.ships import ablation, format_queries, ships_scores
+from finesteer.models import load_model
+from finesteer.recipes.config import RecipeError, ShipsRecipe
 from finesteer.recipes.run import RunFolder, data_hash
 from finesteer.recipes.summary import examples_step, finish_report
+from finesteer.report.heatmap import plot_head_heatmap
 
 
 def _texts(name: str, split: str | None, limit: int) -> list[str]:
-    from finesteer.data import load_dataset
-
     items = load_dataset(name, split=split, limit=limit)
     return [getattr(item, "prompt", None) or item.question for item in items]
 
@@ -25,10 +31,6 @@ def _texts(name: str, split: str | None, limit: int) -> list[str]:
 def _refusal_ranking(lm: Any, prompts: list[str], recipe: ShipsRecipe, folder: Path) -> dict[str, Any]:
     """Heads ranked by how much ablating them lowers log p(refusal opening tokens): a gradient
     estimate for every head, the best `verify_top` verified exactly (`pre_ranked_scan`)."""
-    from finesteer.locate.attribution.metrics import TokenLogProb, refusal_token_ids
-    from finesteer.locate.attribution.prerank import pre_ranked_scan
-    from finesteer.report.heatmap import plot_head_heatmap
-
     metric = TokenLogProb(refusal_token_ids(lm.tokenizer))
     top_n = min(recipe.verify_top, lm.info.n_layers * lm.info.n_heads)
     result = pre_ranked_scan(lm, prompts, metric, mode=recipe.mode, eps=recipe.eps, top_n=top_n)
@@ -44,14 +46,59 @@ def _refusal_ranking(lm: Any, prompts: list[str], recipe: ShipsRecipe, folder: P
     }
 
 
-def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
-    from finesteer.data import load_dataset
-    from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
-    from finesteer.locate.sahara import sahara
-    from finesteer.locate.ships import ablation, format_queries, ships_scores
-    from finesteer.models import load_model
-    from finesteer.report.heatmap import plot_head_heatmap
+def _ships_ranking(
+    lm: Any, prompts: list[str], recipe: ShipsRecipe, folder: Path, progress: bool
+) -> dict[str, Any]:
+    """Heads ranked by their Ships score at `recipe.level` (one ablation scan, checkpointed)."""
+    scores = ships_scores(
+        lm,
+        prompts,
+        levels=(recipe.level,),
+        mode=recipe.mode,
+        eps=recipe.eps,
+        checkpoint=folder / "scan",
+        progress=progress,
+    )[recipe.level]
+    scores.save(folder / "scores")
+    plot_head_heatmap(scores, folder / "ships_heatmap.png", title=f"Ships ({recipe.level}, {recipe.mode})")
+    top = scores.top(max(10, recipe.sahara_candidates or 0))
+    return {"top": [[layer, head, score] for layer, head, score in top]}
 
+
+def _sahara_group(
+    lm: Any, prompts: list[str], recipe: ShipsRecipe, ranking: list[Any], folder: Path, progress: bool
+) -> dict[str, Any]:
+    """A Sahara group grown from the ranking's top candidates (or the recipe's heads)."""
+    result = sahara(
+        lm,
+        prompts,
+        group_size=recipe.sahara_group_size,
+        mode=recipe.mode,
+        eps=recipe.eps,
+        candidates=(
+            ranking[: recipe.sahara_candidates]
+            if recipe.sahara_candidates
+            else recipe.head_fields().get("heads")
+        ),
+        checkpoint=folder / "checkpoint",
+        progress=progress,
+    )
+    return result.to_dict()
+
+
+def _asr_settings(recipe: ShipsRecipe) -> AsrSettings:
+    return AsrSettings(
+        ks=tuple(recipe.top_k),
+        mode=recipe.mode,
+        eps=recipe.eps,
+        random_seeds=tuple(range(recipe.random_seeds)),
+        max_new_tokens=recipe.generation.max_new_tokens,
+        batch_size=recipe.generation.batch_size,
+        helpfulness_ks=(max(recipe.top_k),),
+    )
+
+
+def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     recipe: ShipsRecipe = run.recipe  # type: ignore[assignment]
     attribution = _texts(recipe.attribution_data, recipe.attribution_split, recipe.attribution_limit)
     seen = {q.strip().lower() for q in attribution}
@@ -61,7 +108,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         if q.strip().lower() not in seen
     ]
     if not evaluation:
-        raise ValueError("every evaluation prompt is also an attribution prompt; choose other data")
+        raise RecipeError("every evaluation prompt is also an attribution prompt; choose other data")
     run.update(data_hashes={"attribution": data_hash(attribution), "evaluation": data_hash(evaluation)})
     lm = load_model(recipe.model)
     run.update(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
@@ -76,63 +123,26 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     def locate(folder: Path) -> dict[str, Any]:
         if recipe.score == "refusal":
             return _refusal_ranking(lm, attr_prompts, recipe, folder)
-        scores = ships_scores(
-            lm,
-            attr_prompts,
-            levels=(recipe.level,),
-            mode=recipe.mode,
-            eps=recipe.eps,
-            checkpoint=folder / "scan",
-            progress=progress,
-        )[recipe.level]
-        scores.save(folder / "scores")
-        plot_head_heatmap(
-            scores, folder / "ships_heatmap.png", title=f"Ships ({recipe.level}, {recipe.mode})"
-        )
-        top = scores.top(max(10, recipe.sahara_candidates or 0))
-        return {"top": [[layer, head, score] for layer, head, score in top]}
+        return _ships_ranking(lm, attr_prompts, recipe, folder, progress)
 
     located = run.step("ships", locate)
     ranking = [(layer, head) for layer, head, _ in located["top"]]
     if recipe.sahara_group_size:
 
         def grow(folder: Path) -> dict[str, Any]:
-            result = sahara(
-                lm,
-                attr_prompts,
-                group_size=recipe.sahara_group_size,
-                mode=recipe.mode,
-                eps=recipe.eps,
-                candidates=(
-                    ranking[: recipe.sahara_candidates]
-                    if recipe.sahara_candidates
-                    else recipe.head_fields().get("heads")
-                ),
-                checkpoint=folder / "checkpoint",
-                progress=progress,
-            )
-            return result.to_dict()
+            return _sahara_group(lm, attr_prompts, recipe, ranking, folder, progress)
 
         group = [tuple(h) for h in run.step("sahara", grow)["group"]]
         ranking = [*group, *(h for h in ranking if h not in group)]
 
     def measure(folder: Path) -> dict[str, Any]:
-        settings = AsrSettings(
-            ks=tuple(recipe.top_k),
-            mode=recipe.mode,
-            eps=recipe.eps,
-            random_seeds=tuple(range(recipe.random_seeds)),
-            max_new_tokens=recipe.generation.max_new_tokens,
-            batch_size=recipe.generation.batch_size,
-            helpfulness_ks=(max(recipe.top_k),),
-        )
         return asr_effect(
             lm,
             ranking[: max(recipe.top_k)],  # random controls avoid exactly the heads under test
             eval_prompts,
             harmless_prompts=harmless_prompts,
             mc_items=mc_items,
-            settings=settings,
+            settings=_asr_settings(recipe),
             out=folder,
             resume=True,
             progress=progress,
@@ -144,6 +154,15 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     examples = run.step("examples", examples_step(run, lm, evaluation, ablate))
     for example in examples["examples"]:
         example["prompt"] = example["prompt"][:300]
+    rows = _asr_rows(recipe, asr, ranking)
+    summary = _summary(recipe, asr, ranking, rows, len(eval_prompts))
+    metrics = {"summary": summary, "ranking": ranking, "asr": asr}
+    _report(run, recipe, metrics, rows, examples)
+    return metrics
+
+
+def _asr_rows(recipe: ShipsRecipe, asr: dict[str, Any], ranking: list[Any]) -> list[list[Any]]:
+    """The report table: ASR unmodified, with the top-k heads ablated, and with k random heads."""
     rows = [["unmodified", "-", asr["baseline"]["asr"], "-"]]
     for k in recipe.top_k:
         top = asr["ablated"][str(k)] if str(k) in asr["ablated"] else asr["ablated"][k]
@@ -156,6 +175,13 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
                 rand.get("mean", "-"),
             ]
         )
+    return rows
+
+
+def _summary(
+    recipe: ShipsRecipe, asr: dict[str, Any], ranking: list[Any], rows: list[list[Any]], n_eval: int
+) -> dict[str, Any]:
+    kmax = max(recipe.top_k)
     summary = {
         "model": recipe.model,
         "mode": recipe.mode,
@@ -164,13 +190,22 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         "ASR unmodified": asr["baseline"]["asr"],
         f"ASR with top-{kmax} ablated": rows[-1][2],
         f"ASR with {kmax} random heads (mean)": rows[-1][3],
-        "evaluation prompts": len(eval_prompts),
+        "evaluation prompts": n_eval,
     }
     for key, entry in (asr.get("helpfulness") or {}).items():
         summary[f"helpfulness {key}: over-refusal / KL / MC accuracy"] = (
             f"{entry['over_refusal']:.2f} / {entry['kl_mean']:.3f} / {entry.get('mc_accuracy', '-')}"
         )
-    metrics = {"summary": summary, "ranking": ranking, "asr": asr}
+    return summary
+
+
+def _report(
+    run: RunFolder,
+    recipe: ShipsRecipe,
+    metrics: dict[str, Any],
+    rows: list[list[Any]],
+    examples: dict[str, Any],
+) -> None:
     finish_report(
         run,
         metrics,
@@ -183,4 +218,3 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         images=sorted((run.path / "steps" / "ships").glob("*.png")),
         examples=examples,
     )
-    return metrics

@@ -7,20 +7,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finesteer.artifacts import load_intervention
+from finesteer.data import load_dataset
+from finesteer.fit.refusal_pairs import refusal_triples
+from finesteer.fit.sta import answer_pairs, fit_sta
+from finesteer.models import load_model
 from finesteer.recipes.config import STARecipe
+from finesteer.recipes.refusal import run_sta_refusal
 from finesteer.recipes.run import RunFolder
 from finesteer.recipes.summary import examples_step, finish_report
+from finesteer.report.html import Table
+from finesteer.sae.io import load_sae
+from finesteer.sae.pipeline import train_on_model
+from finesteer.sae.train import TrainConfig
 
 COLUMNS = ("refusal_rate", "over_refusal_rate", "fluency")
 
 
 def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
-    from finesteer.models import load_model
-    from finesteer.recipes.refusal import run_sta_refusal
-    from finesteer.sae.io import load_sae
-    from finesteer.sae.pipeline import train_on_model
-    from finesteer.sae.train import TrainConfig
-
     recipe: STARecipe = run.recipe  # type: ignore[assignment]
     lm = load_model(recipe.model)
     run.update(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
@@ -48,7 +52,6 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
 
     results = run.step("compare", compare_step)
     methods = {name: {c: values.get(c) for c in COLUMNS} for name, values in results["methods"].items()}
-    from finesteer.data import load_dataset
 
     questions = [item.prompt for item in load_dataset("jailbreakbench", limit=recipe.examples)]
     steer = _headline_intervention(run, lm, sae, recipe, sae_info["sae_dir"])
@@ -66,7 +69,6 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         for name, per in results.get("sweep", {}).items()
         for mult, values in per.items()
     ]
-    from finesteer.report.html import Table
 
     metrics = {"summary": summary, "methods": methods, "sta": results}
     finish_report(
@@ -83,10 +85,6 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
 
 def _headline_intervention(run: RunFolder, lm: Any, sae: Any, recipe: STARecipe, sae_dir: str) -> Any:
     """The STA vector at the headline multiplier, saved as an artifact in the run folder."""
-    from finesteer.artifacts import load_intervention
-    from finesteer.fit.refusal_pairs import refusal_triples
-    from finesteer.fit.sta import answer_pairs, fit_sta
-
     folder = run.path / "artifacts" / "sta"
     if not (folder / "intervention.json").is_file():
         n_ab = max(0, recipe.n_pairs // 5)  # the same pairs run_sta_refusal fits on

@@ -6,7 +6,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from finesteer.data.prompts import chat_prompt
+from finesteer.generation import GenerationConfig, generate
 from finesteer.recipes.run import RunFolder
+from finesteer.report.html import Example, ReportContent, Table, render_html
 
 AB_COLUMNS = ("matching_rate", "mean_p_matching", "n")
 
@@ -20,9 +23,6 @@ def examples_step(
     run: RunFolder, lm: Any, questions: Sequence[str], intervention: Any, system: str | None = None
 ) -> Callable[[Path], dict[str, Any]]:
     """A step that generates replies to `questions` without and with the intervention (greedy)."""
-    from finesteer.data.prompts import chat_prompt
-    from finesteer.generation import GenerationConfig, generate
-
     recipe = run.recipe
     questions = list(questions)[: recipe.examples]
 
@@ -59,8 +59,6 @@ def finish_report(
     extra_tables: Sequence[Any] = (),
 ) -> Path:
     """Write metrics.json and report.html, mark the run finished; returns the report path."""
-    from finesteer.report.html import Example, ReportContent, Table, render_html
-
     state = run.state
     content = ReportContent(
         title=title,

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from finesteer.locate.scores import HeadScores
+
 if TYPE_CHECKING:
     from finesteer.locate.scores import HeadScores
 
@@ -35,8 +37,6 @@ def plot_head_heatmap(
     from matplotlib import patheffects
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
-
-    from finesteer.locate.scores import HeadScores
 
     table = scores if isinstance(scores, HeadScores) else HeadScores(scores=scores, method="scores")
     if annotate_top < 0:

@@ -7,8 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finesteer.errors import FinesteerError
 from finesteer.report.html import ReportContent, Table, render_html
 from finesteer.runs import METRICS_JSON, RECIPE_YAML, RUN_JSON
+
+
+class RunFolderError(FinesteerError, ValueError):
+    """A folder that is not a finished finesteer run (or no folders at all)."""
 
 
 def is_run_folder(path: str | Path) -> bool:
@@ -20,21 +25,21 @@ def _load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     state = json.loads((folder / RUN_JSON).read_text())
     metrics_path = folder / METRICS_JSON
     if not metrics_path.is_file():
-        raise ValueError(f"{folder}: the run has not finished (no metrics.json); resume it first")
+        raise RunFolderError(f"{folder}: the run has not finished (no metrics.json); resume it first")
     return state, json.loads(metrics_path.read_text())
 
 
 def compare_runs(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
     """One HTML report with every run's methods and headline numbers; returns the combined table."""
     if not folders:
-        raise ValueError("no run folders to compare")
+        raise RunFolderError("no run folders to compare")
     rows: list[dict[str, Any]] = []
     summaries: dict[str, dict[str, Any]] = {}
     images: list[tuple[str, Path]] = []
     for raw in folders:
         folder = Path(raw)
         if not is_run_folder(folder):
-            raise ValueError(f"{folder} is not a finesteer run folder (no run.json / recipe.yaml)")
+            raise RunFolderError(f"{folder} is not a finesteer run folder (no run.json / recipe.yaml)")
         state, metrics = _load(folder)
         label = folder.name
         summaries[label] = metrics.get("summary", {})

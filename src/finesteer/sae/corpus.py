@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from finesteer.data import PromptItem, chat_prompt, load_ab_items, load_dataset
 from finesteer.errors import FinesteerError
+from finesteer.generation import GenerationConfig, generate
 
 if TYPE_CHECKING:
     from finesteer.models.loading import LoadedModel
@@ -159,8 +160,6 @@ def with_generations(
 
     The SAE then sees the model's own refusals and compliances, the answer tokens STA encodes.
     """
-    from finesteer.generation import GenerationConfig, generate
-
     if n <= 0:
         return list(texts)
     prompts = [(i, text) for i, (source, text) in enumerate(texts) if source in ("harmful", "harmless")][:n]

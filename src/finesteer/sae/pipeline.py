@@ -70,6 +70,22 @@ class PipelineResult:
         }
 
 
+def _described(sae: SparseAutoencoder, corpus: CorpusSpec, training: dict[str, Any]) -> SparseAutoencoder:
+    """`sae` with its provenance metadata: corpus, excluded positions, the training record."""
+    sae.cfg = replace(
+        sae.cfg,
+        metadata={
+            **sae.cfg.metadata,
+            "prepend_bos": False,
+            "context_size": None,
+            "dataset_path": "finesteer corpus: " + json.dumps(asdict(corpus)),
+            "exclude_positions": "first token of each text; shared template prefix kept once",
+            "training": training,
+        },
+    )
+    return sae
+
+
 def train_on_model(
     lm: LoadedModel,
     layer: int,
@@ -134,24 +150,14 @@ def train_on_model(
     timings["train_cpu_s"] = round(_cpu_seconds() - cpu, 1)
     metrics = evaluate_sae(result.sae, heldout)
     write_history(run, result, metrics)
-    final = result.sae.folded()
-    final.cfg = replace(
-        final.cfg,
-        metadata={
-            **final.cfg.metadata,
-            "prepend_bos": False,
-            "context_size": None,
-            "dataset_path": "finesteer corpus: " + json.dumps(asdict(corpus)),
-            "exclude_positions": "first token of each text; shared template prefix kept once",
-            "training": {
-                "config": asdict(config),
-                "n_train_tokens": len(train),
-                "n_heldout_tokens": len(heldout),
-                "heldout": metrics.to_dict(),
-                "timings": timings,
-            },
-        },
-    )
+    training = {
+        "config": asdict(config),
+        "n_train_tokens": len(train),
+        "n_heldout_tokens": len(heldout),
+        "heldout": metrics.to_dict(),
+        "timings": timings,
+    }
+    final = _described(result.sae.folded(), corpus, training)
     save_sae(final, out)
     return PipelineResult(final, out, metrics, timings, len(train), len(texts))
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from finesteer.capture import pad
+from finesteer.activations import pad
 from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.runs import write_json_atomic, write_safetensors_atomic
@@ -130,6 +130,31 @@ def _digest(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _shard(
+    lm: LoadedModel,
+    token_lists: Sequence[Sequence[int]],
+    site: Site,
+    span: tuple[int, int],
+    spec: StoreSpec,
+    batch_size: int,
+) -> dict[str, Tensor]:
+    """Activations of texts lo..hi-1 at `site`, split into train and held-out (every
+    `heldout_every`-th text) token rows."""
+    lo, hi = span
+    skip_first, shared, heldout_every = spec.skip_first, spec.shared_prefix, spec.heldout_every
+    # The shared prefix is kept from text 0 only; every text drops its first `skip_first` tokens.
+    starts = [max(skip_first, shared if i > 0 else 0) for i in range(lo, hi)]
+    starts = [min(s, len(token_lists[i])) for s, i in zip(starts, range(lo, hi), strict=True)]
+    acts = site_activations(lm, token_lists[lo:hi], site, starts, batch_size=batch_size)
+    train = [a for a, i in zip(acts, range(lo, hi), strict=True) if i % heldout_every != heldout_every - 1]
+    held = [a for a, i in zip(acts, range(lo, hi), strict=True) if i % heldout_every == heldout_every - 1]
+    width = site.width(lm.info)
+    return {
+        "train": torch.cat(train) if train else torch.zeros(0, width),
+        "heldout": torch.cat(held) if held else torch.zeros(0, width),
+    }
+
+
 def collect(
     lm: LoadedModel,
     texts: Sequence[str],
@@ -186,19 +211,7 @@ def collect(
         if index in done:
             continue
         lo, hi = index * shard_texts, min(len(texts), (index + 1) * shard_texts)
-        # The shared prefix is kept from text 0 only; every text drops its first `skip_first` tokens.
-        starts = [max(skip_first, shared if i > 0 else 0) for i in range(lo, hi)]
-        starts = [min(s, len(token_lists[i])) for s, i in zip(starts, range(lo, hi), strict=True)]
-        acts = site_activations(lm, token_lists[lo:hi], site, starts, batch_size=batch_size)
-        train = [
-            a for a, i in zip(acts, range(lo, hi), strict=True) if i % heldout_every != heldout_every - 1
-        ]
-        held = [a for a, i in zip(acts, range(lo, hi), strict=True) if i % heldout_every == heldout_every - 1]
-        width = site.width(lm.info)
-        tensors = {
-            "train": torch.cat(train) if train else torch.zeros(0, width),
-            "heldout": torch.cat(held) if held else torch.zeros(0, width),
-        }
+        tensors = _shard(lm, token_lists, site, (lo, hi), spec, batch_size)
         if not (torch.isfinite(tensors["train"]).all() and torch.isfinite(tensors["heldout"]).all()):
             raise StoreError(f"non-finite activations at {site} in texts {lo}..{hi - 1}")
         name = f"shard_{index:05d}.safetensors"

@@ -215,6 +215,41 @@ def _load_checkpoint(run_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any], 
     return tensors, optimizer, header
 
 
+def _fresh_sae(acts: Tensor, cfg: TrainConfig, hook_name: str, model_name: str) -> SparseAutoencoder:
+    """A new SAE scaled so inputs have mean norm √d_in, its decoder bias at the (scaled) data mean."""
+    d_in = acts.shape[1]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sample = acts[torch.randperm(len(acts), generator=generator)[: min(len(acts), 100_000)]]
+    scale = math.sqrt(d_in) / float(sample.norm(dim=-1).mean())
+    sae_cfg = SAEConfig(
+        d_in=d_in,
+        d_sae=cfg.d_sae,
+        architecture="topk",
+        k=cfg.k,
+        hook_name=hook_name,
+        model_name=model_name,
+        normalize_activations="expected_average_only_in",
+        norm_scaling_factor=scale,
+    )
+    sae = SparseAutoencoder(sae_cfg).initialize(generator)
+    with torch.no_grad():
+        sae.b_dec.copy_(sample.mean(0) * scale)
+    return sae
+
+
+def _interval_record(
+    window: list[dict[str, float]], since_fired: Tensor, step: int, total: int, cfg: TrainConfig
+) -> dict[str, float]:
+    """The history row of one checkpoint interval: mean losses, dead-latent share, learning rate."""
+    return {
+        "step": float(step),
+        "nmse": sum(w["nmse"] for w in window) / len(window),
+        "aux": sum(w["aux"] for w in window) / len(window),
+        "dead_share": float((since_fired > cfg.dead_after).float().mean()),
+        "lr": cfg.lr * _lr_factor(step - 1, total, cfg),
+    }
+
+
 def train_sae(
     acts: Tensor,
     cfg: TrainConfig,
@@ -259,22 +294,7 @@ def train_sae(
         step, since_fired = state["step"], tensors["since_fired"]
         history, elapsed = state["history"], state["train_seconds"]
     else:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        sample = acts[torch.randperm(len(acts), generator=generator)[: min(len(acts), 100_000)]]
-        scale = math.sqrt(d_in) / float(sample.norm(dim=-1).mean())
-        sae_cfg = SAEConfig(
-            d_in=d_in,
-            d_sae=cfg.d_sae,
-            architecture="topk",
-            k=cfg.k,
-            hook_name=hook_name,
-            model_name=model_name,
-            normalize_activations="expected_average_only_in",
-            norm_scaling_factor=scale,
-        )
-        sae = SparseAutoencoder(sae_cfg).initialize(generator)
-        with torch.no_grad():
-            sae.b_dec.copy_(sample.mean(0) * scale)
+        sae = _fresh_sae(acts, cfg, hook_name, model_name)
         step, since_fired, history, elapsed = 0, torch.zeros(cfg.d_sae, dtype=torch.long), [], 0.0
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     if resume:
@@ -328,13 +348,7 @@ def train_sae(
             bar.update(1)
             window.append(parts)
             if step % cfg.checkpoint_every == 0 or step == end:
-                record = {
-                    "step": float(step),
-                    "nmse": sum(w["nmse"] for w in window) / len(window),
-                    "aux": sum(w["aux"] for w in window) / len(window),
-                    "dead_share": float((since_fired > cfg.dead_after).float().mean()),
-                    "lr": cfg.lr * _lr_factor(step - 1, total, cfg),
-                }
+                record = _interval_record(window, since_fired, step, total, cfg)
                 if on_interval is not None:
                     record.update(on_interval(step, sae))
                 history.append(record)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.activations.padding import pad
 from finesteer.errors import FinesteerError
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention, InterventionError
@@ -78,14 +79,10 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, 
     width = max(len(s) for s in sequences)
     if width == 0:
         raise ScoringError("cannot score an empty token sequence")
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, tokens in enumerate(sequences):
         if not tokens:
             raise ScoringError(f"row {row} has no tokens")
-        ids[row, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
-        mask[row, : len(tokens)] = 1
-    return ids, mask
+    return pad(sequences, "right", pad_id)
 
 
 def log_probs_at(

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from finesteer.activations.padding import pad
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention, InterventionError
 from finesteer.interventions.scope import Scope
@@ -67,12 +68,8 @@ def build_prefix(
                 "needs more"
             )
     prefixes = [list(seq[: len(seq) - k]) for seq in sequences]
-    width = max(len(p) for p in prefixes)
-    prefix = torch.full((len(prefixes), width), lm.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-    for row, tokens in enumerate(prefixes):  # left padding: the tail follows every prefix directly
-        prefix[row, width - len(tokens) :] = torch.tensor(tokens)
-        mask[row, width - len(tokens) :] = 1
+    # left padding: the tail follows every prefix directly
+    prefix, mask = pad(prefixes, "left", lm.tokenizer.pad_token_id)
     device = lm.device
     with torch.no_grad():
         cache = lm.model(

@@ -140,11 +140,11 @@ class LLMJudge(RubricJudge):
         super().__init__(rubric, n_samples=n_samples, max_parse_retries=max_parse_retries)
         self.config = resolve_endpoint(base_url, model, api_key, env=env)
         if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+            raise JudgeConfigError(f"timeout_s must be > 0, got {timeout_s}")
         if max_retries < 0 or backoff_s < 0 or max_backoff_s < 0:
-            raise ValueError("max_retries, backoff_s and max_backoff_s must be >= 0")
+            raise JudgeConfigError("max_retries, backoff_s and max_backoff_s must be >= 0")
         if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+            raise JudgeConfigError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.temperature = (0.0 if n_samples == 1 else 1.0) if temperature is None else float(temperature)
         self.max_tokens = max_tokens
         self.timeout_s = float(timeout_s)

@@ -70,7 +70,7 @@ def _uniform_weights(mask: Any, batch: int, seq: int, device: torch.device) -> T
     return torch.softmax(scores, dim=-1)
 
 
-def _uniform_hooks(lm: LoadedModel, gates: Tensor, layer: int, hooks: HookSet, handles: list[Any]) -> None:
+def _uniform_hooks(lm: LoadedModel, gates: Tensor, layer: int, hooks: HookSet) -> None:
     """act + a·Δz at the head outputs, Δz = (uniform attention over the layer's own values) − z:
     the exact change of one head's output under `ua` with ε → 0, computed for all heads at once."""
     info = lm.info
@@ -92,10 +92,8 @@ def _uniform_hooks(lm: LoadedModel, gates: Tensor, layer: int, hooks: HookSet, h
         return act + gates[:, layer].repeat_interleave(info.head_dim, dim=-1)[:, None, :] * delta
 
     block = lm.adapter.block(lm.model, layer)
-    handles.append(block.register_forward_pre_hook(keep_mask, with_kwargs=True))
-    handles.append(
-        lm.adapter.attn_part(lm.model, layer, lm.adapter.v_proj).register_forward_hook(keep_values)
-    )
+    hooks.keep(block.register_forward_pre_hook(keep_mask, with_kwargs=True))
+    hooks.keep(lm.adapter.attn_part(lm.model, layer, lm.adapter.v_proj).register_forward_hook(keep_values))
     hooks.add(Site(layer, "z"), add_delta)
 
 
@@ -112,19 +110,14 @@ def gated_ablation(
             f"gates must be [batch, {lm.info.n_layers}, {lm.info.n_heads}], got {tuple(gates.shape)}"
         )
     uniform = ablation_method(mode) == "uniform_attention"
-    handles: list[Any] = []
     with HookSet(lm.model, lm.adapter) as hooks:
-        try:
-            for layer in range(lm.info.n_layers):
-                if uniform and linearize == "activation":
-                    _uniform_hooks(lm, gates, layer, hooks, handles)
-                else:
-                    site = Site(layer, "q" if uniform else "z")
-                    hooks.add(site, _scale_hook(gates, layer, lm.info.head_dim, eps))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        for layer in range(lm.info.n_layers):
+            if uniform and linearize == "activation":
+                _uniform_hooks(lm, gates, layer, hooks)
+            else:
+                site = Site(layer, "q" if uniform else "z")
+                hooks.add(site, _scale_hook(gates, layer, lm.info.head_dim, eps))
+        yield
 
 
 def check_linearize(mode: str, eps: float, linearize: str) -> None:

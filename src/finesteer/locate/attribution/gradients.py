@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from finesteer.interventions.edit import check_eps
 from finesteer.locate.attribution.gates import check_linearize, frozen_weights, gated_ablation
 from finesteer.locate.attribution.metrics import AttributionError, KLDivergence, Metric
-from finesteer.locate.engine import EncodedPrompts, as_encoded, prompt_batches
+from finesteer.locate.engine import EncodedPrompts, as_encoded, last_logits, prompt_batches
 from finesteer.locate.ships import DEFAULT_EPS
 from finesteer.models.loading import LoadedModel
 
@@ -75,16 +75,8 @@ def gate_pass(
         for batch in tqdm(batches, desc=f"attribution {mode}", unit="batch", disable=not progress):
             size = int(batch.input_ids.shape[0])
             gates = torch.zeros((size, info.n_layers, info.n_heads), device=lm.device, requires_grad=True)
-            positions = torch.unique(batch.last)
             with gated_ablation(lm, gates, mode, eps, linearize), torch.enable_grad():
-                output = lm.model(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.mask,
-                    use_cache=False,
-                    logits_to_keep=positions,
-                )
-                column = torch.searchsorted(positions, batch.last)
-                logits = output.logits[torch.arange(size, device=lm.device), column]
+                logits = last_logits(lm, batch)
                 if metric.order == 2:
                     assert isinstance(metric, KLDivergence)
                     values = _fisher(logits, gates, metric.outcomes)

@@ -58,24 +58,35 @@ def _estimate(
     started = time.perf_counter()
     raw, base = gate_pass(lm, encoded, metric, mode, eps, linearize, batch_size, progress)
     per_prompt = 0.5 * raw if metric.order == 2 else -raw
-    scores = HeadScores(
-        scores=per_prompt.mean(0).float(),
-        method="attribution",
+    extra = {"metric": metric.key(), "order": metric.order, "linearize": linearize}
+    table = per_prompt.mean(0).float()
+    extra["seconds"] = _since(started)
+    return _head_scores(lm, encoded, table, "attribution", mode, eps, extra, per_prompt.float()), base
+
+
+def _head_scores(
+    lm: LoadedModel,
+    encoded: EncodedPrompts,
+    table: Tensor,
+    method: str,
+    mode: str,
+    eps: float,
+    extra: dict[str, Any],
+    per_prompt: Tensor | None = None,
+) -> HeadScores:
+    """A layer × head table of `method` on these prompts, labelled with the model and ablation."""
+    return HeadScores(
+        scores=table,
+        method=method,
         mode=mode,
         eps=eps,
         model_name=lm.name,
         model_fingerprint=lm.fingerprint,
         prompts_hash=encoded.texts_hash,
         n_prompts=len(encoded),
-        extra={
-            "metric": metric.key(),
-            "order": metric.order,
-            "linearize": linearize,
-            "seconds": _since(started),
-        },
-        per_prompt=per_prompt.float(),
+        extra=extra,
+        per_prompt=per_prompt,
     )
-    return scores, base
 
 
 def exact_effects(
@@ -175,22 +186,8 @@ def pre_ranked_scan(
     est_verified = torch.tensor([estimate[h] for h in verified])
     agreement = {"spearman_verified": spearman(est_verified, exact.mean(1)) if top_n > 1 else 1.0}
     seconds = {"estimate": round(mid - started, 3), "verify": _since(mid), "total": _since(started)}
-    scores = HeadScores(
-        scores=table,
-        method="pre_ranked",
-        mode=mode,
-        eps=eps,
-        model_name=lm.name,
-        model_fingerprint=lm.fingerprint,
-        prompts_hash=encoded.texts_hash,
-        n_prompts=len(encoded),
-        extra={
-            "metric": metric.key(),
-            "verified": [f"{lay}.{h}" for lay, h in verified],
-            **agreement,
-            "seconds": seconds,
-        },
-    )
+    extra = {"metric": metric.key(), "verified": [f"{lay}.{h}" for lay, h in verified], **agreement}
+    scores = _head_scores(lm, encoded, table, "pre_ranked", mode, eps, {**extra, "seconds": seconds})
     return PreRankedScan(estimate, scores, verified, exact.float(), agreement, seconds)
 
 

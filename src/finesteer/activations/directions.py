@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from finesteer.capture.activations import capture
+from finesteer.activations.capture import capture
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_completion, ab_prompt
 from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Edit, Intervention
 from finesteer.interventions.ops import Add
 from finesteer.interventions.scope import Scope
+from finesteer.runs import write_safetensors_atomic
 from finesteer.sites import Head, Site
 
 if TYPE_CHECKING:
@@ -126,8 +127,7 @@ class HeadDirections:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"n_pos": str(self.n_pos), "n_neg": str(self.n_neg)}
-        tensors = {"directions": self.directions.contiguous(), "sigma": self.sigma.contiguous()}
-        save_file(tensors, str(path), metadata=meta)
+        write_safetensors_atomic(path, {"directions": self.directions, "sigma": self.sigma}, meta)
         return path
 
     @classmethod

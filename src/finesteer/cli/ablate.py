@@ -1,0 +1,137 @@
+"""`finesteer ablate` (top-k head ablation against random heads) and `finesteer export-surgery`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from finesteer.cli.apps import app
+from finesteer.cli.common import run_command, show
+from finesteer.cli.options import (
+    BatchOpt,
+    EpsOpt,
+    JsonFlag,
+    LimitOpt,
+    ModelArg,
+    ModeOpt,
+    OutOpt,
+    PromptDataOpt,
+    ResumeOpt,
+    SplitOpt,
+    TemplateOpt,
+    head_names,
+    parse_numbers,
+    slug,
+)
+
+
+@app.command("ablate")
+def ablate(
+    model: ModelArg,
+    data: PromptDataOpt,
+    heads: Annotated[str | None, typer.Option(help="Ranked heads LAYER.HEAD,… (best first).")] = None,
+    from_run: Annotated[
+        Path | None, typer.Option(help="Take the ranked heads (or Sahara group) from this run folder.")
+    ] = None,
+    eval_kind: Annotated[str, typer.Option("--eval", help="What to measure: asr.")] = "asr",
+    split: SplitOpt = None,
+    limit: LimitOpt = None,
+    ks: Annotated[str | None, typer.Option(help="Head counts to ablate, e.g. 1,2,3 (default 1..5).")] = None,
+    mode: Annotated[str | None, typer.Option(help="ua or sc (default: the run's mode, else ua).")] = None,
+    eps: Annotated[
+        float | None, typer.Option(help="Ablation factor ε (default: the run's, else 1e-5).")
+    ] = None,
+    random_seeds: Annotated[int, typer.Option(help="Random-head control sets per k.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (greedy).")] = 64,
+    harmless: Annotated[
+        str | None, typer.Option(help="Harmless dataset for helpfulness ('none' to skip).")
+    ] = "jailbreakbench-benign",
+    harmless_limit: Annotated[int | None, typer.Option(help="Harmless prompts (default: --limit).")] = None,
+    helpfulness_ks: Annotated[
+        str | None, typer.Option(help="Head counts whose helpfulness is measured (default: all --ks).")
+    ] = None,
+    mc: Annotated[
+        str, typer.Option(help="Multiple-choice set for helpfulness accuracy ('none' to skip).")
+    ] = "finesteer-mc",
+    template: TemplateOpt = "chat",
+    batch_size: BatchOpt = 8,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Ablate the top-k heads and measure ASR against the unmodified model and random heads."""
+
+    def work() -> dict[str, Any]:
+        from finesteer.evaluate.ablation import AblationSetup, plan_ablation, run_ablation
+        from finesteer.models import load_model
+
+        setup = AblationSetup(
+            data=data,
+            heads=heads,
+            from_run=from_run,
+            eval_kind=eval_kind,
+            split=split,
+            limit=limit,
+            ks=parse_numbers(ks, "--ks", int),
+            mode=mode,
+            eps=eps,
+            random_seeds=random_seeds,
+            max_new_tokens=max_new_tokens,
+            harmless=harmless,
+            harmless_limit=harmless_limit,
+            helpfulness_ks=parse_numbers(helpfulness_ks, "--helpfulness-ks", int),
+            mc=mc,
+            template=template,
+            batch_size=batch_size,
+        )
+        plan = plan_ablation(setup)
+        lm = load_model(model)
+        folder = out or from_run or Path("runs") / slug("ablate", model, data, plan.mode)
+        summary = run_ablation(lm, plan, folder, resume=resume)
+        return {"command": "ablate", "model": model, **summary}
+
+    result = run_command(work)
+    show(result, json_out)
+
+
+@app.command("export-surgery")
+def export_surgery(
+    model: ModelArg,
+    heads: Annotated[str, typer.Option(help="Heads to ablate, LAYER.HEAD,…")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the exported HF model (must be empty).")],
+    mode: ModeOpt = "ua",
+    eps: EpsOpt = 1e-5,
+    verify: Annotated[
+        bool, typer.Option(help="Reload with plain transformers and compare logits with the hooked model.")
+    ] = True,
+    json_out: JsonFlag = False,
+) -> None:
+    """Export a copy of the model with the head ablation baked into its weights (plain HF folder)."""
+
+    def work() -> dict[str, Any]:
+        from finesteer.models import load_model
+        from finesteer.sites import parse_heads
+        from finesteer.surgery import export_surgery as run_export
+        from finesteer.surgery import verify_export
+
+        lm = load_model(model)
+        head_list = parse_heads(heads)
+        folder = run_export(lm, head_list, out, mode=mode, eps=eps)
+        result: dict[str, Any] = {
+            "command": "export-surgery",
+            "model": model,
+            "heads": head_names(head_list),
+            "mode": mode,
+            "eps": eps,
+            "out": str(folder),
+        }
+        if verify:
+            result["verify"] = verify_export(lm, head_list, folder, mode=mode, eps=eps)
+        return result
+
+    result = run_command(work)
+    show(result, json_out)
+
+

@@ -1,0 +1,81 @@
+"""Fit a head-steering method on an A/B `generate` split and save the artifact (`finesteer fit hsi|iti`).
+
+The first `limit` items of the split are divided with a seeded shuffle (`split_items`): `n_val` items
+choose α, the rest are the training items the method reads its directions from. With `test`, the
+dataset's `test_ab` split is scored (letter probability) with and without the fitted intervention and
+the numbers are kept in the artifact's metadata too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from finesteer.data.items import ABItem
+from finesteer.data.typed import load_ab_set
+from finesteer.evaluate.ab_effect import ab_effect
+from finesteer.fit.hsi import split_items
+from finesteer.fit.steering import Steering
+from finesteer.models.loading import LoadedModel, load_model
+from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
+
+log = logging.getLogger(__name__)
+
+GENERATE_SPLIT = "generate"
+TEST_SPLIT = "test_ab"
+
+Fit = Callable[[LoadedModel, Sequence[ABItem], Sequence[ABItem]], Steering]
+
+
+def fit_on_generate_split(
+    method: str,
+    model: str,
+    data: str,
+    fit: Fit,
+    out: Path,
+    *,
+    limit: int | None = None,
+    n_val: int = 30,
+    seed: int = 0,
+    test: bool = False,
+    prompt: ABPrompt = DEFAULT_PROMPT,
+    batch_size: int = 8,
+    say: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Load `model`, fit `method` with `fit(lm, train, val)`, optionally score test_ab, save to `out`.
+
+    Returns the command's result: the chosen heads, α and selection table, the final check (when the
+    method ran one), the test effect (with `test`) and the timings.
+    """
+    items = load_ab_set(data, GENERATE_SPLIT, limit)
+    started = time.perf_counter()
+    lm = load_model(model)
+    train, val = split_items(items, n_val, seed)
+    say(f"fitting {method} on {model}/{data}: {len(train)} train items, {len(val)} val items")
+    fitted = fit(lm, train, val)
+    fit_seconds = time.perf_counter() - started
+    metadata = {**fitted.metadata, "data": data, "limit": limit, "split_seed": seed}
+    result: dict[str, Any] = {
+        "method": method,
+        "model": model,
+        "data": data,
+        "artifact": str(out),
+        "heads": metadata["heads"],
+        "alpha": metadata["alpha"],
+        "selection": metadata["selection"],
+        "fit_seconds": round(fit_seconds, 1),
+    }
+    if metadata.get("final_check") is not None:
+        result["final_check"] = metadata["final_check"]
+    if test:
+        say("scoring the test_ab split")
+        test_items = load_ab_set(data, TEST_SPLIT)
+        result["test"] = ab_effect(lm, test_items, fitted.intervention, prompt=prompt, batch_size=batch_size)
+        metadata["test"] = result["test"]
+    fitted.metadata.update(metadata)
+    fitted.save(out, lm)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
