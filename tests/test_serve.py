@@ -600,3 +600,22 @@ def test_serve_command(monkeypatch: pytest.MonkeyPatch, artifacts: Path) -> None
     assert bad_spec.exit_code == 2 and "NAME=FOLDER" in bad_spec.output
     other = CliRunner().invoke(app, ["serve", MODEL, "-i", f"q={artifacts / 'qwen'}"])
     assert other.exit_code == 2 and "made for" in other.output
+
+
+def test_prompt_only_steering_folder_brings_its_system_prompt(
+    server: str, lm: LoadedModel, registry: InterventionRegistry, tmp_path: Path
+) -> None:
+    from finesteer.fit.steering import Steering
+
+    Steering("terse", None, system_prompt="Answer in one word.").save(tmp_path / "terse", lm)
+    registry.load("terse", tmp_path / "terse")
+    try:
+        ref = generate(
+            lm,
+            [chat_prompt(lm.tokenizer, USERS[1], system="Answer in one word.")],
+            GenerationConfig(max_new_tokens=TOKENS),
+        )[0]
+        assert content(chat(server, USERS[1], "terse")) == ref
+        assert chat(server, USERS[1], "terse", scale=2).status_code == 400
+    finally:
+        registry.remove("terse")
