@@ -30,6 +30,7 @@ from finesteer.activations.padding import pad
 from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.scores import hash_prompts
+from finesteer.models.context import check_prompt_lengths
 from finesteer.models.loading import LoadedModel
 from finesteer.runs import write_json_atomic, write_safetensors_atomic
 from finesteer.runs.lock import FolderLock
@@ -73,6 +74,7 @@ def encode_prompts(
         if not tokens:
             raise ScanError(f"prompt {i} is empty after tokenisation")
         ids.append(tuple(int(t) for t in tokens))
+    check_prompt_lengths(lm, [len(t) for t in ids])
     return EncodedPrompts(tuple(ids), hash_prompts(prompts))
 
 
