@@ -34,9 +34,9 @@ ASR_JUDGES = ("keyword", "gcg", "llm")
 
 def run_refusal(model: str, sae: Path, out: Path, **settings: Any) -> dict[str, Any]:
     """The refusal experiment (`finesteer.recipes.refusal.refusal_comparison`), its table logged on stderr."""
-    from finesteer.recipes.refusal import markdown_table, refusal_comparison
+    from finesteer.recipes.refusal import RefusalExperiment, markdown_table, refusal_comparison
 
-    payload = refusal_comparison(model, sae, out, **settings)
+    payload = refusal_comparison(model, sae, out, RefusalExperiment.from_options(**settings))
     stderr_console().print(markdown_table(payload), highlight=False, markup=False)
     return payload
 

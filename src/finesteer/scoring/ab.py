@@ -304,10 +304,9 @@ class ABScorer:
         max_rows: int = 128,
     ) -> None:
         items = check_items(items)
-        if batch_size < 1:
-            raise ScoringError(f"batch_size must be ≥ 1, got {batch_size}")
-        if max_rows < 1:
-            raise ScoringError(f"max_rows must be ≥ 1, got {max_rows}")
+        for name, value in (("batch_size", batch_size), ("max_rows", max_rows)):
+            if value < 1:
+                raise ScoringError(f"{name} must be ≥ 1, got {value}")
         self.lm = lm
         self.items = items
         self.prompt = prompt
