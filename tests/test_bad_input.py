@@ -475,6 +475,10 @@ OPTION_CASES = [
     ("locate-hsi-head-out-of-range", ["locate", "hsi", "tiny-llama", "--heads", "0.9"], "unknown head 0.9"),
     ("sae-train-layer-out-of-range", ["sae", "train", "tiny-llama", "--layer", "7"], "layer 7"),
     ("fit-caa-layer-out-of-range", ["fit", "caa", "tiny-llama", "--layers", "1,7"], "layer 7"),
+    ("export-surgery-head-out-of-range", ["export-surgery", "tiny-llama", "--heads", "0.9", "--out", "x"],
+     "unknown head 0.9"),
+    ("export-surgery-negative-eps", ["export-surgery", "tiny-llama", "--heads", "0.1", "--eps", "-1",
+                                     "--out", "x"], "ε must be"),
 ]
 
 
@@ -498,8 +502,10 @@ def test_artifact_errors_come_before_the_model_loads(kind: str, tmp_path: Path, 
 @pytest.mark.parametrize(
     "args",
     [ASR, SHIPS, FIT_HSI, ["ablate", "tiny-llama", "--data", "jailbreakbench", "--heads", "0.1"],
-     ["fit", "caa", "tiny-llama", "--train-limit", "8"]],
-    ids=["eval-asr", "locate-ships", "fit-hsi", "ablate", "fit-caa"],
+     ["fit", "caa", "tiny-llama", "--train-limit", "8"],
+     ["locate", "attribution", "tiny-llama", "--data", "jailbreakbench", "--limit", "2"],
+     ["export-surgery", "tiny-llama", "--heads", "0.1"]],
+    ids=["eval-asr", "locate-ships", "fit-hsi", "ablate", "fit-caa", "locate-attribution", "export-surgery"],
 )
 def test_output_folder_that_is_a_file_fails_before_the_load(
     args: list[str], tmp_path: Path, no_load: None

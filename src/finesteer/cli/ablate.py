@@ -112,13 +112,20 @@ def export_surgery(
     """Export a copy of the model with the head ablation baked into its weights (plain HF folder)."""
 
     def work() -> dict[str, Any]:
-        from finesteer.models import load_model
-        from finesteer.sites import parse_heads
+        from finesteer.interventions import check_eps
+        from finesteer.models import load_model, peek_model_info
+        from finesteer.runs.lock import check_writable
+        from finesteer.sites import check_heads, parse_heads
         from finesteer.surgery import export_surgery as run_export
         from finesteer.surgery import verify_export
 
+        head_list = parse_heads(heads)  # every check that needs no weights, before the load
+        shape = peek_model_info(model)
+        if shape is not None:
+            check_heads(head_list, shape.n_layers, shape.n_heads)
+        check_eps(eps)
+        check_writable(out)
         lm = load_model(model)
-        head_list = parse_heads(heads)
         folder = run_export(lm, head_list, out, mode=mode, eps=eps)
         result: dict[str, Any] = {
             "command": "export-surgery",

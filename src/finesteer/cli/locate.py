@@ -218,34 +218,33 @@ def attribution(
         from finesteer.locate import ships as ships_lib
         from finesteer.locate.attribution.metrics import KLDivergence, TokenLogProb, refusal_token_ids
         from finesteer.locate.attribution.prerank import pre_ranked_scan
-        from finesteer.report.heatmap import plot_head_heatmap
+        from finesteer.report.heatmap import plot_attribution_maps
+        from finesteer.runs.lock import FolderLock
 
         check_choice(metric, METRICS, "--metric")
         ships_lib.ablation_method(mode)
         folder = out or Path("runs") / slug("attribution", model, data, mode, metric)
-        lm, queries, ids, prompts = _prompts(model, data, split, limit, template)
-        chosen = KLDivergence(outcomes) if metric == "kl" else TokenLogProb(refusal_token_ids(lm.tokenizer))
-        n_heads = lm.info.n_layers * lm.info.n_heads
-        stderr_console().print(
-            f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} on {len(prompts)} "
-            f"prompts, verifying the top {top_n}"
-        )
-        started = time.perf_counter()
-        result = pre_ranked_scan(
-            lm, prompts, chosen, mode=mode, eps=eps, top_n=top_n, linearize=linearize,
-            batch_size=batch_size, engine=engine,
-        )  # fmt: skip
-        seconds = round(time.perf_counter() - started, 1)
-        info = {
-            "command": "locate attribution", "model": model, "data": data, "split": split, "limit": limit,
-            "n_prompts": len(prompts), "mode": mode, "eps": eps, "metric": chosen.key(),
-            "linearize": linearize, "top_n": top_n,
-        }  # fmt: skip
-        payload = run_folder.save_attribution(folder, result, queries, ids, info, seconds)
-        estimate_map = folder / run_folder.ESTIMATE_DIR / run_folder.HEATMAP_FILE
-        plot_head_heatmap(result.estimate, estimate_map, title=f"estimate · {model}")
-        plot_head_heatmap(result.scores, folder / run_folder.HEATMAP_FILE, title=f"verified heads · {model}")
-        return payload
+        with FolderLock(folder):  # checks the folder is writable, before the model loads
+            lm, queries, ids, prompts = _prompts(model, data, split, limit, template)
+            refusal = metric == "refusal"
+            chosen = TokenLogProb(refusal_token_ids(lm.tokenizer)) if refusal else KLDivergence(outcomes)
+            n_heads = lm.info.n_layers * lm.info.n_heads
+            stderr_console().print(f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} "
+                                   f"on {len(prompts)} prompts, verifying the top {top_n}")
+            started = time.perf_counter()
+            result = pre_ranked_scan(
+                lm, prompts, chosen, mode=mode, eps=eps, top_n=top_n, linearize=linearize,
+                batch_size=batch_size, engine=engine,
+            )  # fmt: skip
+            seconds = round(time.perf_counter() - started, 1)
+            info = {
+                "command": "locate attribution", "model": model, "data": data, "split": split, "limit": limit,
+                "n_prompts": len(prompts), "mode": mode, "eps": eps, "metric": chosen.key(),
+                "linearize": linearize, "top_n": top_n,
+            }  # fmt: skip
+            payload = run_folder.save_attribution(folder, result, queries, ids, info, seconds)
+            plot_attribution_maps(result.estimate, result.scores, folder, model)
+            return payload
 
     show(run_command(work), json_out)
 

@@ -8,15 +8,12 @@ Agg), never pyplot: plotting works on headless machines, touches no global backe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from finesteer.locate.run_folder import ESTIMATE_DIR, HEATMAP_FILE
 from finesteer.locate.scores import HeadScores
-
-if TYPE_CHECKING:
-    from finesteer.locate.scores import HeadScores
 
 
 def plot_head_heatmap(
@@ -67,3 +64,9 @@ def plot_head_heatmap(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def plot_attribution_maps(estimate: HeadScores, verified: HeadScores, folder: Path, model: str) -> None:
+    """An attribution run's two heatmaps: every head's estimate, and the exactly verified heads."""
+    plot_head_heatmap(estimate, folder / ESTIMATE_DIR / HEATMAP_FILE, title=f"estimate · {model}")
+    plot_head_heatmap(verified, folder / HEATMAP_FILE, title=f"verified heads · {model}")
