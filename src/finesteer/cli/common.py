@@ -157,15 +157,21 @@ def run_command(fn: Callable[[], T]) -> T:
 
 
 def load_with_intervention(
-    model: str, intervention: Path | None, allow_other_weights: bool = False
+    model: str,
+    intervention: Path | None,
+    allow_other_weights: bool = False,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> tuple[LoadedModel, Intervention | None]:
     """`--intervention` and the model, the artifact read first (a bad folder fails before the load)
-    and checked against the model (`--allow-other-weights` accepts other weights of the same shape)."""
+    and checked against the model (`--allow-other-weights` accepts other weights of the same shape).
+    `--device`/`--dtype` place and cast the model."""
     from finesteer.artifacts import load_intervention
     from finesteer.models import load_model
 
     artifact = load_intervention(intervention) if intervention else None
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype)
     if artifact is None:
         return lm, None
     artifact.check_model(lm, strict=not allow_other_weights)

@@ -11,6 +11,8 @@ from finesteer.cli.apps import eval_app
 from finesteer.cli.common import emit_json, load_with_intervention, print_rows, run_command, stderr_console
 from finesteer.cli.options import (
     BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
     InterventionOpt,
     JsonFlag,
     LimitOpt,
@@ -56,6 +58,8 @@ def ab(
     ] = False,
     batch_size: BatchOpt = 8,
     allow_other_weights: OtherWeightsOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """A/B behaviour rate: letter probability (CAA) and/or parsed generated answers (HSI)."""
@@ -70,7 +74,7 @@ def ab(
         items = load_ab_set(data, split, limit)
         if balanced:
             items = letter_balanced(items)
-        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
+        lm, iv = load_with_intervention(model, intervention, allow_other_weights, device=device, dtype=dtype)
         stderr_console().print(f"A/B evaluation of {model} on {data} ({len(items)} items, method {method})")
         rates = ab_rates(
             lm,
