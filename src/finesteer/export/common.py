@@ -1,0 +1,58 @@
+"""What every export shares: its error, the static-edit check, and a steering's intervention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finesteer.errors import FinesteerError
+from finesteer.fit.steering import Steering
+from finesteer.interventions.edit import Edit, Intervention
+
+
+class ExportError(FinesteerError, ValueError):
+    """A steering that the chosen format cannot express (the message says why and what can)."""
+
+
+def intervention_of(steering: Steering | Intervention, target: str) -> Intervention:
+    """The intervention to export; a steering without one (a system prompt only) is refused."""
+    if isinstance(steering, Intervention):
+        return steering
+    if steering.intervention is None:
+        raise ExportError(f"{target}: steering '{steering.name}' has no intervention (only a system prompt)")
+    return steering.intervention
+
+
+def static_edits(intervention: Intervention, target: str) -> list[Edit]:
+    """The non-identity edits, each checked to act on every token of every row (scope 'all').
+
+    Exported formats add their vectors at every position; an edit limited to some positions (last,
+    prompt, generated, from:N …) or to some batch rows has no static equivalent, so it is refused.
+    """
+    edits = [edit for edit in intervention.edits if not edit.op.is_identity()]
+    if not edits:
+        raise ExportError(f"{target}: the intervention is empty or an identity (α = 0): nothing to export")
+    for edit in edits:
+        if edit.rows is not None:
+            raise ExportError(f"{target}: the edit at {edit.site} is limited to batch rows {list(edit.rows)}")
+        if str(edit.scope) != "all":
+            raise ExportError(
+                f"{target}: the edit at {edit.site} acts on positions '{edit.scope}'; only static edits "
+                "(scope 'all', every token) can be exported, because the exported form applies at every "
+                "position. Refit or rescope it with scope 'all' (the hooked model keeps the other scopes)"
+            )
+    return edits
+
+
+def provenance(steering: Steering | Intervention, model_name: str, fingerprint: str) -> dict[str, Any]:
+    """JSON-able record of what was exported, written beside (or into) every export."""
+    from finesteer import __version__
+
+    record: dict[str, Any] = {
+        "finesteer_version": __version__,
+        "source_model": model_name,
+        "source_fingerprint": fingerprint,
+    }
+    if isinstance(steering, Steering):
+        record["steering"] = steering.name
+        record["metadata"] = steering.metadata
+    return record
