@@ -42,7 +42,9 @@ def _texts(lm: LoadedModel) -> list[str]:
 
 
 def _logits(lm: LoadedModel, texts: list[str], intervention: Intervention | None = None) -> torch.Tensor:
-    enc = lm.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    enc = lm.tokenizer(
+        texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    )
     position_ids = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         if intervention is None:
@@ -121,7 +123,9 @@ def test_bf16_capture_returns_float32(bf16: LoadedModel) -> None:
 
 
 def test_cli_info_device_and_dtype() -> None:
-    result = CliRunner().invoke(app, ["info", "tiny-llama", "--device", "cpu", "--dtype", "bfloat16", "--json"])
+    result = CliRunner().invoke(
+        app, ["info", "tiny-llama", "--device", "cpu", "--dtype", "bfloat16", "--json"]
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["dtype"] == "bfloat16" and out["device"] == "cpu"

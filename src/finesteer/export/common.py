@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from finesteer.errors import FinesteerError
 from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import Edit, Intervention
+from finesteer.interventions.scope import Scope
 
 
 class ExportError(FinesteerError, ValueError):
@@ -37,10 +39,24 @@ def static_edits(intervention: Intervention, target: str) -> list[Edit]:
         if str(edit.scope) != "all":
             raise ExportError(
                 f"{target}: the edit at {edit.site} acts on positions '{edit.scope}'; only static edits "
-                "(scope 'all', every token) can be exported, because the exported form applies at every "
-                "position. Refit or rescope it with scope 'all' (the hooked model keeps the other scopes)"
+                "(scope 'all', every token) can be exported, as the exported form applies at every "
+                "position. Export with --all-positions (`all_positions=True`) to take the all-token "
+                "approximation"
             )
     return edits
+
+
+def at_all_positions(steering: Steering | Intervention) -> tuple[Steering | Intervention, list[str]]:
+    """The same steering with every edit's scope set to 'all' (an explicit, recorded approximation),
+    and the list of scopes that were changed ('blocks.12.hook_resid_post: from_end:5 -> all')."""
+    intervention = steering if isinstance(steering, Intervention) else steering.intervention
+    if intervention is None:
+        return steering, []
+    changed = [f"{e.site}: {e.scope} -> all" for e in intervention.edits if str(e.scope) != "all"]
+    rescoped = Intervention(tuple(replace(e, scope=Scope("all")) for e in intervention.edits))
+    if isinstance(steering, Intervention):
+        return rescoped, changed
+    return replace(steering, intervention=rescoped), changed
 
 
 def provenance(steering: Steering | Intervention, model_name: str, fingerprint: str) -> dict[str, Any]:

@@ -72,7 +72,9 @@ def control_vectors(intervention: Intervention, n_layers: int, hidden_size: int)
             )
         vector = edit.op.scale * edit.op.vector.detach().to(torch.float32).cpu()
         if vector.shape[0] != hidden_size:
-            raise ExportError(f"{TARGET}: the vector at {site} has {vector.shape[0]} values, not {hidden_size}")
+            raise ExportError(
+                f"{TARGET}: the vector at {site} has {vector.shape[0]} values, not {hidden_size}"
+            )
         directions[layer] = directions.get(layer, torch.zeros(hidden_size)) + vector
     return directions
 

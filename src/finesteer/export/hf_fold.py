@@ -87,7 +87,9 @@ def _target(lm: LoadedModel, model: nn.Module, edit: Edit) -> tuple[str, nn.Line
     if site.component == "mlp_out":
         return "down_proj", down, "output"
     if not isinstance(edit.op, Add):
-        raise ExportError(f"{TARGET}: only an Add can be folded at {site} (the residual stream), not '{edit.op.kind}'")
+        raise ExportError(
+            f"{TARGET}: only an Add can be folded at {site} (the residual stream), not '{edit.op.kind}'"
+        )
     if any(hasattr(block, name) for name in ("post_feedforward_layernorm", "post_mlp_layernorm")):
         raise ExportError(
             f"{TARGET}: cannot fold {site} in {lm.info.family}: a norm follows the MLP in each block, so "
