@@ -139,3 +139,18 @@ def test_cli_generate_in_bf16() -> None:
     )
     assert result.exit_code == 0, result.output
     assert isinstance(json.loads(result.stdout)["output"], str)
+
+
+def test_gpu_smoke_script_checks_pass_on_cpu() -> None:
+    """benchmarks/gpu_smoke.py's checks, run on the CPU in bf16 (the script itself skips without CUDA)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
+    spec = importlib.util.spec_from_file_location("gpu_smoke", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = module.check("tiny-llama", "bfloat16", "cpu", None)
+    assert row["ok"], row
+    assert row["dtype"] == "bfloat16" and row["placement"] == "cpu" and row["change_by_edit"] > 0
