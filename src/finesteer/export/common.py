@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from finesteer import __version__
 from finesteer.errors import FinesteerError
 from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import Edit, Intervention
@@ -61,8 +62,6 @@ def at_all_positions(steering: Steering | Intervention) -> tuple[Steering | Inte
 
 def provenance(steering: Steering | Intervention, model_name: str, fingerprint: str) -> dict[str, Any]:
     """JSON-able record of what was exported, written beside (or into) every export."""
-    from finesteer import __version__
-
     record: dict[str, Any] = {
         "finesteer_version": __version__,
         "source_model": model_name,
