@@ -8,6 +8,7 @@ Checks per model × dtype (each a row; `ok` false names what failed):
 - α = 0 is a no-op (logits bit-identical), and a real edit changes them;
 - per-row = solo: a batch with a different intervention per row equals each row run alone;
 - head add = W_O column add (the head's o_proj slice times θ, added after attention);
+- a Ships-style head scan (8 heads, KL from the unablated model): fast scan = simple scan;
 - capture of a residual site returns finite float32 on the CPU; steered greedy generation runs;
 - with --device-map auto: the model is placed by accelerate (all GPUs) and the same checks run.
 Tolerances scale with the dtype: float32 1e-3, bfloat16 0.25, float16 0.05 (absolute, on logits).
@@ -44,6 +45,9 @@ def _logits(lm: Any, texts: list[str], intervention: Any = None) -> torch.Tensor
 def check(model: str, dtype: str, device: str, device_map: str | None) -> dict[str, Any]:
     import finesteer as fs
     from finesteer.interventions import Add, Edit, Intervention
+    from finesteer.locate.fast_scan import fast_scan
+    from finesteer.locate.scan import KLFromBase, LastLogits, scan
+    from finesteer.locate.ships import ablation
     from finesteer.models import load_model
     from finesteer.models.loading import describe_placement
     from finesteer.sites import Site
@@ -97,6 +101,14 @@ def check(model: str, dtype: str, device: str, device_map: str | None) -> dict[s
     row["head_add_max_diff"] = float((wo - steered).abs().max())
     if row["head_add_max_diff"] > tol:
         failed.append("head_add")
+    heads = [(lay, h) for lay in range(info.n_layers) for h in range(info.n_heads)][:8]
+    base_logits = scan(lm, texts, [ablation([], "sc", 1e-5)], LastLogits(), progress=False)[0]
+    candidates = [ablation([h], "sc", 1e-5) for h in heads]
+    simple = scan(lm, texts, candidates, KLFromBase(base_logits), progress=False)
+    fast = fast_scan(lm, texts, candidates, KLFromBase(base_logits), progress=False)
+    row["scan_fast_vs_simple"] = float((simple.float().cpu() - fast.float().cpu()).abs().max())
+    if row["scan_fast_vs_simple"] > tol or not torch.isfinite(fast.float()).all():
+        failed.append("scan")
     acts = fs.capture(lm, texts, [f"blocks.{layer}.hook_resid_post"])[f"blocks.{layer}.hook_resid_post"]
     if acts.dtype != torch.float32 or acts.device.type != "cpu" or not torch.isfinite(acts).all():
         failed.append("capture")
