@@ -15,6 +15,10 @@ finesteer edits map exactly, at every position (scope 'all'):
   (q_proj output, where no q_norm follows) → `layers.L.self_attn.q_proj` with v in the head's slice.
 - `ProjectOut` with strength 1 at a full-width site → "clamp" to 0 (directional ablation).
 Several adds at one hook point are summed. Anything else is refused.
+
+Tested against lm-eval 0.4.13's `SteeredModel`. Older releases built each "add" hook as a lambda
+over the loop's variables, so with several hook points every hook added the last one's vector: use a
+current lm-eval when the file has more than one hook point.
 """
 
 from __future__ import annotations
