@@ -52,6 +52,9 @@ def export_artifact(
     folder = Path(artifact)
     steering: Steering = Steering.load(folder)
     result: dict[str, Any] = {"format": fmt, "artifact": str(folder), "out": str(out)}
+    if steering.system_prompt:
+        # no format carries a prompt: the user must pass it to the runtime themselves
+        result["system_prompt_not_exported"] = steering.system_prompt
     if all_positions:
         steering, result["rescoped"] = at_all_positions(steering)  # type: ignore[assignment]
     if fmt == "gguf":
