@@ -94,13 +94,15 @@ def _tokenize(tokenizer: Any, item: TextInput, add_special_tokens: bool) -> tupl
 
 def _select(act: Tensor, lengths: Tensor, starts: Tensor, position: Position) -> Tensor:
     """Pick the captured position(s) from a right-padded [B, S, W] batch."""
-    rows = torch.arange(act.shape[0])
     if position == "all":
         return act
+    device = act.device  # a GPU, or another GPU than the embeddings' under a device map
+    rows = torch.arange(act.shape[0], device=device)
+    lengths, starts = lengths.to(device), starts.to(device)
     if position == "last":
         return act[rows, lengths - 1]
     if position == "answer_mean":
-        index = torch.arange(act.shape[1])[None, :]
+        index = torch.arange(act.shape[1], device=device)[None, :]
         weights = ((index >= starts[:, None]) & (index < lengths[:, None])).to(act.dtype)
         return (act * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
     if isinstance(position, int):

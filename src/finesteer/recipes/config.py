@@ -40,6 +40,8 @@ class RecipeBase(Section):
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     model: str = "smollm2-135m-instruct"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda|cuda:\d+|mps|auto)$", description="where the model runs")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     seed: int = 0
     generation: GenerationSection = GenerationSection()
     judge: Literal["keyword", "gcg", "llm", "local", "none"] = "keyword"

@@ -45,7 +45,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         seed=recipe.seed,
     )
     run.pin(data_hashes=data.summary())
-    lm = load_model(recipe.model)
+    lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     run.pin(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
 
     def ab(intervention: Any = None, system: str | None = None) -> dict[str, Any]:

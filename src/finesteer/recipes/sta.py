@@ -26,7 +26,7 @@ COLUMNS = ("refusal_rate", "over_refusal_rate", "fluency")
 
 def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     recipe: STARecipe = run.recipe  # type: ignore[assignment]
-    lm = load_model(recipe.model)
+    lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     run.pin(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
 
     def sae_step(folder: Path) -> dict[str, Any]:
