@@ -189,7 +189,7 @@ def test_fast_scan_errors(tiny_models):
 # ------------------------------------------------------------------------------------ attribution
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-gpt2", "tiny-phi3"])
 def test_gate_one_is_the_uniform_attention_ablation(tiny_models, name):
     """The activation path's end point (a = 1) is the exact `ua` ablation: uniform attention over each
     position's allowed keys (causal prefix; Gemma's sliding window on the long prompt), GQA values."""

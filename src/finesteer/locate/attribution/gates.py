@@ -77,7 +77,7 @@ def _uniform_hooks(lm: LoadedModel, gates: Tensor, layer: int, hooks: HookSet) -
     seen: dict[str, Any] = {}
 
     def keep_mask(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        seen["mask"] = kwargs.get("attention_mask")  # every family passes it to attention by name
 
     def keep_values(act: Tensor, ctx: CallContext) -> None:
         seen["values"] = act.detach()
@@ -91,8 +91,8 @@ def _uniform_hooks(lm: LoadedModel, gates: Tensor, layer: int, hooks: HookSet) -
         delta = uniform.reshape(batch, seq, info.z_dim) - act.detach()
         return act + gates[:, layer].repeat_interleave(info.head_dim, dim=-1)[:, None, :] * delta
 
-    block = lm.adapter.block(lm.model, layer)
-    hooks.keep(block.register_forward_pre_hook(keep_mask, with_kwargs=True))
+    attention = lm.adapter.get(lm.adapter.block(lm.model, layer), lm.adapter.attention)
+    hooks.keep(attention.register_forward_pre_hook(keep_mask, with_kwargs=True))
     hooks.add(Site(layer, "v"), keep_values)
     hooks.add(Site(layer, "z"), add_delta)
 
