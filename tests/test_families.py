@@ -219,11 +219,11 @@ def test_new_site_names_round_trip() -> None:
 def test_prepend_bos_matches_a_bos_written_in_the_text(tiny_models) -> None:
     lm = tiny_models["tiny-gpt2"]
     tokenizer = lm.tokenizer
-    assert fs.activations.to_tokens(tokenizer, "hi", prepend_bos=True) == [
+    assert fs.to_tokens(tokenizer, "hi", prepend_bos=True) == [
         tokenizer.bos_token_id,
         *tokenizer("hi")["input_ids"],
     ]
-    assert fs.activations.to_tokens(tokenizer, "<s>hi", prepend_bos=True).count(tokenizer.bos_token_id) == 1
+    assert fs.to_tokens(tokenizer, "<s>hi", prepend_bos=True).count(tokenizer.bos_token_id) == 1
     site = "blocks.2.hook_resid_post"
     with_bos = fs.capture(lm, TEXTS, [site], position="all", prepend_bos=True)
     written = fs.capture(lm, [f"{tokenizer.bos_token}{t}" for t in TEXTS], [site], position="all")

@@ -98,8 +98,7 @@ def _gpt2(vocab_size: int) -> Any:
         n_positions=common["max_position_embeddings"],
         n_embd=common["hidden_size"],
         n_layer=common["num_hidden_layers"],
-        n_head=4,
-        n_inner=common["intermediate_size"],
+        n_head=4,  # n_inner unset: GPT-2's MLP is 4 × hidden wide
         **{k: common[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings")},
     )
 
