@@ -172,8 +172,9 @@ def test_read_only_sites_refuse_edits(tiny_models) -> None:
         lm.model(**lm.tokenizer(["hi"], return_tensors="pt"))
 
 
-def test_router_logits_match_the_model(tiny_models) -> None:
-    lm = tiny_models["tiny-qwen2moe"]
+@pytest.mark.parametrize("name", ["tiny-qwen2moe", "tiny-mixtral"])
+def test_router_logits_match_the_model(tiny_models, name: str) -> None:
+    lm = tiny_models[name]
     acts = fs.capture(lm, TEXTS[:1], ["blocks.2.mlp.hook_router_logits"], position="all")
     with torch.no_grad():
         enc = lm.tokenizer(TEXTS[:1], return_tensors="pt", add_special_tokens=False)

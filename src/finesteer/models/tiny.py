@@ -143,6 +143,14 @@ def _qwen2moe(vocab_size: int) -> Any:
     )
 
 
+def _mixtral(vocab_size: int) -> Any:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        **_common(vocab_size), num_attention_heads=4, num_key_value_heads=2, num_local_experts=4
+    )
+
+
 TINY_CONFIGS: Mapping[str, Callable[[int], Any]] = MappingProxyType(
     {
         "tiny-llama": _llama,
@@ -155,6 +163,7 @@ TINY_CONFIGS: Mapping[str, Callable[[int], Any]] = MappingProxyType(
         "tiny-qwen3": _qwen3,
         "tiny-olmo2": _olmo2,
         "tiny-qwen2moe": _qwen2moe,
+        "tiny-mixtral": _mixtral,
     }
 )
 
