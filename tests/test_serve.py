@@ -364,7 +364,7 @@ BAD_REQUESTS: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
         400,
         "invalid_scale",
     ),
-    ("over-long prompt", "/v1/completions", {"prompt": "y" * 300}, 400, "context_length_exceeded"),
+    ("over-long prompt", "/v1/completions", {"prompt": "y" * 5000}, 400, "context_length_exceeded"),
     (
         "too many tokens",
         "/v1/completions",

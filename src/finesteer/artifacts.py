@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -22,7 +23,7 @@ from finesteer.interventions.edit import Edit, Intervention
 from finesteer.interventions.ops import op_from_parts
 from finesteer.interventions.scope import Scope
 from finesteer.models.info import ModelInfo
-from finesteer.models.loading import LoadedModel
+from finesteer.models.loading import LoadedModel, peek_fingerprint, peek_model_info
 from finesteer.sites import Site
 
 FORMAT = "finesteer.intervention"
@@ -45,18 +46,39 @@ class Artifact:
     model_info: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def intervention_for(self, lm: LoadedModel, *, allow_other_weights: bool = False) -> Intervention:
+        """The intervention, after checking it was made for `lm` (shape always; weights unless
+        `allow_other_weights`). `intervene(lm, artifact)` and `generate(..., intervention=artifact)`
+        call this, so the API refuses another model's artifact as the CLI does."""
+        self.check_model(lm, strict=not allow_other_weights)
+        return self.intervention
+
     def check_model(self, lm: LoadedModel, *, strict: bool = True) -> None:
         """Refuse to apply to a model of another shape; with strict, also to other weights."""
-        shape = {k: v for k, v in lm.info.to_dict().items() if k != "family"}
+        self._check(lm.name, lm.info, lm.fingerprint, strict)
+
+    def check_before_load(self, model: str, *, allow_other_weights: bool = False) -> None:
+        """The same checks from the model's config and registry pin alone, before its weights load:
+        shape, every edit's layer / head / vector size, and (unless allowed) the weights' fingerprint.
+        Checks what can be known without loading; `check_model` after the load does the rest."""
+        info = peek_model_info(model)
+        if info is not None:
+            self.intervention.validate(info)
+        self._check(model, info, peek_fingerprint(model), not allow_other_weights)
+
+    def _check(self, name: str, info: ModelInfo | None, fingerprint: str | None, strict: bool) -> None:
         mine = {k: v for k, v in self.model_info.items() if k != "family"}
-        if mine and shape != mine:
-            raise ArtifactError(
-                f"artifact was made for {self.model_name} {mine}; this model is {lm.name} {shape}"
-            )
-        if strict and self.model_fingerprint and lm.fingerprint and self.model_fingerprint != lm.fingerprint:
+        if info is not None:
+            shape = {k: v for k, v in info.to_dict().items() if k != "family"}
+            if mine and shape != mine:
+                raise ArtifactError(
+                    f"artifact was made for {self.model_name} {mine}; this model is {name} {shape}"
+                )
+        if strict and self.model_fingerprint and fingerprint and self.model_fingerprint != fingerprint:
             raise ArtifactError(
                 f"artifact was made for weights {self.model_fingerprint[:12]}… ({self.model_name}); "
-                f"{lm.name} has {lm.fingerprint[:12]}… (pass strict=False to apply anyway)"
+                f"{name} has {fingerprint[:12]}… (pass allow_other_weights=True, or "
+                "--allow-other-weights, to apply it anyway)"
             )
 
 
@@ -112,8 +134,20 @@ def save_intervention(
     return folder
 
 
-def load_intervention(path: str | Path) -> Artifact:
-    """Read an artifact folder (or its intervention.json); errors name the file and the bad field."""
+def load_intervention(
+    path: str | Path, model: LoadedModel | None = None, *, allow_other_weights: bool = False
+) -> Artifact:
+    """Read an artifact folder (or its intervention.json); errors name the file and the bad field.
+
+    With `model`, the artifact is also checked against it (`Artifact.check_model`): another shape is
+    always refused, other weights unless `allow_other_weights`."""
+    artifact = _read_artifact(Path(path))
+    if model is not None:
+        artifact.check_model(model, strict=not allow_other_weights)
+    return artifact
+
+
+def _read_artifact(path: Path) -> Artifact:
     folder = Path(path)
     if folder.is_file() and folder.name == SPEC_FILE:
         folder = folder.parent
@@ -121,9 +155,11 @@ def load_intervention(path: str | Path) -> Artifact:
     if not spec_path.is_file():
         raise ArtifactError(f"{folder} is not a finesteer artifact: {SPEC_FILE} not found")
     try:
-        spec = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as exc:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{spec_path}: invalid JSON ({exc})") from exc
+    if not isinstance(spec, dict):
+        raise ArtifactError(f"{spec_path}: not a finesteer intervention (a JSON {type(spec).__name__})")
     if spec.get("format") != FORMAT:
         raise ArtifactError(f"{spec_path}: not a finesteer intervention (format={spec.get('format')!r})")
     if int(spec.get("format_version", 0)) > FORMAT_VERSION:
@@ -131,8 +167,13 @@ def load_intervention(path: str | Path) -> Artifact:
             f"{spec_path}: format version {spec['format_version']} is newer than this finesteer supports"
         )
     tensor_path = folder / TENSOR_FILE
-    tensors = load_file(str(tensor_path)) if tensor_path.is_file() else {}
+    try:
+        tensors = load_file(str(tensor_path)) if tensor_path.is_file() else {}
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{tensor_path}: unreadable or truncated safetensors file ({exc})") from exc
     model = spec.get("model", {})
+    if not isinstance(model, dict) or not isinstance(spec.get("edits", []), list):
+        raise ArtifactError(f"{spec_path}: malformed 'model' or 'edits' field")
     n_layers = model.get("info", {}).get("n_layers")
     edits = []
     for i, raw in enumerate(spec.get("edits", [])):
@@ -143,7 +184,7 @@ def load_intervention(path: str | Path) -> Artifact:
             edits.append(
                 Edit(Site.parse(raw["site"], n_layers), op, Scope.parse(raw.get("scope", "all")), rows)
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{spec_path}: edit {i} is malformed: {exc}") from exc
     return Artifact(
         Intervention(tuple(edits)),

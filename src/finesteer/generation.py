@@ -11,6 +11,7 @@ from the global RNG and takes no `torch.Generator`, hence the fork rather than a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from finesteer.errors import FinesteerError
-from finesteer.interventions.apply import intervene
+from finesteer.interventions.apply import intervene, resolve
 from finesteer.interventions.edit import Intervention
+from finesteer.models.context import check_prompt_lengths
 from finesteer.models.loading import LoadedModel
 
 
@@ -40,12 +42,12 @@ class GenerationConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise GenerationError(f"batch_size must be ≥ 1, got {self.batch_size}")
-        if self.do_sample and self.temperature <= 0:
-            raise GenerationError("sampling needs temperature > 0 (use do_sample=False for greedy)")
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GenerationError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if self.do_sample and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise GenerationError("sampling needs a finite temperature > 0 (use do_sample=False for greedy)")
 
 
 @contextmanager
@@ -73,6 +75,7 @@ def generate_batches(
     """Yield the completions batch by batch (so callers can stream them to disk)."""
     tokenizer = lm.tokenizer
     if intervention is not None:
+        intervention = resolve(lm, intervention)
         intervention.validate(lm.info)  # fail on the first `next`, before any tokenising
     sampling = (
         {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
@@ -89,6 +92,8 @@ def generate_batches(
             padding_side="left",
             add_special_tokens=add_special_tokens,
         ).to(lm.device)
+        lengths = encoded["attention_mask"].sum(1).tolist()
+        check_prompt_lengths(lm, lengths, extra=config.max_new_tokens)
         steering = intervene(lm, intervention) if intervention is not None else nullcontext()
         seed = None if config.seed is None else config.seed + start
         with steering, _seeded(lm, seed), torch.no_grad():

@@ -24,6 +24,7 @@ from finesteer.errors import FinesteerError
 from finesteer.hooks import CallContext, HookSet
 from finesteer.interventions.apply import intervene
 from finesteer.interventions.edit import Intervention
+from finesteer.models.context import check_prompt_lengths
 from finesteer.models.loading import LoadedModel
 from finesteer.sites import Site
 
@@ -180,6 +181,7 @@ def capture(
         site.validate(info)
     pad_id = lm.tokenizer.pad_token_id
     encoded = [_tokenize(lm.tokenizer, item, add_special_tokens, prepend_bos) for item in inputs]
+    check_prompt_lengths(lm, [len(tokens) for tokens, _ in encoded], what="input")
     collected: dict[str, list[Tensor]] = {s.name: [] for s in site_list}
     all_lengths: list[Tensor] = []
     batch_state: dict[str, Tensor] = {}

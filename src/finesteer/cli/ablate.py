@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import app
-from finesteer.cli.common import run_command, show
+from finesteer.cli.common import model_shape, output_folder, run_command, show
 from finesteer.cli.options import (
     BatchOpt,
     EpsOpt,
@@ -64,7 +64,7 @@ def ablate(
     """Ablate the top-k heads and measure ASR against the unmodified model and random heads."""
 
     def work() -> dict[str, Any]:
-        from finesteer.evaluate.ablation import AblationSetup, plan_ablation, run_ablation
+        from finesteer.evaluate.ablation import AblationSetup, check_plan, plan_ablation, run_ablation
         from finesteer.models import load_model
 
         setup = AblationSetup(
@@ -87,9 +87,10 @@ def ablate(
             batch_size=batch_size,
         )
         plan = plan_ablation(setup)
-        lm = load_model(model)
+        check_plan(plan, model_shape(model))  # heads, ε, counts: before loading
         folder = out or from_run or Path("runs") / slug("ablate", model, data, plan.mode)
-        summary = run_ablation(lm, plan, folder, resume=resume)
+        with output_folder(folder):  # checked, locked and held until the results are written
+            summary = run_ablation(load_model(model), plan, folder, resume=resume)
         return {"command": "ablate", "model": model, **summary}
 
     result = run_command(work)

@@ -27,6 +27,7 @@ from finesteer.errors import FinesteerError
 
 if TYPE_CHECKING:
     from finesteer.interventions.edit import Intervention
+    from finesteer.models.info import ModelInfo
     from finesteer.models.loading import LoadedModel
 
 T = TypeVar("T")
@@ -159,14 +160,46 @@ def run_command(fn: Callable[[], T]) -> T:
 def load_with_intervention(
     model: str, intervention: Path | None, allow_other_weights: bool = False
 ) -> tuple[LoadedModel, Intervention | None]:
-    """`--intervention` and the model, the artifact read first (a bad folder fails before the load)
-    and checked against the model (`--allow-other-weights` accepts other weights of the same shape)."""
+    """`--intervention` and the model, the artifact read and checked first (a bad folder, another
+    shape, out-of-range edits or other weights fail before the load) and again against the loaded
+    model (`--allow-other-weights` accepts other weights of the same shape)."""
     from finesteer.artifacts import load_intervention
     from finesteer.models import load_model
 
     artifact = load_intervention(intervention) if intervention else None
+    if artifact is not None:  # shape, edits and fingerprint from the config / registry pin alone
+        artifact.check_before_load(model, allow_other_weights=allow_other_weights)
     lm = load_model(model)
     if artifact is None:
         return lm, None
     artifact.check_model(lm, strict=not allow_other_weights)
     return lm, artifact.intervention
+
+
+def model_shape(model: str) -> ModelInfo | None:
+    """The model's shape from its config alone (None when it cannot be known before loading)."""
+    from finesteer.models import peek_model_info
+
+    return peek_model_info(model)
+
+
+@contextmanager
+def output_folder(folder: Path | None) -> Iterator[Path | None]:
+    """Hold `folder` for the whole command: checked writable and locked before any model loads, so a
+    bad `--out` or a second writer fails at once (`finesteer.runs.FolderLock`)."""
+    if folder is None:
+        yield None
+        return
+    from finesteer.runs import FolderLock
+
+    with FolderLock(folder):
+        yield folder
+
+
+def check_model_heads(model: str, heads: list[tuple[int, int]] | None) -> None:
+    """`--heads` against the model's shape from its config, before loading (skipped when unknown)."""
+    from finesteer.sites import check_heads
+
+    info = model_shape(model)
+    if heads and info is not None:
+        check_heads(heads, info.n_layers, info.n_heads)

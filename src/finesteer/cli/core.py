@@ -92,11 +92,11 @@ def generate(
     from finesteer.generation import generate as run_generate
 
     def work() -> dict[str, object]:
-        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
-        text = prompt if raw else chat_prompt(lm.tokenizer, prompt, system=system)
-        config = GenerationConfig(
+        config = GenerationConfig(  # checked before loading
             max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, seed=seed
         )
+        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
+        text = prompt if raw else chat_prompt(lm.tokenizer, prompt, system=system)
         stderr_console().print(f"generating with {model}" + (f" + {intervention}" if intervention else ""))
         steered = run_generate(lm, [text], config, intervention=iv)[0]
         result: dict[str, object] = {

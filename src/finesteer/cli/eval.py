@@ -8,7 +8,14 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import eval_app
-from finesteer.cli.common import emit_json, load_with_intervention, print_rows, run_command, stderr_console
+from finesteer.cli.common import (
+    emit_json,
+    load_with_intervention,
+    output_folder,
+    print_rows,
+    run_command,
+    stderr_console,
+)
 from finesteer.cli.options import (
     BatchOpt,
     InterventionOpt,
@@ -27,9 +34,9 @@ ASR_JUDGES = ("keyword", "gcg", "llm")
 
 def run_refusal(model: str, sae: Path, out: Path, **settings: Any) -> dict[str, Any]:
     """The refusal experiment (`finesteer.recipes.refusal.refusal_comparison`), its table logged on stderr."""
-    from finesteer.recipes.refusal import markdown_table, refusal_comparison
+    from finesteer.recipes.refusal import RefusalExperiment, markdown_table, refusal_comparison
 
-    payload = refusal_comparison(model, sae, out, **settings)
+    payload = refusal_comparison(model, sae, out, RefusalExperiment.from_options(**settings))
     stderr_console().print(markdown_table(payload), highlight=False, markup=False)
     return payload
 
@@ -62,11 +69,13 @@ def ab(
     from finesteer.data.balance import letter_balanced
     from finesteer.data.typed import load_ab_set
     from finesteer.evaluate.ab_effect import ab_rates
+    from finesteer.generation import GenerationConfig
     from finesteer.scoring.ab import PROMPT_STYLES
 
     def work() -> dict[str, Any]:
         check_choice(method, AB_METHODS, "--method")
         check_choice(prompt_style, PROMPT_STYLES, "--prompt-style")
+        GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before loading
         items = load_ab_set(data, split, limit)
         if balanced:
             items = letter_balanced(items)
@@ -135,36 +144,39 @@ def asr(
     """Attack success rate and refusal rate on harmful prompts (chat template, greedy)."""
     from finesteer.data.typed import load_prompt_set
     from finesteer.evaluate.asr_rate import asr_judges, asr_rates
+    from finesteer.generation import GenerationConfig
 
     def work() -> dict[str, Any]:
         check_choice(judge, ASR_JUDGES, "--judge")
+        GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before loading
         items = load_prompt_set(data, split, limit)
         judges = asr_judges(judge)
-        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
-        stderr_console().print(f"ASR of {model} on {data}: {len(items)} prompts, judge {judge}")
-        out_path = out / "generations.jsonl" if out is not None else None
-        rates = asr_rates(
-            lm,
-            items,
-            judges,
-            intervention=iv,
-            out_path=out_path,
-            system=system,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-        )
-        records = rates.pop("records")
-        return {
-            "model": model,
-            "data": data,
-            "split": split,
-            "intervention": str(intervention or ""),
-            "judge": judge,
-            **rates,
-            "refusal_judge": "gcg" if judge == "gcg" else "keyword",
-            "jsonl": str(out_path) if out_path is not None else None,
-            "records": records,
-        }
+        with output_folder(out):  # --out checked writable and locked before the load
+            lm, iv = load_with_intervention(model, intervention, allow_other_weights)
+            stderr_console().print(f"ASR of {model} on {data}: {len(items)} prompts, judge {judge}")
+            out_path = out / "generations.jsonl" if out is not None else None
+            rates = asr_rates(
+                lm,
+                items,
+                judges,
+                intervention=iv,
+                out_path=out_path,
+                system=system,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
+            records = rates.pop("records")
+            return {
+                "model": model,
+                "data": data,
+                "split": split,
+                "intervention": str(intervention or ""),
+                "judge": judge,
+                **rates,
+                "refusal_judge": "gcg" if judge == "gcg" else "keyword",
+                "jsonl": str(out_path) if out_path is not None else None,
+                "records": records,
+            }
 
     result = run_command(work)
     if json_out:
@@ -197,9 +209,11 @@ def helpfulness(
     """MC accuracy, perplexity on harmless text and next-token KL, with and without an intervention."""
     from finesteer.data.prompts import chat_prompt
     from finesteer.data.typed import load_ab_set, load_queries
+    from finesteer.errors import check_count
     from finesteer.evaluate.helpfulness import evaluate_helpfulness
 
     def work() -> dict[str, Any]:
+        check_count(batch_size, "--batch-size")  # before loading
         mc_items = load_ab_set(mc_data, None, limit)
         texts, _ = load_queries(text_data, None, limit)
         lm, iv = load_with_intervention(model, intervention, allow_other_weights)

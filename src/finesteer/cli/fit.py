@@ -16,7 +16,15 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import fit_app
-from finesteer.cli.common import emit_json, print_rows, run_command, show_json, stderr_console
+from finesteer.cli.common import (
+    check_model_heads,
+    emit_json,
+    model_shape,
+    print_rows,
+    run_command,
+    show_json,
+    stderr_console,
+)
 from finesteer.cli.options import (
     ABDataOpt,
     AlphasOpt,
@@ -96,20 +104,21 @@ def fit_hsi_command(
         subset = parse_heads(heads) if heads else None
         check_directions_from(directions_from)
         given = load_labelled_completions(completions) if completions is not None else []
+        check_model_heads(model, subset)  # the settings are checked before loading
+        config = HSIConfig(
+            k=k,
+            alphas=tuple(grid),
+            heads_subset=tuple(subset) if subset is not None else None,
+            n_sweep=n_sweep,
+            rank_by=rank_by,  # type: ignore[arg-type]
+            prompt=ABPrompt(system),
+            batch_size=batch_size,
+            seed=seed,
+            directions_from=directions_from,  # type: ignore[arg-type]
+            n_samples=n_samples,
+        )
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
-            config = HSIConfig(
-                k=k,
-                alphas=tuple(grid),
-                heads_subset=tuple(subset) if subset is not None else None,
-                n_sweep=n_sweep,
-                rank_by=rank_by,  # type: ignore[arg-type]
-                prompt=ABPrompt(system),
-                batch_size=batch_size,
-                seed=seed,
-                directions_from=directions_from,  # type: ignore[arg-type]
-                n_samples=n_samples,
-            )
             fitted = fit_hsi_checked(
                 lm, train, val, config, final_check_tokens=final_check_tokens, completions=given,
                 run_dir=run_dir,
@@ -194,11 +203,18 @@ def fit_caa_command(
     from finesteer.fit.caa import DEFAULT_MULTIPLIERS, fit_caa
     from finesteer.methods import load_behaviour_data
     from finesteer.models import load_model
+    from finesteer.runs import check_writable
     from finesteer.scoring.ab import ABPrompt
+    from finesteer.sites import Site
 
     def work() -> dict[str, Any]:
         grid = parse_numbers(multipliers, "--multipliers") or DEFAULT_MULTIPLIERS
         chosen_layers = parse_numbers(layers, "--layers", int)
+        info = model_shape(model)  # --layers and --out checked before loading
+        if info is not None and chosen_layers:
+            for layer in chosen_layers:
+                Site(layer, "resid_post").validate(info)
+        check_writable(out)
         behaviour = load_behaviour_data(
             data, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit, seed=seed
         )

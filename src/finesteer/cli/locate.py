@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import locate_app
-from finesteer.cli.common import emit_json, run_command, show, show_json, stderr_console
+from finesteer.cli.common import check_model_heads, emit_json, run_command, show, show_json, stderr_console
 from finesteer.cli.options import (
     ABDataOpt,
     AlphasOpt,
@@ -95,33 +95,32 @@ def ships(
         from finesteer.report.heatmap import plot_head_heatmap
 
         check_choice(level, LEVELS, "--level")
-        ships_lib.ablation_method(mode)
+        ships_lib.check_scan_settings(  # every check that needs no weights, before loading
+            mode=mode, eps=eps, template=template, batch_size=batch_size, r_main=r_main)  # fmt: skip
         folder = out or Path("runs") / slug("ships", model, data, mode, level)
-        checkpoint = run_folder.prepare(folder, resume)
-        lm, queries, ids, prompts = _prompts(model, data, split, limit, template, folder)
-        levels = ("query", "dataset") if level == "both" else (level,)
-        n_heads = lm.info.n_layers * lm.info.n_heads
-        stderr_console().print(
-            f"Ships {'+'.join(levels)} ({mode}, ε={eps}): {len(prompts)} prompts × {n_heads} heads of {model}"
-        )
-        started = time.perf_counter()
-        tables = ships_lib.ships_scores(
-            lm, prompts, levels=levels, mode=mode, eps=eps, r_main=r_main, batch_size=batch_size,
-            checkpoint=checkpoint, engine=engine,
-        )  # fmt: skip
-        seconds = round(time.perf_counter() - started, 1)
-        info = {
-            "command": "locate ships", "model": model, "data": data, "split": split, "limit": limit,
-            "n_prompts": len(prompts), "mode": mode, "eps": eps, "template": template, "seconds": seconds,
-        }  # fmt: skip
-        combined = level == "both"
-        payload = run_folder.save_ships(
-            folder, tables, info, queries, ids, lm.info.n_heads, r_main=r_main, combined=combined
-        )
-        for name, scores in tables.items():
-            heatmap = run_folder.level_folder(folder, name, combined) / run_folder.HEATMAP_FILE
-            plot_head_heatmap(scores, heatmap, title=f"Ships {name} {mode} · {model} · {data}")
-        return payload
+        with run_folder.writing(folder, resume) as checkpoint:  # locked until saved
+            lm, queries, ids, prompts = _prompts(model, data, split, limit, template, folder)
+            levels = ("query", "dataset") if level == "both" else (level,)
+            n_heads, what = lm.info.n_layers * lm.info.n_heads, f"Ships {'+'.join(levels)} ({mode}, ε={eps})"
+            stderr_console().print(f"{what}: {len(prompts)} prompts × {n_heads} heads of {model}")
+            started = time.perf_counter()
+            tables = ships_lib.ships_scores(
+                lm, prompts, levels=levels, mode=mode, eps=eps, r_main=r_main, batch_size=batch_size,
+                checkpoint=checkpoint, engine=engine,
+            )  # fmt: skip
+            seconds = round(time.perf_counter() - started, 1)
+            info = {
+                "command": "locate ships", "model": model, "data": data, "split": split, "limit": limit,
+                "n_prompts": len(prompts), "mode": mode, "eps": eps, "template": template, "seconds": seconds,
+            }  # fmt: skip
+            combined = level == "both"
+            payload = run_folder.save_ships(
+                folder, tables, info, queries, ids, lm.info.n_heads, r_main=r_main, combined=combined
+            )
+            for name, scores in tables.items():
+                heatmap = run_folder.level_folder(folder, name, combined) / run_folder.HEATMAP_FILE
+                plot_head_heatmap(scores, heatmap, title=f"Ships {name} {mode} · {model} · {data}")
+            return payload
 
     result = run_command(work)
     show(result, json_out)
@@ -152,36 +151,38 @@ def sahara(
 
     def work() -> dict[str, Any]:
         from finesteer.locate import run_folder
-        from finesteer.locate import ships as ships_lib
+        from finesteer.locate.sahara import check_sahara_settings
         from finesteer.locate.sahara import sahara as run_sahara
         from finesteer.locate.scores import HeadScores
+        from finesteer.models import peek_model_info
         from finesteer.report.heatmap import plot_head_heatmap
 
-        ships_lib.ablation_method(mode)
-        folder = out or Path("runs") / slug("sahara", model, data, mode)
-        checkpoint = run_folder.prepare(folder, resume)
         candidates = HeadScores.load(candidates_from).top_heads(top_n) if candidates_from else None
-        lm, _, _, prompts = _prompts(model, data, split, limit, template, folder)
-        started = time.perf_counter()
-        result = run_sahara(
-            lm, prompts, group_size=group_size, mode=mode, eps=eps, r_main=r_main, candidates=candidates,
-            batch_size=batch_size, checkpoint=checkpoint, engine=engine,
-        )  # fmt: skip
-        seconds = round(time.perf_counter() - started, 1)
-        sahara_file = run_folder.write_sahara(folder, result)
-        first = result.step_scores(lm, 0)
-        first.extra.update(data=data, split=split, limit=limit, template=template)
-        first.save(folder)
-        plot_head_heatmap(first, folder / "heatmap.png", title=f"Sahara step 1 {mode} · {model} · {data}")
-        payload = {
-            "command": "locate sahara", "model": model, "data": data, "split": split,
-            "n_prompts": len(prompts), "mode": mode, "eps": eps, "r_main": r_main, "template": template,
-            "group": head_names(result.group), "step_scores": [s.score for s in result.steps],
-            "seconds": seconds, "out": str(folder), "sahara_json": str(sahara_file),
-            "heatmap": str(folder / "heatmap.png"),
-        }  # fmt: skip
-        run_folder.write_run(folder, payload)
-        return payload
+        check_sahara_settings(peek_model_info(model), group_size=group_size, candidates=candidates, mode=mode,
+                              eps=eps, template=template, batch_size=batch_size, r_main=r_main)  # fmt: skip
+        folder = out or Path("runs") / slug("sahara", model, data, mode)
+        with run_folder.writing(folder, resume) as checkpoint:  # locked until saved
+            lm, _, _, prompts = _prompts(model, data, split, limit, template, folder)
+            started = time.perf_counter()
+            result = run_sahara(
+                lm, prompts, group_size=group_size, mode=mode, eps=eps, r_main=r_main, candidates=candidates,
+                batch_size=batch_size, checkpoint=checkpoint, engine=engine,
+            )  # fmt: skip
+            seconds = round(time.perf_counter() - started, 1)
+            sahara_file = run_folder.write_sahara(folder, result)
+            first = result.step_scores(lm, 0)
+            first.extra.update(data=data, split=split, limit=limit, template=template)
+            first.save(folder)
+            plot_head_heatmap(first, folder / "heatmap.png", title=f"Sahara step 1 {mode} · {model} · {data}")
+            payload = {
+                "command": "locate sahara", "model": model, "data": data, "split": split,
+                "n_prompts": len(prompts), "mode": mode, "eps": eps, "r_main": r_main, "template": template,
+                "group": head_names(result.group), "step_scores": [s.score for s in result.steps],
+                "seconds": seconds, "out": str(folder), "sahara_json": str(sahara_file),
+                "heatmap": str(folder / "heatmap.png"),
+            }  # fmt: skip
+            run_folder.write_run(folder, payload)
+            return payload
 
     result = run_command(work)
     show(result, json_out)
@@ -283,7 +284,7 @@ def locate_hsi(
 
     def work() -> dict[str, Any]:
         grid = check_alphas(parse_numbers(alphas, "--alphas") or DEFAULT_HSI_ALPHAS)
-        subset = parse_heads(heads) if heads else None
+        check_model_heads(model, subset := parse_heads(heads) if heads else None)  # before loading
         check_directions_from(directions_from)
         items = load_ab_set(data, GENERATE_SPLIT, limit)
         given = load_labelled_completions(completions) if completions is not None else []

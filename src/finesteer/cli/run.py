@@ -45,8 +45,8 @@ def _execute(
     from finesteer.recipes import RunFolder, execute, load_recipe, prepare
 
     command = "finesteer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if resume is not None:
-        run = RunFolder.open(resume)
+    if resume is not None:  # a recipe given too must be the one the run was started with
+        run = RunFolder.open(resume, load_recipe(recipe_path) if recipe_path is not None else None)
     elif recipe_path is not None:
         recipe = load_recipe(recipe_path)
         prepare(recipe)  # fail on bad fields before creating anything

@@ -41,16 +41,24 @@ def sae_train(
     json_out: JsonFlag = False,
 ) -> None:
     """Train a TopK SAE on a model's residual stream from the prompts finesteer ships; resumable."""
-    from finesteer.models import load_model
+    from finesteer.models import load_model, peek_model_info
+    from finesteer.runs import check_writable
     from finesteer.sae.corpus import CorpusSpec
     from finesteer.sae.pipeline import default_sae_dir, train_on_model
     from finesteer.sae.train import TrainConfig
+    from finesteer.sites import Site
 
     def work() -> dict[str, object]:
         started = time.perf_counter()
-        lm = load_model(model)
-        folder = out or default_sae_dir(lm.name, layer, width, k)
         config = TrainConfig(d_sae=width, k=k, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        info = peek_model_info(model)  # the layer and the folders are checked before loading
+        if info is not None:
+            Site(layer, "resid_post").validate(info)
+        folder = out or default_sae_dir(model, layer, width, k)
+        for path in (folder, run_dir):
+            if path is not None:
+                check_writable(path)
+        lm = load_model(model)
         stderr_console().print(
             f"training a TopK SAE ({width} latents, k={k}) on {model} layer {layer} → {folder}"
         )

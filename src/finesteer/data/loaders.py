@@ -113,19 +113,20 @@ def read_rows(path: PathLike) -> list[Row]:
 
 
 def _read_jsonl(file: Path, text: str) -> list[Row]:
-    rows: list[Row] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problem = f"invalid JSON ({exc.msg} at column {exc.colno})"
-            raise DatasetError(f"{file}, line {line_no}: {problem}") from exc
-        if not isinstance(record, dict):
-            raise DatasetError(f"{file}, line {line_no}: expected a JSON object, got {type(record).__name__}")
-        rows.append(Row(file, line_no, record, tuple(record)))
-    return rows
+    lines = [(no, line) for no, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return [_json_row(file, line_no, line) for line_no, line in lines]
+
+
+def _json_row(file: Path, line_no: int, line: str) -> Row:
+    """One JSONL line as a Row; an error names the file, the line and what is wrong."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        problem = f"invalid JSON ({exc.msg} at column {exc.colno})"
+        raise DatasetError(f"{file}, line {line_no}: {problem}") from exc
+    if not isinstance(record, dict):
+        raise DatasetError(f"{file}, line {line_no}: expected a JSON object, got {type(record).__name__}")
+    return Row(file, line_no, record, tuple(record))
 
 
 def _read_json_array(file: Path, text: str) -> list[Row]:

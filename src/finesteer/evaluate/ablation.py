@@ -20,12 +20,14 @@ from typing import Any
 from finesteer.data import load_dataset
 from finesteer.data.items import ABItem
 from finesteer.data.typed import load_queries
-from finesteer.errors import FinesteerError
+from finesteer.errors import FinesteerError, check_count
 from finesteer.evaluate.asr_effect import ASR_FILE, GENERATIONS_FILE, AsrSettings, asr_effect
+from finesteer.interventions.edit import check_eps
 from finesteer.locate import run_folder
-from finesteer.locate.ships import DEFAULT_EPS, format_queries
+from finesteer.locate.ships import DEFAULT_EPS, ablation_method, check_template, format_queries
+from finesteer.models.info import ModelInfo
 from finesteer.models.loading import LoadedModel
-from finesteer.sites import Head, parse_heads
+from finesteer.sites import Head, check_heads, parse_heads
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +107,27 @@ def _harmless_prompts(lm: LoadedModel, setup: AblationSetup) -> list[str] | None
     return format_queries(lm, texts, setup.template)
 
 
+def check_plan(plan: AblationPlan, info: ModelInfo | None) -> None:
+    """Every check of `plan` that needs only the model's shape (None: shape unknown, heads checked
+    after the load): heads in range, ε finite and ≥ 0, the mode, counts ≥ 1, head counts within the
+    ranking. Commands call it with `peek_model_info` before loading the model."""
+    setup = plan.setup
+    ablation_method(plan.mode)
+    check_eps(plan.eps)
+    check_count(setup.batch_size, "batch_size")
+    check_count(setup.max_new_tokens, "max_new_tokens")
+    check_count(setup.random_seeds, "random_seeds", minimum=0)
+    check_template(setup.template)
+    if info is not None:
+        check_heads(plan.heads, info.n_layers, info.n_heads)
+    largest = max((*plan.ks, *(setup.helpfulness_ks or ())), default=0)
+    if not plan.ks or min(plan.ks) < 1 or largest > len(plan.heads):
+        raise AblationError(f"head counts {list(plan.ks)} must be 1..{len(plan.heads)} (the heads given)")
+
+
 def run_ablation(lm: LoadedModel, plan: AblationPlan, out: Path, *, resume: bool = False) -> dict[str, Any]:
     """Run the ASR evaluation of `plan` into `out` (asr.json, generations.jsonl); the summary payload."""
+    check_plan(plan, lm.info)
     setup = plan.setup
     harmful = format_queries(lm, plan.queries, setup.template)
     harmless_prompts = _harmless_prompts(lm, setup)

@@ -5,8 +5,9 @@ helpfulness cost (over-refusal, next-token KL on harmless prompts, multiple-choi
 The ASR judge is `KeywordRefusalJudge.ships()` (the 41 Ships/Sahara keywords, outputs < 32
 characters and degenerate repetitions counted as failed attacks, as in the paper's App. B); the
 GCG-prefix judge's ASR is reported alongside. Every generation is written to a JSONL file as it is
-produced, and a rerun with `resume=True` reuses finished conditions, so a long evaluation survives
-being killed.
+produced, and a rerun with `resume=True` reuses finished conditions (same prompts, heads and setup),
+so a long evaluation survives being killed; `asr_manifest.json` ties them to the model fingerprint
+(another model is refused), and the folder is locked while it is written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,14 @@ from finesteer.generation import GenerationConfig, generate
 from finesteer.interventions.edit import check_eps
 from finesteer.locate.ships import DEFAULT_EPS, ablation, all_heads
 from finesteer.models.loading import LoadedModel
+from finesteer.runs.lock import FolderLock
+from finesteer.runs.manifest import RunManifest, check_manifest
 from finesteer.sites import Head, check_heads
 
 ASR_FILE = "asr.json"
 GENERATIONS_FILE = "generations.jsonl"
+#: What the generations were made with (model fingerprint, ablation setup); a resume must match.
+MANIFEST_FILE = "asr_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -181,43 +187,51 @@ def asr_effect(
     """
     heads = _checked_heads(lm, heads, settings, harmful_prompts, harmless_prompts)
     folder = Path(out) if out else None
-    texts = {"harmful": list(harmful_prompts), "harmless": list(harmless_prompts or [])}
-    ids = list(prompt_ids) if prompt_ids is not None else [str(i) for i in range(len(harmful_prompts))]
-    conditions = _conditions(lm, heads, settings, harmless_prompts is not None)
-    generations = folder / GENERATIONS_FILE if folder else None
-    finished = _start_generations(generations, conditions, texts, settings, resume)
-    started = time.perf_counter()
-    records: dict[str, list[dict]] = dict(finished)
-    for condition in conditions:
-        if condition.name not in records:
-            records[condition.name] = _generate_condition(
-                lm, condition, texts, ids, settings, generations, progress
+    with FolderLock(folder) if folder is not None else nullcontext():
+        texts = {"harmful": list(harmful_prompts), "harmless": list(harmless_prompts or [])}
+        ids = list(prompt_ids) if prompt_ids is not None else [str(i) for i in range(len(harmful_prompts))]
+        conditions = _conditions(lm, heads, settings, harmless_prompts is not None)
+        generations = folder / GENERATIONS_FILE if folder else None
+        if folder is not None:
+            check_manifest(
+                folder / MANIFEST_FILE,
+                # settings, prompts and heads are checked per condition (a changed one is generated again)
+                RunManifest("ablate", model=lm.fingerprint, settings={"model": lm.name}),
+                resuming=resume and generations is not None and generations.is_file(),
             )
-    judge, gcg = KeywordRefusalJudge.ships(), KeywordRefusalJudge.gcg()
-    if generations is not None:
-        _annotate(generations, judge)
-    result = _assemble(conditions, records, judge, gcg)
-    if harmless_prompts is not None:
-        result["helpfulness"] = _helpfulness(
-            lm, conditions, records, judge, harmless_prompts, settings, mc_items
-        )
-    result["settings"] = {
-        **asdict(settings),
-        "model": lm.name,
-        "model_fingerprint": lm.fingerprint,
-        "heads": [f"{lay}.{h}" for lay, h in heads],
-        "judge": repr(judge),
-        "secondary_judge": repr(gcg),
-        "n_harmful": len(harmful_prompts),
-        "n_harmless": len(harmless_prompts or []),
-        "n_mc": len(mc_items or []),
-        "random_heads": "uniform over heads not in the tested list; nested across k for a seed",
-        "generation_seconds": round(time.perf_counter() - started, 1),
-        **(metadata or {}),
-    }
-    if folder:
-        (folder / ASR_FILE).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+        finished = _start_generations(generations, conditions, texts, settings, resume)
+        started = time.perf_counter()
+        records: dict[str, list[dict]] = dict(finished)
+        for condition in conditions:
+            if condition.name not in records:
+                records[condition.name] = _generate_condition(
+                    lm, condition, texts, ids, settings, generations, progress
+                )
+        judge, gcg = KeywordRefusalJudge.ships(), KeywordRefusalJudge.gcg()
+        if generations is not None:
+            _annotate(generations, judge)
+        result = _assemble(conditions, records, judge, gcg)
+        if harmless_prompts is not None:
+            result["helpfulness"] = _helpfulness(
+                lm, conditions, records, judge, harmless_prompts, settings, mc_items
+            )
+        result["settings"] = {
+            **asdict(settings),
+            "model": lm.name,
+            "model_fingerprint": lm.fingerprint,
+            "heads": [f"{lay}.{h}" for lay, h in heads],
+            "judge": repr(judge),
+            "secondary_judge": repr(gcg),
+            "n_harmful": len(harmful_prompts),
+            "n_harmless": len(harmless_prompts or []),
+            "n_mc": len(mc_items or []),
+            "random_heads": "uniform over heads not in the tested list; nested across k for a seed",
+            "generation_seconds": round(time.perf_counter() - started, 1),
+            **(metadata or {}),
+        }
+        if folder:
+            (folder / ASR_FILE).write_text(json.dumps(result, indent=1) + "\n")
+        return result
 
 
 def _checked_heads(

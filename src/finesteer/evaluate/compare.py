@@ -24,6 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +41,8 @@ from finesteer.evaluate.text import fluency
 from finesteer.evaluate.verdict import Judge
 from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
+from finesteer.runs.files import write_json_atomic
+from finesteer.runs.lock import FolderLock
 from finesteer.runs.records import JsonFileRecords, Record
 from finesteer.runs.runner import Job, run_jobs
 from finesteer.scoring.ab import ABPrompt
@@ -324,12 +327,11 @@ def compare_setups(
 
         return Job(entry.name, run, check)
 
-    results = run_methods([job(e) for e in setups], store, on_method, progress)
-    comparison = ComparisonResult(results, judge_desc, run_info, folder)
-    if folder is not None:
-        (folder / "results.json").write_text(
-            json.dumps(comparison.to_json(), indent=1, default=str) + "\n", encoding="utf-8"
-        )
+    with FolderLock(folder) if folder is not None else nullcontext():  # a second writer is refused
+        results = run_methods([job(e) for e in setups], store, on_method, progress)
+        comparison = ComparisonResult(results, judge_desc, run_info, folder)
+        if folder is not None:
+            write_json_atomic(folder / "results.json", comparison.to_json(), indent=1)
     return comparison
 
 

@@ -4,14 +4,17 @@ Long generation runs get interrupted (a kill, a judge endpoint failing). Every f
 appended to a JSONL file and flushed (`finesteer.runs.records.JsonlRecords`, keyed by item id),
 and a run started again on the same file skips the ids
 already there: nothing is lost and nothing is written twice. A last line cut short by a kill is
-dropped and that prompt generated again. A sidecar `<file>.meta.json` records the model, decoding
-settings, intervention and judges, and a resumed run with other settings is refused rather than
-mixing two experiments in one file.
+dropped and that prompt generated again. A sidecar `<file>.meta.json` (a `finesteer.runs.RunManifest`)
+records the model fingerprint, the decoding settings, intervention and judges, and a resumed run with
+other settings is refused, naming the difference, rather than mixing two experiments in one file. A
+stored row is reused only for the same id *and* the same formatted prompt: another data set whose ids
+collide (or another system prompt or template) is refused, naming the first differing id.
+The output folder is locked while rows are written (`finesteer.runs.FolderLock`): a second writer
+is refused at once.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -27,6 +30,8 @@ from finesteer.evaluate.verdict import Judge, Verdict
 from finesteer.generation import GenerationConfig, generate
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
+from finesteer.runs.lock import FolderLock
+from finesteer.runs.manifest import RunManifest, check_manifest
 from finesteer.runs.records import JsonlRecords
 from finesteer.scoring.forward import check_rows, rows_for_batch
 
@@ -87,24 +92,6 @@ def read_rows(out_path: str | Path) -> list[dict[str, Any]]:
     return list(open_rows(out_path))
 
 
-def _check_meta(out_path: Path, meta: dict[str, Any], resuming: bool) -> None:
-    """Record the run's settings, or, when resuming, check they are the ones the file was made with."""
-    meta_path = _meta_path(out_path)
-    if not resuming:
-        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return
-    if not meta_path.exists():
-        raise ResumeError(f"{out_path} has rows but no {meta_path.name}; cannot check it is the same run")
-    old = json.loads(meta_path.read_text(encoding="utf-8"))
-    changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-    if changed:
-        details = "; ".join(f"{k}: was {old.get(k)!r}, now {meta.get(k)!r}" for k in changed)
-        raise ResumeError(
-            f"{out_path} holds a run with other settings ({details}); use another output path "
-            "or delete the file to start over"
-        )
-
-
 def _describe_judge(judge: Judge) -> str:
     """The judge's settings as text (its repr), or its class name when the repr is only an address."""
     text = repr(judge)
@@ -158,23 +145,58 @@ def run_generations(
             raise EvaluationError(f"judge {name!r} has no judge()/judge_many() methods")
     fmt = format_fn or (lambda text: chat_prompt(lm.tokenizer, text))
 
-    done: dict[str, dict[str, Any]] = {}
-    store: JsonlRecords | None = None
-    if out_path is not None:
-        path = Path(out_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path is None:
+        return _generate_rows(lm, items, ids, None, fmt, config, intervention, judges, stop, progress)
+    path = Path(out_path)
+    with FolderLock(path.parent):
         store = open_rows(path)
-        meta = {
-            "model": lm.name,
-            "fingerprint": lm.fingerprint,
-            # the batch size is left out: a resumed run may use another one
-            "config": {k: v for k, v in asdict(config).items() if k != "batch_size"},
-            "intervention": intervention.digest() if intervention is not None else "none",
-            "judges": {name: _describe_judge(judge) for name, judge in sorted(judges.items())},
-            "stop": list(stop),
-        }
-        _check_meta(path, meta, resuming=len(store) > 0)
-        done.update({row["id"]: row for row in store})
+        manifest = RunManifest(
+            "generations",
+            model=lm.fingerprint,
+            settings={
+                "model": lm.name,
+                # the batch size is left out: a resumed run may use another one
+                "config": {k: v for k, v in asdict(config).items() if k != "batch_size"},
+                "intervention": intervention.digest() if intervention is not None else "none",
+                "judges": {name: _describe_judge(judge) for name, judge in sorted(judges.items())},
+                "stop": list(stop),
+            },
+        )
+        check_manifest(_meta_path(path), manifest, resuming=len(store) > 0, error=ResumeError)
+        _check_stored_prompts(path, store, items, ids, fmt)
+        return _generate_rows(lm, items, ids, store, fmt, config, intervention, judges, stop, progress)
+
+
+def _check_stored_prompts(
+    path: Path, store: JsonlRecords, items: list[HarnessItem], ids: list[str], fmt: Callable[[str], str]
+) -> None:
+    """Refuse stored rows whose id matches an item but whose formatted prompt does not."""
+    for item, key in zip(items, ids, strict=True):
+        row = store.get(key)
+        if row is None or "formatted_prompt" not in row:
+            continue
+        now = fmt(item_text(item))
+        if row["formatted_prompt"] != now:
+            raise ResumeError(
+                f"{path} holds another prompt under id {key!r} (stored: {row['prompt']!r:.60}, "
+                f"now: {item_text(item)!r:.60}): it was made from other data, system prompt or "
+                "template; use another output folder or delete it to start over"
+            )
+
+
+def _generate_rows(
+    lm: LoadedModel,
+    items: list[HarnessItem],
+    ids: list[str],
+    store: JsonlRecords | None,
+    fmt: Callable[[str], str],
+    config: GenerationConfig,
+    intervention: Intervention | None,
+    judges: dict[str, Judge],
+    stop: Sequence[str],
+    progress: bool,
+) -> list[dict[str, Any]]:
+    done: dict[str, dict[str, Any]] = {row["id"]: row for row in store} if store is not None else {}
 
     todo = [i for i, item_key in enumerate(ids) if item_key not in done]
     bar = tqdm(

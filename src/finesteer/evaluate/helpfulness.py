@@ -25,6 +25,7 @@ from finesteer.data.items import ABItem, option_lines
 from finesteer.data.prompts import chat_prompt
 from finesteer.evaluate.errors import EvaluationError
 from finesteer.interventions.edit import Intervention
+from finesteer.models.context import check_prompt_lengths
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.forward import (
     applied,
@@ -124,6 +125,7 @@ def mc_accuracy(
             if not option_ids:
                 raise EvaluationError(f"question {q.id!r}: option {choice!r} has no tokens")
             pairs.append((qi, prompt_ids + option_ids, len(prompt_ids)))
+    check_prompt_lengths(lm, [len(tokens) for _, tokens, _ in pairs], what="question + option")
     sums: list[float] = []
     means: list[float] = []
     starts = range(0, len(pairs), batch_size)
@@ -241,6 +243,7 @@ def next_token_kl(
     for i, seq in enumerate(encoded):
         if not seq:
             raise EvaluationError(f"prompt {i} has no tokens")
+    check_prompt_lengths(lm, [len(seq) for seq in encoded])
     values: list[float] = []
     starts = range(0, len(encoded), batch_size)
     for start in tqdm(starts, desc="next-token KL", disable=not progress, unit="batch"):

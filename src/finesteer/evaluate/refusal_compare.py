@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from finesteer.evaluate.scores import refusal_rate
 from finesteer.evaluate.text import fluency
 from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
+from finesteer.runs.lock import FolderLock
 from finesteer.runs.records import Record
 from finesteer.runs.runner import Job
 
@@ -189,7 +191,8 @@ def compare_refusal(
 
         return Job(entry.name, run, check)
 
-    return run_methods([job(e) for e in setups], store, on_method, progress)
+    with FolderLock(folder) if folder is not None else nullcontext():  # a second writer is refused
+        return run_methods([job(e) for e in setups], store, on_method, progress)
 
 
 __all__ = ["INABILITY_PHRASES", "JUDGES", "RefusalSettings", "compare_refusal", "evaluate_refusal_setup"]

@@ -132,7 +132,9 @@ def split_items(items: Sequence[ABItem], n_held_out: int, seed: int = 0) -> tupl
     """
     if len(items) < 2:
         raise HSIConfigError(f"need at least 2 training items to split, got {len(items)}")
-    n = max(1, min(n_held_out, len(items) // 2))
+    if isinstance(n_held_out, bool) or not isinstance(n_held_out, int) or n_held_out < 1:
+        raise HSIConfigError(f"the held-out split needs ≥ 1 item, got {n_held_out!r}")
+    n = min(n_held_out, len(items) // 2)
     rng = random.Random(seed)
     groups: dict[str, list[int]] = {}
     for index, item in enumerate(items):

@@ -59,18 +59,35 @@ def _hook_key(site: Site) -> Site:
     return Site(site.layer, site.component)
 
 
+def resolve(target: Any, intervention: Any) -> Intervention:
+    """`intervention` itself, or for a loaded artifact (anything with `intervention_for`) its
+    intervention after the artifact checked it was made for `target`'s weights (another model's
+    artifact is refused unless `artifact.intervention_for(model, allow_other_weights=True)` is used)."""
+    if isinstance(intervention, Intervention):
+        return intervention
+    for_model = getattr(intervention, "intervention_for", None)
+    if for_model is None:
+        raise InterventionError(
+            f"expected an Intervention or a loaded artifact, got {type(intervention).__name__}"
+        )
+    return for_model(target)
+
+
 @contextmanager
 def intervene(target: Any, intervention: Intervention) -> Iterator[HookSet]:
     """Apply `intervention` to `target` (a LoadedModel or HF causal LM) inside the block.
 
     Validates every edit against the model first (layer/head range, vector size) so nothing is
     registered for a bad spec, and removes all hooks on exit, including after an exception, and also
-    when the block is abandoned inside a garbage reference cycle (see `finesteer.hooks`).
+    when the block is abandoned inside a garbage reference cycle (see `finesteer.hooks`). A loaded
+    artifact may be passed instead of its intervention: it is then refused for other weights
+    (`resolve`).
 
     While the block is open every forward of the model is edited, whoever calls it: a generator must
     not yield inside the block (`generate_batches` enters it around each batch instead).
     """
     model, adapter, info = unpack_model(target)
+    intervention = resolve(target, intervention)
     intervention.validate(info)
     grouped: dict[Site, list[Edit]] = defaultdict(list)
     for edit in intervention.edits:

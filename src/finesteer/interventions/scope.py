@@ -40,6 +40,8 @@ class Scope:
             )
         if (self.kind in ("from", "from_end")) != (self.start is not None):
             raise ScopeError("scopes 'from' and 'from_end' need index(es), and only they take them")
+        if self.kind == "from" and (not self.start or min(self.start) < 0):
+            raise ScopeError(f"scope 'from' takes token indices ≥ 0 (from:N), got {self.start}")
         if self.kind == "from_end" and (len(self.start or ()) != 1 or (self.start or (0,))[0] < 0):
             raise ScopeError("scope 'from_end' takes one count K ≥ 0 (from_end:K)")
 

@@ -16,6 +16,7 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, overload
@@ -29,8 +30,11 @@ from finesteer.activations.padding import pad
 from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Intervention
 from finesteer.locate.scores import hash_prompts
+from finesteer.models.context import check_prompt_lengths
 from finesteer.models.loading import LoadedModel
 from finesteer.runs import write_json_atomic, write_safetensors_atomic
+from finesteer.runs.lock import FolderLock
+from finesteer.runs.manifest import differences
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ def encode_prompts(
         if not tokens:
             raise ScanError(f"prompt {i} is empty after tokenisation")
         ids.append(tuple(int(t) for t in tokens))
+    check_prompt_lengths(lm, [len(t) for t in ids])
     return EncodedPrompts(tuple(ids), hash_prompts(prompts))
 
 
@@ -188,10 +193,10 @@ class ScanCheckpoint:
                     f"format {version}, this version reads {SCAN_FORMAT_VERSION}) and cannot be resumed; "
                     "delete it or use another folder"
                 )
-            diff = sorted(k for k in manifest if found.get(k) != manifest[k])
+            diff = differences(found, manifest)
             if diff:
                 raise ScanError(
-                    f"checkpoint {folder} belongs to a different scan (differs in {', '.join(diff)}); "
+                    f"checkpoint {folder} belongs to a different scan ({'; '.join(diff)}); "
                     "use another folder or delete it"
                 )
         else:
@@ -277,6 +282,36 @@ class ScanEngine(ABC):
             raise ScanError("no candidate interventions to scan")
         self.check(lm, candidates, batch_size, checkpoint_every)
         keys = [c.digest() for c in candidates]
+        lock = FolderLock(Path(checkpoint)) if checkpoint else nullcontext()
+        with lock:  # a second process scanning into the same folder is refused at once
+            return self._run(
+                lm,
+                encoded,
+                candidates,
+                readout,
+                keys,
+                batch_size,
+                checkpoint,
+                checkpoint_every,
+                progress,
+                desc,
+                on_candidate,
+            )
+
+    def _run(
+        self,
+        lm: LoadedModel,
+        encoded: EncodedPrompts,
+        candidates: Sequence[Intervention],
+        readout: Readout,
+        keys: list[str],
+        batch_size: int,
+        checkpoint: str | Path | None,
+        checkpoint_every: int,
+        progress: bool,
+        desc: str | None,
+        on_candidate: Callable[[int], None] | None,
+    ) -> Tensor:
         store = (
             ScanCheckpoint(Path(checkpoint), scan_manifest(lm, encoded, readout, keys))
             if checkpoint

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from finesteer.locate.hsi_table import HsiSweep, RankBy, SweepError, check_alpha
 from finesteer.locate.scores import hash_prompts
 from finesteer.locate.selection import Selection, select_prefix_and_alpha
 from finesteer.models.loading import LoadedModel
+from finesteer.runs.lock import FolderLock
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, ABScorer
 from finesteer.sites import Head
 
@@ -157,7 +159,8 @@ def sweep_heads(
 ) -> HsiSweep:
     """Steer each head alone with each α and score the A/B items; resumable per layer in `run_dir`.
 
-    Writes only under `run_dir` (per-layer checkpoints and the sweep table), and only when given.
+    Writes only under `run_dir` (per-layer checkpoints and the sweep table), and only when given,
+    holding its lock (a second process sweeping into it is refused at once).
     """
     alphas = check_alphas(alphas)
     info = lm.info
@@ -172,37 +175,38 @@ def sweep_heads(
     rate = torch.full(shape, float("nan"))
     per_item = torch.full((*shape, n_items), float("nan"))
 
-    baseline_p, baseline_rate = _baseline(scorer, folder, key)
-    resumed = []
-    for layer in tqdm(sorted(grouped), desc="hsi sweep (layers)", disable=not progress, unit="layer"):
-        layer_heads = grouped[layer]
-        path = folder / f"layer_{layer:03d}.safetensors" if folder else None
-        ckpt = _read_checkpoint(path, key) if path else None
-        if ckpt is not None and ckpt["heads"].tolist() == layer_heads:
-            resumed.append(layer)
-            layer_p = ckpt["per_item"]
-            layer_match = ckpt["matching"].bool()
-        else:
-            layer_p, layer_match = _sweep_layer(scorer, directions, layer, layer_heads, alphas, path, key)
-        index = torch.tensor(layer_heads)
-        per_item[layer, index] = layer_p
-        p_matching[layer, index] = layer_p.mean(-1)
-        rate[layer, index] = layer_match.float().mean(-1)
+    with FolderLock(folder.parent) if folder is not None else nullcontext():  # one writer per run folder
+        baseline_p, baseline_rate = _baseline(scorer, folder, key)
+        resumed = []
+        for layer in tqdm(sorted(grouped), desc="hsi sweep (layers)", disable=not progress, unit="layer"):
+            layer_heads = grouped[layer]
+            path = folder / f"layer_{layer:03d}.safetensors" if folder else None
+            ckpt = _read_checkpoint(path, key) if path else None
+            if ckpt is not None and ckpt["heads"].tolist() == layer_heads:
+                resumed.append(layer)
+                layer_p = ckpt["per_item"]
+                layer_match = ckpt["matching"].bool()
+            else:
+                layer_p, layer_match = _sweep_layer(scorer, directions, layer, layer_heads, alphas, path, key)
+            index = torch.tensor(layer_heads)
+            per_item[layer, index] = layer_p
+            p_matching[layer, index] = layer_p.mean(-1)
+            rate[layer, index] = layer_match.float().mean(-1)
 
-    meta = {
-        "config_key": key,
-        "baseline_matching_rate": baseline_rate,
-        "resumed_layers": resumed,
-        "system": prompt.system,
-        "prefill": prompt.prefill,
-        "model_name": lm.name,
-    }
-    letters = [item.matching_letter for item in items]
-    ids = [t.id for t in scorer.targets]
-    sweep = HsiSweep(alphas, p_matching, rate, per_item, baseline_p, ids, letters, meta)
-    if folder is not None:
-        sweep.save(folder.parent / SWEEP_FILE)
-    return sweep
+        meta = {
+            "config_key": key,
+            "baseline_matching_rate": baseline_rate,
+            "resumed_layers": resumed,
+            "system": prompt.system,
+            "prefill": prompt.prefill,
+            "model_name": lm.name,
+        }
+        letters = [item.matching_letter for item in items]
+        ids = [t.id for t in scorer.targets]
+        sweep = HsiSweep(alphas, p_matching, rate, per_item, baseline_p, ids, letters, meta)
+        if folder is not None:
+            sweep.save(folder.parent / SWEEP_FILE)
+        return sweep
 
 
 def select_heads(

@@ -11,13 +11,15 @@ and reads the files.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from finesteer.errors import FinesteerError
 from finesteer.locate.scores import HeadScores
 from finesteer.runs import RUN_JSON, write_json_atomic
+from finesteer.runs.lock import FolderLock, check_writable
 from finesteer.sites import Head
 
 CHECKPOINT_DIR = "checkpoint"
@@ -35,7 +37,13 @@ class RunFolderError(FinesteerError, ValueError):
 
 
 def prepare(out: Path, resume: bool) -> Path:
-    """Create `out` and return its checkpoint folder; a checkpointed run is only continued with `resume`."""
+    """Create `out` and return its checkpoint folder; a checkpointed run is only continued with `resume`.
+
+    Fails at once (before any model is loaded) when `out` is a file or cannot be written, or when
+    another process is writing it (its lock is held)."""
+    check_writable(out)
+    with FolderLock(out):  # refused at once if another process holds it
+        pass
     checkpoint = out / CHECKPOINT_DIR
     if checkpoint.exists() and any(checkpoint.iterdir()) and not resume:
         raise RunFolderError(
@@ -43,6 +51,14 @@ def prepare(out: Path, resume: bool) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     return checkpoint
+
+
+@contextmanager
+def writing(out: Path, resume: bool) -> Iterator[Path]:
+    """`with writing(out, resume) as checkpoint:` — `prepare`, then hold `out`'s lock until the block
+    ends, so a second process on the same run folder is refused at once (before any model loads)."""
+    with FolderLock(out):
+        yield prepare(out, resume)
 
 
 def write_run(folder: Path, payload: dict[str, Any]) -> None:
@@ -57,9 +73,19 @@ def read_run(folder: Path) -> dict[str, Any]:
 
 
 def write_prompts(folder: Path, queries: Sequence[str], ids: Sequence[str]) -> None:
-    """`prompts.jsonl`: the attribution prompts (id, query), one per line."""
-    lines = (json.dumps({"id": i, "query": q}) + "\n" for i, q in zip(ids, queries, strict=True))
-    (folder / PROMPTS_FILE).write_text("".join(lines))
+    """`prompts.jsonl`: the attribution prompts (id, query), one per line.
+
+    A folder holding a checkpointed scan keeps its prompts: other prompts are refused here (the scan
+    would refuse them too, after this file had been replaced)."""
+    text = "".join(json.dumps({"id": i, "query": q}) + "\n" for i, q in zip(ids, queries, strict=True))
+    path = folder / PROMPTS_FILE
+    checkpoint = folder / CHECKPOINT_DIR
+    if path.is_file() and checkpoint.is_dir() and any(checkpoint.iterdir()) and path.read_text() != text:
+        raise RunFolderError(
+            f"{folder} holds a scan of other prompts ({PROMPTS_FILE} differs); resume it with the same "
+            "--data/--split/--limit, or choose another --out"
+        )
+    path.write_text(text)
 
 
 def read_prompts(folder: Path) -> list[str] | None:

@@ -29,8 +29,10 @@ from finesteer.locate.ships import (
     ablation,
     all_heads,
     base_hidden,
+    check_scan_settings,
     subspace_angle_score,
 )
+from finesteer.models.info import ModelInfo
 from finesteer.models.loading import LoadedModel
 from finesteer.runs import write_json_atomic
 from finesteer.sites import Head, check_heads
@@ -115,6 +117,36 @@ def _save_state(path: Path, result: SaharaResult) -> None:
     write_json_atomic(path, result.to_dict(), indent=1)
 
 
+def check_sahara_settings(
+    info: ModelInfo | None,
+    *,
+    group_size: int,
+    candidates: Sequence[Head] | None = None,
+    mode: str = "ua",
+    eps: float = DEFAULT_EPS,
+    template: str = "chat",
+    batch_size: int = 8,
+    r_main: int = 1,
+) -> list[Head]:
+    """The candidate heads, after checking every setting that needs only the model's shape (so a
+    command can call it with `peek_model_info` before loading): group size within 1..candidates,
+    heads in range, a known ablation mode and a finite ε ≥ 0."""
+    check_scan_settings(mode=mode, eps=eps, template=template, batch_size=batch_size, r_main=r_main)
+    if info is None:  # shape unknown before loading: what can be checked without it
+        pool = list(candidates or [])
+        limit = len(pool) if candidates is not None else group_size
+    else:
+        pool = (
+            check_heads(candidates, info.n_layers, info.n_heads)
+            if candidates is not None
+            else all_heads(info)
+        )
+        limit = len(pool)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= limit:
+        raise ScanError(f"group_size must be in 1..{limit} (candidate heads), got {group_size!r}")
+    return pool
+
+
 def sahara(
     lm: LoadedModel,
     prompts: EncodedPrompts | Sequence[str],
@@ -138,13 +170,7 @@ def sahara(
     `engine` picks the scan engine ('fast' or 'simple', `finesteer.locate.fast_scan.run_scan`).
     """
     encoded = as_encoded(lm, prompts)
-    pool = (
-        check_heads(candidates, lm.info.n_layers, lm.info.n_heads)
-        if candidates is not None
-        else all_heads(lm.info)
-    )
-    if not 1 <= group_size <= len(pool):
-        raise ScanError(f"group_size must be in 1..{len(pool)} (candidate heads), got {group_size}")
+    pool = check_sahara_settings(lm.info, group_size=group_size, candidates=candidates, mode=mode, eps=eps)
     if r_main > len(encoded):
         raise ScanError(f"r_main={r_main} needs at least {r_main} prompts, got {len(encoded)}")
     settings = {

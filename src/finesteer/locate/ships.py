@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from finesteer.data.prompts import SAHARA_TEMPLATE, SHIPS_TEMPLATE, chat_prompt, raw_prompt
+from finesteer.errors import check_count
 from finesteer.interventions.edit import AblationMethod, Intervention, ablate_heads, check_eps
 from finesteer.locate.engine import EncodedPrompts, Readout, ScanError, as_encoded
 from finesteer.locate.fast_scan import run_scan
@@ -61,19 +62,37 @@ def ablation(heads: Sequence[Head], mode: str, eps: float = DEFAULT_EPS) -> Inte
     return ablate_heads(heads, ablation_method(mode), eps=check_eps(eps))
 
 
+def check_template(template: str) -> str:
+    """The prompt format of `template` ('chat', 'ships', 'sahara' or a string with a `{query}` field);
+    ScanError otherwise. Needs no model, so commands call it before loading one."""
+    fmt = TEMPLATES.get(template, template)
+    if template != "chat" and "{query}" not in fmt:
+        raise ScanError(
+            f"template must be 'chat', 'ships', 'sahara' or contain '{{query}}', got {template!r}"
+        )
+    return fmt
+
+
+def check_scan_settings(
+    *, mode: str, eps: float, template: str, batch_size: int = 8, r_main: int = 1
+) -> None:
+    """Every setting of a Ships / Sahara scan that needs no model: mode, ε, template, counts."""
+    ablation_method(mode)
+    check_eps(eps)
+    check_template(template)
+    check_count(batch_size, "batch_size")
+    check_count(r_main, "r_main")
+
+
 def format_queries(lm: LoadedModel, queries: Sequence[str], template: str = "chat") -> list[str]:
     """Turn raw requests into model inputs: 'chat' (chat template, no system prompt), 'ships' /
     'sahara' (the authors' raw templates, BOS prepended where the tokenizer adds one), or any
     string with a `{query}` field."""
     if not queries:
         raise ScanError("no queries to format")
+    fmt = check_template(template)
     if template == "chat":
         return [chat_prompt(lm.tokenizer, q) for q in queries]
-    fmt = TEMPLATES.get(template, template)
-    if "{query}" not in fmt:
-        raise ScanError(
-            f"template must be 'chat', 'ships', 'sahara' or contain '{{query}}', got {template!r}"
-        )
     bos = lm.tokenizer.bos_token
     ids = lm.tokenizer("x", add_special_tokens=True)["input_ids"]
     prefix = bos if bos and ids and ids[0] == lm.tokenizer.bos_token_id else ""

@@ -4,8 +4,10 @@ from finesteer.models.adapters import ADAPTERS, ArchitectureAdapter, Unsupported
 from finesteer.models.info import ModelInfo
 from finesteer.models.loading import (
     LoadedModel,
+    ModelLoadError,
     describe_model,
     load_model,
+    peek_fingerprint,
     peek_model_info,
     unpack_model,
     wrap_model,
@@ -16,10 +18,12 @@ __all__ = [
     "ArchitectureAdapter",
     "LoadedModel",
     "ModelInfo",
+    "ModelLoadError",
     "UnsupportedArchitectureError",
     "adapter_for",
     "describe_model",
     "load_model",
+    "peek_fingerprint",
     "peek_model_info",
     "unpack_model",
     "wrap_model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finesteer.errors import FinesteerError
 from finesteer.models.adapters import ADAPTERS, ArchitectureAdapter, adapter_for
 from finesteer.models.cache import file_sha256, model_fingerprint
 from finesteer.models.info import ModelInfo
@@ -19,6 +21,37 @@ from finesteer.models.registry import REGISTRY, UnknownModelError
 from finesteer.models.tiny import TINY_CONFIGS, build_tiny, tiny_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class ModelLoadError(FinesteerError, OSError):
+    """A model that cannot be loaded: unreadable config or weights, or a hub id that cannot be reached."""
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a broken model folder raises inside transformers: bad JSON, truncated safetensors, I/O."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, SafetensorError)
+
+
+def _hub_kwargs(name: str) -> dict[str, Any]:
+    """How to load hub id `name`: from the local cache when it is there (no network), else after one
+    quick probe of the hub, so an unreachable hub fails at once instead of after minutes of retries."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:
+        raise ModelLoadError(f"'{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    try:
+        HfApi().model_info(name, timeout=10)
+    except Exception as exc:  # network or hub errors of any client library: one clear line
+        raise ModelLoadError(
+            f"cannot fetch '{name}' from the Hugging Face hub ({type(exc).__name__}: {exc}); check the id "
+            "and the connection, or pass a local model folder"
+        ) from exc
+    return {}
 
 
 @dataclass
@@ -100,8 +133,11 @@ def load_model(
         # the GGUF's own sha256: equal to a registry pin when these are the same weights
         fingerprint = file_sha256(path)
         folder, gguf_file = str(path.parent), path.name
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        except _load_errors() as exc:
+            raise ModelLoadError(f"cannot load GGUF file {path}: {exc}") from exc
     else:
         verified = name in REGISTRY
         if verified:
@@ -115,8 +151,15 @@ def load_model(
         else:
             raise UnknownModelError(name)
         source = str(folder_path) if folder_path is not None else name
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        if folder_path is None:
+            kwargs.update(_hub_kwargs(name))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, local_files_only=kwargs.get("local_files_only", False)
+            )
+        except _load_errors() as exc:
+            raise ModelLoadError(f"cannot load model '{name}' from {source}: {exc}") from exc
         if folder_path is None:
             fingerprint = name
         else:  # a registry folder was just hashed by resolve: its sizes are enough here
@@ -124,6 +167,25 @@ def load_model(
     loaded = wrap_model(model.to(device), tokenizer, name, fingerprint)
     log.info("loaded %s (%s) in %.1fs", name, loaded.info.family, time.perf_counter() - started)
     return loaded
+
+
+def peek_fingerprint(name_or_path: str | Path) -> str | None:
+    """The fingerprint `load_model` will report, where it is known without loading: tiny models,
+    registry pins, model folders (cheap edge hashes) and hub ids; None for GGUF files (a full hash)."""
+    name = str(name_or_path)
+    if name in TINY_CONFIGS:
+        return f"{name}-seed0"
+    if name in REGISTRY:
+        return REGISTRY[name].gguf_sha256
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return None
+    if path.is_dir():
+        try:
+            return model_fingerprint(path)
+        except OSError:
+            return None
+    return name if "/" in name and not path.exists() else None
 
 
 def peek_model_info(name_or_path: str | Path) -> ModelInfo | None:
@@ -141,7 +203,10 @@ def peek_model_info(name_or_path: str | Path) -> ModelInfo | None:
     if path.is_dir() and (path / "config.json").is_file():
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except _load_errors() as exc:
+            raise ModelLoadError(f"{path / 'config.json'} cannot be read as a model config: {exc}") from exc
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         family = config.model_type if config.model_type in ADAPTERS else str(config.model_type)
         return ModelInfo.from_config(text_config, family=family)

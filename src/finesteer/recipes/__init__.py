@@ -19,7 +19,7 @@ from finesteer.recipes.config import (
     load_recipe,
     parse_recipe,
 )
-from finesteer.recipes.run import RunFolder, StepInterrupted
+from finesteer.recipes.run import RunFolder, RunResumeError, StepInterrupted
 
 #: method → "module:function" running that recipe on a RunFolder (imported only when used).
 RUNNERS = MappingProxyType(
@@ -46,9 +46,11 @@ def prepare(recipe: HSIRecipe | ShipsRecipe | STARecipe) -> None:
 
 
 def execute(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) every step of the run's recipe; returns the final metrics."""
+    """Run (or resume) every step of the run's recipe, holding the folder's lock (a second process
+    on the same folder is refused at once); returns the final metrics."""
     prepare(run.recipe)  # type: ignore[arg-type]
-    return runner_for(run.recipe.method)(run, progress=progress)  # type: ignore[attr-defined]
+    with run.lock():
+        return runner_for(run.recipe.method)(run, progress=progress)  # type: ignore[attr-defined]
 
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "HSIRecipe",
     "RecipeError",
     "RunFolder",
+    "RunResumeError",
     "STARecipe",
     "ShipsRecipe",
     "StepInterrupted",

@@ -24,6 +24,7 @@ from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
 from finesteer.methods import BehaviourData, MethodChoice, MethodError, load_behaviour_data, resolve_method
 from finesteer.models.loading import LoadedModel, load_model
+from finesteer.runs.lock import FolderLock
 
 DEFAULT_METHODS: tuple[str, ...] = ("baseline", "prompt", "caa", "iti", "lora", "hsi")
 
@@ -133,7 +134,8 @@ def pending_steerings(
 def run_ab_comparison(
     model: str, options: ABComparison, out: Path | None = None, *, log: Log = lambda _: None
 ) -> ComparisonResult:
-    """Fit and evaluate every method of `options` on `model`; resumable in `out`."""
+    """Fit and evaluate every method of `options` on `model`; resumable in `out` (locked while written:
+    a second comparison into the same folder is refused before loading)."""
     choices = options.choices()
     for choice in choices:  # settings errors before the model is loaded
         choice.settings(options.settings.get(choice.label, {}))
@@ -141,38 +143,40 @@ def run_ab_comparison(
     harmless = options.harmless_prompts()
     folder = out or default_out_dir(model, options.data)
     started = time.perf_counter()
-    lm = load_model(model)
-    judge, judge_name = (None, "none (no open-ended questions)")
-    if behaviour.open_ended:
-        judge, judge_name = make_judge(options.data, options.judge, local_model=options.judge_model)
-    log(
-        f"comparing {', '.join(c.label for c in choices)} on {model} · {options.data}: "
-        f"train {len(behaviour.train)}, val {len(behaviour.val)}, A/B test {len(behaviour.test_ab)}, "
-        f"open-ended {len(behaviour.open_ended)}; judge {judge_name}; results in {folder}"
-    )
-
-    def report(name: str, row: dict[str, Any], resumed: bool) -> None:
-        how = "already finished, skipped" if resumed else f"evaluated in {row.get('eval_seconds', 0):.0f}s"
+    with FolderLock(folder):  # checked writable and locked before the load; held to the end
+        lm = load_model(model)
+        judge, judge_name = (None, "none (no open-ended questions)")
+        if behaviour.open_ended:
+            judge, judge_name = make_judge(options.data, options.judge, local_model=options.judge_model)
         log(
-            f"[bold]{name}[/]: {how}: A/B {row['ab_matching_rate']:.2f} (prob), "
-            f"open-ended {row.get('open_ended_score')}"
+            f"comparing {', '.join(c.label for c in choices)} on {model} · {options.data}: "
+            f"train {len(behaviour.train)}, val {len(behaviour.val)}, A/B test {len(behaviour.test_ab)}, "
+            f"open-ended {len(behaviour.open_ended)}; judge {judge_name}; results in {folder}"
         )
 
-    comparison = compare_setups(
-        pending_steerings(choices, lm, behaviour, options.settings, folder, log),
-        reference=lm,
-        ab_items=list(behaviour.test_ab),
-        open_ended_items=list(behaviour.open_ended),
-        harmless_prompts=harmless,
-        judge=judge,
-        judge_name=judge_name,
-        settings=options.compare_settings(),
-        out_dir=folder,
-        info={"model": model, "data": options.data, "data_splits": behaviour.summary()},
-        on_method=report,
-    )
-    log(f"done in {time.perf_counter() - started:.0f}s")
-    return comparison
+        def report(name: str, row: dict[str, Any], resumed: bool) -> None:
+            seconds = row.get("eval_seconds", 0)
+            how = "already finished, skipped" if resumed else f"evaluated in {seconds:.0f}s"
+            log(
+                f"[bold]{name}[/]: {how}: A/B {row['ab_matching_rate']:.2f} (prob), "
+                f"open-ended {row.get('open_ended_score')}"
+            )
+
+        comparison = compare_setups(
+            pending_steerings(choices, lm, behaviour, options.settings, folder, log),
+            reference=lm,
+            ab_items=list(behaviour.test_ab),
+            open_ended_items=list(behaviour.open_ended),
+            harmless_prompts=harmless,
+            judge=judge,
+            judge_name=judge_name,
+            settings=options.compare_settings(),
+            out_dir=folder,
+            info={"model": model, "data": options.data, "data_splits": behaviour.summary()},
+            on_method=report,
+        )
+        log(f"done in {time.perf_counter() - started:.0f}s")
+        return comparison
 
 
 __all__ = [

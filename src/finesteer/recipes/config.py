@@ -181,15 +181,14 @@ def parse_recipe(data: dict[str, Any]) -> HSIRecipe | ShipsRecipe | STARecipe:
 
 
 def load_recipe(path: str | Path) -> HSIRecipe | ShipsRecipe | STARecipe:
+    """A recipe from its YAML file; every error names the file."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return parse_recipe(yaml.safe_load(path.read_text()))
+    except (FileNotFoundError, IsADirectoryError):
+        raise RecipeError(f"recipe file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from None
-    try:
-        return parse_recipe(data)
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None
 

@@ -20,6 +20,7 @@ from finesteer.evaluate.ab_effect import ab_effect
 from finesteer.fit.hsi import split_items
 from finesteer.fit.steering import Steering
 from finesteer.models.loading import LoadedModel, load_model
+from finesteer.runs import check_writable
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,11 @@ def fit_on_generate_split(
     Returns the command's result: the chosen heads, α and selection table, the final check (when the
     method ran one), the test effect (with `test`) and the timings.
     """
+    check_writable(out)  # an unwritable --out fails now, not after the fit
     items = load_ab_set(data, GENERATE_SPLIT, limit)
+    train, val = split_items(items, n_val, seed)
     started = time.perf_counter()
     lm = load_model(model)
-    train, val = split_items(items, n_val, seed)
     say(f"fitting {method} on {model}/{data}: {len(train)} train items, {len(val)} val items")
     fitted = fit(lm, train, val)
     fit_seconds = time.perf_counter() - started

@@ -44,9 +44,9 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         open_ended_limit=recipe.open_ended_limit,
         seed=recipe.seed,
     )
-    run.update(data_hashes=data.summary())
+    run.pin(data_hashes=data.summary())
     lm = load_model(recipe.model)
-    run.update(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
+    run.pin(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
 
     def ab(intervention: Any = None, system: str | None = None) -> dict[str, Any]:
         result = ab_matching_rate_prob(

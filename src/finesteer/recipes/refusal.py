@@ -19,6 +19,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -272,38 +273,51 @@ def markdown_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def refusal_comparison(
-    model: str,
-    sae: Path,
-    out: Path,
-    *,
-    methods: str = ",".join(DEFAULT_METHODS),
-    lambdas: str = "0.5,1,1.5,2",
-    headline: float = 1.0,
-    trim: float = 0.35,
-    n_pairs: int = 160,
-    n_harmful: int = 40,
-    n_harmless: int = 40,
-    max_new_tokens: int = 32,
-    batch_size: int = 40,
-    judge: str = "gcg+",
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RefusalExperiment:
+    """What the refusal experiment runs: methods, the λ sweep, data sizes and generation settings.
+
+    `from_options` reads the CLI's comma-separated `methods` and `lambdas` strings.
+    """
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    lambdas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    headline: float = 1.0
+    trim: float = DEFAULT_TRIM
+    n_pairs: int = 160
+    n_harmful: int = 40
+    n_harmless: int = 40
+    max_new_tokens: int = 32
+    batch_size: int = 40
+    judge: str = "gcg+"
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ComparisonError("--methods is empty")
+
+    @classmethod
+    def from_options(cls, methods: str, lambdas: str, **rest: Any) -> RefusalExperiment:
+        names = tuple(m.strip() for m in methods.split(",") if m.strip())
+        try:
+            mults = tuple(float(x) for x in lambdas.split(",") if x.strip())
+        except ValueError as exc:
+            raise ComparisonError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
+        return cls(methods=names, lambdas=mults, **rest)
+
+
+def refusal_comparison(model: str, sae: Path, out: Path, experiment: RefusalExperiment) -> dict[str, Any]:
     """The refusal experiment behind `eval sta-refusal` and `compare --task refusal`: one payload
     whose `methods` maps each method to refusal_rate, over_refusal_rate and fluency at λ = headline."""
     started = time.perf_counter()
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    if not method_list:
-        raise ComparisonError("--methods is empty")
-    try:
-        mults = [float(x) for x in lambdas.split(",") if x.strip()]
-    except ValueError as exc:
-        raise ComparisonError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from exc
-    settings = RefusalSettings(GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), judge)  # type: ignore[arg-type]
+    e = experiment
+    generation = GenerationConfig(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    settings = RefusalSettings(generation, e.judge)  # type: ignore[arg-type]
     loaded = load_sae(sae)
     lm = load_model(model)
     payload = run_sta_refusal(
-        lm, loaded, out, methods=method_list, multipliers=mults, headline=headline, trim=trim,
-        n_pairs=n_pairs, n_harmful=n_harmful, n_harmless=n_harmless, settings=settings, sae_path=str(sae),
+        lm, loaded, out, methods=list(e.methods), multipliers=list(e.lambdas), headline=e.headline,
+        trim=e.trim, n_pairs=e.n_pairs, n_harmful=e.n_harmful, n_harmless=e.n_harmless,
+        settings=settings, sae_path=str(sae),
     )  # fmt: skip
     payload["wall_s"] = round(time.perf_counter() - started, 1)
     return payload
@@ -312,6 +326,7 @@ def refusal_comparison(
 __all__ = [
     "DEFAULT_METHODS",
     "METHODS",
+    "RefusalExperiment",
     "equal_fluency_summary",
     "evaluation_sets",
     "fit_swept",

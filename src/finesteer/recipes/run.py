@@ -5,6 +5,12 @@ JSON-able result; when it finishes, the result is written atomically and the ste
 `run.json`. Resuming a run re-enters the same folder and skips done steps, so a killed run continues
 where it stopped and ends with the same results as an uninterrupted one (steps are deterministic:
 greedy decoding, fixed seeds).
+
+Nothing is resumed from other inputs: `run.json` keeps the sha256 of `recipe.yaml` (a resume after
+the file was edited is refused), a recipe given with `--resume` must equal the stored one, and the
+model fingerprint and data hashes a step records (`pin`) must equal those of the first session. The
+folder is locked (`finesteer.runs.FolderLock`) while a process runs it, and every read-modify-write
+of `run.json` holds the lock, so two processes can neither redo the same steps nor corrupt it.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from finesteer import __version__
+from finesteer.errors import FinesteerError
 from finesteer.recipes.config import RecipeBase, dump_recipe, load_recipe
 from finesteer.runs import METRICS_JSON, RECIPE_YAML, RESULT_JSON, RUN_JSON, STEPS_DIR, write_json_atomic
+from finesteer.runs.lock import FolderLock, check_writable
+from finesteer.runs.manifest import RunManifest
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,14 @@ PACKAGES = ("torch", "transformers", "safetensors", "numpy", "scikit-learn", "pe
 
 class StepInterrupted(RuntimeError):
     """Raised by `stop_after` to simulate a killed run in tests."""
+
+
+class RunResumeError(FinesteerError, ValueError):
+    """A resume that would mix inputs: an edited recipe.yaml, another recipe, model or data."""
+
+
+def recipe_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def environment() -> dict[str, Any]:
@@ -50,6 +67,10 @@ def data_hash(rows: list[Any]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _manifest(recipe: RecipeBase) -> RunManifest:
+    return RunManifest("run", model=recipe.model, settings=recipe.model_dump(mode="json"))
+
+
 @dataclass
 class RunFolder:
     path: Path
@@ -59,12 +80,18 @@ class RunFolder:
     @classmethod
     def create(cls, root: Path, recipe: RecipeBase, command: str, *, folder: Path | None = None) -> RunFolder:
         path = folder or root / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_writable(path)
+        with FolderLock(path):
+            return cls._create(path, recipe, command)
+
+    @classmethod
+    def _create(cls, path: Path, recipe: RecipeBase, command: str) -> RunFolder:
         if (path / RUN_JSON).exists():
             raise FileExistsError(
                 f"{path} already holds a run; resume it with `finesteer run --resume {path}`"
             )
         (path / STEPS_DIR).mkdir(parents=True, exist_ok=True)
-        (path / RECIPE_YAML).write_text(dump_recipe(recipe))
+        text = dump_recipe(recipe)
         write_json_atomic(
             path / RUN_JSON,
             {
@@ -79,28 +106,72 @@ class RunFolder:
                 "environment": environment(),
                 "steps": {},
                 "data_hashes": {},
+                "recipe_sha256": recipe_sha256(text),
+                "manifest": _manifest(recipe).to_json(),
             },
         )
+        (path / RECIPE_YAML).write_text(text)
         return cls(path, recipe)
 
     @classmethod
-    def open(cls, path: Path) -> RunFolder:
+    def open(cls, path: Path, recipe: RecipeBase | None = None) -> RunFolder:
+        """Re-open a run folder; refused when its recipe.yaml was edited since the run started, or
+        when `recipe` (the one given with `--resume`) differs from the stored one (naming the fields)."""
         if not (path / RUN_JSON).is_file() or not (path / RECIPE_YAML).is_file():
             raise FileNotFoundError(f"{path} is not a finesteer run folder (no {RUN_JSON} / {RECIPE_YAML})")
-        return cls(path, load_recipe(path / RECIPE_YAML))
+        run = cls(path, load_recipe(path / RECIPE_YAML))
+        stored_sha = run.state.get("recipe_sha256")
+        if stored_sha is not None and stored_sha != recipe_sha256((path / RECIPE_YAML).read_text()):
+            raise RunResumeError(
+                f"{path / RECIPE_YAML} was edited after the run started; its steps were made with the "
+                "original recipe — start a new run with the edited recipe instead of resuming"
+            )
+        if recipe is not None:
+            changed = _manifest(recipe).differences(_manifest(run.recipe).to_json())
+            if changed:
+                raise RunResumeError(
+                    f"the recipe given differs from the one {path} was started with "
+                    f"({'; '.join(changed)}); resume without a recipe, or start a new run"
+                )
+        return run
+
+    def lock(self) -> FolderLock:
+        """The folder's lock (`with run.lock(): ...`): held while a process runs or updates the folder."""
+        return FolderLock(self.path)
 
     @property
     def state(self) -> dict[str, Any]:
         return json.loads((self.path / RUN_JSON).read_text())
 
     def update(self, **fields: Any) -> None:
+        """Merge `fields` into run.json (dicts one level deep), holding the folder's lock."""
+        with self.lock():
+            state = self.state
+            for key, value in fields.items():
+                if isinstance(value, dict) and isinstance(state.get(key), dict):
+                    state[key].update(value)
+                else:
+                    state[key] = value
+            write_json_atomic(self.path / RUN_JSON, state)
+
+    def pin(self, **fields: Any) -> None:
+        """Record inputs (model fingerprint, data hashes) on the first session; on a resume refuse any
+        that differ from those recorded (a re-converted model, another data set under the same name)."""
         state = self.state
+        changed = []
         for key, value in fields.items():
-            if isinstance(value, dict) and isinstance(state.get(key), dict):
-                state[key].update(value)
-            else:
-                state[key] = value
-        write_json_atomic(self.path / RUN_JSON, state)
+            old = state.get(key)
+            new = json.loads(json.dumps(value, default=str))
+            if isinstance(old, dict) and isinstance(new, dict):
+                changed += [f"{key}.{k}" for k in new if k in old and old[k] != new[k]]
+            elif old not in (None, {}) and old != new:
+                changed.append(key)
+        if changed:
+            raise RunResumeError(
+                f"{self.path} was started with other inputs ({', '.join(sorted(changed))} differ); "
+                "its finished steps cannot be mixed with these — start a new run"
+            )
+        self.update(**fields)
 
     def step_dir(self, name: str) -> Path:
         folder = self.path / STEPS_DIR / name

@@ -109,9 +109,9 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     ]
     if not evaluation:
         raise RecipeError("every evaluation prompt is also an attribution prompt; choose other data")
-    run.update(data_hashes={"attribution": data_hash(attribution), "evaluation": data_hash(evaluation)})
+    run.pin(data_hashes={"attribution": data_hash(attribution), "evaluation": data_hash(evaluation)})
     lm = load_model(recipe.model)
-    run.update(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
+    run.pin(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
     attr_prompts = format_queries(lm, attribution)
     eval_prompts = format_queries(lm, evaluation)
     harmless_prompts = mc_items = None

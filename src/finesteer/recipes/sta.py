@@ -27,7 +27,7 @@ COLUMNS = ("refusal_rate", "over_refusal_rate", "fluency")
 def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     recipe: STARecipe = run.recipe  # type: ignore[assignment]
     lm = load_model(recipe.model)
-    run.update(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
+    run.pin(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
 
     def sae_step(folder: Path) -> dict[str, Any]:
         if recipe.sae_path:

@@ -2,7 +2,10 @@
 
 A run folder holds `activations/` (the sharded store), `checkpoint.safetensors` (training state) and
 `training.json`; the finished SAE is written in SAELens format to `out`. Rerunning with
-`resume=True` reuses finished shards and continues training from the checkpoint.
+`resume=True` reuses finished shards and continues training from the checkpoint; `manifest.json` in
+the run folder records the model fingerprint, corpus, site and training settings, and a resume with
+any other is refused (naming it) instead of training on another model's activations. The run folder
+is locked while it is written.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from finesteer.runs import cache_root
+from finesteer.runs import MANIFEST_JSON, cache_root
+from finesteer.runs.lock import LOCK_FILE, FolderLock
+from finesteer.runs.manifest import RunManifest, check_manifest, content_hash
 from finesteer.sae.corpus import CorpusSpec, heldout_texts, training_texts, with_generations
 from finesteer.sae.io import save_sae
 from finesteer.sae.metrics import SAEMetrics, evaluate_sae
@@ -115,6 +120,38 @@ def train_on_model(
         raise SAEError(f"{run} already has a training checkpoint; pass resume=True or choose another folder")
     if resume:
         refuse_legacy_checkpoint(run)
+    manifest = RunManifest(
+        "sae train",
+        model=lm.fingerprint,
+        data=content_hash(asdict(corpus)),
+        settings={
+            "model": lm.name,
+            "site": site.name,
+            "tokens": tokens,
+            "generations": generations,
+            "train": asdict(config),
+        },
+    )
+    with FolderLock(run):  # a second `sae train` on this run folder is refused at once
+        started = run.is_dir() and any(p.name != LOCK_FILE for p in run.iterdir())
+        check_manifest(run / MANIFEST_JSON, manifest, resuming=resume and started)
+        return _collect_and_train(lm, site, out, run, tokens, config, corpus, generations, resume,
+                                  batch_size, progress)  # fmt: skip
+
+
+def _collect_and_train(
+    lm: LoadedModel,
+    site: Site,
+    out: Path,
+    run: Path,
+    tokens: int,
+    config: TrainConfig,
+    corpus: CorpusSpec,
+    generations: int,
+    resume: bool,
+    batch_size: int,
+    progress: bool,
+) -> PipelineResult:
     timings: dict[str, float] = {}
     wall, cpu = time.perf_counter(), _cpu_seconds()
     texts = [text for _, text in training_texts(lm.tokenizer, corpus)]

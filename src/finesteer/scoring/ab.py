@@ -30,6 +30,7 @@ from torch import Tensor
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import HSI_INSTRUCTION, ab_prompt, chat_prompt, hsi_ab_prompt
 from finesteer.interventions.edit import Intervention
+from finesteer.models.context import check_prompt_lengths
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.forward import ScoringError, check_rows, full_rows
 from finesteer.scoring.prefix import PrefixBatch, last_token_rows, prefix_batches, tail_rows
@@ -303,16 +304,16 @@ class ABScorer:
         max_rows: int = 128,
     ) -> None:
         items = check_items(items)
-        if batch_size < 1:
-            raise ScoringError(f"batch_size must be ≥ 1, got {batch_size}")
-        if max_rows < 1:
-            raise ScoringError(f"max_rows must be ≥ 1, got {max_rows}")
+        for name, value in (("batch_size", batch_size), ("max_rows", max_rows)):
+            if value < 1:
+                raise ScoringError(f"{name} must be ≥ 1, got {value}")
         self.lm = lm
         self.items = items
         self.prompt = prompt
         self.batch_size = batch_size
         self.max_rows = max_rows
         self.targets = tuple(item_target(lm.tokenizer, item, prompt) for item in items)
+        check_prompt_lengths(lm, [len(t.tokens) for t in self.targets], what="A/B prompt")
         self._prefixes: dict[int, list[PrefixBatch]] = {}
 
     def score(

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finesteer.errors import FinesteerError
+from finesteer.models.context import context_length
 from finesteer.models.loading import LoadedModel
 from finesteer.serve.engine import Delta, Done, Engine, Event, Failed, Job
 from finesteer.serve.errors import ServeError, error_body
@@ -53,9 +54,7 @@ class ServeConfig:
 
 
 def model_context(lm: LoadedModel) -> int:
-    config = lm.model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(getattr(text, "max_position_embeddings", None) or 2048)
+    return context_length(lm) or 2048
 
 
 class _Channel:
