@@ -100,13 +100,16 @@ class CallTracker:
 class HookPoint:
     """Where a site lives: a module's input ('pre') or output ('post'); `index` picks a tuple output's
     element (1: attention weights); `columns` a slice of the last dim (q/k/v of a fused projection);
-    `heads_first` says a 4-D value is [batch, heads, seq, dim]."""
+    `heads_first` says a 4-D value is [batch, heads, seq, dim]; `flat_tokens` that it comes as
+    [batch·seq, width] (router logits); `read_only` that a new value could not reach the model."""
 
     module: nn.Module
     kind: str
     index: int = 0
     columns: tuple[int, int] | None = None
     heads_first: bool = False
+    flat_tokens: bool = False
+    read_only: bool = False
 
 
 def _qkv_columns(info: ModelInfo, component: str) -> tuple[int, int]:
@@ -134,11 +137,13 @@ def site_hook_point(model: nn.Module, adapter: ArchitectureAdapter, info: ModelI
         return HookPoint(adapter.get(model, adapter.final_norm), "post")
     block = adapter.block(model, layer)
     if component == "pattern":
-        return HookPoint(adapter.get(block, adapter.attention), "post", index=1, heads_first=True)
+        attention = adapter.get(block, adapter.attention)
+        return HookPoint(attention, "post", index=1, heads_first=True, read_only=True)
     if component == "mlp_post":
         return HookPoint(adapter.mlp_part(model, layer, adapter.mlp_down, "single MLP hidden layer"), "pre")
     if component == "router_logits":
-        return HookPoint(adapter.mlp_part(model, layer, adapter.router, "expert router"), "post")
+        router = adapter.mlp_part(model, layer, adapter.router, "expert router")
+        return HookPoint(router, "post", flat_tokens=True, read_only=True)  # routing is decided inside
     if component in ("resid_pre", "resid_post"):
         return HookPoint(block, "pre" if component == "resid_pre" else "post")
     if component == "attn_out":
@@ -162,7 +167,7 @@ def _flatten(value: Tensor, heads_first: bool) -> tuple[Tensor, Callable[[Tensor
 
 def _present(value: Tensor, point: HookPoint, ctx: CallContext) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """The site's [B, S, W] view of a hooked value, and the function putting an edited view back."""
-    if value.dim() == 2:  # router logits come flattened to [B*S, E]
+    if point.flat_tokens:
         shape = value.shape
         return value.view(ctx.batch_size, -1, shape[-1]), lambda new: new.reshape(shape)
     if point.columns is not None:
@@ -191,7 +196,7 @@ def _wrap(callback: SiteCallback, tracker: CallTracker, point: HookPoint, name: 
         new = callback(flat, ctx)
         if new is None:
             return None
-        if point.index != 0 or value.dim() == 2:
+        if point.read_only:
             raise SiteError(f"{name} is read-only: a hook there cannot change the model")
         return restore(new)
 
@@ -212,7 +217,7 @@ def _wrap(callback: SiteCallback, tracker: CallTracker, point: HookPoint, name: 
         new = edit(output[point.index] if is_tuple else output)
         if new is None:
             return None
-        return (new, *output[1:]) if is_tuple else new
+        return (*output[: point.index], new, *output[point.index + 1 :]) if is_tuple else new
 
     return post_hook
 
