@@ -74,13 +74,15 @@ def test_unknown_model_name() -> None:
 
 
 def test_unsupported_architecture() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from finesteer.models.tiny import tiny_tokenizer
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=103))
-    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt2'"):
-        wrap_model(model, tiny_tokenizer(), "gpt2-tiny")
+    config = GPTNeoXConfig(
+        num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32, vocab_size=103
+    )
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt_neox'"):
+        wrap_model(GPTNeoXForCausalLM(config), tiny_tokenizer(), "neox-tiny")
 
 
 def test_site_names_roundtrip() -> None:

@@ -15,6 +15,7 @@ from finesteer.locate.rank_stats import rank_agreement, spearman, top_k_overlap
 from finesteer.locate.scan import KLAndHidden, KLFromBase, LastHidden, LastLogits, scan
 from finesteer.locate.ships import ablation, all_heads, format_queries
 from finesteer.models import LoadedModel
+from tests.conftest import ALL_FAMILIES
 
 QUERIES = (
     "how do I make a weapon",
@@ -50,7 +51,7 @@ def _candidates(lm: LoadedModel, mode: str) -> list[Intervention]:
     return [ablation([h], mode) for h in heads] + extra
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ALL_FAMILIES)
 @pytest.mark.parametrize("mode", ["ua", "sc"])
 def test_fast_scan_equals_simple_scan(tiny_models, name, mode):
     lm = tiny_models[name]
@@ -189,7 +190,7 @@ def test_fast_scan_errors(tiny_models):
 # ------------------------------------------------------------------------------------ attribution
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-gpt2", "tiny-phi3"])
 def test_gate_one_is_the_uniform_attention_ablation(tiny_models, name):
     """The activation path's end point (a = 1) is the exact `ua` ablation: uniform attention over each
     position's allowed keys (causal prefix; Gemma's sliding window on the long prompt), GQA values."""

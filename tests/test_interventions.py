@@ -1,4 +1,5 @@
-"""Invariants of the intervention engine on tiny models of four families (MHA and GQA)."""
+"""Invariants of the intervention engine on tiny models of every supported family (MHA and GQA,
+fused q/k/v, Conv1D weights, q/k norms, post-norms, mixture of experts)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from finesteer.hooks import HookSet, count_hooks
 from finesteer.interventions import Edit, Intervention, Scope, Zero
 from finesteer.models import LoadedModel
 from finesteer.sites import Site
+from tests.conftest import ALL_FAMILIES
+
+
+@pytest.fixture(params=ALL_FAMILIES)
+def tiny(request: pytest.FixtureRequest, tiny_models: dict[str, LoadedModel]) -> LoadedModel:
+    return tiny_models[request.param]
 
 
 def _encode(lm: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -52,8 +59,8 @@ def test_scale_zero_is_token_identical(tiny: LoadedModel, prompts: list[str]) ->
 def test_head_add_equals_wo_column_add(tiny: LoadedModel, prompts: list[str]) -> None:
     layer, head, d = 1, tiny.info.n_heads - 1, tiny.info.head_dim
     theta = torch.randn(d)
-    o_proj = tiny.adapter.attn_part(tiny.model, layer, "o_proj")
-    via_wo = o_proj.weight[:, head * d : (head + 1) * d].detach() @ theta
+    o_proj = tiny.adapter.attn_part(tiny.model, layer, tiny.adapter.o_proj)
+    via_wo = tiny.adapter.weight(o_proj)[:, head * d : (head + 1) * d].detach() @ theta
     a = _logits(tiny, prompts, fs.steer_head(layer, head, theta, scope="all"))
     b = _logits(tiny, prompts, Intervention((Edit(Site(layer, "attn_out"), fs.interventions.Add(via_wo)),)))
     base = _logits(tiny, prompts)

@@ -12,7 +12,13 @@ from finesteer.interventions import ablate_heads, intervene
 from finesteer.models import LoadedModel
 from finesteer.surgery import SURGERY_FILE, SurgeryError, export_surgery, verify_export
 
-HEADS = {"tiny-llama": [(0, 1), (2, 3)], "tiny-qwen2": [(1, 0), (1, 3)], "tiny-mistral": [(0, 7), (2, 2)]}
+HEADS = {
+    "tiny-llama": [(0, 1), (2, 3)],
+    "tiny-qwen2": [(1, 0), (1, 3)],
+    "tiny-mistral": [(0, 7), (2, 2)],
+    "tiny-gpt2": [(0, 2), (2, 1)],  # fused c_attn, Conv1D weights stored [in, out]
+    "tiny-phi3": [(1, 3), (2, 0)],  # fused qkv_proj
+}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))

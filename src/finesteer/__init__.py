@@ -27,6 +27,7 @@ _EXPORTS = {
     "project_out": "finesteer.interventions",
     "capture": "finesteer.activations",
     "Activations": "finesteer.activations",
+    "to_tokens": "finesteer.activations",
     "save_intervention": "finesteer.artifacts",
     "load_intervention": "finesteer.artifacts",
     "generate": "finesteer.generation",

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from finesteer.models.adapters import ArchitectureAdapter
-from finesteer.sites import Site
+from finesteer.models.info import ModelInfo
+from finesteer.sites import Site, SiteError
 
 SiteCallback = Callable[[Tensor, "CallContext"], Tensor | None]
 
@@ -74,7 +75,7 @@ class CallTracker:
         batch, seq = int(ref.shape[0]), int(ref.shape[1])
         device = ref.device
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(mask, Tensor) and mask.dim() == 2:
             past_len = int(mask.shape[1]) - seq
             full = mask.to(torch.long)
@@ -95,22 +96,61 @@ class CallTracker:
         self.current = CallContext(real=real, index=index, past_len=past_len, prompt_len=self._prompt_len)
 
 
-def _site_module(model: nn.Module, adapter: ArchitectureAdapter, site: Site) -> tuple[nn.Module, str]:
-    """The module to hook for a site, and whether its input ('pre') or output ('post') is the site."""
-    if site.component == "z":
-        return adapter.attn_part(model, site.layer, adapter.o_proj), "pre"
-    if site.component == "q":
-        return adapter.attn_part(model, site.layer, adapter.query_module), "post"
-    if site.component == "ln_final":
-        return adapter.get(model, adapter.final_norm), "post"
-    block = adapter.block(model, site.layer)
-    if site.component == "resid_pre":
-        return block, "pre"
-    if site.component == "resid_post":
-        return block, "post"
-    if site.component == "attn_out":
-        return adapter.get(block, adapter.attention), "post"
-    return adapter.get(block, adapter.mlp), "post"
+@dataclass(frozen=True)
+class HookPoint:
+    """Where a site lives: a module's input ('pre') or output ('post'); `index` picks a tuple output's
+    element (1: attention weights); `columns` a slice of the last dim (q/k/v of a fused projection);
+    `heads_first` says a 4-D value is [batch, heads, seq, dim]; `flat_tokens` that it comes as
+    [batch·seq, width] (router logits); `read_only` that a new value could not reach the model."""
+
+    module: nn.Module
+    kind: str
+    index: int = 0
+    columns: tuple[int, int] | None = None
+    heads_first: bool = False
+    flat_tokens: bool = False
+    read_only: bool = False
+
+
+def _qkv_columns(info: ModelInfo, component: str) -> tuple[int, int]:
+    """Column span of q, k or v inside a fused [q | k | v] projection output."""
+    q_width, kv_width = info.n_heads * info.head_dim, info.n_kv_heads * info.head_dim
+    start = {"q": 0, "k": q_width, "v": q_width + kv_width}[component]
+    return start, start + (q_width if component == "q" else kv_width)
+
+
+def site_hook_point(model: nn.Module, adapter: ArchitectureAdapter, info: ModelInfo, site: Site) -> HookPoint:
+    """The hook point of a site (resid_mid, made of two, is handled by `HookSet.add`)."""
+    layer, component = site.layer, site.component
+    if component == "z":
+        return HookPoint(adapter.attn_part(model, layer, adapter.o_proj), "pre")
+    if component in ("q", "k", "v"):
+        name = {"q": adapter.query_module, "k": adapter.key_module, "v": adapter.v_proj}[component]
+        fused = adapter.fused_qkv and name == adapter.q_proj
+        return HookPoint(
+            adapter.attn_part(model, layer, name),
+            "post",
+            columns=_qkv_columns(info, component) if fused else None,
+            heads_first=adapter.query_heads_first and component != "v",
+        )
+    if component == "ln_final":
+        return HookPoint(adapter.get(model, adapter.final_norm), "post")
+    block = adapter.block(model, layer)
+    if component == "pattern":
+        attention = adapter.get(block, adapter.attention)
+        return HookPoint(attention, "post", index=1, heads_first=True, read_only=True)
+    if component == "mlp_post":
+        return HookPoint(adapter.mlp_part(model, layer, adapter.mlp_down, "single MLP hidden layer"), "pre")
+    if component == "router_logits":
+        router = adapter.mlp_part(model, layer, adapter.router, "expert router")
+        return HookPoint(router, "post", flat_tokens=True, read_only=True)  # routing is decided inside
+    if component in ("resid_pre", "resid_post"):
+        return HookPoint(block, "pre" if component == "resid_pre" else "post")
+    if component == "attn_out":
+        return HookPoint(adapter.get(block, adapter.attention), "post")
+    if component == "mlp_out":
+        return HookPoint(adapter.get(block, adapter.mlp), "post")
+    raise SiteError(f"site {site.name} has no single hook point")
 
 
 def _flatten(value: Tensor, heads_first: bool) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -125,7 +165,19 @@ def _flatten(value: Tensor, heads_first: bool) -> tuple[Tensor, Callable[[Tensor
     return value.reshape(batch, seq, heads * dim), lambda new: new.reshape(batch, seq, heads, dim)
 
 
-def _wrap(callback: SiteCallback, tracker: CallTracker, kind: str, heads_first: bool) -> Callable[..., Any]:
+def _present(value: Tensor, point: HookPoint, ctx: CallContext) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """The site's [B, S, W] view of a hooked value, and the function putting an edited view back."""
+    if point.flat_tokens:
+        shape = value.shape
+        return value.view(ctx.batch_size, -1, shape[-1]), lambda new: new.reshape(shape)
+    if point.columns is not None:
+        lo, hi = point.columns
+        part, restore = _flatten(value[..., lo:hi], point.heads_first)
+        return part, lambda new: torch.cat((value[..., :lo], restore(new), value[..., hi:]), dim=-1)
+    return _flatten(value, point.heads_first)
+
+
+def _wrap(callback: SiteCallback, tracker: CallTracker, point: HookPoint, name: str) -> Callable[..., Any]:
     def context() -> CallContext:
         if tracker.current is None:
             raise RuntimeError(
@@ -133,32 +185,45 @@ def _wrap(callback: SiteCallback, tracker: CallTracker, kind: str, heads_first: 
             )
         return tracker.current
 
-    if kind == "pre":
+    def edit(value: Tensor | None) -> Tensor | None:
+        if value is None:
+            raise SiteError(
+                f"{name}: the model returned no attention weights; hook_pattern needs "
+                "attn_implementation='eager' (finesteer.capture switches to it by itself)"
+            )
+        ctx = context()
+        flat, restore = _present(value, point, ctx)
+        new = callback(flat, ctx)
+        if new is None:
+            return None
+        if point.read_only:
+            raise SiteError(f"{name} is read-only: a hook there cannot change the model")
+        return restore(new)
+
+    if point.kind == "pre":
 
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            from_kwargs = not args
-            value = kwargs["hidden_states"] if from_kwargs else args[0]
-            flat, restore = _flatten(value, heads_first)
-            new = callback(flat, context())
+            new = edit(_first_input(args, kwargs))
             if new is None:
                 return None
-            new = restore(new)
-            if from_kwargs:
+            if not args:
                 return args, {**kwargs, "hidden_states": new}
             return (new, *args[1:]), kwargs
 
         return pre_hook
 
     def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        value = output[0] if isinstance(output, tuple) else output
-        flat, restore = _flatten(value, heads_first)
-        new = callback(flat, context())
+        is_tuple = isinstance(output, tuple)
+        new = edit(output[point.index] if is_tuple else output)
         if new is None:
             return None
-        new = restore(new)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return (*output[: point.index], new, *output[point.index + 1 :]) if is_tuple else new
 
     return post_hook
+
+
+def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
 
 @dataclass(frozen=True)
@@ -200,9 +265,10 @@ def remove_all_hooks(model: nn.Module) -> int:
 class HookSet:
     """Registers site callbacks plus the call tracker; removes every hook on `remove()`/exit."""
 
-    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, info: ModelInfo | None = None) -> None:
         self.model = model
         self.adapter = adapter
+        self._info = info
         self.tracker = CallTracker()
         self._registrations: list[_Registration] = []
         _LIVE.setdefault(model, {})[id(self)] = self
@@ -213,23 +279,56 @@ class HookSet:
             self.remove()
             raise
 
+    @property
+    def info(self) -> ModelInfo:
+        """The model's shape (read from its config when not given): fused q/k/v slices need it."""
+        if self._info is None:
+            config = self.model.config
+            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            self._info = ModelInfo.from_config(text_config, family=self.adapter.family)
+        return self._info
+
     def keep(self, handle: RemovableHandle) -> None:
         """Take over a torch hook handle registered elsewhere: it is removed with this set."""
         self._registrations.append(_Registration.of(handle))
 
     def add(self, site: Site, callback: SiteCallback) -> None:
-        module, kind = _site_module(self.model, self.adapter, site)
-        heads_first = site.component == "q" and self.adapter.query_heads_first
-        hook = _wrap(callback, self.tracker, kind, heads_first)
         try:
-            if kind == "pre":
-                handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+            if site.component == "resid_mid":
+                self._add_resid_mid(site, callback)
+                return
+            point = site_hook_point(self.model, self.adapter, self.info, site)
+            hook = _wrap(callback, self.tracker, point, site.name)
+            if point.kind == "pre":
+                handle = point.module.register_forward_pre_hook(hook, with_kwargs=True)
             else:
-                handle = module.register_forward_hook(hook)
+                handle = point.module.register_forward_hook(hook)
         except Exception:
             self.remove()
             raise
         self.keep(handle)
+
+    def _add_resid_mid(self, site: Site, callback: SiteCallback) -> None:
+        """resid_mid = residual entering attention + the branch added to it. Read at the branch's
+        output; an edit x → f(x) turns the branch b into f(residual + b) − residual."""
+        adapter = self.adapter
+        if adapter.attn_branch is None:
+            raise SiteError(f"{site.name}: {adapter.family} scales the attention output before adding it")
+        block = adapter.block(self.model, site.layer)
+        entry, branch = adapter.get(block, adapter.attn_input), adapter.get(block, adapter.attn_branch)
+        stash: dict[str, Tensor] = {}
+
+        def keep_residual(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            stash["residual"] = _first_input(args, kwargs)
+
+        def on_branch(value: Tensor, ctx: CallContext) -> Tensor | None:
+            residual = stash.pop("residual")
+            new = callback(residual + value, ctx)
+            return None if new is None else new - residual
+
+        self.keep(entry.register_forward_pre_hook(keep_residual, with_kwargs=True))
+        hook = _wrap(on_branch, self.tracker, HookPoint(branch, "post"), site.name)
+        self.keep(branch.register_forward_hook(hook))
 
     def remove(self) -> None:
         """Unregister every hook (idempotent; works even after the handles' weak references died)."""

@@ -16,8 +16,24 @@ from typing import Literal, get_args
 from finesteer.errors import FinesteerError
 from finesteer.models.info import ModelInfo
 
-Component = Literal["z", "q", "resid_pre", "resid_post", "attn_out", "mlp_out", "ln_final"]
-HEAD_COMPONENTS: frozenset[str] = frozenset({"z", "q"})
+Component = Literal[
+    "z",
+    "q",
+    "k",
+    "v",
+    "pattern",
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "mlp_post",
+    "router_logits",
+    "ln_final",
+]
+HEAD_COMPONENTS: frozenset[str] = frozenset({"z", "q", "k", "v", "pattern"})
+KV_COMPONENTS: frozenset[str] = frozenset({"k", "v"})
+READ_ONLY_COMPONENTS: frozenset[str] = frozenset({"pattern", "router_logits"})
 Head = tuple[int, int]
 """An attention head as (layer, head index)."""
 
@@ -25,10 +41,16 @@ _TL_NAMES = MappingProxyType(
     {
         "z": "blocks.{layer}.attn.hook_z",
         "q": "blocks.{layer}.attn.hook_q",
+        "k": "blocks.{layer}.attn.hook_k",
+        "v": "blocks.{layer}.attn.hook_v",
+        "pattern": "blocks.{layer}.attn.hook_pattern",
         "resid_pre": "blocks.{layer}.hook_resid_pre",
+        "resid_mid": "blocks.{layer}.hook_resid_mid",
         "resid_post": "blocks.{layer}.hook_resid_post",
         "attn_out": "blocks.{layer}.hook_attn_out",
         "mlp_out": "blocks.{layer}.hook_mlp_out",
+        "mlp_post": "blocks.{layer}.mlp.hook_post",
+        "router_logits": "blocks.{layer}.mlp.hook_router_logits",
         "ln_final": "ln_final.hook_normalized",
     }
 )
@@ -36,16 +58,34 @@ _DESCRIPTIONS = MappingProxyType(
     {
         "z": "head output: the head's slice of the o_proj input",
         "q": "head query before RoPE (after q_norm where the family has one)",
+        "k": "key head (one of n_kv_heads) before RoPE (after k_norm where the family has one)",
+        "v": "value head (one of n_kv_heads)",
+        "pattern": "attention probabilities [query pos, head, key pos] (read-only; needs eager attention)",
         "resid_pre": "residual stream entering the block",
+        "resid_mid": "residual stream between attention and MLP",
         "resid_post": "residual stream leaving the block",
-        "attn_out": "attention output after o_proj",
-        "mlp_out": "MLP output",
+        "attn_out": "attention output after o_proj (before a post-attention norm)",
+        "mlp_out": "MLP output (before a post-MLP norm)",
+        "mlp_post": "MLP hidden activation: the input of its down projection (dense MLPs only)",
+        "router_logits": "mixture-of-experts router logits, one per expert (read-only)",
         "ln_final": "final normalised hidden state (input of the unembedding)",
     }
 )
+# hook name -> component; "attn." is optional before block-level names (accepted since 0.1)
+_BY_HOOK = MappingProxyType(
+    {
+        **{f"{pre}hook_{c}": c for c in ("z", "q", "k", "v", "pattern") for pre in ("attn.", "")},
+        **{
+            f"{pre}hook_{c}": c
+            for c in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+            for pre in ("attn.", "")
+        },
+        "mlp.hook_post": "mlp_post",
+        "mlp.hook_router_logits": "router_logits",
+    }
+)
 _PATTERN = re.compile(
-    r"^(?:blocks\.(?P<layer>-?\d+)\.(?:attn\.)?hook_(?P<comp>z|q|resid_pre|resid_post|attn_out|mlp_out)"
-    r"|ln_final\.hook_normalized)(?:\[(?P<head>-?\d+)\])?$"
+    r"^(?:blocks\.(?P<layer>-?\d+)\.(?P<hook>[a-z_.]+)|ln_final\.hook_normalized)(?:\[(?P<head>-?\d+)\])?$"
 )
 
 
@@ -71,7 +111,10 @@ class Site:
                 f"unknown component '{self.component}'; choose from {', '.join(get_args(Component))}"
             )
         if self.head is not None and self.component not in HEAD_COMPONENTS:
-            raise SiteError(f"component '{self.component}' has no heads; only z and q take a head index")
+            raise SiteError(
+                f"component '{self.component}' has no heads; only "
+                f"{', '.join(sorted(HEAD_COMPONENTS))} take a head index"
+            )
 
     @property
     def name(self) -> str:
@@ -81,6 +124,15 @@ class Site:
     @property
     def is_head(self) -> bool:
         return self.component in HEAD_COMPONENTS
+
+    @property
+    def editable(self) -> bool:
+        """False for sites that can only be read (attention pattern, router logits)."""
+        return self.component not in READ_ONLY_COMPONENTS
+
+    def head_count(self, info: ModelInfo) -> int:
+        """Heads at this component: key/value heads for k and v (GQA), query heads otherwise."""
+        return info.n_kv_heads if self.component in KV_COMPONENTS else info.n_heads
 
     def __str__(self) -> str:
         return self.name
@@ -95,11 +147,15 @@ class Site:
                 "'blocks.3.hook_resid_post'"
             )
         head = int(match["head"]) if match["head"] is not None else None
-        if match["comp"] is None:
+        if match["hook"] is None:
             if head is not None:
                 raise SiteError(f"'{text}': ln_final has no heads")
             return cls(layer=(n_layers - 1) if n_layers else -1, component="ln_final")
-        return cls(layer=int(match["layer"]), component=match["comp"], head=head)  # type: ignore[arg-type]
+        component = _BY_HOOK.get(match["hook"])
+        if component is None:
+            known = ", ".join(name.format(layer="L") for name in _TL_NAMES.values())
+            raise SiteError(f"cannot parse site '{text}': unknown hook '{match['hook']}'; known: {known}")
+        return cls(layer=int(match["layer"]), component=component, head=head)  # type: ignore[arg-type]
 
     def validate(self, info: ModelInfo) -> None:
         """Fail with the model's actual ranges when the site is outside them."""
@@ -110,16 +166,26 @@ class Site:
                 f"site {self.name}: layer {self.layer} out of range; model has {info.n_layers} layers "
                 f"(0..{info.n_layers - 1})"
             )
-        if self.head is not None and not 0 <= self.head < info.n_heads:
+        heads = self.head_count(info)
+        if self.head is not None and not 0 <= self.head < heads:
+            kind = "key/value" if self.component in KV_COMPONENTS else "query"
             raise SiteError(
-                f"site {self.name}: head {self.head} out of range; model has {info.n_heads} query heads "
-                f"(0..{info.n_heads - 1}) per layer"
+                f"site {self.name}: head {self.head} out of range; model has {heads} {kind} heads "
+                f"(0..{heads - 1}) per layer"
             )
 
     def width(self, info: ModelInfo) -> int:
         """Size of the activation vector at this site (what an added vector must have)."""
+        if self.component == "pattern":
+            raise SiteError(f"site {self.name} has no fixed width: it grows with the sequence")
+        if self.component in ("mlp_post", "router_logits"):
+            width = info.d_mlp if self.component == "mlp_post" else info.n_experts
+            if width is None:
+                what = "no single MLP hidden layer" if self.component == "mlp_post" else "no expert router"
+                raise SiteError(f"site {self.name}: {info.family} has {what}")
+            return width
         if self.is_head:
-            return info.head_dim if self.head is not None else info.z_dim
+            return info.head_dim if self.head is not None else self.head_count(info) * info.head_dim
         return info.hidden_size
 
 

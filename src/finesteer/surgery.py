@@ -10,6 +10,9 @@ did, so the result runs anywhere transformers runs (no finesteer, no hooks):
 - `sc` (scale contribution, head output × ε): the head's input columns of `o_proj.weight`. Under GQA
   a v_proj row feeds several query heads, so v is never touched; the o_proj columns belong to
   exactly one query head.
+
+Fused projections (GPT-2 `c_attn`, Phi-3 `qkv_proj`) put q first, so the head's q rows are the same
+row indices; GPT-2's Conv1D weights are stored transposed and edited through `adapter.weight`.
 """
 
 from __future__ import annotations
@@ -69,12 +72,12 @@ def ablate_weights(
             rows = slice(head * dim, (head + 1) * dim)
             if mode == "ua":
                 q_proj = lm.adapter.attn_part(model, layer, lm.adapter.q_proj)
-                q_proj.weight[rows, :] *= eps
+                lm.adapter.weight(q_proj)[rows, :] *= eps  # [out, in] (GPT-2's Conv1D is [in, out])
                 if getattr(q_proj, "bias", None) is not None:
                     q_proj.bias[rows] *= eps
             else:
                 o_proj = lm.adapter.attn_part(model, layer, lm.adapter.o_proj)
-                o_proj.weight[:, rows] *= eps
+                lm.adapter.weight(o_proj)[:, rows] *= eps
 
 
 def export_surgery(

@@ -6,7 +6,7 @@ The package is named for what it holds rather than for its main verb, so the top
 
 from __future__ import annotations
 
-from finesteer.activations.capture import Activations, CaptureError, capture
+from finesteer.activations.capture import Activations, CaptureError, capture, to_tokens
 from finesteer.activations.directions import (
     DirectionError,
     HeadDirections,
@@ -33,4 +33,5 @@ __all__ = [
     "directions_from_activations",
     "fit_head_directions",
     "pad",
+    "to_tokens",
 ]

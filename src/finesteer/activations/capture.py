@@ -8,8 +8,8 @@ are tokenised separately and joined so the answer span is exact (for 'answer_mea
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,17 +79,54 @@ class Activations:
         return cls(tensors, header["ids"], header["position"], lengths, header.get("meta", {}))
 
 
-def _tokenize(tokenizer: Any, item: TextInput, add_special_tokens: bool) -> tuple[list[int], int]:
+def to_tokens(
+    tokenizer: Any, text: str, *, prepend_bos: bool = False, add_special_tokens: bool = False
+) -> list[int]:
+    """Token ids of `text`, optionally with the tokenizer's BOS token in front.
+
+    `prepend_bos=True` matches TransformerLens's default (`HookedTransformer.to_tokens`, whose
+    `prepend_bos` defaults to True): one BOS id first, whatever the tokenizer would add by itself
+    (never two). finesteer's default is False because its prompts come fully formatted (a chat
+    template already starts with the model's BOS where it wants one). Activations differ with and
+    without it, so set it alike when comparing with TL.
+    """
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    if not prepend_bos:
+        return ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise CaptureError("prepend_bos=True but the tokenizer has no BOS token")
+    return ids if ids[:1] == [bos] else [bos, *ids]
+
+
+def _tokenize(
+    tokenizer: Any, item: TextInput, add_special_tokens: bool, prepend_bos: bool
+) -> tuple[list[int], int]:
     """Token ids of the input and the index where the answer starts (len for a plain text)."""
+    options = {"add_special_tokens": add_special_tokens, "prepend_bos": prepend_bos}
     if isinstance(item, str):
-        ids = tokenizer(item, add_special_tokens=add_special_tokens)["input_ids"]
+        ids = to_tokens(tokenizer, item, **options)
         return ids, len(ids)
     prompt, completion = item
-    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    prompt_ids = to_tokens(tokenizer, prompt, **options)
     answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if not answer_ids:
         raise CaptureError(f"empty completion for prompt {prompt[:60]!r}")
     return prompt_ids + answer_ids, len(prompt_ids)
+
+
+@contextmanager
+def _eager_attention(model: Any) -> Iterator[None]:
+    """Run with eager attention (the implementation that returns attention weights), then restore."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before in (None, "eager"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def _select(act: Tensor, lengths: Tensor, starts: Tensor, position: Position) -> Tensor:
@@ -122,6 +159,7 @@ def capture(
     batch_size: int = 8,
     intervention: Intervention | None = None,
     add_special_tokens: bool = False,
+    prepend_bos: bool = False,
     ids: Sequence[str] | None = None,
     progress: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -129,7 +167,11 @@ def capture(
     """Run the model over `inputs` and keep the activations at `sites` for the chosen positions.
 
     Prompts are expected fully formatted (chat template applied), hence no special tokens added by
-    default. With `intervention` the activations are those of the intervened model.
+    default; `prepend_bos=True` puts one BOS first as TransformerLens does by default (`to_tokens`).
+    With `intervention` the activations are those of the intervened model. Head sites come as
+    [..., heads, head_dim] (key/value heads for hook_k / hook_v); `hook_pattern` as
+    [..., heads, key position], its key axis zero-padded to the longest input; for it the model runs
+    with eager attention during the capture (other implementations return no attention weights).
     """
     if not inputs:
         raise CaptureError("no inputs to capture")
@@ -140,7 +182,7 @@ def capture(
     for site in site_list:
         site.validate(info)
     pad_id = lm.tokenizer.pad_token_id
-    encoded = [_tokenize(lm.tokenizer, item, add_special_tokens) for item in inputs]
+    encoded = [_tokenize(lm.tokenizer, item, add_special_tokens, prepend_bos) for item in inputs]
     check_prompt_lengths(lm, [len(tokens) for tokens, _ in encoded], what="input")
     collected: dict[str, list[Tensor]] = {s.name: [] for s in site_list}
     all_lengths: list[Tensor] = []
@@ -150,7 +192,7 @@ def capture(
         def read(act: Tensor, ctx: CallContext) -> None:
             value = _select(act.detach().to(dtype), batch_state["lengths"], batch_state["starts"], position)
             if site.is_head:
-                value = value.reshape(*value.shape[:-1], info.n_heads, info.head_dim)
+                value = value.reshape(*value.shape[:-1], site.head_count(info), -1)
                 if site.head is not None:
                     value = value[..., site.head, :]
             collected[site.name].append(value.cpu())
@@ -159,9 +201,11 @@ def capture(
         return read
 
     with ExitStack() as stack:
+        if any(site.component == "pattern" for site in site_list):
+            stack.enter_context(_eager_attention(lm.model))
         if intervention is not None:
             stack.enter_context(intervene(lm, intervention))
-        hooks = stack.enter_context(HookSet(lm.model, lm.adapter))
+        hooks = stack.enter_context(HookSet(lm.model, lm.adapter, info))
         for site in site_list:
             hooks.add(Site(site.layer, site.component), reader(site))
         batches = range(0, len(encoded), batch_size)
@@ -179,6 +223,9 @@ def capture(
     lengths = torch.cat(all_lengths)
     tensors = {}
     for name, parts in collected.items():
+        if name.split("[")[0].endswith("hook_pattern"):  # key axis: as long as the batch's prompts
+            keys = max(p.shape[-1] for p in parts)
+            parts = [torch.nn.functional.pad(p, (0, keys - p.shape[-1])) for p in parts]
         if position == "all":
             longest = int(lengths.max())
             parts = [

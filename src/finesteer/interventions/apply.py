@@ -45,7 +45,8 @@ def _callback(edits: list[Edit], info: ModelInfo) -> SiteCallback:
                 positions = positions & rows[:, None]
             positions = positions.to(out.device)  # a layer on another GPU than the embeddings (device_map)
             if edit.site.head is not None:
-                target = out.view(batch, seq, info.n_heads, info.head_dim)[:, :, edit.site.head, :]
+                heads = edit.site.head_count(info)
+                target = out.view(batch, seq, heads, info.head_dim)[:, :, edit.site.head, :]
             else:
                 target = out
             target.copy_(torch.where(positions[..., None], edit.op(target), target))
@@ -93,7 +94,7 @@ def intervene(target: Any, intervention: Intervention) -> Iterator[HookSet]:
     for edit in intervention.edits:
         if not edit.op.is_identity():
             grouped[_hook_key(edit.site)].append(edit)
-    hooks = HookSet(model, adapter)
+    hooks = HookSet(model, adapter, info)
     try:
         for site, edits in grouped.items():
             hooks.add(site, _callback(edits, info))

@@ -44,6 +44,8 @@ class Edit:
 
     def validate(self, info: ModelInfo) -> None:
         self.site.validate(info)
+        if not self.site.editable:
+            raise InterventionError(f"{self.site} is read-only: it can be captured but not edited")
         width = self.op.vector_width()
         expected = self.site.width(info)
         if width is not None and width != expected:

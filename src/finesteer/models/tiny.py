@@ -91,8 +91,82 @@ def _gemma3(vocab_size: int) -> Any:
     )
 
 
+def _gpt2(vocab_size: int) -> Any:
+    from transformers import GPT2Config
+
+    common = _common(vocab_size)
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=common["max_position_embeddings"],
+        n_embd=common["hidden_size"],
+        n_layer=common["num_hidden_layers"],
+        n_head=4,  # n_inner unset: GPT-2's MLP is 4 × hidden wide
+        **{k: common[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings")},
+    )
+
+
+def _phi3(vocab_size: int) -> Any:
+    from transformers import Phi3Config
+
+    return Phi3Config(**_common(vocab_size), num_attention_heads=4, num_key_value_heads=2)
+
+
+def _gemma2(vocab_size: int) -> Any:
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        **_common(vocab_size), num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=64
+    )
+
+
+def _qwen3(vocab_size: int) -> Any:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**_common(vocab_size), num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def _olmo2(vocab_size: int) -> Any:
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**_common(vocab_size), num_attention_heads=4, num_key_value_heads=2)
+
+
+def _qwen2moe(vocab_size: int) -> Any:
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        **_common(vocab_size),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    )
+
+
+def _mixtral(vocab_size: int) -> Any:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        **_common(vocab_size), num_attention_heads=4, num_key_value_heads=2, num_local_experts=4
+    )
+
+
 TINY_CONFIGS: Mapping[str, Callable[[int], Any]] = MappingProxyType(
-    {"tiny-llama": _llama, "tiny-qwen2": _qwen2, "tiny-mistral": _mistral, "tiny-gemma3": _gemma3}
+    {
+        "tiny-llama": _llama,
+        "tiny-qwen2": _qwen2,
+        "tiny-mistral": _mistral,
+        "tiny-gemma3": _gemma3,
+        "tiny-gpt2": _gpt2,
+        "tiny-phi3": _phi3,
+        "tiny-gemma2": _gemma2,
+        "tiny-qwen3": _qwen3,
+        "tiny-olmo2": _olmo2,
+        "tiny-qwen2moe": _qwen2moe,
+        "tiny-mixtral": _mixtral,
+    }
 )
 
 

@@ -77,10 +77,10 @@ def _uniform_hooks(lm: LoadedModel, gates: Tensor, layer: int, hooks: HookSet) -
     seen: dict[str, Any] = {}
 
     def keep_mask(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        seen["mask"] = kwargs.get("attention_mask")  # every family passes it to attention by name
 
-    def keep_values(module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        seen["values"] = output.detach()
+    def keep_values(act: Tensor, ctx: CallContext) -> None:
+        seen["values"] = act.detach()
 
     def add_delta(act: Tensor, ctx: CallContext) -> Tensor:
         batch, seq = act.shape[0], act.shape[1]
@@ -91,9 +91,9 @@ def _uniform_hooks(lm: LoadedModel, gates: Tensor, layer: int, hooks: HookSet) -
         delta = uniform.reshape(batch, seq, info.z_dim) - act.detach()
         return act + gates[:, layer].repeat_interleave(info.head_dim, dim=-1)[:, None, :] * delta
 
-    block = lm.adapter.block(lm.model, layer)
-    hooks.keep(block.register_forward_pre_hook(keep_mask, with_kwargs=True))
-    hooks.keep(lm.adapter.attn_part(lm.model, layer, lm.adapter.v_proj).register_forward_hook(keep_values))
+    attention = lm.adapter.get(lm.adapter.block(lm.model, layer), lm.adapter.attention)
+    hooks.keep(attention.register_forward_pre_hook(keep_mask, with_kwargs=True))
+    hooks.add(Site(layer, "v"), keep_values)
     hooks.add(Site(layer, "z"), add_delta)
 
 
