@@ -47,15 +47,8 @@ def gguf(
     json_out: JsonFlag = False,
 ) -> None:
     """llama.cpp control vector (`--control-vector FILE`): residual-stream adds, scope 'all', layers ≥ 1."""
-    _run(
-        "gguf",
-        artifact,
-        out,
-        json_out,
-        model=model,
-        allow_other_weights=allow_other_weights,
-        all_positions=all_positions,
-    )
+    _run("gguf", artifact, out, json_out, model=model, allow_other_weights=allow_other_weights,
+         all_positions=all_positions)  # fmt: skip
 
 
 @export_app.command("lm-eval")
@@ -68,15 +61,8 @@ def lm_eval(
     json_out: JsonFlag = False,
 ) -> None:
     """lm-evaluation-harness `steered` model (`--model_args pretrained=…,steer_path=FILE.pt`)."""
-    _run(
-        "lm-eval",
-        artifact,
-        out,
-        json_out,
-        model=model,
-        allow_other_weights=allow_other_weights,
-        all_positions=all_positions,
-    )
+    _run("lm-eval", artifact, out, json_out, model=model, allow_other_weights=allow_other_weights,
+         all_positions=all_positions)  # fmt: skip
 
 
 @export_app.command("hf")
