@@ -24,6 +24,7 @@ from finesteer.interventions.ops import op_from_parts
 from finesteer.interventions.scope import Scope
 from finesteer.models.info import ModelInfo
 from finesteer.models.loading import LoadedModel, peek_fingerprint, peek_model_info
+from finesteer.runs.files import read_json_object
 from finesteer.sites import Site
 
 FORMAT = "finesteer.intervention"
@@ -154,12 +155,7 @@ def _read_artifact(path: Path) -> Artifact:
     spec_path = folder / SPEC_FILE
     if not spec_path.is_file():
         raise ArtifactError(f"{folder} is not a finesteer artifact: {SPEC_FILE} not found")
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{spec_path}: invalid JSON ({exc})") from exc
-    if not isinstance(spec, dict):
-        raise ArtifactError(f"{spec_path}: not a finesteer intervention (a JSON {type(spec).__name__})")
+    spec = read_json_object(spec_path, ArtifactError)
     if spec.get("format") != FORMAT:
         raise ArtifactError(f"{spec_path}: not a finesteer intervention (format={spec.get('format')!r})")
     if int(spec.get("format_version", 0)) > FORMAT_VERSION:

@@ -50,21 +50,8 @@ class ITI:
     ) -> Steering:
         s = ITISettings.parse(settings)
         behaviour = require_behaviour(self.name, data)
-        fitted = fit_iti(
-            lm,
-            list(behaviour.train),
-            list(behaviour.val),
-            k=s.k,
-            alphas=s.alphas,
-            run_dir=run_dir,
-            progress=s.progress,
-            system=s.system,
-            prefill=s.prefill,
-            batch_size=s.batch_size,
-            max_rows=s.max_rows,
-            seed=s.seed,
-            search_k=s.search_k,
-        )
+        # ITISettings' fields are fit_iti's keywords (tests/test_compare.py keeps them in step).
+        fitted = fit_iti(lm, list(behaviour.train), list(behaviour.val), run_dir=run_dir, **s.to_dict())
         if run_dir is not None:
             plot_probe_accuracy_folder(run_dir)
         return save_fitted(fitted.bound(lm), run_dir)

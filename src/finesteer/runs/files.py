@@ -45,6 +45,18 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("finesteer"))
 
 
+def read_json_object(path: Path, error: Callable[[str], Exception], *, hint: str = "") -> dict[str, Any]:
+    """The JSON object stored at `path`. Invalid JSON or another JSON type raises `error(message)`
+    naming the file (and `hint`, what the user can do about it)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: invalid JSON ({exc}){hint}") from exc
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got a JSON {type(value).__name__}{hint}")
+    return value
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a unique temp path next to `path`, fsync it, then rename it onto `path`.
 

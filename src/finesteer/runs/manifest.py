@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from finesteer.errors import FinesteerError
-from finesteer.runs.files import write_json_atomic
+from finesteer.runs.files import read_json_object, write_json_atomic
 
 #: The manifest file of a run folder.
 MANIFEST_JSON = "manifest.json"
@@ -101,13 +101,7 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON; delete the output folder to start over") from exc
-    if not isinstance(stored, dict):
-        raise ManifestError(f"{path} is not a finesteer manifest")
-    return stored
+    return read_json_object(path, ManifestError, hint="; delete the output folder to start over")
 
 
 def check_manifest(
