@@ -38,27 +38,21 @@ InterventionOpt = Annotated[
 def check_device(value: str | None) -> str | None:
     """--device checked when the command line is parsed: an unknown name or a GPU this machine lacks
     fails before any data is read or weights load (`models.loading.resolve_device`)."""
-    from finesteer.models.loading import DeviceError, resolve_device
+    from finesteer.cli.common import run_command
+    from finesteer.models.loading import resolve_device
 
-    if value is None:  # an override left unset (`run`: the recipe's own)
-        return value
-    try:
-        resolve_device(value)
-    except DeviceError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    if value is not None:  # None: an override left unset (`run`: the recipe's own)
+        run_command(lambda: resolve_device(value))  # a DeviceError: one line `error: …`, exit code 2
     return value
 
 
 def check_dtype(value: str | None) -> str | None:
     """--dtype checked when the command line is parsed (`models.loading.resolve_dtype`)."""
-    from finesteer.models.loading import DeviceError, resolve_dtype
+    from finesteer.cli.common import run_command
+    from finesteer.models.loading import resolve_dtype
 
-    if value is None:
-        return value
-    try:
-        resolve_dtype(value)
-    except DeviceError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    if value is not None:
+        run_command(lambda: resolve_dtype(value))
     return value
 
 
