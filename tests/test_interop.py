@@ -14,8 +14,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import finesteer.evaluate.ab_effect
+from finesteer.artifacts import save_intervention
 from finesteer.cli import app
 from finesteer.cli.common import finite_json
+from finesteer.interventions import steer_residual
+from finesteer.models import load_model
 from finesteer.report.heatmap import color_norm, plot_head_heatmap
 from finesteer.sae import load_sae
 
@@ -120,3 +123,18 @@ def test_diverging_heatmaps_are_centred_on_zero(tmp_path: Path) -> None:
     assert plain(-0.4) == pytest.approx(0.0, abs=1e-6) and plain(0.0) == pytest.approx(1.0)
     path = plot_head_heatmap(gains, tmp_path / "gains.png", cmap="RdBu_r", title="gains")
     assert path.is_file() and path.stat().st_size > 0
+
+
+@pytest.mark.parametrize(("scope", "blind"), [("last", True), ("all", False)])
+def test_helpfulness_says_when_perplexity_is_blind(tmp_path: Path, scope: str, blind: bool) -> None:
+    lm = load_model("tiny-llama")
+    steer = steer_residual(1, torch.ones(lm.info.hidden_size), 2.0, scope=scope)
+    folder = save_intervention(tmp_path / "art", steer, lm)
+    result = CliRunner().invoke(
+        app, ["eval", "helpfulness", "tiny-llama", "-i", str(folder), "--limit", "2", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert ("perplexity_warning" in payload) is blind
+    if blind:
+        assert "scope last" in payload["perplexity_warning"] and "warning:" in result.stderr

@@ -244,6 +244,9 @@ def helpfulness(
             progress=True,
         )
         current = report["intervened"] or report["base"]
+        blind = _perplexity_blind_to(iv)
+        if blind:
+            stderr_console().print(f"[yellow]warning:[/] {blind}")
         return {
             "model": model,
             "intervention": str(intervention or ""),
@@ -256,6 +259,7 @@ def helpfulness(
             "perplexity_base": report["base"]["perplexity"],
             "kl_mean": report["kl_mean"],
             "kl_max": report["kl_max"],
+            **({"perplexity_warning": blind} if blind else {}),
             **{
                 k: report[k]
                 for k in ("n_texts", "n_tokens", "n_kl_prompts", "base", "intervened", "per_item")
@@ -277,6 +281,19 @@ def helpfulness(
             ("next-token KL mean (nats)", result["kl_mean"]),
             ("next-token KL max (nats)", result["kl_max"]),
         ],
+    )
+
+
+def _perplexity_blind_to(iv: Any) -> str | None:
+    """Why teacher-forced perplexity cannot see this intervention, or None: it scores every token's
+    prediction inside the text, so edits only at the last position (or only on generated tokens,
+    which a teacher-forced pass has none of) never change it."""
+    kinds = {edit.scope.kind for edit in iv.edits} if iv is not None else set()
+    if not kinds or not kinds <= {"last", "generated"}:
+        return None
+    return (
+        f"perplexity cannot see this intervention (scope {'/'.join(sorted(kinds))}: teacher-forced "
+        "perplexity never scores those positions); read the next-token KL and MC accuracy instead"
     )
 
 
