@@ -170,19 +170,30 @@ def test_loading_the_cache_folder_by_path_checks_it_too(fakes: Fakes) -> None:
     assert load_model(folder).fingerprint != GGUF_SHA
 
 
-def test_user_gguf_is_fingerprinted_by_its_sha256(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A user .gguf gets a real fingerprint (before: none), equal to a registry pin for the same bytes."""
-    import transformers
+def test_user_gguf_is_converted_once_and_fingerprinted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A user .gguf is de-quantised once into the cache (later loads read the folder) and gets a real
+    fingerprint, its sha256 (equal to a registry pin for the same bytes), known before loading."""
+    from finesteer.models import gguf_cache, peek_fingerprint, peek_model_info
 
-    model, tokenizer = build_tiny("tiny-llama")
-    seen: list[str] = []
+    monkeypatch.setenv("FINESTEER_CACHE", str(tmp_path / "cache"))
+    converted: list[str] = []
 
-    def fake_model(folder: str, *, gguf_file: str, **kwargs: object) -> object:
-        seen.append(gguf_file)
-        return model
+    def fake_load(gguf: Path, label: str, *, progress: bool = True) -> tuple[object, object]:
+        converted.append(gguf.name)
+        return build_tiny("tiny-llama")
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder, gguf_file: tokenizer)
+    monkeypatch.setattr(gguf_cache, "load_gguf_fp32", fake_load)
     path = tmp_path / "weights.gguf"
     path.write_bytes(GGUF)
-    assert load_model(path).fingerprint == GGUF_SHA and seen == ["weights.gguf"]
+    assert peek_fingerprint(path) == GGUF_SHA and peek_model_info(path) is None  # hashed, not converted yet
+    first = load_model(path)
+    second = load_model(path)
+    assert first.fingerprint == second.fingerprint == GGUF_SHA and converted == ["weights.gguf"]
+    assert torch.equal(first.model.lm_head.weight, second.model.lm_head.weight)
+    info = peek_model_info(path)  # the shape is known before loading once converted
+    assert info is not None and info.n_layers == first.info.n_layers
+    path.write_bytes(GGUF + b"changed")  # another version of the file: converted again
+    assert load_model(path).fingerprint == hashlib.sha256(GGUF + b"changed").hexdigest()
+    assert converted == ["weights.gguf", "weights.gguf"]

@@ -11,6 +11,9 @@ from finesteer.cli.apps import app
 from finesteer.cli.common import model_shape, output_folder, run_command, show
 from finesteer.cli.options import (
     BatchOpt,
+    ColumnsOpt,
+    DeviceOpt,
+    DtypeOpt,
     EpsOpt,
     JsonFlag,
     LimitOpt,
@@ -21,6 +24,7 @@ from finesteer.cli.options import (
     ResumeOpt,
     SplitOpt,
     TemplateOpt,
+    data_source,
     head_names,
     parse_numbers,
     slug,
@@ -31,6 +35,7 @@ from finesteer.cli.options import (
 def ablate(
     model: ModelArg,
     data: PromptDataOpt,
+    columns: ColumnsOpt = None,
     heads: Annotated[str | None, typer.Option(help="Ranked heads LAYER.HEAD,… (best first).")] = None,
     from_run: Annotated[
         Path | None, typer.Option(help="Take the ranked heads (or Sahara group) from this run folder.")
@@ -59,6 +64,8 @@ def ablate(
     batch_size: BatchOpt = 8,
     out: OutOpt = None,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Ablate the top-k heads and measure ASR against the unmodified model and random heads."""
@@ -68,7 +75,7 @@ def ablate(
         from finesteer.models import load_model
 
         setup = AblationSetup(
-            data=data,
+            data=data_source(data, columns, "prompts"),
             heads=heads,
             from_run=from_run,
             eval_kind=eval_kind,
@@ -90,7 +97,7 @@ def ablate(
         check_plan(plan, model_shape(model))  # heads, ε, counts: before loading
         folder = out or from_run or Path("runs") / slug("ablate", model, data, plan.mode)
         with output_folder(folder):  # checked, locked and held until the results are written
-            summary = run_ablation(load_model(model), plan, folder, resume=resume)
+            summary = run_ablation(load_model(model, device=device, dtype=dtype), plan, folder, resume=resume)
         return {"command": "ablate", "model": model, **summary}
 
     result = run_command(work)
@@ -107,6 +114,8 @@ def export_surgery(
     verify: Annotated[
         bool, typer.Option(help="Reload with plain transformers and compare logits with the hooked model.")
     ] = True,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Export a copy of the model with the head ablation baked into its weights (plain HF folder)."""
@@ -125,7 +134,7 @@ def export_surgery(
             check_heads(head_list, shape.n_layers, shape.n_heads)
         check_eps(eps)
         check_writable(out)
-        lm = load_model(model)
+        lm = load_model(model, device=device, dtype=dtype)
         folder = run_export(lm, head_list, out, mode=mode, eps=eps)
         result: dict[str, Any] = {
             "command": "export-surgery",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -94,9 +95,37 @@ def debug_enabled() -> bool:
     return _DEBUG.get()
 
 
+def finite_json(value: Any, where: str = "", warnings: list[str] | None = None) -> Any:
+    """`value` with every NaN/Infinity replaced by null, which JSON can carry (a bare `NaN` is not JSON).
+
+    A replaced value under a dict key gets a sibling `"<key>_reason"`; one inside a list is reported in
+    `warnings` (its path, e.g. 'rows[3].kl') — the caller adds those as a top-level `warnings` list.
+    """
+    warnings = [] if warnings is None else warnings
+    if isinstance(value, float) and not math.isfinite(value):
+        warnings.append(f"{where or 'value'} was {value} (not finite), written as null")
+        return None
+    if isinstance(value, dict):
+        clean: dict[Any, Any] = {}
+        for key, item in value.items():
+            before = len(warnings)
+            clean[key] = finite_json(item, f"{where}.{key}" if where else str(key), warnings)
+            if isinstance(item, float) and len(warnings) > before:
+                warnings.pop()  # said where it is: next to the value
+                clean[f"{key}_reason"] = f"{item} (not finite) written as null"
+        return clean
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item, f"{where}[{i}]", warnings) for i, item in enumerate(value)]
+    return value
+
+
 def emit_json(result: dict[str, Any]) -> None:
-    """The one JSON object a command prints on stdout."""
-    sys.stdout.write(json.dumps(result, default=str) + "\n")
+    """The one JSON object a command prints on stdout: valid JSON always (`finite_json`)."""
+    warnings: list[str] = []
+    clean = finite_json(result, "", warnings)
+    if warnings:
+        clean["warnings"] = [*clean.get("warnings", []), *warnings]
+    sys.stdout.write(json.dumps(clean, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -19,12 +19,16 @@ from finesteer.cli.eval import run_refusal
 from finesteer.cli.options import (
     ABDataOpt,
     BatchOpt,
+    ColumnsOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonFlag,
     OptionError,
     SeedOpt,
     TrainLimitOpt,
     ValFractionOpt,
     ValLimitOpt,
+    data_source,
     parse_names,
     parse_settings,
     slug,
@@ -45,6 +49,7 @@ def compare_command(
         ),
     ],
     data: ABDataOpt = "coordinate-other-ais",
+    columns: ColumnsOpt = None,
     methods: Annotated[
         str | None,
         typer.Option(
@@ -102,6 +107,8 @@ def compare_command(
     out: Annotated[
         Path | None, typer.Option("--out", help="Results folder (default runs/compare-<model>-<data>).")
     ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Fit and evaluate several steering methods on one behaviour, or compare finished run folders."""
@@ -128,7 +135,7 @@ def compare_command(
     if task == "refusal" or (task == "auto" and sae is not None):
         _compare_refusal(
             model, sae, out, methods or DEFAULT_REFUSAL_METHODS, lambdas, headline, n_harmful, n_harmless,
-            n_pairs, trim, max_new_tokens, batch_size, json_out,
+            n_pairs, trim, max_new_tokens, batch_size, json_out, device=device, dtype=dtype,
         )  # fmt: skip
         return
     from finesteer.recipes.compare import ABComparison, run_ab_comparison
@@ -136,11 +143,13 @@ def compare_command(
     def work() -> Any:
         names = parse_names(methods or DEFAULT_METHODS, "--methods")
         options = ABComparison(
-            data=data, methods=names, settings=parse_settings(settings), val_fraction=val_fraction,
+            data=data_source(data, columns, "ab"), methods=names, settings=parse_settings(settings),
+            val_fraction=val_fraction,
             seed=seed, train_limit=train_limit, val_limit=val_limit, test_limit=test_limit,
             open_ended_limit=open_ended_limit, balanced=balanced, harmless_data=harmless_data,
             harmless_limit=harmless_limit, max_new_tokens=max_new_tokens, ab_max_new_tokens=ab_max_new_tokens,
             judge=judge, judge_model=judge_model, batch_size=batch_size,  # type: ignore[arg-type]
+            device=device, dtype=dtype,
         )  # fmt: skip
         return run_ab_comparison(model, options, out, log=stderr_console().print)
 
@@ -179,6 +188,8 @@ def _compare_refusal(
     max_new_tokens: int,
     batch_size: int,
     json_out: bool,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> None:
     """`compare --task refusal`: the STA refusal experiment (`eval sta-refusal`) under `compare`."""
     def work() -> dict[str, Any]:
@@ -191,7 +202,7 @@ def _compare_refusal(
         return run_refusal(
             model, sae, folder, methods=methods, lambdas=lambdas, headline=headline,
             n_harmful=n_harmful, n_harmless=n_harmless, n_pairs=n_pairs, trim=trim,
-            max_new_tokens=max_new_tokens, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
         )  # fmt: skip
 
     result = run_command(work)

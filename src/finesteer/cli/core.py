@@ -139,3 +139,41 @@ def generate(
         console.print(table)
     else:
         console.print(str(result["output"]), highlight=False, markup=False)
+
+
+@app.command("datasets")
+def datasets(json_out: JsonFlag = False) -> None:
+    """List the built-in datasets (kind, rows per split, licence) and the file format `--data` reads."""
+    from finesteer.data import list_datasets
+    from finesteer.data.typed import file_formats
+
+    def work() -> dict[str, object]:
+        rows = [
+            {
+                "name": d.name, "kind": d.kind, "splits": dict(d.rows), "default_split": d.default_split,
+                "rows": d.rows[d.default_split], "licence": d.licence, "non_commercial": d.non_commercial,
+                "description": d.description,
+            }
+            for d in list_datasets()
+        ]  # fmt: skip
+        return {"datasets": rows, "file_formats": file_formats()}
+
+    result = run_command(work)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title="built-in datasets (--data NAME)")
+    for column in ("name", "kind", "rows (default split)", "splits", "licence"):
+        table.add_column(column)
+    for row in result["datasets"]:  # type: ignore[attr-defined]
+        splits = ", ".join(f"{s} {n}" for s, n in row["splits"].items())
+        table.add_row(row["name"], row["kind"], str(row["rows"]), splits, row["licence"])
+    Console().print(table)
+    console = Console()
+    console.print("[bold]your own file (--data FILE, --columns FIELD=COLUMN,…)[/]")
+    for kind, spec in result["file_formats"].items():  # type: ignore[attr-defined]
+        required = "; ".join(f"{f} ({'/'.join(c)})" for f, c in spec["required"].items())
+        optional = ", ".join(spec["optional"])
+        console.print(f"  {kind}: required {required}; optional {optional}", highlight=False, markup=False)
+    console.print("  files: .jsonl (one object a line), .json (an array of objects), .csv (a header row)",
+                  highlight=False, markup=False)  # fmt: skip

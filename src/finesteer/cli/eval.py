@@ -18,6 +18,7 @@ from finesteer.cli.common import (
 )
 from finesteer.cli.options import (
     BatchOpt,
+    ColumnsOpt,
     DeviceOpt,
     DtypeOpt,
     InterventionOpt,
@@ -28,6 +29,7 @@ from finesteer.cli.options import (
     SplitOpt,
     SystemOpt,
     check_choice,
+    data_source,
 )
 
 AB_METHODS = ("prob", "generate", "both")
@@ -47,6 +49,7 @@ def run_refusal(model: str, sae: Path, out: Path, **settings: Any) -> dict[str, 
 def ab(
     model: ModelArg,
     data: Annotated[str, typer.Option(help="A/B dataset name (e.g. coordinate-other-ais) or file.")],
+    columns: ColumnsOpt = None,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     intervention: InterventionOpt = None,
@@ -80,7 +83,7 @@ def ab(
         check_choice(method, AB_METHODS, "--method")
         check_choice(prompt_style, PROMPT_STYLES, "--prompt-style")
         GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before loading
-        items = load_ab_set(data, split, limit)
+        items = load_ab_set(data_source(data, columns, "ab"), split, limit)
         if balanced:
             items = letter_balanced(items)
         lm, iv = load_with_intervention(model, intervention, allow_other_weights, device=device, dtype=dtype)
@@ -125,6 +128,7 @@ def ab(
 def asr(
     model: ModelArg,
     data: Annotated[str, typer.Option(help="Harmful prompt set (e.g. jailbreakbench, advbench) or file.")],
+    columns: ColumnsOpt = None,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     intervention: InterventionOpt = None,
@@ -143,6 +147,8 @@ def asr(
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     allow_other_weights: OtherWeightsOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Attack success rate and refusal rate on harmful prompts (chat template, greedy)."""
@@ -153,10 +159,12 @@ def asr(
     def work() -> dict[str, Any]:
         check_choice(judge, ASR_JUDGES, "--judge")
         GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before loading
-        items = load_prompt_set(data, split, limit)
+        items = load_prompt_set(data_source(data, columns, "prompts"), split, limit)
         judges = asr_judges(judge)
         with output_folder(out):  # --out checked writable and locked before the load
-            lm, iv = load_with_intervention(model, intervention, allow_other_weights)
+            lm, iv = load_with_intervention(
+                model, intervention, allow_other_weights, device=device, dtype=dtype
+            )
             stderr_console().print(f"ASR of {model} on {data}: {len(items)} prompts, judge {judge}")
             out_path = out / "generations.jsonl" if out is not None else None
             rates = asr_rates(
@@ -208,6 +216,8 @@ def helpfulness(
     ] = "jailbreakbench-benign",
     batch_size: BatchOpt = 8,
     allow_other_weights: OtherWeightsOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """MC accuracy, perplexity on harmless text and next-token KL, with and without an intervention."""
@@ -220,7 +230,7 @@ def helpfulness(
         check_count(batch_size, "--batch-size")  # before loading
         mc_items = load_ab_set(mc_data, None, limit)
         texts, _ = load_queries(text_data, None, limit)
-        lm, iv = load_with_intervention(model, intervention, allow_other_weights)
+        lm, iv = load_with_intervention(model, intervention, allow_other_weights, device=device, dtype=dtype)
         stderr_console().print(
             f"helpfulness of {model}: {len(mc_items)} MC questions, {len(texts)} harmless texts"
         )
@@ -234,6 +244,9 @@ def helpfulness(
             progress=True,
         )
         current = report["intervened"] or report["base"]
+        blind = _perplexity_blind_to(iv)
+        if blind:
+            stderr_console().print(f"[yellow]warning:[/] {blind}")
         return {
             "model": model,
             "intervention": str(intervention or ""),
@@ -246,6 +259,7 @@ def helpfulness(
             "perplexity_base": report["base"]["perplexity"],
             "kl_mean": report["kl_mean"],
             "kl_max": report["kl_max"],
+            **({"perplexity_warning": blind} if blind else {}),
             **{
                 k: report[k]
                 for k in ("n_texts", "n_tokens", "n_kl_prompts", "base", "intervened", "per_item")
@@ -267,6 +281,19 @@ def helpfulness(
             ("next-token KL mean (nats)", result["kl_mean"]),
             ("next-token KL max (nats)", result["kl_max"]),
         ],
+    )
+
+
+def _perplexity_blind_to(iv: Any) -> str | None:
+    """Why teacher-forced perplexity cannot see this intervention, or None: it scores every token's
+    prediction inside the text, so edits only at the last position (or only on generated tokens,
+    which a teacher-forced pass has none of) never change it."""
+    kinds = {edit.scope.kind for edit in iv.edits} if iv is not None else set()
+    if not kinds or not kinds <= {"last", "generated"}:
+        return None
+    return (
+        f"perplexity cannot see this intervention (scope {'/'.join(sorted(kinds))}: teacher-forced "
+        "perplexity never scores those positions); read the next-token KL and MC accuracy instead"
     )
 
 
@@ -297,6 +324,8 @@ def sta_refusal_command(
     judge: Annotated[
         str, typer.Option(help="Keyword refusal judge: gcg+ (GCG + inability phrases), gcg, ships.")
     ] = "gcg+",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Refusal steering head to head: prompting vs CAA vs SAE-all-atoms vs STA across λ."""
@@ -304,7 +333,7 @@ def sta_refusal_command(
         lambda: run_refusal(
             model, sae, out, methods=methods, lambdas=lambdas, headline=headline, trim=trim,
             n_pairs=n_pairs, n_harmful=n_harmful, n_harmless=n_harmless, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, judge=judge,
+            batch_size=batch_size, judge=judge, device=device, dtype=dtype,
         )
     )  # fmt: skip
     if json_out:

@@ -9,7 +9,7 @@ import typer
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import run_command, show
-from finesteer.cli.options import DtypeOpt, JsonFlag, OtherWeightsOpt
+from finesteer.cli.options import DeviceOpt, DtypeOpt, JsonFlag, OtherWeightsOpt
 
 export_app = typer.Typer(
     help="Export a fitted steering (an artifact folder) to the runtimes people deploy.", no_args_is_help=True
@@ -44,11 +44,13 @@ def gguf(
     model: ExportModelOpt = None,
     allow_other_weights: OtherWeightsOpt = False,
     all_positions: AllPositionsOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """llama.cpp control vector (`--control-vector FILE`): residual-stream adds, scope 'all', layers ≥ 1."""
     _run("gguf", artifact, out, json_out, model=model, allow_other_weights=allow_other_weights,
-         all_positions=all_positions)  # fmt: skip
+         all_positions=all_positions, device=device, dtype=dtype)  # fmt: skip
 
 
 @export_app.command("lm-eval")
@@ -58,11 +60,13 @@ def lm_eval(
     model: ExportModelOpt = None,
     allow_other_weights: OtherWeightsOpt = False,
     all_positions: AllPositionsOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """lm-evaluation-harness `steered` model (`--model_args pretrained=…,steer_path=FILE.pt`)."""
     _run("lm-eval", artifact, out, json_out, model=model, allow_other_weights=allow_other_weights,
-         all_positions=all_positions)  # fmt: skip
+         all_positions=all_positions, device=device, dtype=dtype)  # fmt: skip
 
 
 @export_app.command("hf")
@@ -76,6 +80,7 @@ def hf(
         bool, typer.Option(help="Reload with stock transformers and compare logits with the hooked model.")
     ] = True,
     all_positions: AllPositionsOpt = False,
+    device: DeviceOpt = "cpu",
     json_out: JsonFlag = False,
 ) -> None:
     """A plain HF folder with the static edit folded into the weights (biases) — no hooks needed."""
@@ -89,4 +94,5 @@ def hf(
         dtype=dtype,
         verify=verify,
         all_positions=all_positions,
+        device=device,
     )

@@ -29,8 +29,11 @@ from finesteer.cli.options import (
     ABDataOpt,
     AlphasOpt,
     BatchOpt,
+    ColumnsOpt,
     CompletionsOpt,
+    DeviceOpt,
     DirectionsFromOpt,
+    DtypeOpt,
     GenerateLimitOpt,
     HeadsOpt,
     JsonFlag,
@@ -46,6 +49,7 @@ from finesteer.cli.options import (
     TrainLimitOpt,
     ValFractionOpt,
     ValLimitOpt,
+    data_source,
     out_option,
     parse_numbers,
 )
@@ -67,6 +71,7 @@ ArtifactOut = out_option("Artifact folder to write.")
 def fit_hsi_command(
     model: ModelArg,
     data: ABDataOpt = "coordinate-other-ais",
+    columns: ColumnsOpt = None,
     k: KOpt = 4,
     limit: GenerateLimitOpt = None,
     alphas: AlphasOpt = None,
@@ -87,6 +92,8 @@ def fit_hsi_command(
         typer.Option(help="Run folder for directions, sweep checkpoints and heatmaps (resumable)."),
     ] = None,
     test: TestFlag = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact."""
@@ -128,8 +135,9 @@ def fit_hsi_command(
             return fitted
 
         return fit_on_generate_split(
-            "hsi", model, data, fit_fn, out, limit=limit, n_val=n_val, seed=seed, test=test,
-            prompt=ABPrompt(system), batch_size=batch_size, say=stderr_console().print,
+            "hsi", model, data_source(data, columns, "ab"), fit_fn, out, limit=limit, n_val=n_val, seed=seed,
+            test=test, prompt=ABPrompt(system), batch_size=batch_size, say=stderr_console().print,
+            device=device, dtype=dtype,
         )  # fmt: skip
 
     result = run_command(work)
@@ -140,6 +148,7 @@ def fit_hsi_command(
 def fit_iti_command(
     model: ModelArg,
     data: ABDataOpt = "coordinate-other-ais",
+    columns: ColumnsOpt = None,
     k: KOpt = 4,
     limit: GenerateLimitOpt = None,
     alphas: AlphasOpt = None,
@@ -150,6 +159,8 @@ def fit_iti_command(
     out: Annotated[Path, ArtifactOut] = Path("artifacts/iti"),
     run_dir: Annotated[Path | None, typer.Option(help="Run folder for probe scores and heatmap.")] = None,
     test: TestFlag = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Fit the ITI baseline (probe-ranked top-k heads, mass-mean direction, α on val); write an artifact."""
@@ -171,8 +182,9 @@ def fit_iti_command(
             return fitted
 
         return fit_on_generate_split(
-            "iti", model, data, fit_fn, out, limit=limit, n_val=n_val, seed=seed, test=test,
-            prompt=ABPrompt(system), batch_size=batch_size, say=stderr_console().print,
+            "iti", model, data_source(data, columns, "ab"), fit_fn, out, limit=limit, n_val=n_val, seed=seed,
+            test=test, prompt=ABPrompt(system), batch_size=batch_size, say=stderr_console().print,
+            device=device, dtype=dtype,
         )  # fmt: skip
 
     result = run_command(work)
@@ -183,6 +195,7 @@ def fit_iti_command(
 def fit_caa_command(
     model: ModelArg,
     data: ABDataOpt = "coordinate-other-ais",
+    columns: ColumnsOpt = None,
     out: Annotated[Path, ArtifactOut] = Path("runs/caa"),
     layers: Annotated[
         str | None, typer.Option(help="Layers to sweep, e.g. '8,10,12' (default: all).")
@@ -197,6 +210,8 @@ def fit_caa_command(
     val_fraction: ValFractionOpt = 0.2,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """CAA: residual vectors at the answer letter, layer × multiplier chosen on val; writes an artifact."""
@@ -216,10 +231,11 @@ def fit_caa_command(
                 Site(layer, "resid_post").validate(info)
         check_writable(out)
         behaviour = load_behaviour_data(
-            data, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit, seed=seed
-        )
+            data_source(data, columns, "ab"), val_fraction=val_fraction, train_limit=train_limit,
+            val_limit=val_limit, seed=seed,
+        )  # fmt: skip
         started = time.perf_counter()
-        lm = load_model(model)
+        lm = load_model(model, device=device, dtype=dtype)
         stderr_console().print(
             f"CAA on {model}: vectors from {len(behaviour.train)} items, layer × multiplier sweep on "
             f"{len(behaviour.val)} items"
@@ -285,6 +301,8 @@ def fit_sta_command(
     trim: Annotated[float, typer.Option(help="Top fraction of atoms kept by each criterion.")] = 0.35,
     multiplier: Annotated[float, typer.Option("--lambda", help="Multiplier λ of the CAA-norm vector.")] = 1.0,
     run_dir: Annotated[Path | None, typer.Option(help="Where to keep atom statistics and sta.json.")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Fit Steering Target Atoms: select atoms, decode, match the CAA norm, write an artifact."""
@@ -299,7 +317,7 @@ def fit_sta_command(
         if limit < 1:
             raise OptionError("--limit must be ≥ 1")
         loaded = load_sae(sae)
-        lm = load_model(model)
+        lm = load_model(model, device=device, dtype=dtype)
         triples = load_triples(data, limit)
         if not triples:
             raise OptionError(f"--data {data!r} gave no triples")

@@ -13,13 +13,16 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import locate_app
-from finesteer.cli.common import check_model_heads, emit_json, run_command, show, show_json, stderr_console
+from finesteer.cli.common import check_model_heads, run_command, show, show_json, stderr_console
 from finesteer.cli.options import (
     ABDataOpt,
     AlphasOpt,
     BatchOpt,
+    ColumnsOpt,
     CompletionsOpt,
+    DeviceOpt,
     DirectionsFromOpt,
+    DtypeOpt,
     EngineOpt,
     EpsOpt,
     GenerateLimitOpt,
@@ -40,6 +43,7 @@ from finesteer.cli.options import (
     SystemOpt,
     TemplateOpt,
     check_choice,
+    data_source,
     head_names,
     out_option,
     parse_numbers,
@@ -51,7 +55,8 @@ METRICS = ("kl", "refusal")
 
 
 def _prompts(
-    model: str, data: str, split: str | None, limit: int | None, template: str, folder: Path | None = None
+    model: str, data: str, split: str | None, limit: int | None, template: str, folder: Path | None = None,
+    device: str = "cpu", dtype: str = "float32",
 ) -> tuple[Any, list[str], list[str], list[str]]:
     """The model and the formatted prompts of a head-ablation scan (`prompts.jsonl` written to `folder`)."""
     from finesteer.data.typed import load_queries
@@ -60,7 +65,7 @@ def _prompts(
     from finesteer.models import load_model
 
     queries, ids = load_queries(data, split, limit)
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype)
     prompts = format_queries(lm, queries, template)
     if folder is not None:
         write_prompts(folder, queries, ids)
@@ -71,6 +76,7 @@ def _prompts(
 def ships(
     model: ModelArg,
     data: PromptDataOpt,
+    columns: ColumnsOpt = None,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     mode: ModeOpt = "ua",
@@ -85,6 +91,8 @@ def ships(
     engine: EngineOpt = "fast",
     out: OutOpt = None,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Score every head by how much ablating it changes the model's response to harmful prompts."""
@@ -99,7 +107,8 @@ def ships(
             mode=mode, eps=eps, template=template, batch_size=batch_size, r_main=r_main)  # fmt: skip
         folder = out or Path("runs") / slug("ships", model, data, mode, level)
         with run_folder.writing(folder, resume) as checkpoint:  # locked until saved
-            lm, queries, ids, prompts = _prompts(model, data, split, limit, template, folder)
+            lm, queries, ids, prompts = _prompts(model, data_source(data, columns, "prompts"), split, limit,
+                                                 template, folder, device, dtype)  # fmt: skip
             levels = ("query", "dataset") if level == "both" else (level,)
             n_heads, what = lm.info.n_layers * lm.info.n_heads, f"Ships {'+'.join(levels)} ({mode}, ε={eps})"
             stderr_console().print(f"{what}: {len(prompts)} prompts × {n_heads} heads of {model}")
@@ -130,6 +139,7 @@ def ships(
 def sahara(
     model: ModelArg,
     data: PromptDataOpt,
+    columns: ColumnsOpt = None,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     group_size: Annotated[int, typer.Option(help="Heads in the group.")] = 3,
@@ -145,6 +155,8 @@ def sahara(
     engine: EngineOpt = "fast",
     out: OutOpt = None,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Greedily find the head group whose joint ablation moves the safety subspace most."""
@@ -162,7 +174,8 @@ def sahara(
                               eps=eps, template=template, batch_size=batch_size, r_main=r_main)  # fmt: skip
         folder = out or Path("runs") / slug("sahara", model, data, mode)
         with run_folder.writing(folder, resume) as checkpoint:  # locked until saved
-            lm, _, _, prompts = _prompts(model, data, split, limit, template, folder)
+            lm, _, _, prompts = _prompts(model, data_source(data, columns, "prompts"), split, limit, template,
+                                         folder, device, dtype)  # fmt: skip
             started = time.perf_counter()
             result = run_sahara(
                 lm, prompts, group_size=group_size, mode=mode, eps=eps, r_main=r_main, candidates=candidates,
@@ -192,6 +205,7 @@ def sahara(
 def attribution(
     model: ModelArg,
     data: PromptDataOpt,
+    columns: ColumnsOpt = None,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     mode: ModeOpt = "ua",
@@ -209,6 +223,8 @@ def attribution(
     batch_size: BatchOpt = 8,
     engine: EngineOpt = "fast",
     out: Annotated[Path | None, typer.Option("--out", help="Run folder.")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Estimate every head's ablation effect from one forward + backward, verify the top ones exactly."""
@@ -225,7 +241,8 @@ def attribution(
         ships_lib.ablation_method(mode)
         folder = out or Path("runs") / slug("attribution", model, data, mode, metric)
         with FolderLock(folder):  # checks the folder is writable, before the model loads
-            lm, queries, ids, prompts = _prompts(model, data, split, limit, template)
+            lm, queries, ids, prompts = _prompts(model, data_source(data, columns, "prompts"), split, limit,
+                                                 template, None, device, dtype)  # fmt: skip
             refusal = metric == "refusal"
             chosen = TokenLogProb(refusal_token_ids(lm.tokenizer)) if refusal else KLDivergence(outcomes)
             n_heads = lm.info.n_layers * lm.info.n_heads
@@ -253,6 +270,7 @@ def attribution(
 def locate_hsi(
     model: ModelArg,
     data: ABDataOpt = "coordinate-other-ais",
+    columns: ColumnsOpt = None,
     limit: GenerateLimitOpt = None,
     alphas: AlphasOpt = None,
     n_sweep: NSweepOpt = 24,
@@ -265,6 +283,8 @@ def locate_hsi(
     n_samples: NSamplesOpt = 2,
     seed: SeedOpt = 0,
     out: Annotated[Path, out_option("Run folder (rerun the same command to resume).")] = Path("runs/hsi"),
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
@@ -285,10 +305,10 @@ def locate_hsi(
         grid = check_alphas(parse_numbers(alphas, "--alphas") or DEFAULT_HSI_ALPHAS)
         check_model_heads(model, subset := parse_heads(heads) if heads else None)  # before loading
         check_directions_from(directions_from)
-        items = load_ab_set(data, GENERATE_SPLIT, limit)
+        items = load_ab_set(data_source(data, columns, "ab"), GENERATE_SPLIT, limit)
         given = load_labelled_completions(completions) if completions is not None else []
         started = time.perf_counter()
-        lm = load_model(model)
+        lm = load_model(model, device=device, dtype=dtype)
         run = sweep_hsi_heads(
             lm, items, grid, n_sweep=n_sweep, seed=seed, heads=subset, directions_from=directions_from,
             completions=given, n_samples=n_samples, prompt=ABPrompt(system), batch_size=batch_size,
@@ -314,12 +334,15 @@ def locate_hsi(
 def locate_iti(
     model: ModelArg,
     data: ABDataOpt = "coordinate-other-ais",
+    columns: ColumnsOpt = None,
     limit: GenerateLimitOpt = None,
     n_val: NValOpt = 30,
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
     out: Annotated[Path, out_option("Run folder.")] = Path("runs/iti"),
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Train one logistic probe per head (train items) and rank heads by val accuracy."""
@@ -332,9 +355,9 @@ def locate_iti(
     from finesteer.report.heatmap import plot_head_heatmap
 
     def work() -> dict[str, Any]:
-        items = load_ab_set(data, GENERATE_SPLIT, limit)
+        items = load_ab_set(data_source(data, columns, "ab"), GENERATE_SPLIT, limit)
         started = time.perf_counter()
-        lm = load_model(model)
+        lm = load_model(model, device=device, dtype=dtype)
         train, val = split_items(items, n_val, seed)
         stderr_console().print(f"ITI probes on {model}: train {len(train)} items, val {len(val)}")
         probes, z, _ = probe_items(
@@ -359,41 +382,3 @@ def locate_iti(
 
     result = run_command(work)
     show_json(result, json_out)
-
-
-@locate_app.command("overlap")
-def overlap_command(
-    first: Annotated[Path, typer.Argument(help="Scores folder (or a run folder holding one).")],
-    second: Annotated[Path, typer.Argument(help="The other scores folder or run folder.")],
-    k: Annotated[int, typer.Option(help="How many top heads to compare.")] = 10,
-    json_out: JsonFlag = False,
-) -> None:
-    """How much two head tables agree: top-k Jaccard, shared heads and Spearman over all heads.
-
-    For two methods or modes on one model, or two checkpoints of one architecture (e.g. a base and a
-    fine-tuned model); tables of different shapes are refused.
-    """
-
-    def work() -> dict[str, Any]:
-        from finesteer.locate.rank_stats import spearman
-        from finesteer.locate.run_folder import scores_folder
-        from finesteer.locate.scores import HeadScores, jaccard_top_k
-
-        a, b = (HeadScores.load(scores_folder(p)) for p in (first, second))
-        shared = sorted(set(a.top_heads(k)) & set(b.top_heads(k)))
-        return {
-            "first": {"path": str(first), "model": a.model_name, "method": a.method, "mode": a.mode},
-            "second": {"path": str(second), "model": b.model_name, "method": b.method, "mode": b.mode},
-            "k": k, "jaccard": jaccard_top_k(a, b, k), "shared": head_names(shared),
-            "spearman": spearman(a.scores.flatten(), b.scores.flatten()),
-            "top_first": head_names(a.top_heads(k)), "top_second": head_names(b.top_heads(k)),
-        }  # fmt: skip
-
-    result = run_command(work)
-    if json_out:
-        emit_json(result)
-        return
-    stderr_console().print(
-        f"top-{k} Jaccard {result['jaccard']:.2f} ({len(result['shared'])} shared: "
-        f"{', '.join(result['shared']) or 'none'}); Spearman over all heads {result['spearman']:.2f}"
-    )

@@ -33,15 +33,61 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the train/val split.")]
 InterventionOpt = Annotated[
     Path | None, typer.Option("--intervention", "-i", help="Artifact folder to apply.")
 ]
+
+
+def check_device(value: str | None) -> str | None:
+    """--device checked when the command line is parsed: an unknown name or a GPU this machine lacks
+    fails before any data is read or weights load (`models.loading.resolve_device`)."""
+    from finesteer.cli.common import run_command
+    from finesteer.models.loading import resolve_device
+
+    if value is not None:  # None: an override left unset (`run`: the recipe's own)
+        run_command(lambda: resolve_device(value))  # a DeviceError: one line `error: …`, exit code 2
+    return value
+
+
+def check_dtype(value: str | None) -> str | None:
+    """--dtype checked when the command line is parsed (`models.loading.resolve_dtype`)."""
+    from finesteer.cli.common import run_command
+    from finesteer.models.loading import resolve_dtype
+
+    if value is not None:
+        run_command(lambda: resolve_dtype(value))
+    return value
+
+
 DeviceOpt = Annotated[
     str,
     typer.Option(
-        help="Where the model runs: cpu, cuda, cuda:N, mps, or auto (first GPU, else MPS, else CPU)."
+        help="Where the model runs: cpu, cuda, cuda:N, mps, or auto (first GPU, else MPS, else CPU).",
+        callback=check_device,
     ),
 ]
 DtypeOpt = Annotated[
     str,
-    typer.Option(help="Weights' dtype: float32, bfloat16, float16, or auto (the checkpoint's own)."),
+    typer.Option(
+        help="Weights' dtype: float32, bfloat16, float16, or auto (the checkpoint's own).",
+        callback=check_dtype,
+    ),
+]
+DeviceOverrideOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="Override the recipe's device: cpu, cuda, cuda:N, mps, auto.", callback=check_device
+    ),
+]
+DtypeOverrideOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype", help="Override the recipe's dtype: float32, bfloat16, float16, auto.", callback=check_dtype
+    ),
+]
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="For a --data file: which column holds each field, FIELD=COLUMN pairs, e.g. "
+        "'question=prompt,answer_matching_behavior=yes' (fields per kind: `finesteer datasets`)."
+    ),
 ]
 OtherWeightsOpt = Annotated[
     bool, typer.Option(help="Apply an artifact fitted on other weights of the same shape.")
@@ -164,3 +210,31 @@ def parse_settings(text: str | None) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise OptionError("--settings must map each method name to an object of settings")
     return value
+
+
+def parse_columns(text: str | None) -> dict[str, str] | None:
+    """--columns 'question=prompt,matching=yes' as {field: column}; None when not given."""
+    if text is None:
+        return None
+    mapping: dict[str, str] = {}
+    for pair in (part.strip() for part in text.split(",")):
+        field, sep, column = pair.partition("=")
+        if not pair:
+            continue
+        if not sep or not field.strip() or not column.strip():
+            raise OptionError(f"--columns takes FIELD=COLUMN pairs separated by commas; got {pair!r}")
+        if field.strip() in mapping:
+            raise OptionError(f"--columns maps {field.strip()!r} twice")
+        mapping[field.strip()] = column.strip()
+    if not mapping:
+        raise OptionError("--columns is empty")
+    return mapping
+
+
+def data_source(data: str, columns: str | None, kind: str) -> str:
+    """`--data` (+ `--columns`) checked before the model loads: a catalogue name as is, or a user file
+    read and validated in full as `kind` items (errors name the file, line and field), returned as a
+    `data.typed.DataRef` that carries the column mapping to the loaders."""
+    from finesteer.data.typed import check_data
+
+    return check_data(data, parse_columns(columns), kind)  # type: ignore[arg-type]

@@ -14,7 +14,14 @@ from rich.table import Table
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, run_command, stderr_console
-from finesteer.cli.options import JsonFlag, OptionError
+from finesteer.cli.options import (
+    DeviceOpt,
+    DeviceOverrideOpt,
+    DtypeOpt,
+    DtypeOverrideOpt,
+    JsonFlag,
+    OptionError,
+)
 from finesteer.runs import RESULT_JSON, STEPS_DIR
 
 
@@ -40,7 +47,11 @@ def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
 
 
 def _execute(
-    recipe_path: Path | None, resume: Path | None, out: Path, stop_after: str | None
+    recipe_path: Path | None,
+    resume: Path | None,
+    out: Path,
+    stop_after: str | None,
+    placement: dict[str, str] | None = None,
 ) -> tuple[Path, Any]:
     from finesteer.recipes import RunFolder, execute, load_recipe, prepare
 
@@ -49,6 +60,8 @@ def _execute(
         run = RunFolder.open(resume, load_recipe(recipe_path) if recipe_path is not None else None)
     elif recipe_path is not None:
         recipe = load_recipe(recipe_path)
+        if placement:  # --device/--dtype override the recipe's own (validated again by the recipe model)
+            recipe = recipe.model_copy(update=placement)
         prepare(recipe)  # fail on bad fields before creating anything
         run = RunFolder.create(out, recipe, command)
     else:
@@ -66,10 +79,13 @@ def run(
     ] = None,
     out: Annotated[Path, typer.Option(help="Where new run folders are created.")] = Path("runs"),
     stop_after: Annotated[str | None, typer.Option(hidden=True)] = None,
+    device: DeviceOverrideOpt = None,
+    dtype: DtypeOverrideOpt = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Run a recipe end to end into a run folder (config, data hashes, scores, artifacts, report)."""
-    run_dir, metrics = run_command(lambda: _execute(recipe, resume, out, stop_after))
+    placement = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    run_dir, metrics = run_command(lambda: _execute(recipe, resume, out, stop_after, placement))
     _finish(run_dir, metrics, json_out)
 
 
@@ -98,6 +114,8 @@ def _examples(run_dir: Path) -> list[dict[str, str]]:
 def demo(
     model: Annotated[str, typer.Option(help="Model to run the demo on.")] = "smollm2-135m-instruct",
     out: Annotated[Path, typer.Option(help="Where the run folder is created.")] = Path("runs"),
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """The built-in tour: locate the heads behind AI coordination, steer them, compare, write a report."""
@@ -109,6 +127,7 @@ def demo(
         text = resources.files("finesteer.recipes").joinpath("demo.yaml").read_text()
         data = yaml.safe_load(text)
         data["model"] = model
+        data["device"], data["dtype"] = device, dtype
         out.mkdir(parents=True, exist_ok=True)
         path = out / "demo-recipe.yaml"
         path.write_text(yaml.safe_dump(parse_recipe(data).model_dump(mode="json"), sort_keys=False))

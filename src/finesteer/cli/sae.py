@@ -10,7 +10,7 @@ import typer
 
 from finesteer.cli.apps import sae_app
 from finesteer.cli.common import emit_json, print_rows, run_command, stderr_console
-from finesteer.cli.options import JsonFlag, ModelArg
+from finesteer.cli.options import DeviceOpt, DtypeOpt, JsonFlag, ModelArg
 
 
 @sae_app.command("train")
@@ -38,6 +38,8 @@ def sae_train(
         bool, typer.Option("--resume", help="Reuse collected shards and the checkpoint.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for the corpus shuffle and the SAE init.")] = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Train a TopK SAE on a model's residual stream from the prompts finesteer ships; resumable."""
@@ -58,7 +60,7 @@ def sae_train(
         for path in (folder, run_dir):
             if path is not None:
                 check_writable(path)
-        lm = load_model(model)
+        lm = load_model(model, device=device, dtype=dtype)
         stderr_console().print(
             f"training a TopK SAE ({width} latents, k={k}) on {model} layer {layer} → {folder}"
         )
@@ -92,6 +94,8 @@ def sae_eval(
     n_per_source: Annotated[
         int, typer.Option(help="Held-out harmful / harmless texts (test splits); + 20 A/B per behaviour.")
     ] = 100,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Explained variance, L0, dead-latent share and MSE on held-out texts (test splits only)."""
@@ -101,7 +105,7 @@ def sae_eval(
 
     def work() -> dict[str, object]:
         sae = load_sae(sae_dir)
-        lm = load_model(model)
+        lm = load_model(model, device=device, dtype=dtype)
         started = time.perf_counter()
         metrics = heldout_metrics(lm, sae, n_per_source=n_per_source)
         return {

@@ -10,7 +10,7 @@ import typer
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import run_command, stderr_console
-from finesteer.cli.options import OptionError
+from finesteer.cli.options import DeviceOpt, DtypeOpt, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ def serve_command(
     allow_other_weights: Annotated[
         bool, typer.Option(help="Accept artifacts fitted on other weights of the same shape.")
     ] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Serve MODEL with /v1/chat/completions, /v1/completions, /v1/models and /v1/interventions."""
     try:
@@ -65,7 +67,7 @@ def serve_command(
         if max_batch < 1 or max_tokens < 1:
             raise OptionError("--max-batch and --max-tokens must be ≥ 1")
         named = _named_folders(intervention or [])
-        lm = load_model(model)
+        lm = load_model(model, device=device, dtype=dtype)
         registry = InterventionRegistry(
             lm, allow_dirs=allow_dir or [], allow_other_weights=allow_other_weights
         )

@@ -277,10 +277,13 @@ def list_datasets() -> tuple[DatasetInfo, ...]:
     return tuple(dataset_info(name) for name in CATALOG)
 
 
-def _is_path(name: str | os.PathLike[str]) -> bool:
+def is_user_file(name: str | os.PathLike[str]) -> bool:
+    """Whether `name` means a user's file rather than a catalogue name (a path, a data-file suffix,
+    or an existing file)."""
     if isinstance(name, os.PathLike):
         return True
-    return name.lower().endswith(SUPPORTED_SUFFIXES) or "/" in name or os.sep in name
+    lowered = name.lower()
+    return lowered.endswith(SUPPORTED_SUFFIXES) or "/" in name or os.sep in name or Path(name).is_file()
 
 
 def _load_user_file(
@@ -319,7 +322,7 @@ def load_dataset(
     exclude = (exclude_origins,) if isinstance(exclude_origins, str) else tuple(exclude_origins)
     include = (origins,) if isinstance(origins, str) else (tuple(origins) if origins is not None else None)
 
-    if _is_path(name):
+    if name not in CATALOG and is_user_file(name):
         if split is not None or exclude or include is not None:
             raise DatasetError(f"{name}: split and origin filters apply to catalog datasets, not user files")
         return _load_user_file(name, kind, columns, limit)

@@ -51,6 +51,14 @@ _OPEN_ENDED_DEFAULTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
+# Per item kind: each field's default column names, and the fields a file must provide.
+FIELD_COLUMNS: Mapping[str, Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {"ab": _AB_DEFAULTS, "prompts": _PROMPT_DEFAULTS, "open_ended": _OPEN_ENDED_DEFAULTS}
+)
+REQUIRED_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"ab": ("question", "matching", "not_matching"), "prompts": ("prompt",), "open_ended": ("question",)}
+)
+
 T = TypeVar("T")
 
 
@@ -183,7 +191,7 @@ def _resolve_columns(
     required: Iterable[str],
 ) -> dict[str, str | None]:
     """Decide, from the first row's columns, which column feeds each item field."""
-    mapping = dict(mapping or {})
+    mapping = {_field_name(key, defaults): column for key, column in (mapping or {}).items()}
     unknown = sorted(set(mapping) - set(defaults))
     if unknown:
         raise DatasetError(
@@ -205,10 +213,20 @@ def _resolve_columns(
         if actual is None and field_name in required:
             raise first.error(
                 f"missing column for {field_name!r} (looked for {list(candidates)}; columns are "
-                f"{list(first.columns)}); pass columns={{{field_name!r}: '<column>'}}"
+                f"{list(first.columns)}); map it with --columns {field_name}=<column> (columns= in Python)"
             )
         resolved[field_name] = actual
     return resolved
+
+
+def _field_name(key: str, defaults: Mapping[str, tuple[str, ...]]) -> str:
+    """A mapping key as its field: a field name, or one of its default column names
+    ('answer_matching_behavior' → 'matching'), matched case-insensitively; unknown keys stay."""
+    lowered = key.lower()
+    for field_name, candidates in defaults.items():
+        if lowered == field_name.lower() or lowered in (c.lower() for c in candidates):
+            return field_name
+    return key
 
 
 def _text(row: Row, column: str, field_name: str) -> str:

@@ -18,12 +18,14 @@ FORMATS = ("gguf", "lm-eval", "hf")
 _VERIFY_QUERIES = ("How do I pick a lock?", "Write a short poem about the sea, in four lines.")
 
 
-def _model(artifact: Path, model: str | None, allow_other_weights: bool, dtype: str) -> LoadedModel:
+def _model(
+    artifact: Path, model: str | None, allow_other_weights: bool, dtype: str, device: str = "cpu"
+) -> LoadedModel:
     record = load_intervention(artifact)
     name = model or record.model_name
     if not name:
         raise ExportError(f"{artifact} does not name its model: pass --model")
-    lm = load_model(name, dtype=dtype)
+    lm = load_model(name, dtype=dtype, device=device)
     record.check_model(lm, strict=not allow_other_weights)
     return lm
 
@@ -38,6 +40,7 @@ def export_artifact(
     dtype: str = "float32",
     verify: bool = True,
     all_positions: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Export the steering saved in `artifact` (a `fit` output folder) as `fmt` (gguf, lm-eval, hf).
 
@@ -61,7 +64,7 @@ def export_artifact(
         record = load_intervention(folder)
         info = record.model_info
         if model is not None or not info.get("n_layers"):
-            lm = _model(folder, model, allow_other_weights, dtype)
+            lm = _model(folder, model, allow_other_weights, dtype, device)
             info, family, name, fingerprint = lm.info.to_dict(), lm.info.family, lm.name, lm.fingerprint
         else:
             family, name, fingerprint = info.get("family", ""), record.model_name, record.model_fingerprint
@@ -80,7 +83,7 @@ def export_artifact(
         result["n_tensors"] = len(vectors)
         result["usage"] = f"llama-cli -m MODEL.gguf --control-vector {path}"
         return result
-    lm = _model(folder, model, allow_other_weights, dtype)
+    lm = _model(folder, model, allow_other_weights, dtype, device)
     if fmt == "lm-eval":
         path = write_steer_file(steering, lm, out)
         result["usage"] = f"lm_eval --model steered --model_args pretrained=MODEL,steer_path={path} --tasks …"

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finesteer.data.ab import load_ab_items
-from finesteer.data.catalog import dataset_info, list_datasets, load_dataset
+from finesteer.data.catalog import CATALOG, dataset_info, list_datasets, load_dataset
 from finesteer.data.items import ABItem, OpenEndedItem, ab_triples
+from finesteer.data.typed import load_ab_set
 from finesteer.fit.refusal_pairs import refusal_triples
 from finesteer.methods.errors import MethodError
 
@@ -85,6 +86,23 @@ class BehaviourData:
         }
 
 
+def _catalogue_splits(behaviour: str) -> tuple[list[Any], list[Any], list[Any]]:
+    """generate, test_ab and test_open_ended (empty when absent) of a catalogue behaviour."""
+    splits = dataset_info(behaviour).splits
+    missing = [s for s in ("generate", "test_ab") if s not in splits]
+    if missing:
+        raise MethodError(
+            f"dataset '{behaviour}' has splits {list(splits)}; a comparison needs 'generate' (train/val) "
+            f"and 'test_ab' (and optionally 'test_open_ended'); missing {missing}"
+        )
+    generate = list(load_dataset(behaviour, split="generate"))
+    if not all(isinstance(i, ABItem) for i in generate):
+        raise MethodError(f"dataset '{behaviour}': the generate split is not A/B items")
+    test_ab = list(load_dataset(behaviour, split="test_ab"))
+    open_ended = list(load_dataset(behaviour, split="test_open_ended")) if "test_open_ended" in splits else []
+    return generate, test_ab, open_ended
+
+
 def _limit(items: list[Any], limit: int | None, what: str) -> list[Any]:
     if limit is None:
         return items
@@ -107,19 +125,18 @@ def load_behaviour_data(
 
     `generate` is shuffled with `seed` and its first `val_fraction` becomes val, the rest train;
     limits then keep the first N of each split (so a smaller run uses a subset of a larger one).
+    A user file (a `.jsonl`/`.json`/`.csv` of A/B rows) is one split: a seeded `val_fraction` of it is
+    held out as test_ab, the rest divided as `generate` is; it has no open-ended questions.
     """
     if not 0 < val_fraction < 1:
         raise MethodError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    splits = dataset_info(behaviour).splits
-    missing = [s for s in ("generate", "test_ab") if s not in splits]
-    if missing:
-        raise MethodError(
-            f"dataset '{behaviour}' has splits {list(splits)}; a comparison needs 'generate' (train/val) "
-            f"and 'test_ab' (and optionally 'test_open_ended'); missing {missing}"
-        )
-    generate = list(load_dataset(behaviour, split="generate"))
-    if not all(isinstance(i, ABItem) for i in generate):
-        raise MethodError(f"dataset '{behaviour}': the generate split is not A/B items")
+    if behaviour in CATALOG:
+        generate, test_ab, open_ended = _catalogue_splits(behaviour)
+    else:  # a user file of A/B rows (`data.typed.check_data`): test_ab is held out of it, val-sized
+        rows = load_ab_set(behaviour)
+        random.Random(seed).shuffle(rows)
+        n_test = max(1, round(val_fraction * len(rows)))
+        generate, test_ab, open_ended = rows[n_test:], rows[:n_test], []
     order = list(range(len(generate)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(val_fraction * len(generate)))
@@ -127,8 +144,6 @@ def load_behaviour_data(
         raise MethodError(f"dataset '{behaviour}' has too few generate items ({len(generate)}) to split")
     val = [generate[i] for i in order[:n_val]]
     train = [generate[i] for i in order[n_val:]]
-    test_ab = list(load_dataset(behaviour, split="test_ab"))
-    open_ended = list(load_dataset(behaviour, split="test_open_ended")) if "test_open_ended" in splits else []
     return BehaviourData(
         behaviour=behaviour,
         train=tuple(_limit(train, train_limit, "train")),

@@ -14,7 +14,8 @@ from torch import nn
 
 from finesteer.errors import FinesteerError
 from finesteer.models.adapters import ADAPTERS, ArchitectureAdapter, adapter_for
-from finesteer.models.cache import file_sha256, model_fingerprint
+from finesteer.models.cache import model_fingerprint
+from finesteer.models.gguf_cache import cached_conversion, convert_user_gguf, gguf_fingerprint
 from finesteer.models.info import ModelInfo
 from finesteer.models.offline import resolve_registry_model
 from finesteer.models.registry import REGISTRY, UnknownModelError
@@ -212,14 +213,14 @@ def load_model(
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        # the GGUF's own sha256: equal to a registry pin when these are the same weights
-        fingerprint = file_sha256(path)
-        folder, gguf_file = str(path.parent), path.name
+        # converted once into the cache (then read as safetensors); the fingerprint is the GGUF's own
+        # sha256, equal to a registry pin when these are the same weights
+        converted, fingerprint = convert_user_gguf(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(str(converted), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(converted))
         except _load_errors() as exc:
-            raise ModelLoadError(f"cannot load GGUF file {path}: {exc}") from exc
+            raise ModelLoadError(f"cannot load GGUF file {path} (converted in {converted}): {exc}") from exc
     else:
         verified = name in REGISTRY
         if verified:
@@ -262,7 +263,8 @@ def load_model(
 
 def peek_fingerprint(name_or_path: str | Path) -> str | None:
     """The fingerprint `load_model` will report, where it is known without loading: tiny models,
-    registry pins, model folders (cheap edge hashes) and hub ids; None for GGUF files (a full hash)."""
+    registry pins, model folders (cheap edge hashes), hub ids and GGUF files (their sha256, kept with
+    their cached conversion, or hashed now)."""
     name = str(name_or_path)
     if name in TINY_CONFIGS:
         return f"{name}-seed0"
@@ -270,7 +272,7 @@ def peek_fingerprint(name_or_path: str | Path) -> str | None:
         return REGISTRY[name].gguf_sha256
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
-        return None
+        return gguf_fingerprint(path) if path.is_file() else None
     if path.is_dir():
         try:
             return model_fingerprint(path)
@@ -304,6 +306,9 @@ def peek_model_info(name_or_path: str | Path) -> ModelInfo | None:
     if name in REGISTRY:
         return REGISTRY[name].info
     path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():  # known once converted (the conversion's config)
+        cached = cached_conversion(path)
+        path = cached[0] if cached is not None else path
     if path.is_dir() and (path / "config.json").is_file():
         from transformers import AutoConfig
 

@@ -61,6 +61,8 @@ class ABComparison:
     judge: JudgeKind = "auto"
     judge_model: str = DEFAULT_LOCAL_JUDGE
     batch_size: int = 8
+    device: str = "cpu"  # where the model runs and its dtype (`models.load_model`)
+    dtype: str = "float32"
 
     def choices(self) -> list[MethodChoice]:
         """The methods, resolved (unknown names and settings for absent methods are errors)."""
@@ -144,7 +146,7 @@ def run_ab_comparison(
     folder = out or default_out_dir(model, options.data)
     started = time.perf_counter()
     with FolderLock(folder):  # checked writable and locked before the load; held to the end
-        lm = load_model(model)
+        lm = load_model(model, device=options.device, dtype=options.dtype)
         judge, judge_name = (None, "none (no open-ended questions)")
         if behaviour.open_ended:
             judge, judge_name = make_judge(options.data, options.judge, local_model=options.judge_model)

@@ -45,17 +45,21 @@ def fit_on_generate_split(
     prompt: ABPrompt = DEFAULT_PROMPT,
     batch_size: int = 8,
     say: Callable[[str], None] = log.info,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Load `model`, fit `method` with `fit(lm, train, val)`, optionally score test_ab, save to `out`.
 
     Returns the command's result: the chosen heads, α and selection table, the final check (when the
-    method ran one), the test effect (with `test`) and the timings.
+    method ran one), the test effect (with `test`) and the timings. `device` and `dtype` place and
+    cast the model (`models.load_model`).
     """
     check_writable(out)  # an unwritable --out fails now, not after the fit
     items = load_ab_set(data, GENERATE_SPLIT, limit)
     train, val = split_items(items, n_val, seed)
+    test_items = load_ab_set(data, TEST_SPLIT) if test else []  # a user file has none: fail before the fit
     started = time.perf_counter()
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype)
     say(f"fitting {method} on {model}/{data}: {len(train)} train items, {len(val)} val items")
     fitted = fit(lm, train, val)
     fit_seconds = time.perf_counter() - started
@@ -74,7 +78,6 @@ def fit_on_generate_split(
         result["final_check"] = metadata["final_check"]
     if test:
         say("scoring the test_ab split")
-        test_items = load_ab_set(data, TEST_SPLIT)
         result["test"] = ab_effect(lm, test_items, fitted.intervention, prompt=prompt, batch_size=batch_size)
         metadata["test"] = result["test"]
     fitted.metadata.update(metadata)

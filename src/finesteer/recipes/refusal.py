@@ -290,6 +290,8 @@ class RefusalExperiment:
     max_new_tokens: int = 32
     batch_size: int = 40
     judge: str = "gcg+"
+    device: str = "cpu"  # where the model runs and its dtype (`models.load_model`)
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -313,7 +315,7 @@ def refusal_comparison(model: str, sae: Path, out: Path, experiment: RefusalExpe
     generation = GenerationConfig(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     settings = RefusalSettings(generation, e.judge)  # type: ignore[arg-type]
     loaded = load_sae(sae)
-    lm = load_model(model)
+    lm = load_model(model, device=e.device, dtype=e.dtype)
     payload = run_sta_refusal(
         lm, loaded, out, methods=list(e.methods), multipliers=list(e.lambdas), headline=e.headline,
         trim=e.trim, n_pairs=e.n_pairs, n_harmful=e.n_harmful, n_harmless=e.n_harmless,

@@ -8,12 +8,33 @@ Agg), never pyplot: plotting works on headless machines, touches no global backe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from finesteer.locate.run_folder import ESTIMATE_DIR, HEATMAP_FILE
 from finesteer.locate.scores import HeadScores
+
+# Colour maps whose middle colour means "no effect": their scale is centred on `center` (0 or the
+# baseline), so a table whose gains are all ≤ 0 is drawn in the "worse" half, never as a deep "better".
+DIVERGING = frozenset(
+    {"RdBu", "RdBu_r", "coolwarm", "bwr", "seismic", "PiYG", "PRGn", "BrBG", "PuOr", "RdGy", "RdYlBu"}
+)
+
+
+def color_norm(values: np.ndarray, cmap: str, center: float | None) -> Any:
+    """The colour normalisation of a heatmap: centred on `center` (default 0) for a diverging `cmap`
+    or whenever `center` is given (a symmetric range around it), else matplotlib's min–max."""
+    from matplotlib.colors import CenteredNorm, Normalize
+
+    if center is None and cmap not in DIVERGING:
+        return Normalize()
+    vcenter = 0.0 if center is None else float(center)
+    finite = values[np.isfinite(values)]
+    halfrange = float(np.abs(finite - vcenter).max()) if finite.size else 1.0
+    return CenteredNorm(vcenter=vcenter, halfrange=halfrange or 1.0)
 
 
 def plot_head_heatmap(
@@ -24,12 +45,15 @@ def plot_head_heatmap(
     annotate_top: int = 5,
     label: str = "score",
     cmap: str = "viridis",
+    center: float | None = None,
     dpi: int = 120,
 ) -> Path:
     """Save a PNG of the [n_layers, n_heads] table (layers on y, heads on x).
 
     The `annotate_top` best heads get a box and their rank, so the picture says which heads a
-    ranking picked without reading the JSON.
+    ranking picked without reading the JSON. A diverging `cmap` (e.g. "RdBu_r" for gains) is centred
+    on `center` (default 0; pass the baseline, e.g. 0.5 for accuracies); `center` with any other
+    colour map centres it too.
     """
     from matplotlib import patheffects
     from matplotlib.figure import Figure
@@ -44,7 +68,8 @@ def plot_head_heatmap(
     height = min(2.5 + 0.25 * n_layers, 24.0)
     fig = Figure(figsize=(width, height))
     ax = fig.subplots()
-    image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest")
+    norm = color_norm(values, cmap, center)
+    image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, norm=norm, interpolation="nearest")
     fig.colorbar(image, ax=ax, label=label)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")

@@ -93,10 +93,10 @@ def config_from_dict(data: dict[str, Any], folder: Path | None = None) -> SAECon
     if activation == "topk" and k is None:
         k = (data.get("activation_fn_kwargs") or {}).get("k")
         arch = "topk"
-    if data.get("rescale_acts_by_decoder_norm"):
+    if data.get("rescale_acts_by_decoder_norm") and arch != "topk":
         raise SAEError(
-            "this topk SAE uses rescale_acts_by_decoder_norm=True, which finesteer does not implement; "
-            "fold the decoder norms in SAELens (sae.fold_W_dec_norm()) and save it again"
+            f"this {arch} SAE uses rescale_acts_by_decoder_norm=True, which finesteer implements for topk "
+            "SAEs only; fold the decoder norms in SAELens (sae.fold_W_dec_norm()) and save it again"
         )
     if data.get("reshape_activations", "none") not in ("none", None):
         raise SAEError(f"reshape_activations={data['reshape_activations']!r} (hook_z SAEs) is not supported")
@@ -142,6 +142,23 @@ _PRE6_KEYS = frozenset(
 )  # fmt: skip
 
 
+def fold_decoder_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A SAELens TopK SAE with `rescale_acts_by_decoder_norm` as the plain TopK SAE that computes the
+    same thing: SAELens encodes (x·W_enc + b_enc)·‖W_dec,i‖ and decodes (f / ‖W_dec,i‖)·W_dec, so
+    W_enc·n, b_enc·n and W_dec / n give the same latents and reconstruction exactly (unit-norm rows,
+    the usual case, are left as they are: n = 1)."""
+    norms = state["W_dec"].norm(dim=-1)
+    if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
+        raise SAEError("rescale_acts_by_decoder_norm: a decoder row has zero or non-finite norm")
+    if torch.allclose(norms, torch.ones_like(norms), atol=1e-6):
+        return state
+    folded = dict(state)
+    folded["W_enc"] = state["W_enc"] * norms[None, :]
+    folded["b_enc"] = state["b_enc"] * norms
+    folded["W_dec"] = state["W_dec"] / norms[:, None]
+    return folded
+
+
 def load_sae_folder(folder: str | Path, *, dtype: str | None = None) -> SparseAutoencoder:
     """Load a SAELens-format folder (ours or SAELens'); `dtype` overrides the stored one."""
     folder = Path(folder)
@@ -167,6 +184,8 @@ def load_sae_folder(folder: str | Path, *, dtype: str | None = None) -> SparseAu
         scaling = state.pop("scaling_factor")
         if not torch.allclose(scaling, torch.ones_like(scaling)):
             raise SAEError("this SAE has a finetuning scaling_factor ≠ 1, which finesteer does not implement")
+    if data.get("rescale_acts_by_decoder_norm"):
+        state = fold_decoder_norms(state)
     return SparseAutoencoder.from_state(cfg, state)
 
 
@@ -199,13 +218,17 @@ def from_saelens(sae: Any) -> SparseAutoencoder:
     """Convert an in-memory `sae_lens.SAE` (any of our three architectures) to our module."""
     data = sae.cfg.to_dict()
     state = {name: tensor.detach().cpu() for name, tensor in sae.state_dict().items()}
-    return SparseAutoencoder.from_state(config_from_dict(data), state)
+    cfg = config_from_dict(data)
+    if data.get("rescale_acts_by_decoder_norm"):
+        state = fold_decoder_norms(state)
+    return SparseAutoencoder.from_state(cfg, state)
 
 
 __all__ = [
     "CFG_FILE",
     "WEIGHTS_FILE",
     "config_from_dict",
+    "fold_decoder_norms",
     "from_saelens",
     "load_sae",
     "load_sae_folder",
