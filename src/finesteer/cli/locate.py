@@ -13,10 +13,12 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import locate_app
-from finesteer.cli.common import check_model_heads, emit_json, run_command, show, show_json, stderr_console
+from finesteer.cli.common import check_model_heads, run_command, show, show_json, stderr_console
 from finesteer.cli.options import (
     ABDataOpt,
+    ActorsOpt,
     AlphasOpt,
+    BackendOpt,
     BatchOpt,
     CompletionsOpt,
     DirectionsFromOpt,
@@ -30,10 +32,13 @@ from finesteer.cli.options import (
     ModeOpt,
     NSamplesOpt,
     NSweepOpt,
+    NumCpusOpt,
+    NumGpusOpt,
     NValOpt,
     OutOpt,
     PromptDataOpt,
     RankOpt,
+    RayAddressOpt,
     ResumeOpt,
     SeedOpt,
     SplitOpt,
@@ -85,16 +90,25 @@ def ships(
     engine: EngineOpt = "fast",
     out: OutOpt = None,
     resume: ResumeOpt = False,
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = 2,
+    num_cpus: NumCpusOpt = 1.0,
+    num_gpus: NumGpusOpt = 0.0,
     json_out: JsonFlag = False,
 ) -> None:
     """Score every head by how much ablating it changes the model's response to harmful prompts."""
 
     def work() -> dict[str, Any]:
+        from finesteer.cli.plans import backend_options, open_backend
         from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
+        from finesteer.locate.ships_plan import run_ships_plan
         from finesteer.report.heatmap import plot_head_heatmap
+        from finesteer.runs.records import JsonlRecords
 
         check_choice(level, LEVELS, "--level")
+        where = backend_options(backend, ray_address, actors, num_cpus, num_gpus)
         ships_lib.check_scan_settings(  # every check that needs no weights, before loading
             mode=mode, eps=eps, template=template, batch_size=batch_size, r_main=r_main)  # fmt: skip
         folder = out or Path("runs") / slug("ships", model, data, mode, level)
@@ -104,14 +118,16 @@ def ships(
             n_heads, what = lm.info.n_layers * lm.info.n_heads, f"Ships {'+'.join(levels)} ({mode}, ε={eps})"
             stderr_console().print(f"{what}: {len(prompts)} prompts × {n_heads} heads of {model}")
             started = time.perf_counter()
-            tables = ships_lib.ships_scores(
-                lm, prompts, levels=levels, mode=mode, eps=eps, r_main=r_main, batch_size=batch_size,
-                checkpoint=checkpoint, engine=engine,
-            )  # fmt: skip
+            with open_backend(where, model, lm) as runner:  # jobs stored in the run folder as they finish
+                tables = run_ships_plan(
+                    lm, prompts, levels=levels, mode=mode, eps=eps, r_main=r_main, batch_size=batch_size,
+                    engine=engine, backend=runner, store=JsonlRecords(checkpoint / "jobs.jsonl"),
+                )  # fmt: skip
             seconds = round(time.perf_counter() - started, 1)
             info = {
                 "command": "locate ships", "model": model, "data": data, "split": split, "limit": limit,
                 "n_prompts": len(prompts), "mode": mode, "eps": eps, "template": template, "seconds": seconds,
+                "backend": backend,
             }  # fmt: skip
             combined = level == "both"
             payload = run_folder.save_ships(
@@ -359,41 +375,3 @@ def locate_iti(
 
     result = run_command(work)
     show_json(result, json_out)
-
-
-@locate_app.command("overlap")
-def overlap_command(
-    first: Annotated[Path, typer.Argument(help="Scores folder (or a run folder holding one).")],
-    second: Annotated[Path, typer.Argument(help="The other scores folder or run folder.")],
-    k: Annotated[int, typer.Option(help="How many top heads to compare.")] = 10,
-    json_out: JsonFlag = False,
-) -> None:
-    """How much two head tables agree: top-k Jaccard, shared heads and Spearman over all heads.
-
-    For two methods or modes on one model, or two checkpoints of one architecture (e.g. a base and a
-    fine-tuned model); tables of different shapes are refused.
-    """
-
-    def work() -> dict[str, Any]:
-        from finesteer.locate.rank_stats import spearman
-        from finesteer.locate.run_folder import scores_folder
-        from finesteer.locate.scores import HeadScores, jaccard_top_k
-
-        a, b = (HeadScores.load(scores_folder(p)) for p in (first, second))
-        shared = sorted(set(a.top_heads(k)) & set(b.top_heads(k)))
-        return {
-            "first": {"path": str(first), "model": a.model_name, "method": a.method, "mode": a.mode},
-            "second": {"path": str(second), "model": b.model_name, "method": b.method, "mode": b.mode},
-            "k": k, "jaccard": jaccard_top_k(a, b, k), "shared": head_names(shared),
-            "spearman": spearman(a.scores.flatten(), b.scores.flatten()),
-            "top_first": head_names(a.top_heads(k)), "top_second": head_names(b.top_heads(k)),
-        }  # fmt: skip
-
-    result = run_command(work)
-    if json_out:
-        emit_json(result)
-        return
-    stderr_console().print(
-        f"top-{k} Jaccard {result['jaccard']:.2f} ({len(result['shared'])} shared: "
-        f"{', '.join(result['shared']) or 'none'}); Spearman over all heads {result['spearman']:.2f}"
-    )

@@ -67,7 +67,9 @@ class BackendOptions:
             raise BackendError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         check_count(self.actors, "actors")
         if self.num_cpus <= 0 or self.num_gpus < 0:
-            raise BackendError(f"--num-cpus must be > 0 and --num-gpus ≥ 0, got {self.num_cpus}, {self.num_gpus}")
+            raise BackendError(
+                f"--num-cpus must be > 0 and --num-gpus ≥ 0, got {self.num_cpus}, {self.num_gpus}"
+            )
         if self.threads is not None:
             check_count(self.threads, "threads")
 

@@ -32,7 +32,7 @@ QUEUED_PER_ACTOR = 2
 def import_ray() -> Any:
     """The `ray` module, or a BackendError saying how to install it (checked before any model loads)."""
     try:
-        import ray  # noqa: PLC0415 — optional and heavy: `import finesteer` must not import it
+        import ray  # optional and heavy: `import finesteer` must not import it
     except ImportError as exc:
         raise BackendError("--backend ray needs Ray: pip install 'finesteer[ray]' (ray>=2.9)") from exc
     return ray
