@@ -281,9 +281,15 @@ def locate_hsi(
     n_samples: NSamplesOpt = 2,
     seed: SeedOpt = 0,
     out: Annotated[Path, out_option("Run folder (rerun the same command to resume).")] = Path("runs/hsi"),
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = 2,
+    num_cpus: NumCpusOpt = 1.0,
+    num_gpus: NumGpusOpt = 0.0,
     json_out: JsonFlag = False,
 ) -> None:
     """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
+    from finesteer.cli.plans import backend_options, open_backend
     from finesteer.data.typed import load_ab_set
     from finesteer.fit.completions import load_labelled_completions
     from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS
@@ -301,15 +307,17 @@ def locate_hsi(
         grid = check_alphas(parse_numbers(alphas, "--alphas") or DEFAULT_HSI_ALPHAS)
         check_model_heads(model, subset := parse_heads(heads) if heads else None)  # before loading
         check_directions_from(directions_from)
+        where = backend_options(backend, ray_address, actors, num_cpus, num_gpus)
         items = load_ab_set(data, GENERATE_SPLIT, limit)
         given = load_labelled_completions(completions) if completions is not None else []
         started = time.perf_counter()
         lm = load_model(model)
-        run = sweep_hsi_heads(
-            lm, items, grid, n_sweep=n_sweep, seed=seed, heads=subset, directions_from=directions_from,
-            completions=given, n_samples=n_samples, prompt=ABPrompt(system), batch_size=batch_size,
-            rank_by=rank_by, run_dir=out,  # type: ignore[arg-type]
-        )  # fmt: skip
+        with open_backend(where, model, lm) as runner:  # per-layer jobs, stored in OUT/sweep/jobs.jsonl
+            run = sweep_hsi_heads(
+                lm, items, grid, n_sweep=n_sweep, seed=seed, heads=subset, directions_from=directions_from,
+                completions=given, n_samples=n_samples, prompt=ABPrompt(system), batch_size=batch_size,
+                rank_by=rank_by, run_dir=out, backend=runner,  # type: ignore[arg-type]
+            )  # fmt: skip
         plots = plot_sweep(run.sweep, out, rank_by=rank_by)  # type: ignore[arg-type]
         result = {
             "model": model, "data": data, "out": str(out),
