@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,8 @@ from finesteer.cli.common import (
     stderr_console,
 )
 from finesteer.cli.options import (
+    ActorsOpt,
+    BackendOpt,
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
@@ -24,7 +27,10 @@ from finesteer.cli.options import (
     JsonFlag,
     LimitOpt,
     ModelArg,
+    NumCpusOpt,
+    NumGpusOpt,
     OtherWeightsOpt,
+    RayAddressOpt,
     SplitOpt,
     SystemOpt,
     check_choice,
@@ -143,9 +149,15 @@ def asr(
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     allow_other_weights: OtherWeightsOpt = False,
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = 2,
+    num_cpus: NumCpusOpt = 1.0,
+    num_gpus: NumGpusOpt = 0.0,
     json_out: JsonFlag = False,
 ) -> None:
     """Attack success rate and refusal rate on harmful prompts (chat template, greedy)."""
+    from finesteer.cli.plans import backend_options, open_backend
     from finesteer.data.typed import load_prompt_set
     from finesteer.evaluate.asr_rate import asr_judges, asr_rates
     from finesteer.generation import GenerationConfig
@@ -153,22 +165,25 @@ def asr(
     def work() -> dict[str, Any]:
         check_choice(judge, ASR_JUDGES, "--judge")
         GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before loading
+        where = backend_options(backend, ray_address, actors, num_cpus, num_gpus)
         items = load_prompt_set(data, split, limit)
         judges = asr_judges(judge)
         with output_folder(out):  # --out checked writable and locked before the load
             lm, iv = load_with_intervention(model, intervention, allow_other_weights)
             stderr_console().print(f"ASR of {model} on {data}: {len(items)} prompts, judge {judge}")
             out_path = out / "generations.jsonl" if out is not None else None
-            rates = asr_rates(
-                lm,
-                items,
-                judges,
-                intervention=iv,
-                out_path=out_path,
-                system=system,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-            )
+            with open_backend(where, model, lm) if backend == "ray" else nullcontext() as runner:
+                rates = asr_rates(
+                    lm,
+                    items,
+                    judges,
+                    intervention=iv,
+                    out_path=out_path,
+                    system=system,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    backend=runner,
+                )
             records = rates.pop("records")
             return {
                 "model": model,
