@@ -133,3 +133,13 @@ def test_import_finesteer_does_not_import_ray() -> None:
     code = "import sys, finesteer, finesteer.runs.runner, finesteer.cli; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_backend_ray_without_ray_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from finesteer.runs.ray_backend import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(BackendError, match=r"finesteer\[ray\]"):
+        import_ray()
