@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,8 @@ from finesteer.cli.common import (
     stderr_console,
 )
 from finesteer.cli.options import (
+    ActorsOpt,
+    BackendOpt,
     BatchOpt,
     ColumnsOpt,
     DeviceOpt,
@@ -25,7 +28,10 @@ from finesteer.cli.options import (
     JsonFlag,
     LimitOpt,
     ModelArg,
+    NumCpusOpt,
+    NumGpusOpt,
     OtherWeightsOpt,
+    RayAddressOpt,
     SplitOpt,
     SystemOpt,
     check_choice,
@@ -149,9 +155,15 @@ def asr(
     allow_other_weights: OtherWeightsOpt = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = 2,
+    num_cpus: NumCpusOpt = 1.0,
+    num_gpus: NumGpusOpt = 0.0,
     json_out: JsonFlag = False,
 ) -> None:
     """Attack success rate and refusal rate on harmful prompts (chat template, greedy)."""
+    from finesteer.cli.plans import backend_options, open_backend
     from finesteer.data.typed import load_prompt_set
     from finesteer.evaluate.asr_rate import asr_judges, asr_rates
     from finesteer.generation import GenerationConfig
@@ -159,6 +171,7 @@ def asr(
     def work() -> dict[str, Any]:
         check_choice(judge, ASR_JUDGES, "--judge")
         GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before loading
+        where = backend_options(backend, ray_address, actors, num_cpus, num_gpus)
         items = load_prompt_set(data_source(data, columns, "prompts"), split, limit)
         judges = asr_judges(judge)
         with output_folder(out):  # --out checked writable and locked before the load
@@ -167,16 +180,19 @@ def asr(
             )
             stderr_console().print(f"ASR of {model} on {data}: {len(items)} prompts, judge {judge}")
             out_path = out / "generations.jsonl" if out is not None else None
-            rates = asr_rates(
-                lm,
-                items,
-                judges,
-                intervention=iv,
-                out_path=out_path,
-                system=system,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-            )
+            ray = open_backend(where, model, lm, device=device, dtype=dtype) if backend == "ray" else None
+            with ray or nullcontext() as runner:
+                rates = asr_rates(
+                    lm,
+                    items,
+                    judges,
+                    intervention=iv,
+                    out_path=out_path,
+                    system=system,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    backend=runner,
+                )
             records = rates.pop("records")
             return {
                 "model": model,

@@ -16,7 +16,9 @@ from finesteer.cli.apps import locate_app
 from finesteer.cli.common import check_model_heads, run_command, show, show_json, stderr_console
 from finesteer.cli.options import (
     ABDataOpt,
+    ActorsOpt,
     AlphasOpt,
+    BackendOpt,
     BatchOpt,
     ColumnsOpt,
     CompletionsOpt,
@@ -33,10 +35,13 @@ from finesteer.cli.options import (
     ModeOpt,
     NSamplesOpt,
     NSweepOpt,
+    NumCpusOpt,
+    NumGpusOpt,
     NValOpt,
     OutOpt,
     PromptDataOpt,
     RankOpt,
+    RayAddressOpt,
     ResumeOpt,
     SeedOpt,
     SplitOpt,
@@ -93,16 +98,25 @@ def ships(
     resume: ResumeOpt = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = 2,
+    num_cpus: NumCpusOpt = 1.0,
+    num_gpus: NumGpusOpt = 0.0,
     json_out: JsonFlag = False,
 ) -> None:
     """Score every head by how much ablating it changes the model's response to harmful prompts."""
 
     def work() -> dict[str, Any]:
+        from finesteer.cli.plans import backend_options, open_backend
         from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
+        from finesteer.locate.ships_plan import run_ships_plan
         from finesteer.report.heatmap import plot_head_heatmap
+        from finesteer.runs.records import JsonlRecords
 
         check_choice(level, LEVELS, "--level")
+        where = backend_options(backend, ray_address, actors, num_cpus, num_gpus)
         ships_lib.check_scan_settings(  # every check that needs no weights, before loading
             mode=mode, eps=eps, template=template, batch_size=batch_size, r_main=r_main)  # fmt: skip
         folder = out or Path("runs") / slug("ships", model, data, mode, level)
@@ -113,14 +127,16 @@ def ships(
             n_heads, what = lm.info.n_layers * lm.info.n_heads, f"Ships {'+'.join(levels)} ({mode}, ε={eps})"
             stderr_console().print(f"{what}: {len(prompts)} prompts × {n_heads} heads of {model}")
             started = time.perf_counter()
-            tables = ships_lib.ships_scores(
-                lm, prompts, levels=levels, mode=mode, eps=eps, r_main=r_main, batch_size=batch_size,
-                checkpoint=checkpoint, engine=engine,
-            )  # fmt: skip
+            with open_backend(where, model, lm, device=device, dtype=dtype) as runner:  # jobs stored as they finish
+                tables = run_ships_plan(
+                    lm, prompts, levels=levels, mode=mode, eps=eps, r_main=r_main, batch_size=batch_size,
+                    engine=engine, backend=runner, store=JsonlRecords(checkpoint / "jobs.jsonl"),
+                )  # fmt: skip
             seconds = round(time.perf_counter() - started, 1)
             info = {
                 "command": "locate ships", "model": model, "data": data, "split": split, "limit": limit,
                 "n_prompts": len(prompts), "mode": mode, "eps": eps, "template": template, "seconds": seconds,
+                "backend": backend,
             }  # fmt: skip
             combined = level == "both"
             payload = run_folder.save_ships(
@@ -285,9 +301,15 @@ def locate_hsi(
     out: Annotated[Path, out_option("Run folder (rerun the same command to resume).")] = Path("runs/hsi"),
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = 2,
+    num_cpus: NumCpusOpt = 1.0,
+    num_gpus: NumGpusOpt = 0.0,
     json_out: JsonFlag = False,
 ) -> None:
     """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
+    from finesteer.cli.plans import backend_options, open_backend
     from finesteer.data.typed import load_ab_set
     from finesteer.fit.completions import load_labelled_completions
     from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS
@@ -305,15 +327,17 @@ def locate_hsi(
         grid = check_alphas(parse_numbers(alphas, "--alphas") or DEFAULT_HSI_ALPHAS)
         check_model_heads(model, subset := parse_heads(heads) if heads else None)  # before loading
         check_directions_from(directions_from)
+        where = backend_options(backend, ray_address, actors, num_cpus, num_gpus)
         items = load_ab_set(data_source(data, columns, "ab"), GENERATE_SPLIT, limit)
         given = load_labelled_completions(completions) if completions is not None else []
         started = time.perf_counter()
         lm = load_model(model, device=device, dtype=dtype)
-        run = sweep_hsi_heads(
-            lm, items, grid, n_sweep=n_sweep, seed=seed, heads=subset, directions_from=directions_from,
-            completions=given, n_samples=n_samples, prompt=ABPrompt(system), batch_size=batch_size,
-            rank_by=rank_by, run_dir=out,  # type: ignore[arg-type]
-        )  # fmt: skip
+        with open_backend(where, model, lm, device=device, dtype=dtype) as runner:  # jobs in OUT/sweep/jobs.jsonl
+            run = sweep_hsi_heads(
+                lm, items, grid, n_sweep=n_sweep, seed=seed, heads=subset, directions_from=directions_from,
+                completions=given, n_samples=n_samples, prompt=ABPrompt(system), batch_size=batch_size,
+                rank_by=rank_by, run_dir=out, backend=runner,  # type: ignore[arg-type]
+            )  # fmt: skip
         plots = plot_sweep(run.sweep, out, rank_by=rank_by)  # type: ignore[arg-type]
         result = {
             "model": model, "data": data, "out": str(out),

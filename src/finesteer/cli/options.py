@@ -108,6 +108,17 @@ EngineOpt = Annotated[
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<command>-<model>-…).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a checkpointed run in --out.")]
 
+# Where a plan's jobs run (locate ships|hsi, eval asr): this process or model-holding Ray actors.
+BackendOpt = Annotated[
+    str, typer.Option(help="Where jobs run: local (this process) or ray (Ray actors; finesteer[ray]).")
+]
+RayAddressOpt = Annotated[
+    str | None, typer.Option(help="Ray cluster to join, e.g. 'auto' (default: start a local Ray instance).")
+]
+ActorsOpt = Annotated[int, typer.Option(help="Ray actors, each loading the model once.")]
+NumCpusOpt = Annotated[float, typer.Option(help="CPUs per Ray actor (its torch threads: the same number).")]
+NumGpusOpt = Annotated[float, typer.Option(help="GPUs per Ray actor (e.g. 1 with --device cuda).")]
+
 # A/B behaviour commands (locate hsi|iti, fit hsi|iti|caa, compare).
 ABDataOpt = Annotated[
     str,

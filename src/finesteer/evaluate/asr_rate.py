@@ -8,6 +8,7 @@ from typing import Any
 
 from finesteer.data.items import Item
 from finesteer.data.prompts import chat_prompt
+from finesteer.evaluate.asr_plan import run_generation_plan
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.judges import HARMFULNESS, KeywordRefusalJudge, LLMJudge
 from finesteer.evaluate.scores import attack_success_rate, refusal_rate
@@ -15,8 +16,11 @@ from finesteer.evaluate.verdict import Judge
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
+from finesteer.runs.backend import Backend
+from finesteer.runs.records import JsonlRecords
 
 ASR_JUDGES: tuple[str, ...] = ("keyword", "gcg", "llm")
+JOBS_FILE = "generation_jobs.jsonl"
 
 
 def asr_judges(judge: str) -> dict[str, Judge]:
@@ -40,11 +44,23 @@ def asr_rates(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     progress: bool = True,
+    backend: Backend | None = None,
 ) -> dict[str, Any]:
     """Generate (chat template, greedy), judge, and rate: ASR by the llm judge if given, else keyword.
 
-    With `out_path` the generations are streamed to that JSONL file and a rerun resumes.
+    With `out_path` the generations are streamed to that JSONL file and a rerun resumes. With
+    `backend` the batches run as plan jobs on it (`finesteer.evaluate.asr_plan`; local or Ray actors),
+    stored beside `out_path` in `generation_jobs.jsonl`.
     """
+    if backend is not None:
+        store = JsonlRecords(out_path.with_name(JOBS_FILE)) if out_path is not None else None
+        config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        rows = run_generation_plan(
+            lm, items, {"asr": intervention}, judges,
+            format_fn=lambda text: chat_prompt(lm.tokenizer, text, system), config=config,
+            backend=backend, store=store, progress=progress,
+        )["asr"]  # fmt: skip
+        return _rates(rows, judges)
     rows = run_generations(
         lm,
         items,
@@ -55,6 +71,10 @@ def asr_rates(
         judges=judges,
         progress=progress,
     )
+    return _rates(rows, judges)
+
+
+def _rates(rows: list[dict[str, Any]], judges: dict[str, Judge]) -> dict[str, Any]:
     asr_key = "llm" if "llm" in judges else "keyword"
     success = attack_success_rate(row["verdicts"][asr_key]["score"] for row in rows)
     refusals = refusal_rate(row["verdicts"]["keyword"]["label"] == "refusal" for row in rows)

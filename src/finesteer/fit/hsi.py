@@ -36,6 +36,7 @@ from finesteer.locate.hsi import select_heads, sweep_heads
 from finesteer.locate.hsi_table import RANK_BY, HsiSweep, RankBy, check_alphas
 from finesteer.locate.selection import Selection
 from finesteer.models.loading import LoadedModel
+from finesteer.runs.backend import Backend
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
 from finesteer.sites import Head, check_heads
 
@@ -209,6 +210,7 @@ def sweep_split(
     batch_size: int,
     run_dir: Path | None,
     progress: bool,
+    backend: Backend | None = None,
 ) -> HeadSweep:
     """HSI's locate half: directions from `items` minus the held-out items, then every head swept
     alone on those over `alphas` (the part of `fit_hsi` before the top-k and α choice)."""
@@ -248,6 +250,7 @@ def sweep_split(
         max_rows=plan.max_rows,
         run_dir=run_dir,
         progress=progress,
+        backend=backend,
     )
     seconds = {"directions": t_directions, "sweep": time.perf_counter() - started - t_directions}
     hashed = items_hash(direction_items)

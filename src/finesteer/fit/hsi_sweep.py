@@ -18,6 +18,7 @@ from finesteer.fit.hsi import DirectionSource, HeadSweep, SweepPlan, sweep_split
 from finesteer.fit.hsi_directions import DirectionsFrom, check_directions_from
 from finesteer.locate.hsi_table import RankBy, check_alphas
 from finesteer.models.loading import LoadedModel
+from finesteer.runs.backend import Backend
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
 from finesteer.sites import Head
 
@@ -41,10 +42,12 @@ def sweep_hsi_heads(
     rank_by: RankBy = "balanced",
     run_dir: Path | None = None,
     progress: bool = True,
+    backend: Backend | None = None,
 ) -> HeadSweep:
     """Directions from `items` minus `n_sweep` held-out items, then every head swept alone on those.
 
     `balance_letters` scores the sweep (and reads directions) on every item in both option orders.
+    With `backend` the sweep runs as a plan of per-layer jobs on it (local or Ray actors).
     """
     grid = check_alphas(alphas)
     source_kind: DirectionsFrom = check_directions_from(directions_from)
@@ -62,6 +65,7 @@ def sweep_hsi_heads(
         batch_size=batch_size,
         run_dir=run_dir,
         progress=progress,
+        backend=backend,
     )
     if run_dir is not None:
         scores = run.sweep.head_scores(rank_by, model_name=lm.name, model_fingerprint=lm.fingerprint)

@@ -30,11 +30,22 @@ from tqdm.auto import tqdm
 from finesteer.activations.directions import HeadDirections, directions_fingerprint
 from finesteer.data.items import ABItem
 from finesteer.interventions.edit import Intervention
+from finesteer.locate.hsi_plan import (
+    BASELINE_JOB,
+    baseline_tables,
+    layer_job_id,
+    layer_tables,
+    sweep_job,
+    sweep_jobs,
+)
 from finesteer.locate.hsi_table import HsiSweep, RankBy, SweepError, check_alphas
 from finesteer.locate.scores import hash_prompts
 from finesteer.locate.selection import Selection, select_prefix_and_alpha
 from finesteer.models.loading import LoadedModel
+from finesteer.runs.backend import Backend
 from finesteer.runs.lock import FolderLock
+from finesteer.runs.records import JsonlRecords
+from finesteer.runs.runner import run_jobs
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, ABScorer
 from finesteer.sites import Head
 
@@ -156,11 +167,13 @@ def sweep_heads(
     max_rows: int = 128,
     run_dir: str | Path | None = None,
     progress: bool = True,
+    backend: Backend | None = None,
 ) -> HsiSweep:
     """Steer each head alone with each α and score the A/B items; resumable per layer in `run_dir`.
 
     Writes only under `run_dir` (per-layer checkpoints and the sweep table), and only when given,
-    holding its lock (a second process sweeping into it is refused at once).
+    holding its lock (a second process sweeping into it is refused at once). With `backend` the
+    layers run as a plan on it (`finesteer.locate.hsi_plan`; records in `run_dir/sweep/jobs.jsonl`).
     """
     alphas = check_alphas(alphas)
     info = lm.info
@@ -176,13 +189,28 @@ def sweep_heads(
     per_item = torch.full((*shape, n_items), float("nan"))
 
     with FolderLock(folder.parent) if folder is not None else nullcontext():  # one writer per run folder
-        baseline_p, baseline_rate = _baseline(scorer, folder, key)
-        resumed = []
-        for layer in tqdm(sorted(grouped), desc="hsi sweep (layers)", disable=not progress, unit="layer"):
+        resumed: list[int] = []
+        if backend is not None:
+            jobs = sweep_jobs(key, grouped, alphas, items, directions, prompt, batch_size, max_rows)
+            store = JsonlRecords(folder / "jobs.jsonl") if folder is not None else None
+
+            def done(job_id: str, _record: object, stored: bool) -> None:
+                if stored and job_id != BASELINE_JOB:
+                    resumed.append(int(job_id.split("-")[1]))
+
+            records = run_jobs(jobs, store, backend=backend, task=sweep_job, on_done=done, progress=progress,
+                               desc="hsi sweep (jobs)", unit="job")  # fmt: skip
+            baseline_p, baseline_rate = baseline_tables(records[BASELINE_JOB])
+        else:
+            baseline_p, baseline_rate = _baseline(scorer, folder, key)
+        quiet = not progress or backend is not None
+        for layer in tqdm(sorted(grouped), desc="hsi sweep (layers)", disable=quiet, unit="layer"):
             layer_heads = grouped[layer]
             path = folder / f"layer_{layer:03d}.safetensors" if folder else None
-            ckpt = _read_checkpoint(path, key) if path else None
-            if ckpt is not None and ckpt["heads"].tolist() == layer_heads:
+            ckpt = _read_checkpoint(path, key) if path and backend is None else None
+            if backend is not None:
+                layer_p, layer_match = layer_tables(records[layer_job_id(layer)])
+            elif ckpt is not None and ckpt["heads"].tolist() == layer_heads:
                 resumed.append(layer)
                 layer_p = ckpt["per_item"]
                 layer_match = ckpt["matching"].bool()

@@ -191,7 +191,7 @@ def ships_scores(
     heads = all_heads(lm.info)
     candidates = [ablation([h], mode, eps) for h in heads]
     started = time.perf_counter()
-    readout, base = _readout(lm, encoded, levels, batch_size)
+    readout, base = ships_readout(lm, encoded, levels, batch_size)
     values = run_scan(
         lm,
         encoded,
@@ -214,10 +214,10 @@ def ships_scores(
         "prompts_hash": encoded.texts_hash,
         "n_prompts": len(encoded),
     }
-    return _level_scores(lm, values, levels, heads, base, r_main, common, seconds)
+    return level_scores(lm, values, levels, heads, base, r_main, common, seconds)
 
 
-def _level_scores(
+def level_scores(
     lm: LoadedModel,
     values: Tensor,
     levels: tuple[str, ...],
@@ -256,7 +256,7 @@ def _level_scores(
     return out
 
 
-def _readout(
+def ships_readout(
     lm: LoadedModel, encoded: EncodedPrompts, levels: tuple[str, ...], batch_size: int
 ) -> tuple[Readout, Tensor | None]:
     """The scan readout for `levels`, and the base hidden states the dataset level compares against."""
