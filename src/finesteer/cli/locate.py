@@ -127,7 +127,7 @@ def ships(
             n_heads, what = lm.info.n_layers * lm.info.n_heads, f"Ships {'+'.join(levels)} ({mode}, ε={eps})"
             stderr_console().print(f"{what}: {len(prompts)} prompts × {n_heads} heads of {model}")
             started = time.perf_counter()
-            with open_backend(where, model, lm, device=device, dtype=dtype) as runner:  # jobs stored as they finish
+            with open_backend(where, model, lm, device=device, dtype=dtype) as runner:
                 tables = run_ships_plan(
                     lm, prompts, levels=levels, mode=mode, eps=eps, r_main=r_main, batch_size=batch_size,
                     engine=engine, backend=runner, store=JsonlRecords(checkpoint / "jobs.jsonl"),
@@ -332,7 +332,7 @@ def locate_hsi(
         given = load_labelled_completions(completions) if completions is not None else []
         started = time.perf_counter()
         lm = load_model(model, device=device, dtype=dtype)
-        with open_backend(where, model, lm, device=device, dtype=dtype) as runner:  # jobs in OUT/sweep/jobs.jsonl
+        with open_backend(where, model, lm, device=device, dtype=dtype) as runner:
             run = sweep_hsi_heads(
                 lm, items, grid, n_sweep=n_sweep, seed=seed, heads=subset, directions_from=directions_from,
                 completions=given, n_samples=n_samples, prompt=ABPrompt(system), batch_size=batch_size,
