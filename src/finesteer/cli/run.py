@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,10 +17,23 @@ from finesteer.cli.options import JsonFlag, OptionError
 from finesteer.runs import RESULT_JSON, STEPS_DIR
 
 
+def _print_verdict_table(console: Console, table: dict[str, Any]) -> None:
+    """A recipe's effect table (`table`: title, columns, rows of strings) and its verdict line."""
+    out = Table(title=table["title"])
+    for column in table["columns"]:
+        out.add_column(column)
+    for row in table["rows"]:
+        out.add_row(*(str(cell) for cell in row))
+    console.print(out)
+
+
 def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
     console = Console()
+    verdict = metrics.get("table")
+    if verdict:  # the verdict first (a result that does not hold says so in its first line) and last
+        console.print(verdict["verdict_line"].split(" — ")[0], markup=False)
     methods = metrics.get("methods", {})
-    if methods:
+    if methods and not verdict:
         table = Table(title=metrics.get("title", "results"))
         columns = sorted({key for values in methods.values() for key in values})
         for column in ("method", *columns):
@@ -36,6 +48,9 @@ def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
         ex.add_column("after")
         ex.add_row(example["before"], example["after"])
         console.print(ex)
+    if verdict:
+        _print_verdict_table(console, verdict)
+        console.print(verdict["verdict_line"], markup=False)
     console.print(f"report: {run_dir / 'report.html'}")
 
 
@@ -82,6 +97,7 @@ def _finish(run_dir: Path, metrics: dict[str, Any], json_out: bool) -> None:
                 "methods": metrics.get("methods", {}),
                 "examples": _examples(run_dir),
                 "title": metrics.get("summary", {}).get("behaviour", ""),
+                "table": metrics.get("table"),
             },
             run_dir,
         )
@@ -96,24 +112,33 @@ def _examples(run_dir: Path) -> list[dict[str, str]]:
 
 @app.command("demo")
 def demo(
-    model: Annotated[str, typer.Option(help="Model to run the demo on.")] = "smollm2-135m-instruct",
+    model: Annotated[
+        str | None, typer.Option(help="Model to run the demo on (default: the tour's own model).")
+    ] = None,
+    tour: Annotated[
+        str,
+        typer.Option(
+            help="refusal: refusal heads of Qwen2.5-Coder-0.5B located and ablated vs random heads (ASR, "
+            "intervals, verdict); hsi: the HSI coordination tour on SmolLM2 (prints its own verdict)."
+        ),
+    ] = "refusal",
     out: Annotated[Path, typer.Option(help="Where the run folder is created.")] = Path("runs"),
     json_out: JsonFlag = False,
 ) -> None:
-    """The built-in tour: locate the heads behind AI coordination, steer them, compare, write a report."""
+    """The built-in demo: locate the heads behind a behaviour, edit them, measure the effect against a
+    control with a 95% interval and a verdict, and write a run folder with a report."""
     import yaml
 
-    from finesteer.recipes import parse_recipe
+    from finesteer.recipes import RunFolder
+    from finesteer.recipes.demo import tour_recipe, tour_verdict
 
     def work() -> tuple[Path, Any]:
-        text = resources.files("finesteer.recipes").joinpath("demo.yaml").read_text()
-        data = yaml.safe_load(text)
-        data["model"] = model
+        recipe = tour_recipe(tour, model)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "demo-recipe.yaml"
-        path.write_text(yaml.safe_dump(parse_recipe(data).model_dump(mode="json"), sort_keys=False))
-        return _execute(path, None, out, None)
+        path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        run_dir, metrics = _execute(path, None, out, None)
+        return run_dir, tour_verdict(RunFolder.open(run_dir), metrics)
 
     run_dir, metrics = run_command(work)
     _finish(run_dir, metrics, json_out)
-

@@ -13,6 +13,7 @@ from finesteer.models import peek_model_info
 from finesteer.recipes.config import (
     HSIRecipe,
     RecipeError,
+    RefusalHeadsRecipe,
     ShipsRecipe,
     STARecipe,
     check_against_model,
@@ -26,6 +27,7 @@ RUNNERS = MappingProxyType(
     {
         "hsi": "finesteer.recipes.hsi:run",
         "ships": "finesteer.recipes.ships:run",
+        "refusal-heads": "finesteer.recipes.refusal_heads:run",
         "sta": "finesteer.recipes.sta:run",
     }
 )
@@ -36,7 +38,7 @@ def runner_for(method: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module), function)
 
 
-def prepare(recipe: HSIRecipe | ShipsRecipe | STARecipe) -> None:
+def prepare(recipe: HSIRecipe | ShipsRecipe | RefusalHeadsRecipe | STARecipe) -> None:
     """Every check that can fail before the model is loaded: data names, layer and head ranges."""
     for field in ("behaviour", "attribution_data", "evaluation_data"):
         name = getattr(recipe, field, None)
@@ -57,6 +59,7 @@ __all__ = [
     "RUNNERS",
     "HSIRecipe",
     "RecipeError",
+    "RefusalHeadsRecipe",
     "RunFolder",
     "RunResumeError",
     "STARecipe",

@@ -52,7 +52,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         result = ab_matching_rate_prob(
             lm, data.test_ab, intervention=intervention, prompt=ABPrompt(system), progress=progress
         )
-        return result.to_dict(per_item=False)
+        return result.to_dict(per_item=True)
 
     baseline = run.step("baseline", lambda folder: ab())
     artifact_dir = run.path / "artifacts" / "hsi"
