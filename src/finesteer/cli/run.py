@@ -29,6 +29,8 @@ def _print_verdict_table(console: Console, table: dict[str, Any]) -> None:
 
 def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
     console = Console()
+    if not console.is_terminal:  # piped or captured: wide enough for the effect table on one line a row
+        console = Console(width=120)
     verdict = metrics.get("table")
     if verdict:  # the verdict first (a result that does not hold says so in its first line) and last
         console.print(verdict["verdict_line"].split(" — ")[0], markup=False)
@@ -129,11 +131,12 @@ def demo(
     control with a 95% interval and a verdict, and write a run folder with a report."""
     import yaml
 
-    from finesteer.recipes import RunFolder
+    from finesteer.recipes import RunFolder, prepare
     from finesteer.recipes.demo import tour_recipe, tour_verdict
 
     def work() -> tuple[Path, Any]:
         recipe = tour_recipe(tour, model)
+        prepare(recipe)  # bad model or sizes are refused before anything is written
         out.mkdir(parents=True, exist_ok=True)
         path = out / "demo-recipe.yaml"
         path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -231,6 +231,12 @@ def check_against_model(recipe: RecipeBase, info: ModelInfo | None) -> None:
                     f"invalid recipe: {field}[{i}]: head {head} out of range; {recipe.model} has "
                     f"{info.n_heads} heads per layer (0..{info.n_heads - 1})"
                 )
+    top_k, seeds = getattr(recipe, "top_k", None), getattr(recipe, "random_seeds", 0)
+    if top_k and seeds and 2 * max(top_k) > info.n_layers * info.n_heads:
+        raise RecipeError(
+            f"invalid recipe: top_k: {max(top_k)} heads and as many random control heads outside them need "
+            f"{2 * max(top_k)} heads; {recipe.model} has {info.n_layers * info.n_heads}"
+        )
     layers = getattr(recipe, "layers", None) or []
     layer_field = getattr(recipe, "layer", None)
     for i, layer in enumerate([*layers, *([layer_field] if layer_field is not None else [])]):

@@ -21,7 +21,7 @@ from finesteer.recipes.summary import finish_report
 from finesteer.report.html import Table
 from finesteer.runs import RESULT_JSON, STEPS_DIR
 
-COLUMNS = ["condition", "heads", "ASR [95% CI]", "change vs unmodified [95% CI]", "p"]
+COLUMNS = ["condition", "ASR [95% CI]", "change vs unmodified [95% CI]", "p (test)"]
 
 
 def _interval(entry: dict[str, Any], signed: bool = False) -> str:
@@ -33,7 +33,7 @@ def _interval(entry: dict[str, Any], signed: bool = False) -> str:
 
 
 def _p(value: float | None, test: str) -> str:
-    return "undefined" if value is None else f"{value:.2g} ({test})"
+    return "undefined" if value is None else f"{value:.2g} {test}"
 
 
 def _heads(names: list[str], limit: int = 8) -> str:
@@ -49,38 +49,34 @@ def verdict_table(paired: dict[str, Any]) -> dict[str, Any]:
     std = spread["std"] if spread["std"] is not None else 0.0
     change_std = change["std"] if change["std"] is not None else 0.0
     rows = [
-        ["unmodified", "–", _interval(paired["asr"]["unmodified"]), "–", "–"],
+        ["unmodified", _interval(paired["asr"]["unmodified"]), "–", "–"],
         [
             f"top-{k} located heads ablated",
-            _heads(paired["heads"]),
             _interval(paired["asr"][top]),
             _interval(paired["vs_unmodified"], signed=True),
-            _p(paired["holm_p"]["vs_unmodified"], "exact McNemar, Holm"),
+            _p(paired["holm_p"]["vs_unmodified"], "McNemar, Holm"),
         ],
         [
-            f"control: {k} random heads ({spread['n_seeds']} seeds)",
-            "random, mean ± spread",
+            f"control: {k} random heads, {spread['n_seeds']} seeds (mean ± sd)",
             f"{spread['mean']:.3f} ± {std:.3f}",
             f"{change['mean']:+.3f} ± {change_std:.3f}",
             "–",
         ],
         [
-            "effect: located − random (headline)",
-            "–",
+            "effect: located − random",
             "–",
             _interval(paired["vs_control"], signed=True),
-            _p(paired["holm_p"]["vs_control"], "paired sign-flip, Holm"),
+            _p(paired["holm_p"]["vs_control"], "sign-flip, Holm"),
         ],
     ]
     if "over_refusal" in paired:
         cost = paired["over_refusal"]
         rows.append(
             [
-                "cost: over-refusal on harmless prompts",
-                f"top-{k}",
-                f"{_interval(cost['unmodified'])} → {_interval(cost[top])}",
+                f"cost: over-refusal, {cost['change']['n']} harmless prompts",
+                f"{cost['unmodified']['value']:.3f} → {cost[top]['value']:.3f}",
                 _interval(cost["change"], signed=True),
-                _p(cost["change"]["p_value"], "exact McNemar"),
+                _p(cost["change"]["p_value"], "McNemar"),
             ]
         )
     verdict = paired["verdict"]
@@ -88,12 +84,12 @@ def verdict_table(paired: dict[str, Any]) -> dict[str, Any]:
         f"verdict: {verdict['verdict']} — ablating the top-{k} located heads changes ASR by "
         f"{_interval(paired['vs_control'], signed=True)} (95% CI) beyond {k} random heads "
         f"({spread['n_seeds']} seeds, control ASR {control['asr_mean']:.3f}), Holm-adjusted "
-        f"p = {_p(verdict['p_value'], 'paired sign-flip')}; n = {paired['n']} held-out harmful prompts"
+        f"p = {_p(verdict['p_value'], '(paired sign-flip test)')}; n = {paired['n']} held-out harmful prompts"
     )
     if verdict["reasons"]:
         line += f" ({'; '.join(verdict['reasons'])})"
-    return {"title": "Attack success rate on held-out harmful prompts", "columns": COLUMNS,
-            "rows": rows, "verdict_line": line}  # fmt: skip
+    title = f"ASR on {paired['n']} held-out harmful prompts; located heads: {_heads(paired['heads'])}"
+    return {"title": title, "columns": COLUMNS, "rows": rows, "verdict_line": line}
 
 
 def _seed_rows(paired: dict[str, Any]) -> list[list[Any]]:
