@@ -9,6 +9,8 @@ from types import MappingProxyType
 from typing import Any
 
 from finesteer.data import CATALOG
+from finesteer.data.errors import DatasetError
+from finesteer.evaluate.eval_sets import load_eval_sets
 from finesteer.models import peek_model_info
 from finesteer.recipes.config import (
     HSIRecipe,
@@ -44,6 +46,11 @@ def prepare(recipe: HSIRecipe | ShipsRecipe | RefusalHeadsRecipe | STARecipe) ->
         name = getattr(recipe, field, None)
         if name is not None and name not in CATALOG and not Path(name).is_file():
             raise RecipeError(f"invalid recipe: {field}: unknown dataset {name!r}; see `finesteer data list`")
+    for i, path in enumerate(getattr(recipe, "eval_data", None) or []):
+        try:
+            load_eval_sets([path])
+        except DatasetError as exc:
+            raise RecipeError(f"invalid recipe: eval_data[{i}]: {exc}") from None
     check_against_model(recipe, peek_model_info(recipe.model))
 
 

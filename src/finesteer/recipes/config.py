@@ -81,6 +81,10 @@ class HSIRecipe(RecipeBase):
     )
     n_samples: PositiveInt = Field(2, description="sampled answers per training item (directions_from)")
     baselines: list[Literal["prompt", "caa", "iti"]] = Field(default_factory=list)
+    eval_data: list[str] = Field(
+        default_factory=list,
+        description="extra A/B test files (Anthropic evals JSONL) scored alongside the test split",
+    )
 
     _heads = field_validator("heads")(classmethod(lambda cls, v: _check_heads(v)))
 
