@@ -106,3 +106,24 @@ def test_recipe_eval_data_is_checked_before_loading(tmp_path: Path) -> None:
     recipe = parse_recipe({"method": "hsi", "name": "x", "model": "tiny-llama", "eval_data": [str(bad)]})
     with pytest.raises(RecipeError, match=r"eval_data\[0\]: .*bad\.jsonl, line 2"):
         prepare(recipe)
+
+
+def test_compare_scores_eval_data_per_method(tmp_path: Path, user_file: Path) -> None:
+    args = [
+        "compare", "tiny-llama", "--data", "myopic-reward", "--methods", "baseline,prompt",
+        "--train-limit", "2", "--val-limit", "2", "--test-limit", "2", "--open-ended-limit", "1",
+        "--harmless-limit", "1", "--max-new-tokens", "2", "--ab-max-new-tokens", "2", "--judge", "none",
+        "--out", str(tmp_path / "cmp"), "--eval-data", str(user_file),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    for row in payload["methods"].values():
+        [extra] = row["eval_sets"]
+        assert extra["name"] == "my_evals" and extra["n"] == 3 and 0 <= extra["ab_matching_rate"] <= 1
+    printed = CliRunner().invoke(app, args)  # resumed from the folder: same sets, printed per test set
+    assert printed.exit_code == 0, printed.output
+    assert "per test set" in printed.stdout and "my_evals" in printed.stdout
+    bad = _write(tmp_path / "bad.jsonl", [_item(0), {"question": QUESTION}])
+    refused = CliRunner().invoke(app, [*args[:-1], str(bad)])
+    assert refused.exit_code != 0 and "bad.jsonl, line 2" in refused.output

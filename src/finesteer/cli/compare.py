@@ -19,6 +19,7 @@ from finesteer.cli.eval import run_refusal
 from finesteer.cli.options import (
     ABDataOpt,
     BatchOpt,
+    EvalDataOpt,
     JsonFlag,
     OptionError,
     SeedOpt,
@@ -102,6 +103,7 @@ def compare_command(
     out: Annotated[
         Path | None, typer.Option("--out", help="Results folder (default runs/compare-<model>-<data>).")
     ] = None,
+    eval_data: EvalDataOpt = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Fit and evaluate several steering methods on one behaviour, or compare finished run folders."""
@@ -141,6 +143,7 @@ def compare_command(
             open_ended_limit=open_ended_limit, balanced=balanced, harmless_data=harmless_data,
             harmless_limit=harmless_limit, max_new_tokens=max_new_tokens, ab_max_new_tokens=ab_max_new_tokens,
             judge=judge, judge_model=judge_model, batch_size=batch_size,  # type: ignore[arg-type]
+            eval_data=tuple(str(p) for p in eval_data or ()),
         )  # fmt: skip
         return run_ab_comparison(model, options, out, log=stderr_console().print)
 
@@ -149,6 +152,8 @@ def compare_command(
         emit_json(comparison.to_json())
         return
     Console().print(comparison.table())
+    if comparison.has_eval_sets():
+        Console().print(comparison.eval_sets_table())
 
 
 def _one_model(targets: list[str], task: str) -> str:

@@ -20,11 +20,13 @@ from finesteer.data.balance import letter_balanced
 from finesteer.data.errors import DatasetError
 from finesteer.data.items import ABItem
 from finesteer.data.loaders import read_ab_items
+from finesteer.evaluate.ab import ab_matching_rate_prob
 from finesteer.evaluate.ab_effect import ab_rates
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
+from finesteer.scoring.ab import ABPrompt
 
-__all__ = ["EVAL_COLUMNS", "EvalSet", "load_eval_sets", "score_eval_sets"]
+__all__ = ["EVAL_COLUMNS", "EvalSet", "load_eval_sets", "prob_row", "score_eval_sets"]
 
 #: The Anthropic evals field names, required as written (no other column is taken for them).
 EVAL_COLUMNS = {
@@ -78,3 +80,25 @@ def score_eval_sets(
 ) -> list[dict[str, Any]]:
     """One row per set: its name, path, n and `ab_rates(lm, items, intervention, **settings)`."""
     return [{**s.to_dict(), **ab_rates(lm, list(s.items), intervention, **settings)} for s in sets]
+
+
+def prob_row(
+    lm: LoadedModel,
+    eval_set: EvalSet,
+    intervention: Intervention | None = None,
+    system: str | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One set's row in a comparison: the letter-probability matching rate (Wilson interval) and mean
+    p(matching), as `compare` reports them for the main test split."""
+    prob = ab_matching_rate_prob(
+        lm, eval_set.items, prompt=ABPrompt(system), intervention=intervention, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    return {
+        **eval_set.to_dict(),
+        "ab_matching_rate": prob.matching_rate,
+        "ab_mean_p_matching": prob.mean_p_matching,
+        "ab_ci95": list(prob.interval()),
+    }
