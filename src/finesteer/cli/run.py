@@ -127,8 +127,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the run folder is created.")] = Path("runs"),
     json_out: JsonFlag = False,
 ) -> None:
-    """The built-in demo: locate the heads behind a behaviour, edit them, measure the effect against a
-    control with a 95% interval and a verdict, and write a run folder with a report."""
+    """The built-in demo: locate heads, edit them, measure against a control (interval, verdict), report."""
     import yaml
 
     from finesteer.recipes import RunFolder, prepare
