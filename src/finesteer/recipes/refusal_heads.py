@@ -110,12 +110,12 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
 
     paired = run.step("verdict", measure)
     table = verdict_table(paired)
-    metrics = {
+    metrics = {  # after the Ships metrics: this recipe's verdict is the one shown
+        **metrics,
         "verdict": paired["verdict"]["verdict"],
         "verdict_line": table["verdict_line"],
         "effect": paired,
         "table": table,
-        **metrics,
         "summary": {"verdict": table["verdict_line"], **metrics["summary"]},
     }
     examples_file = run.path / STEPS_DIR / "examples" / RESULT_JSON
