@@ -127,3 +127,17 @@ def test_compare_scores_eval_data_per_method(tmp_path: Path, user_file: Path) ->
     bad = _write(tmp_path / "bad.jsonl", [_item(0), {"question": QUESTION}])
     refused = CliRunner().invoke(app, [*args[:-1], str(bad)])
     assert refused.exit_code != 0 and "bad.jsonl, line 2" in refused.output
+
+
+def test_run_prints_one_row_per_test_set(tmp_path: Path, user_file: Path) -> None:
+    recipe = {
+        "method": "hsi", "name": "tiny-print", "model": "tiny-llama", "train_limit": 8, "sweep_limit": 2,
+        "val_limit": 2, "test_limit": 2, "open_ended_limit": 1, "layers": [1], "alphas": [4.0], "k": 1,
+        "examples": 1, "generation": {"max_new_tokens": 2}, "eval_data": [str(user_file)],
+    }  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert "A/B matching rate per test set" in result.stdout
+    assert "coordinate-other-ais (test split)" in result.stdout and "my_evals" in result.stdout

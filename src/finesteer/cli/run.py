@@ -18,7 +18,7 @@ from finesteer.runs import RESULT_JSON, STEPS_DIR
 
 
 def _print_verdict_table(console: Console, table: dict[str, Any]) -> None:
-    """A recipe's effect table (`table`: title, columns, rows of strings) and its verdict line."""
+    """A recipe's table (`table`: title, columns, rows of cells)."""
     out = Table(title=table["title"])
     for column in table["columns"]:
         out.add_column(column)
@@ -44,6 +44,13 @@ def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
             cells = [values.get(c) for c in columns]
             table.add_row(name, *(f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells))
         console.print(table)
+    if metrics.get("eval_sets"):  # recipe field eval_data: one row per test set
+        rows = metrics["eval_sets"]
+        _print_verdict_table(
+            console,
+            {"title": "A/B matching rate per test set", "columns": list(rows[0]),
+             "rows": [[f"{v:.3f}" if isinstance(v, float) else v for v in r.values()] for r in rows]},
+        )  # fmt: skip
     for example in metrics.get("examples", [])[:3]:
         ex = Table(show_lines=True, title=example["prompt"][:100])
         ex.add_column("before")
@@ -100,6 +107,7 @@ def _finish(run_dir: Path, metrics: dict[str, Any], json_out: bool) -> None:
                 "examples": _examples(run_dir),
                 "title": metrics.get("summary", {}).get("behaviour", ""),
                 "table": metrics.get("table"),
+                "eval_sets": metrics.get("eval_sets"),
             },
             run_dir,
         )
