@@ -14,7 +14,7 @@ from finesteer.recipes.run import RunFolder, StepInterrupted
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"method": "nope", "name": "x"}, r"method: unknown method 'nope'; choose one of hsi, ships, refusal-heads, sta"),
+        ({"method": "nope", "name": "x"}, r"method 'nope'; choose one of hsi, ships, refusal-heads, sta"),
         ({"name": "x"}, r"method: missing field 'method'"),
         ({"method": "hsi"}, r"name: Field required"),
         ({"method": "hsi", "name": "x", "k": "many"}, r"k: Input should be a valid integer"),
