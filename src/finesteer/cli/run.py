@@ -17,7 +17,7 @@ from finesteer.cli.options import JsonFlag, OptionError
 from finesteer.runs import RESULT_JSON, STEPS_DIR
 
 
-def _print_verdict_table(console: Console, table: dict[str, Any]) -> None:
+def _print_table(console: Console, table: dict[str, Any]) -> None:
     """A recipe's table (`table`: title, columns, rows of cells)."""
     out = Table(title=table["title"])
     for column in table["columns"]:
@@ -46,7 +46,7 @@ def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
         console.print(table)
     if metrics.get("eval_sets"):  # recipe field eval_data: one row per test set
         rows = metrics["eval_sets"]
-        _print_verdict_table(
+        _print_table(
             console,
             {"title": "A/B matching rate per test set", "columns": list(rows[0]),
              "rows": [[f"{v:.3f}" if isinstance(v, float) else v for v in r.values()] for r in rows]},
@@ -58,7 +58,7 @@ def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
         ex.add_row(example["before"], example["after"])
         console.print(ex)
     if verdict:
-        _print_verdict_table(console, verdict)
+        _print_table(console, verdict)
         console.print(verdict["verdict_line"], markup=False)
     console.print(f"report: {run_dir / 'report.html'}")
 
