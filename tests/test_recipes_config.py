@@ -14,7 +14,7 @@ from finesteer.recipes.run import RunFolder, StepInterrupted
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"method": "nope", "name": "x"}, r"method: unknown method 'nope'; choose one of hsi, ships, sta"),
+        ({"method": "nope", "name": "x"}, r"method 'nope'; choose one of hsi, ships, refusal-heads, sta"),
         ({"name": "x"}, r"method: missing field 'method'"),
         ({"method": "hsi"}, r"name: Field required"),
         ({"method": "hsi", "name": "x", "k": "many"}, r"k: Input should be a valid integer"),
@@ -101,7 +101,7 @@ def test_run_folder_steps_resume(tmp_path: Path) -> None:
 def test_shipped_recipes_validate() -> None:
     root = Path(__file__).resolve().parents[1]
     examples = sorted((root / "examples" / "recipes").glob("*.yaml"))
-    paths = [*examples, root / "src/finesteer/recipes/demo.yaml"]
+    paths = [*examples, *sorted((root / "src/finesteer/recipes").glob("demo*.yaml"))]
     assert len(paths) >= 3
     for path in paths:
         prepare(load_recipe(path))

@@ -22,6 +22,7 @@ from finesteer.cli.options import (
     ColumnsOpt,
     DeviceOpt,
     DtypeOpt,
+    EvalDataOpt,
     JsonFlag,
     OptionError,
     SeedOpt,
@@ -109,6 +110,7 @@ def compare_command(
     ] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    eval_data: EvalDataOpt = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Fit and evaluate several steering methods on one behaviour, or compare finished run folders."""
@@ -150,6 +152,7 @@ def compare_command(
             harmless_limit=harmless_limit, max_new_tokens=max_new_tokens, ab_max_new_tokens=ab_max_new_tokens,
             judge=judge, judge_model=judge_model, batch_size=batch_size,  # type: ignore[arg-type]
             device=device, dtype=dtype,
+            eval_data=tuple(str(p) for p in eval_data or ()),
         )  # fmt: skip
         return run_ab_comparison(model, options, out, log=stderr_console().print)
 
@@ -158,6 +161,8 @@ def compare_command(
         emit_json(comparison.to_json())
         return
     Console().print(comparison.table())
+    if comparison.has_eval_sets():
+        Console().print(comparison.eval_sets_table())
 
 
 def _one_model(targets: list[str], task: str) -> str:

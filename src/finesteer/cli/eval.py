@@ -24,6 +24,7 @@ from finesteer.cli.options import (
     ColumnsOpt,
     DeviceOpt,
     DtypeOpt,
+    EvalDataOpt,
     InterventionOpt,
     JsonFlag,
     LimitOpt,
@@ -76,12 +77,14 @@ def ab(
     allow_other_weights: OtherWeightsOpt = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    eval_data: EvalDataOpt = None,
     json_out: JsonFlag = False,
 ) -> None:
     """A/B behaviour rate: letter probability (CAA) and/or parsed generated answers (HSI)."""
     from finesteer.data.balance import letter_balanced
     from finesteer.data.typed import load_ab_set
     from finesteer.evaluate.ab_effect import ab_rates
+    from finesteer.evaluate.eval_sets import load_eval_sets, score_eval_sets
     from finesteer.generation import GenerationConfig
     from finesteer.scoring.ab import PROMPT_STYLES
 
@@ -92,18 +95,18 @@ def ab(
         items = load_ab_set(data_source(data, columns, "ab"), split, limit)
         if balanced:
             items = letter_balanced(items)
+        extra = load_eval_sets(eval_data or [], balanced=balanced)  # validated before the model loads
         lm, iv = load_with_intervention(model, intervention, allow_other_weights, device=device, dtype=dtype)
         stderr_console().print(f"A/B evaluation of {model} on {data} ({len(items)} items, method {method})")
-        rates = ab_rates(
-            lm,
-            items,
-            iv,
+        settings: dict[str, Any] = dict(
             method=method,
             system=system,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             prompt_style=prompt_style,
         )
+        rates = ab_rates(lm, items, iv, **settings)
+        more = {"eval_sets": score_eval_sets(lm, extra, iv, **settings)} if extra else {}
         return {
             "model": model,
             "data": data,
@@ -112,12 +115,14 @@ def ab(
             "n": len(items),
             "letter_balanced": balanced,
             **rates,
+            **more,
         }
 
     result = run_command(work)
     if json_out:
         emit_json(result)
         return
+    _print_eval_sets(result)
     print_rows(
         f"A/B {data}: {model}" + (f" + {intervention}" if intervention else ""),
         [
@@ -128,6 +133,22 @@ def ab(
             ("undefined generated answers", result["n_undefined"]),
         ],
     )
+
+
+def _print_eval_sets(result: dict[str, Any]) -> None:
+    """With --eval-data: one row per test set (the main one first), before the main set's details."""
+    if not result.get("eval_sets"):
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="A/B matching rate per test set")
+    for column in ("test set", "n", "matching (letter prob.)", "mean p(matching)", "matching (generated)"):
+        table.add_column(column)
+    for row in [{"name": result["data"], **result}, *result["eval_sets"]]:
+        cells = (row["matching_rate_prob"], row["mean_p_matching"], row["matching_rate_generated"])
+        table.add_row(row["name"], str(row["n"]), *("–" if v is None else f"{v:.3f}" for v in cells))
+    Console().print(table)
 
 
 @eval_app.command("asr")

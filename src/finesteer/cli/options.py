@@ -124,6 +124,14 @@ ABDataOpt = Annotated[
     str,
     typer.Option("--data", help="CAA-style A/B behaviour: coordinate-other-ais, sycophancy, myopic-reward…"),
 ]
+EvalDataOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--eval-data",
+        help="Extra A/B test file (Anthropic evals JSONL: question, answer_matching_behavior, "
+        "answer_not_matching_behavior), scored alongside the test split; repeatable.",
+    ),
+]
 GenerateLimitOpt = Annotated[int | None, typer.Option(help="Use the first N items of the generate split.")]
 TrainLimitOpt = Annotated[int | None, typer.Option(help="Use the first N training items (after the split).")]
 ValLimitOpt = Annotated[int | None, typer.Option(help="Use the first N validation items.")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,10 +24,25 @@ from finesteer.cli.options import (
 from finesteer.runs import RESULT_JSON, STEPS_DIR
 
 
+def _print_table(console: Console, table: dict[str, Any]) -> None:
+    """A recipe's table (`table`: title, columns, rows of cells)."""
+    out = Table(title=table["title"])
+    for column in table["columns"]:
+        out.add_column(column)
+    for row in table["rows"]:
+        out.add_row(*(str(cell) for cell in row))
+    console.print(out)
+
+
 def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
     console = Console()
+    if not console.is_terminal:  # piped or captured: wide enough for the effect table on one line a row
+        console = Console(width=120)
+    verdict = metrics.get("table")
+    if verdict:  # the verdict first (a result that does not hold says so in its first line) and last
+        console.print(verdict["verdict_line"].split(" — ")[0], markup=False)
     methods = metrics.get("methods", {})
-    if methods:
+    if methods and not verdict:
         table = Table(title=metrics.get("title", "results"))
         columns = sorted({key for values in methods.values() for key in values})
         for column in ("method", *columns):
@@ -37,12 +51,22 @@ def _print_result(metrics: dict[str, Any], run_dir: Path) -> None:
             cells = [values.get(c) for c in columns]
             table.add_row(name, *(f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells))
         console.print(table)
+    if metrics.get("eval_sets"):  # recipe field eval_data: one row per test set
+        rows = metrics["eval_sets"]
+        _print_table(
+            console,
+            {"title": "A/B matching rate per test set", "columns": list(rows[0]),
+             "rows": [[f"{v:.3f}" if isinstance(v, float) else v for v in r.values()] for r in rows]},
+        )  # fmt: skip
     for example in metrics.get("examples", [])[:3]:
         ex = Table(show_lines=True, title=example["prompt"][:100])
         ex.add_column("before")
         ex.add_column("after")
         ex.add_row(example["before"], example["after"])
         console.print(ex)
+    if verdict:
+        _print_table(console, verdict)
+        console.print(verdict["verdict_line"], markup=False)
     console.print(f"report: {run_dir / 'report.html'}")
 
 
@@ -98,6 +122,8 @@ def _finish(run_dir: Path, metrics: dict[str, Any], json_out: bool) -> None:
                 "methods": metrics.get("methods", {}),
                 "examples": _examples(run_dir),
                 "title": metrics.get("summary", {}).get("behaviour", ""),
+                "table": metrics.get("table"),
+                "eval_sets": metrics.get("eval_sets"),
             },
             run_dir,
         )
@@ -112,27 +138,35 @@ def _examples(run_dir: Path) -> list[dict[str, str]]:
 
 @app.command("demo")
 def demo(
-    model: Annotated[str, typer.Option(help="Model to run the demo on.")] = "smollm2-135m-instruct",
+    model: Annotated[
+        str | None, typer.Option(help="Model to run the demo on (default: the tour's own model).")
+    ] = None,
+    tour: Annotated[
+        str,
+        typer.Option(
+            help="refusal: refusal heads of Qwen2.5-Coder-0.5B located and ablated vs random heads (ASR, "
+            "intervals, verdict); hsi: the HSI coordination tour on SmolLM2 (prints its own verdict)."
+        ),
+    ] = "refusal",
     out: Annotated[Path, typer.Option(help="Where the run folder is created.")] = Path("runs"),
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
-    """The built-in tour: locate the heads behind AI coordination, steer them, compare, write a report."""
+    """The built-in demo: locate heads, edit them, measure against a control (interval, verdict), report."""
     import yaml
 
-    from finesteer.recipes import parse_recipe
+    from finesteer.recipes import RunFolder, prepare
+    from finesteer.recipes.demo import tour_recipe, tour_verdict
 
     def work() -> tuple[Path, Any]:
-        text = resources.files("finesteer.recipes").joinpath("demo.yaml").read_text()
-        data = yaml.safe_load(text)
-        data["model"] = model
-        data["device"], data["dtype"] = device, dtype
+        recipe = tour_recipe(tour, model).model_copy(update={"device": device, "dtype": dtype})
+        prepare(recipe)  # bad model or sizes are refused before anything is written
         out.mkdir(parents=True, exist_ok=True)
         path = out / "demo-recipe.yaml"
-        path.write_text(yaml.safe_dump(parse_recipe(data).model_dump(mode="json"), sort_keys=False))
-        return _execute(path, None, out, None)
+        path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        run_dir, metrics = _execute(path, None, out, None)
+        return run_dir, tour_verdict(RunFolder.open(run_dir), metrics)
 
     run_dir, metrics = run_command(work)
     _finish(run_dir, metrics, json_out)
-

@@ -34,6 +34,7 @@ from finesteer.data.prompts import chat_prompt
 from finesteer.errors import FinesteerError
 from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
 from finesteer.evaluate.compare_result import ComparisonResult
+from finesteer.evaluate.eval_sets import EvalSet, prob_row
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.kl import next_token_kl_between
 from finesteer.evaluate.scores import mean_std
@@ -146,8 +147,10 @@ def evaluate_setup(
     settings: CompareSettings,
     out_dir: Path | None = None,
     progress: bool = True,
+    eval_sets: Sequence[EvalSet] = (),
 ) -> dict[str, Any]:
-    """All measurements of one steering (run on `reference` unless bound to a model), as a JSON-ready dict."""
+    """All measurements of one steering (run on `reference` unless bound to a model), as a JSON-ready dict;
+    with `eval_sets` (`--eval-data`) also the letter-probability matching rate on each extra test set."""
 
     started = time.perf_counter()
     lm = setup.lm if setup.lm is not None else reference
@@ -178,6 +181,8 @@ def evaluate_setup(
         progress=progress,
     )
     result.update(ab_matching_rate_generated=_finite(gen.matching_rate), ab_n_undefined=gen.n_undefined)
+    if eval_sets:
+        result["eval_sets"] = [prob_row(lm, s, iv, system, settings.batch_size, progress) for s in eval_sets]
     if out_dir is not None:
         _write_jsonl(out_dir / "ab_generations" / f"{setup.name}.jsonl", gen.per_item)
     result.update(_open_ended(lm, setup, open_ended_items, judge, settings, out_dir, progress))
@@ -274,6 +279,7 @@ def compare_setups(
     info: Mapping[str, Any] | None = None,
     progress: bool = True,
     on_method: Callable[[str, dict[str, Any], bool], None] | None = None,
+    eval_sets: Sequence[EvalSet] = (),
 ) -> ComparisonResult:
     """Evaluate every setup on the same items; `reference` is the unmodified model (KL baseline).
 
@@ -293,6 +299,8 @@ def compare_setups(
         "settings": settings.to_dict(),
         "judge": judge_desc,
     }
+    if eval_sets:  # extra test sets (--eval-data) are part of what a finished method was measured on
+        shared_key["eval_sets"] = [[s.name, _items_digest(s.items, (), ())] for s in eval_sets]
     folder = Path(out_dir) if out_dir is not None else None
     store = method_store(folder)
     run_info = {**dict(info or {}), "settings": settings.to_dict(), "n_ab": len(ab_items)}
@@ -313,6 +321,7 @@ def compare_setups(
                 settings=settings,
                 out_dir=folder,
                 progress=progress,
+                eval_sets=eval_sets,
             )
             return {
                 "shared_key": shared_key,

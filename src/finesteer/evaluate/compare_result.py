@@ -65,5 +65,27 @@ class ComparisonResult:
         table.caption = f"judge: {self.judge}"
         return table
 
+    def has_eval_sets(self) -> bool:
+        return any(row.get("eval_sets") for row in self.methods.values())
+
+    def eval_sets_table(self) -> Table:
+        """With `--eval-data`: the letter-probability matching rate, one row per test set (the
+        behaviour's test split first), one column per method."""
+        from rich.table import Table
+
+        table = Table(title="A/B matching rate (prob) per test set")
+        table.add_column("test set")
+        table.add_column("n", justify="right")
+        for name in self.methods:
+            table.add_column(name, justify="right")
+        rows = self.methods.values()
+        main = [f"{self.info.get('data', '')} (test split)", str(self.info.get("n_ab", ""))]
+        table.add_row(*main, *(f"{row['ab_matching_rate']:.2f}" for row in rows))
+        first = next(iter(rows))
+        for i, entry in enumerate(first.get("eval_sets", [])):
+            cells = (f"{row['eval_sets'][i]['ab_matching_rate']:.2f}" for row in rows)
+            table.add_row(entry["name"], str(entry["n"]), *cells)
+        return table
+
 
 __all__ = ["ComparisonResult"]

@@ -9,10 +9,13 @@ from types import MappingProxyType
 from typing import Any
 
 from finesteer.data import CATALOG
+from finesteer.data.errors import DatasetError
+from finesteer.evaluate.eval_sets import load_eval_sets
 from finesteer.models import peek_model_info
 from finesteer.recipes.config import (
     HSIRecipe,
     RecipeError,
+    RefusalHeadsRecipe,
     ShipsRecipe,
     STARecipe,
     check_against_model,
@@ -26,6 +29,7 @@ RUNNERS = MappingProxyType(
     {
         "hsi": "finesteer.recipes.hsi:run",
         "ships": "finesteer.recipes.ships:run",
+        "refusal-heads": "finesteer.recipes.refusal_heads:run",
         "sta": "finesteer.recipes.sta:run",
     }
 )
@@ -36,12 +40,17 @@ def runner_for(method: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module), function)
 
 
-def prepare(recipe: HSIRecipe | ShipsRecipe | STARecipe) -> None:
+def prepare(recipe: HSIRecipe | ShipsRecipe | RefusalHeadsRecipe | STARecipe) -> None:
     """Every check that can fail before the model is loaded: data names, layer and head ranges."""
     for field in ("behaviour", "attribution_data", "evaluation_data"):
         name = getattr(recipe, field, None)
         if name is not None and name not in CATALOG and not Path(name).is_file():
             raise RecipeError(f"invalid recipe: {field}: unknown dataset {name!r}; see `finesteer data list`")
+    for i, path in enumerate(getattr(recipe, "eval_data", None) or []):
+        try:
+            load_eval_sets([path])
+        except DatasetError as exc:
+            raise RecipeError(f"invalid recipe: eval_data[{i}]: {exc}") from None
     check_against_model(recipe, peek_model_info(recipe.model))
 
 
@@ -57,6 +66,7 @@ __all__ = [
     "RUNNERS",
     "HSIRecipe",
     "RecipeError",
+    "RefusalHeadsRecipe",
     "RunFolder",
     "RunResumeError",
     "STARecipe",

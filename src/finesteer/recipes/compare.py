@@ -19,6 +19,7 @@ from typing import Any
 from finesteer.data import load_dataset
 from finesteer.data.balance import letter_balanced
 from finesteer.evaluate.compare import CompareSettings, ComparisonResult, PendingSteering, compare_setups
+from finesteer.evaluate.eval_sets import load_eval_sets
 from finesteer.evaluate.judge_choice import DEFAULT_LOCAL_JUDGE, JudgeKind, make_judge
 from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
@@ -63,6 +64,7 @@ class ABComparison:
     batch_size: int = 8
     device: str = "cpu"  # where the model runs and its dtype (`models.load_model`)
     dtype: str = "float32"
+    eval_data: Sequence[str] = ()
 
     def choices(self) -> list[MethodChoice]:
         """The methods, resolved (unknown names and settings for absent methods are errors)."""
@@ -143,6 +145,7 @@ def run_ab_comparison(
         choice.settings(options.settings.get(choice.label, {}))
     behaviour = options.behaviour_data()
     harmless = options.harmless_prompts()
+    extra = load_eval_sets(options.eval_data, balanced=options.balanced)  # checked before the model loads
     folder = out or default_out_dir(model, options.data)
     started = time.perf_counter()
     with FolderLock(folder):  # checked writable and locked before the load; held to the end
@@ -176,6 +179,7 @@ def run_ab_comparison(
             out_dir=folder,
             info={"model": model, "data": options.data, "data_splits": behaviour.summary()},
             on_method=report,
+            eval_sets=extra,
         )
         log(f"done in {time.perf_counter() - started:.0f}s")
         return comparison

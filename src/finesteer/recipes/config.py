@@ -81,6 +81,10 @@ class HSIRecipe(RecipeBase):
     )
     n_samples: PositiveInt = Field(2, description="sampled answers per training item (directions_from)")
     baselines: list[Literal["prompt", "caa", "iti"]] = Field(default_factory=list)
+    eval_data: list[str] = Field(
+        default_factory=list,
+        description="extra A/B test files (Anthropic evals JSONL) scored alongside the test split",
+    )
 
     _heads = field_validator("heads")(classmethod(lambda cls, v: _check_heads(v)))
 
@@ -131,6 +135,19 @@ class ShipsRecipe(RecipeBase):
         return {"heads": [h for item in self.heads for h in parse_heads(item)]} if self.heads else {}
 
 
+class RefusalHeadsRecipe(ShipsRecipe):
+    """The demo's showcase: heads ranked by the refusal metric (cheap, no generation), the top `top_k`
+    ablated, ASR on held-out harmful prompts against random heads of the same count, with paired
+    tests, intervals and a verdict (`finesteer.evaluate.asr_paired`)."""
+
+    method: Literal["refusal-heads"]  # type: ignore[assignment]
+    score: Literal["ships", "refusal"] = "refusal"
+    mode: Literal["ua", "sc"] = "sc"
+    top_k: list[PositiveInt] = Field(default_factory=lambda: [8])
+    random_seeds: int = Field(3, ge=3, description="random-head control seeds (at least 3)")
+    mc_data: str | None = None
+
+
 class STARecipe(RecipeBase):
     """Train (or load) an SAE, select target atoms, steer, compare with CAA and prompting."""
 
@@ -151,9 +168,10 @@ class STARecipe(RecipeBase):
     trim: float = Field(0.35, gt=0, le=1)
 
 
-Recipe = Annotated[HSIRecipe | ShipsRecipe | STARecipe, Field(discriminator="method")]
+AnyRecipe = HSIRecipe | ShipsRecipe | RefusalHeadsRecipe | STARecipe
+Recipe = Annotated[AnyRecipe, Field(discriminator="method")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Recipe)
-METHODS = ("hsi", "ships", "sta")
+METHODS = ("hsi", "ships", "refusal-heads", "sta")
 
 
 def _format(error: ValidationError) -> str:
@@ -171,7 +189,7 @@ def _format(error: ValidationError) -> str:
     return "invalid recipe: " + "; ".join(lines)
 
 
-def parse_recipe(data: dict[str, Any]) -> HSIRecipe | ShipsRecipe | STARecipe:
+def parse_recipe(data: dict[str, Any]) -> AnyRecipe:
     if not isinstance(data, dict):
         raise RecipeError(f"invalid recipe: expected a mapping of fields, got {type(data).__name__}")
     try:
@@ -182,7 +200,7 @@ def parse_recipe(data: dict[str, Any]) -> HSIRecipe | ShipsRecipe | STARecipe:
         raise RecipeError(f"invalid recipe: heads: {exc}") from None
 
 
-def load_recipe(path: str | Path) -> HSIRecipe | ShipsRecipe | STARecipe:
+def load_recipe(path: str | Path) -> AnyRecipe:
     """A recipe from its YAML file; every error names the file."""
     path = Path(path)
     try:
@@ -217,6 +235,12 @@ def check_against_model(recipe: RecipeBase, info: ModelInfo | None) -> None:
                     f"invalid recipe: {field}[{i}]: head {head} out of range; {recipe.model} has "
                     f"{info.n_heads} heads per layer (0..{info.n_heads - 1})"
                 )
+    top_k, seeds = getattr(recipe, "top_k", None), getattr(recipe, "random_seeds", 0)
+    if top_k and seeds and 2 * max(top_k) > info.n_layers * info.n_heads:
+        raise RecipeError(
+            f"invalid recipe: top_k: {max(top_k)} heads and as many random control heads outside them need "
+            f"{2 * max(top_k)} heads; {recipe.model} has {info.n_layers * info.n_heads}"
+        )
     layers = getattr(recipe, "layers", None) or []
     layer_field = getattr(recipe, "layer", None)
     for i, layer in enumerate([*layers, *([layer_field] if layer_field is not None else [])]):

@@ -13,12 +13,14 @@ from typing import Any
 
 from finesteer.artifacts import load_intervention, save_intervention
 from finesteer.evaluate.ab import ab_matching_rate_prob
+from finesteer.evaluate.eval_sets import load_eval_sets, score_eval_sets
 from finesteer.fit.hsi import HSIConfig, fit_hsi
 from finesteer.methods import fit_method, load_behaviour_data
 from finesteer.models import load_model
 from finesteer.recipes.config import HSIRecipe
 from finesteer.recipes.run import RunFolder
 from finesteer.recipes.summary import AB_COLUMNS, ab_row, examples_step, finish_report
+from finesteer.report.html import Table
 from finesteer.report.sweep import plot_sweep_folder
 from finesteer.scoring.ab import ABPrompt
 
@@ -52,7 +54,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         result = ab_matching_rate_prob(
             lm, data.test_ab, intervention=intervention, prompt=ABPrompt(system), progress=progress
         )
-        return result.to_dict(per_item=False)
+        return result.to_dict(per_item=True)
 
     baseline = run.step("baseline", lambda folder: ab())
     artifact_dir = run.path / "artifacts" / "hsi"
@@ -89,6 +91,9 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
 
         methods[name] = ab_row(run.step(f"baseline_{name}", other))
 
+    eval_rows: list[dict[str, Any]] = []
+    if recipe.eval_data:
+        eval_rows = run.step("eval_sets", lambda f: _eval_sets(recipe, lm, steer, baseline, steered))["rows"]
     questions = [item.question for item in data.open_ended]
     examples = run.step("examples", examples_step(run, lm, questions, steer))
     heads = ", ".join(f"{layer}.{head}" for layer, head in fitted["heads"])
@@ -103,6 +108,8 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         "test items": baseline["n"],
     }
     metrics = {"summary": summary, "methods": methods, "hsi": fitted}
+    if eval_rows:
+        metrics["eval_sets"] = eval_rows
     images = sorted((run.path / "steps" / "locate_and_fit").glob("*.png"))
     finish_report(
         run,
@@ -112,5 +119,28 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         rows=[[name, *(values[c] for c in AB_COLUMNS)] for name, values in methods.items()],
         images=images,
         examples=examples,
+        extra_tables=[
+            Table("A/B matching rate per test set", list(eval_rows[0]), [list(r.values()) for r in eval_rows])
+        ]
+        if eval_rows
+        else [],
     )
     return metrics
+
+
+def _eval_sets(
+    recipe: HSIRecipe, lm: Any, steer: Any, baseline: dict[str, Any], steered: dict[str, Any]
+) -> dict[str, Any]:
+    """One row per test set (the behaviour's test split, then each `eval_data` file): the matching rate
+    by letter probability unmodified and with HSI."""
+    sets = load_eval_sets(recipe.eval_data)
+    before = score_eval_sets(lm, sets, None, method="prob", progress=False)
+    after = score_eval_sets(lm, sets, steer, method="prob", progress=False)
+    rows = [
+        {"test set": f"{recipe.behaviour} (test split)", "n": baseline["n"],
+         "baseline": baseline["matching_rate"], "hsi": steered["matching_rate"]}
+    ]  # fmt: skip
+    for b, a in zip(before, after, strict=True):
+        rows.append({"test set": b["name"], "n": b["n"], "baseline": b["matching_rate_prob"],
+                     "hsi": a["matching_rate_prob"]})  # fmt: skip
+    return {"rows": rows}

@@ -1,0 +1,94 @@
+"""The built-in demo tours (`finesteer demo`): which recipe each runs, and the HSI tour's verdict.
+
+* `refusal` (default): `demo.yaml`, the refusal-heads recipe (located vs random heads, ASR with
+  intervals, a control row and a verdict; `finesteer.recipes.refusal_heads`).
+* `hsi`: `demo_hsi.yaml`, the former demo (HSI on coordinate-other-ais, SmolLM2). Its verdict is the
+  paired change of the test split's matching rate, steered vs unmodified (`ab_effect_vs`), added to
+  the run's metrics by `tour_verdict`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from finesteer.evaluate.ab import ABResult
+from finesteer.evaluate.ab_paired import ab_effect_vs
+from finesteer.evaluate.effect_verdict import effect_verdict
+from finesteer.recipes.config import AnyRecipe, RecipeError, parse_recipe
+from finesteer.recipes.run import RunFolder
+from finesteer.runs import METRICS_JSON, write_json_atomic
+
+TOURS = {"refusal": "demo.yaml", "hsi": "demo_hsi.yaml"}
+
+
+def tour_recipe(tour: str, model: str | None = None) -> AnyRecipe:
+    """The recipe of a demo tour, on `model` when given (else the tour's own model)."""
+    if tour not in TOURS:
+        raise RecipeError(f"unknown demo tour {tour!r}; choose one of {', '.join(TOURS)}")
+    data = yaml.safe_load(resources.files("finesteer.recipes").joinpath(TOURS[tour]).read_text())
+    if model is not None:
+        data["model"] = model
+    return parse_recipe(data)
+
+
+def _ab(result: dict[str, Any]) -> ABResult:
+    if "per_item" not in result:
+        raise RecipeError("this run's A/B steps kept no per-item scores; rerun the tour to get its verdict")
+    return ABResult(
+        n=result["n"],
+        matching_rate=result["matching_rate"],
+        count=result["count"],
+        mean_p_matching=result["mean_p_matching"],
+        per_item=result["per_item"],
+        n_undefined=result.get("n_undefined", 0),
+        method=result.get("method", "prob"),
+    )
+
+
+def _fmt(entry: dict[str, Any], signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    value = entry.get("difference", entry.get("value"))
+    return f"{f.format(value)} [{f.format(entry['low'])}, {f.format(entry['high'])}]"
+
+
+def tour_verdict(run: RunFolder, metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` with the verdict of a finished HSI tour (steered vs unmodified matching rate on the
+    test split; heads and α were chosen on train/validation, so the test is scored once), written to
+    metrics.json too. Other recipes carry their own verdict and are returned unchanged."""
+    if "verdict" in metrics or run.recipe.method != "hsi":  # type: ignore[attr-defined]
+        return metrics
+    comparison = ab_effect_vs(_ab(run.result("baseline")), _ab(run.result("steered")))
+    verdict = effect_verdict(comparison.matching).to_dict()
+    change = comparison.matching.to_dict()
+    rows = [
+        ["unmodified", "–", _fmt(change["reference"]), "–", "–"],
+        [
+            "HSI",
+            metrics["summary"].get("heads (layer.head)", ""),
+            _fmt(change["treated"]),
+            _fmt(change, signed=True),
+            f"{change['p_value']:.2g} ({change['test']})",
+        ],
+    ]
+    line = (
+        f"verdict: {verdict['verdict']} — HSI changes the A/B matching rate by {_fmt(change, signed=True)} "
+        f"(95% CI) on n = {change['n']} test items (no random-head control in this tour)"
+    )
+    if verdict["reasons"]:
+        line += f" ({'; '.join(verdict['reasons'])})"
+    table = {
+        "title": "A/B matching rate on the test split",
+        "columns": ["condition", "heads", "matching rate [95% CI]", "change [95% CI]", "p"],
+        "rows": rows,
+        "verdict_line": line,
+    }
+    added = {
+        "verdict": verdict["verdict"], "verdict_line": line, "effect": comparison.to_dict(), "table": table
+    }  # fmt: skip
+    stored = run.path / METRICS_JSON
+    write_json_atomic(stored, {**added, **(json.loads(stored.read_text()) if stored.is_file() else metrics)})
+    return {**added, **metrics}
