@@ -103,6 +103,13 @@ def compare_command(
         Path | None, typer.Option("--out", help="Results folder (default runs/compare-<model>-<data>).")
     ] = None,
     json_out: JsonFlag = False,
+    controls: Annotated[
+        int,
+        typer.Option(
+            help="Matched controls per method (random heads / random direction of the same budget), "
+            "seeds 0..N-1; the verdict is method − control. 0 = off (then against the unmodified model).",
+        ),
+    ] = 3,
 ) -> None:
     """Fit and evaluate several steering methods on one behaviour, or compare finished run folders."""
     from rich.console import Console
@@ -141,6 +148,7 @@ def compare_command(
             open_ended_limit=open_ended_limit, balanced=balanced, harmless_data=harmless_data,
             harmless_limit=harmless_limit, max_new_tokens=max_new_tokens, ab_max_new_tokens=ab_max_new_tokens,
             judge=judge, judge_model=judge_model, batch_size=batch_size,  # type: ignore[arg-type]
+            controls=controls,
         )  # fmt: skip
         return run_ab_comparison(model, options, out, log=stderr_console().print)
 
@@ -148,7 +156,9 @@ def compare_command(
     if json_out:
         emit_json(comparison.to_json())
         return
-    Console().print(comparison.table())
+    console = Console() if Console().is_terminal else Console(width=160)  # a log file: no wrapping
+    console.print(comparison.table())
+    console.print(comparison.table(effects=False))
 
 
 def _one_model(targets: list[str], task: str) -> str:
