@@ -135,7 +135,7 @@ def compare_command(
     if task == "refusal" or (task == "auto" and sae is not None):
         _compare_refusal(
             model, sae, out, methods or DEFAULT_REFUSAL_METHODS, lambdas, headline, n_harmful, n_harmless,
-            n_pairs, trim, max_new_tokens, batch_size, json_out,
+            n_pairs, trim, max_new_tokens, batch_size, json_out, controls,
         )  # fmt: skip
         return
     from finesteer.recipes.compare import ABComparison, run_ab_comparison
@@ -189,6 +189,7 @@ def _compare_refusal(
     max_new_tokens: int,
     batch_size: int,
     json_out: bool,
+    controls: int = 3,
 ) -> None:
     """`compare --task refusal`: the STA refusal experiment (`eval sta-refusal`) under `compare`."""
     def work() -> dict[str, Any]:
@@ -201,7 +202,7 @@ def _compare_refusal(
         return run_refusal(
             model, sae, folder, methods=methods, lambdas=lambdas, headline=headline,
             n_harmful=n_harmful, n_harmless=n_harmless, n_pairs=n_pairs, trim=trim,
-            max_new_tokens=max_new_tokens, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, controls=controls,
         )  # fmt: skip
 
     result = run_command(work)
@@ -211,11 +212,14 @@ def _compare_refusal(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Refusal steering on {model} (λ = {headline:g})")
-    for column in ("method", "refusal rate", "over-refusal rate", "fluency"):
+    from finesteer.evaluate.refusal_effects import effects_table
+
+    title = f"Refusal steering on {model} (λ = {headline:g}), [95% intervals], {controls} control seeds"
+    table = Table(title=title)
+    columns, rows = effects_table(result["methods"])
+    for column in columns:
         table.add_column(column)
-    for name, row in result["methods"].items():
-        table.add_row(
-            name, f"{row['refusal_rate']:.2f}", f"{row['over_refusal_rate']:.2f}", f"{row['fluency']:.2f}"
-        )
-    Console().print(table)
+    for row in rows:
+        table.add_row(*row)
+    console = Console() if Console().is_terminal else Console(width=160)  # a log file: no wrapping
+    console.print(table)
