@@ -41,9 +41,7 @@ SIMS = 300
 def test_asr_rate_interval_covers_near_zero_where_asr_lives() -> None:
     rng = np.random.default_rng(11)
     p, n = 0.08, 40  # a low ASR: the Wald interval would undercover here
-    hits = [
-        (est := rate_estimate(int(c), n)).low <= p <= est.high for c in rng.binomial(n, p, size=SIMS)
-    ]
+    hits = [(est := rate_estimate(int(c), n)).low <= p <= est.high for c in rng.binomial(n, p, size=SIMS)]
     assert 0.92 <= np.mean(hits) <= 0.99
 
 
@@ -144,7 +142,9 @@ def _row(rng: np.random.Generator, p: float, n: int, controls: list[float] | Non
         row["control"] = {
             "kind": "random-heads",
             "n_seeds": len(controls),
-            "seeds": {str(s): {"ab_per_item": _row(rng, c, n)["ab_per_item"]} for s, c in enumerate(controls)},
+            "seeds": {
+                str(s): {"ab_per_item": _row(rng, c, n)["ab_per_item"]} for s, c in enumerate(controls)
+            },
         }
     return row
 
