@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from finesteer.activations.directions import HeadDirections, directions_from_activations
-from finesteer.evaluate.asr_paired import ablation_effects, helpfulness_effects
+from finesteer.evaluate.asr_paired import ablation_effects, ablation_table, helpfulness_effects
 from finesteer.evaluate.compare_effects import REFERENCE_VERDICT, add_effects
 from finesteer.evaluate.effect_verdict import NO_RELIABLE_EFFECT, RELIABLE_EFFECT
 from finesteer.evaluate.refusal_effects import add_refusal_effects, effects_table
@@ -120,6 +120,9 @@ def test_ablation_planted_lift_is_found_with_its_spread_and_helpfulness() -> Non
     )
     assert help_effects["over_refusal"]["n_gained"] == 8 and help_effects["kl"]["value"] == pytest.approx(0.1)
     json.dumps(effects, allow_nan=False)
+    columns, rows = ablation_table({"8": effects}, {"8": 0.05}, {"8": 0.01})
+    assert columns[-1] == "verdict" and rows[0][0] == "unmodified" and rows[1][-1] == RELIABLE_EFFECT
+    assert rows[1][2] == "0.05 ± 0.01" and "[" in rows[1][1] and "[" in rows[1][4]
 
 
 # --------------------------------------------------------------------------------------------------

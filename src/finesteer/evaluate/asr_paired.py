@@ -20,7 +20,15 @@ from finesteer.evaluate.effect_verdict import NO_RELIABLE_EFFECT, effect_verdict
 from finesteer.evaluate.stats import mean_estimate, paired_effect, seed_spread
 from finesteer.evaluate.verdict import Judge
 
-__all__ = ["ablation_effects", "helpfulness_effects", "paired_or_reason", "successes"]
+__all__ = [
+    "ABLATION_COLUMNS",
+    "ablation_effects",
+    "ablation_table",
+    "helpfulness_effects",
+    "paired_or_reason",
+    "successes",
+    "verdict_label",
+]
 
 
 def successes(records: Sequence[Mapping[str, Any]], judge: Judge) -> list[float]:
@@ -93,3 +101,53 @@ def helpfulness_effects(
 def verdict_label(entry: Mapping[str, Any]) -> str:
     """The verdict label of an `ablation_effects` entry (no reliable effect when absent)."""
     return str(entry.get("verdict", {}).get("verdict", NO_RELIABLE_EFFECT))
+
+
+ABLATION_COLUMNS = (
+    "condition",
+    "ASR [95% CI]",
+    "random heads ± sd",
+    "Δ vs unmodified [CI]",
+    "top-k − random [CI]",
+    "p",
+    "verdict",
+)
+
+
+def _cell(effect: Mapping[str, Any] | None, key: str = "difference") -> str:
+    if not effect or effect.get(key) is None:
+        return "–"
+    value = f"{effect[key]:+.2f}" if key == "difference" else f"{effect[key]:.2f}"
+    if effect.get("low") is None or effect.get("high") is None:
+        return value
+    return f"{value} [{effect['low']:.2f}, {effect['high']:.2f}]"
+
+
+def ablation_table(
+    effects: Mapping[str, Mapping[str, Any]],
+    random_mean: Mapping[str, float],
+    random_std: Mapping[str, float],
+) -> tuple[tuple[str, ...], list[list[str]]]:
+    """Columns and rows of the ablation table: the unmodified model, then per k the ASR with its
+    interval, the random heads (mean ± sd over seeds), the paired lifts and the verdict."""
+    rows: list[list[str]] = []
+    for k, entry in effects.items():
+        vs_base = entry.get("vs_baseline") or {}
+        if not rows:
+            rows.append(
+                ["unmodified", _cell(vs_base.get("reference"), "value"), "–", "–", "–", "–", "reference"]
+            )
+        verdict = entry.get("verdict") or {}
+        mean, std = random_mean.get(k), random_std.get(k)
+        rows.append(
+            [
+                f"top-{k} heads",
+                _cell(vs_base.get("treated"), "value"),
+                "–" if mean is None else f"{mean:.2f} ± {std or 0.0:.2f}",
+                _cell(vs_base),
+                _cell(entry.get("vs_random")),
+                "–" if verdict.get("p_value") is None else f"{verdict['p_value']:.3f}",
+                verdict_label(entry),
+            ]
+        )
+    return ABLATION_COLUMNS, rows
