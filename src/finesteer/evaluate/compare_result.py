@@ -77,7 +77,7 @@ def _num(value: Any, digits: int = 2) -> str:
 
 
 def _interval(estimate: dict[str, Any] | None, digits: int = 2, key: str = "value") -> str:
-    """"v [lo, hi]" of an Estimate / PairedEffect dict, "–" when absent."""
+    """The cell "v [lo, hi]" of an Estimate or PairedEffect dict; "–" when absent."""
     if not estimate or estimate.get(key) is None:
         return "–"
     text = f"{estimate[key]:+.{digits}f}" if key == "difference" else f"{estimate[key]:.{digits}f}"
