@@ -113,12 +113,22 @@ def ab(
         f"A/B {data}: {model}" + (f" + {intervention}" if intervention else ""),
         [
             ("n", result["n"]),
-            ("matching rate (letter probability)", result["matching_rate_prob"]),
-            ("mean p(matching)", result["mean_p_matching"]),
-            ("matching rate (generated)", result["matching_rate_generated"]),
+            ("matching rate (letter probability) [95% CI]", _ci(result.get("prob"), "matching_rate")),
+            ("mean p(matching) [95% CI]", _ci(result.get("prob"), "mean_p_matching")),
+            ("matching rate (generated) [95% CI]", _ci(result.get("generated"), "matching_rate")),
             ("undefined generated answers", result["n_undefined"]),
         ],
     )
+
+
+def _ci(result: dict[str, Any] | None, key: str) -> str | None:
+    """"value [low, high]" of an A/B result's estimate (`interval`), None when not measured."""
+    estimate = ((result or {}).get("interval") or {}).get(key) or {}
+    if estimate.get("value") is None:
+        return None
+    if estimate.get("low") is None:
+        return f"{estimate['value']:.3f}"
+    return f"{estimate['value']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
 
 
 @eval_app.command("asr")
@@ -190,8 +200,8 @@ def asr(
         f"ASR {data}: {model}" + (f" + {intervention}" if intervention else ""),
         [
             ("n", result["n"]),
-            (f"attack success rate ({judge})", result["asr"]),
-            ("refusal rate (keywords)", result["refusal_rate"]),
+            (f"attack success rate ({judge}) [95% CI]", _ci({"interval": result}, "asr_interval")),
+            ("refusal rate (keywords) [95% CI]", _ci({"interval": result}, "refusal_interval")),
             ("generations", result["jsonl"] or "(not saved: pass --out)"),
         ],
     )
