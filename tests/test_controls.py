@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from finesteer.activations.directions import HeadDirections, directions_from_activations
-from finesteer.evaluate.asr_effect import random_heads as asr_random_heads
 from finesteer.fit.controls import (
     CONTROL_SEEDS,
     ControlError,
@@ -47,12 +46,12 @@ def _runs(lm: LoadedModel, control: object) -> None:
     assert torch.isfinite(out).all()
 
 
-def test_random_heads_match_the_ablation_experiment_draw(llama: LoadedModel) -> None:
+def test_random_heads_are_seeded_nested_and_exclude_the_method_heads(llama: LoadedModel) -> None:
     info = llama.info
     for seed in (0, 3):
-        assert random_heads(info.n_layers, info.n_heads, 4, seed, HEADS) == asr_random_heads(
-            llama, 4, seed, HEADS
-        )
+        drawn = random_heads(info.n_layers, info.n_heads, 4, seed, HEADS)
+        assert drawn == random_heads(info.n_layers, info.n_heads, 4, seed, HEADS)
+        assert len(set(drawn)) == 4 and not set(drawn) & set(HEADS)
     nested = random_heads(info.n_layers, info.n_heads, 5, 0, HEADS)
     assert nested[:3] == random_heads(info.n_layers, info.n_heads, 3, 0, HEADS)
     with pytest.raises(ControlError):

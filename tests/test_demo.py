@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finesteer.cli import app
-from finesteer.evaluate.asr_paired import asr_paired_effects
+from finesteer.evaluate.asr_paired_records import asr_paired_effects
 from finesteer.evaluate.effect_verdict import EFFECT_LABELS, NO_RELIABLE_EFFECT, RELIABLE_EFFECT
 from finesteer.evaluate.errors import EvaluationError
 from finesteer.recipes import RecipeError, RunFolder, execute, parse_recipe

@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from finesteer.cli import app
-from finesteer.evaluate.asr_effect import AsrSettings, asr_effect, random_heads
+from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
+from finesteer.fit.controls import random_heads
 from finesteer.interventions import Intervention, ablate_head, intervene
 from finesteer.locate.engine import MANIFEST_FILE, ScanError, encode_prompts
 from finesteer.locate.scan import KLFromBase, LastHidden, LastLogits, scan
@@ -263,10 +264,11 @@ def test_format_queries_templates(lm):
 
 def test_random_heads_nested_and_exclusive(lm):
     exclude = [(0, 0), (1, 1)]
-    sets = [random_heads(lm, k, seed=3, exclude=exclude) for k in (1, 2, 5)]
+    shape = (lm.info.n_layers, lm.info.n_heads)
+    sets = [random_heads(*shape, k, seed=3, exclude=exclude) for k in (1, 2, 5)]
     assert sets[1][:1] == sets[0] and sets[2][:2] == sets[1]
     assert not set(sets[2]) & set(exclude) and len(set(sets[2])) == 5
-    assert random_heads(lm, 5, seed=4, exclude=exclude) != sets[2]
+    assert random_heads(*shape, 5, seed=4, exclude=exclude) != sets[2]
 
 
 def test_asr_effect_structure_and_resume(lm, tmp_path, monkeypatch):

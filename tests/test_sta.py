@@ -270,7 +270,11 @@ def test_sta_refusal_experiment_json_and_resume(llama: LoadedModel, tmp_path: Pa
         assert result["n_harmful"] == 2 and result["n_harmless"] == 2 and "fluency" in result
     assert payload["methods"]["prompt"]["system_prompt"]
     assert payload["methods"]["sta"]["fit"]["multiplier"] == 1.0
-    assert (tmp_path / "run" / "table.md").read_text().count("| sta |") == 1
+    table = (tmp_path / "run" / "table.md").read_text()
+    assert table.count("| sta | 1 |") == 1  # the sweep row; the headline table has the verdicts
+    assert table.count("| sta |") == 2 and "| verdict |" in table
+    assert payload["methods"]["sta"]["control_refusal_rate"]["n_seeds"] == 3
+    assert payload["methods"]["sta"]["verdict"]["against"].startswith("control (random-direction")
     # A rerun reuses every finished method (nothing regenerated: the files are untouched).
     files = sorted((tmp_path / "run" / "methods").iterdir())
     stamps = [f.stat().st_mtime_ns for f in files]

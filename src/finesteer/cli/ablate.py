@@ -102,6 +102,25 @@ def ablate(
 
     result = run_command(work)
     show(result, json_out)
+    if not json_out and result.get("effects"):
+        _print_effects(result)
+
+
+def _print_effects(result: dict[str, Any]) -> None:
+    """The ablation table: ASR with its 95% interval, random heads, paired lifts and the verdict per k."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from finesteer.evaluate.asr_paired import ablation_table
+
+    columns, rows = ablation_table(result["effects"], result["random_asr_mean"], result["random_asr_std"])
+    table = Table(title=f"ASR on {result['n_prompts']} held-out prompts, {result['mode']} ablation")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console = Console() if Console().is_terminal else Console(width=160)  # a log file: no wrapping
+    console.print(table)
 
 
 @app.command("export-surgery")

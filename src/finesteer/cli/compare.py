@@ -112,6 +112,13 @@ def compare_command(
     dtype: DtypeOpt = "float32",
     eval_data: EvalDataOpt = None,
     json_out: JsonFlag = False,
+    controls: Annotated[
+        int,
+        typer.Option(
+            help="Matched controls per method (random heads / random direction of the same budget), "
+            "seeds 0..N-1; the verdict is method − control. 0 = off (then against the unmodified model).",
+        ),
+    ] = 3,
 ) -> None:
     """Fit and evaluate several steering methods on one behaviour, or compare finished run folders."""
     from rich.console import Console
@@ -137,7 +144,7 @@ def compare_command(
     if task == "refusal" or (task == "auto" and sae is not None):
         _compare_refusal(
             model, sae, out, methods or DEFAULT_REFUSAL_METHODS, lambdas, headline, n_harmful, n_harmless,
-            n_pairs, trim, max_new_tokens, batch_size, json_out, device=device, dtype=dtype,
+            n_pairs, trim, max_new_tokens, batch_size, json_out, controls, device=device, dtype=dtype,
         )  # fmt: skip
         return
     from finesteer.recipes.compare import ABComparison, run_ab_comparison
@@ -153,6 +160,7 @@ def compare_command(
             judge=judge, judge_model=judge_model, batch_size=batch_size,  # type: ignore[arg-type]
             device=device, dtype=dtype,
             eval_data=tuple(str(p) for p in eval_data or ()),
+            controls=controls,
         )  # fmt: skip
         return run_ab_comparison(model, options, out, log=stderr_console().print)
 
@@ -160,9 +168,11 @@ def compare_command(
     if json_out:
         emit_json(comparison.to_json())
         return
-    Console().print(comparison.table())
+    console = Console() if Console().is_terminal else Console(width=160)  # a log file: no wrapping
+    console.print(comparison.table())
+    console.print(comparison.table(effects=False))
     if comparison.has_eval_sets():
-        Console().print(comparison.eval_sets_table())
+        console.print(comparison.eval_sets_table())
 
 
 def _one_model(targets: list[str], task: str) -> str:
@@ -193,6 +203,7 @@ def _compare_refusal(
     max_new_tokens: int,
     batch_size: int,
     json_out: bool,
+    controls: int = 3,
     device: str = "cpu",
     dtype: str = "float32",
 ) -> None:
@@ -207,7 +218,8 @@ def _compare_refusal(
         return run_refusal(
             model, sae, folder, methods=methods, lambdas=lambdas, headline=headline,
             n_harmful=n_harmful, n_harmless=n_harmless, n_pairs=n_pairs, trim=trim,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, controls=controls,
+            device=device, dtype=dtype,
         )  # fmt: skip
 
     result = run_command(work)
@@ -217,11 +229,14 @@ def _compare_refusal(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Refusal steering on {model} (λ = {headline:g})")
-    for column in ("method", "refusal rate", "over-refusal rate", "fluency"):
+    from finesteer.evaluate.refusal_effects import effects_table
+
+    title = f"Refusal steering on {model} (λ = {headline:g}), [95% intervals], {controls} control seeds"
+    table = Table(title=title)
+    columns, rows = effects_table(result["methods"])
+    for column in columns:
         table.add_column(column)
-    for name, row in result["methods"].items():
-        table.add_row(
-            name, f"{row['refusal_rate']:.2f}", f"{row['over_refusal_rate']:.2f}", f"{row['fluency']:.2f}"
-        )
-    Console().print(table)
+    for row in rows:
+        table.add_row(*row)
+    console = Console() if Console().is_terminal else Console(width=160)  # a log file: no wrapping
+    console.print(table)

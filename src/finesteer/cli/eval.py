@@ -127,9 +127,9 @@ def ab(
         f"A/B {data}: {model}" + (f" + {intervention}" if intervention else ""),
         [
             ("n", result["n"]),
-            ("matching rate (letter probability)", result["matching_rate_prob"]),
-            ("mean p(matching)", result["mean_p_matching"]),
-            ("matching rate (generated)", result["matching_rate_generated"]),
+            ("matching rate (letter probability) [95% CI]", _ci(result.get("prob"), "matching_rate")),
+            ("mean p(matching) [95% CI]", _ci(result.get("prob"), "mean_p_matching")),
+            ("matching rate (generated) [95% CI]", _ci(result.get("generated"), "matching_rate")),
             ("undefined generated answers", result["n_undefined"]),
         ],
     )
@@ -149,6 +149,16 @@ def _print_eval_sets(result: dict[str, Any]) -> None:
         cells = (row["matching_rate_prob"], row["mean_p_matching"], row["matching_rate_generated"])
         table.add_row(row["name"], str(row["n"]), *("–" if v is None else f"{v:.3f}" for v in cells))
     Console().print(table)
+
+
+def _ci(result: dict[str, Any] | None, key: str) -> str | None:
+    """"value [low, high]" of an A/B result's estimate (`interval`), None when not measured."""
+    estimate = ((result or {}).get("interval") or {}).get(key) or {}
+    if estimate.get("value") is None:
+        return None
+    if estimate.get("low") is None:
+        return f"{estimate['value']:.3f}"
+    return f"{estimate['value']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
 
 
 @eval_app.command("asr")
@@ -235,8 +245,8 @@ def asr(
         f"ASR {data}: {model}" + (f" + {intervention}" if intervention else ""),
         [
             ("n", result["n"]),
-            (f"attack success rate ({judge})", result["asr"]),
-            ("refusal rate (keywords)", result["refusal_rate"]),
+            (f"attack success rate ({judge}) [95% CI]", _ci({"interval": result}, "asr_interval")),
+            ("refusal rate (keywords) [95% CI]", _ci({"interval": result}, "refusal_interval")),
             ("generations", result["jsonl"] or "(not saved: pass --out)"),
         ],
     )

@@ -183,6 +183,8 @@ def run_ablation(lm: LoadedModel, plan: AblationPlan, out: Path, *, resume: bool
         "ablated_asr": {k: v["asr"] for k, v in result["ablated"].items()},
         "random_asr_mean": {k: v["mean"] for k, v in result["random"].items()},
         "random_asr_std": {k: v["std"] for k, v in result["random"].items()},
+        "effects": result["effects"],
+        "verdict": {k: v["verdict"]["verdict"] for k, v in result["effects"].items()},
         "helpfulness": result.get("helpfulness"),
         "out": str(out),
         "asr_json": str(out / ASR_FILE),

@@ -22,17 +22,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from finesteer.data.items import ABItem
+from finesteer.evaluate.asr_paired import ablation_effects, helpfulness_effects, successes
 from finesteer.evaluate.errors import EvaluationError
 from finesteer.evaluate.helpfulness import mc_accuracy, next_token_kl
 from finesteer.evaluate.judges import KeywordRefusalJudge
 from finesteer.evaluate.scores import attack_success_rate, refusal_rate
+from finesteer.evaluate.stats import mean_estimate, rate_estimate
 from finesteer.evaluate.verdict import Verdict
+from finesteer.fit.controls import ControlError, random_heads
 from finesteer.generation import GenerationConfig, generate
 from finesteer.interventions.edit import check_eps
-from finesteer.locate.ships import DEFAULT_EPS, ablation, all_heads
+from finesteer.locate.ships import DEFAULT_EPS, ablation
 from finesteer.models.loading import LoadedModel
 from finesteer.runs.lock import FolderLock
 from finesteer.runs.manifest import RunManifest, check_manifest
@@ -80,17 +81,13 @@ class Condition:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def random_heads(lm: LoadedModel, k: int, seed: int, exclude: Sequence[Head]) -> list[Head]:
-    """k heads drawn uniformly without replacement, never one of `exclude` (the heads under test).
-
-    A seed gives one permutation, so the random set for k is nested in the one for k + 1, like top-k.
-    """
-    pool = [h for h in all_heads(lm.info) if h not in set(exclude)]
-    if k > len(pool):
-        raise EvaluationError(f"cannot draw {k} random heads from {len(pool)} heads outside the tested ones")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(pool), generator=generator).tolist()
-    return [pool[i] for i in order[:k]]
+def _random(lm: LoadedModel, k: int, seed: int, exclude: Sequence[Head]) -> list[Head]:
+    """The matched control's k random heads (`finesteer.fit.controls.random_heads`: never one of the
+    heads under test; nested across k for a seed)."""
+    try:
+        return random_heads(lm.info.n_layers, lm.info.n_heads, k, seed, exclude)
+    except ControlError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def _conditions(lm: LoadedModel, heads: list[Head], settings: AsrSettings, harmless: bool) -> list[Condition]:
@@ -100,7 +97,7 @@ def _conditions(lm: LoadedModel, heads: list[Head], settings: AsrSettings, harml
     for k in settings.ks:
         for seed in settings.random_seeds:
             conditions.append(
-                Condition(f"random-{k}-seed{seed}", random_heads(lm, k, seed, heads), "random", k, seed)
+                Condition(f"random-{k}-seed{seed}", _random(lm, k, seed, heads), "random", k, seed)
             )
     if harmless:
         help_ks = settings.ks if settings.helpfulness_ks is None else settings.helpfulness_ks
@@ -158,9 +155,7 @@ def _summary(records: list[dict], judge: KeywordRefusalJudge, gcg: KeywordRefusa
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    if len(values) == 1:
-        return values[0], 0.0
-    return statistics.fmean(values), statistics.stdev(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def asr_effect(
@@ -348,6 +343,18 @@ def _assemble(
         }
         for k in sorted(int(k) for k in result["ablated"])
     }
+    result["effects"] = ablation_effects(
+        successes(records["baseline"], judge),
+        {str(c.k): successes(records[c.name], judge) for c in conditions if c.group == "ablated"},
+        {
+            str(k): {
+                str(c.seed): successes(records[c.name], judge)
+                for c in conditions
+                if c.group == "random" and c.k == k
+            }
+            for k in sorted({c.k for c in conditions if c.group == "random"})
+        },
+    )
     return result
 
 
@@ -363,11 +370,14 @@ def _helpfulness(
     """Per helpfulness condition: over-refusal on harmless prompts (same keyword judge), next-token
     KL(base ‖ ablated) at their last token, and multiple-choice accuracy (`evaluate.helpfulness`)."""
     out: dict[str, Any] = {}
+    raw: dict[str, dict[str, list[float]]] = {}
     for c in (c for c in conditions if c.group == "helpfulness"):
         verdicts = [judge.judge(r["prompt"], r["response"]) for r in records[c.name]]
         rate = _rate(verdicts, refusals=True)
         intervention = ablation(c.heads, settings.mode, settings.eps) if c.heads else None
         kl = next_token_kl(lm, harmless_prompts, intervention, batch_size=settings.batch_size)
+        name = "baseline" if not c.heads else f"top-{c.k}"
+        raw[name] = {"over_refusal": [float(v.label == "refusal") for v in verdicts], "kl": kl.per_prompt}
         entry: dict[str, Any] = {
             "heads": [f"{lay}.{h}" for lay, h in c.heads],
             "over_refusal": rate["rate"],
@@ -375,9 +385,15 @@ def _helpfulness(
             "n": rate["n"],
             "kl_mean": kl.mean,
             "kl_max": kl.max,
+            "kl_interval": mean_estimate(kl.per_prompt).to_dict(),
         }
         if mc_items:
             mc = mc_accuracy(lm, mc_items, intervention=intervention, batch_size=settings.batch_size)
             entry.update(mc_accuracy=mc.accuracy, mc_accuracy_mean=mc.accuracy_mean, n_mc=mc.n)
-        out["baseline" if not c.heads else f"top-{c.k}"] = entry
+            entry["mc_interval"] = rate_estimate(mc.count, mc.n).to_dict()
+            raw[name]["mc_correct"] = [float(r["correct"]) for r in mc.per_item]
+        out[name] = entry
+    for name, entry in out.items():
+        if name != "baseline" and "baseline" in raw:
+            entry["vs_baseline"] = helpfulness_effects(raw["baseline"], raw[name])
     return out

@@ -12,6 +12,7 @@ from finesteer.evaluate.asr_plan import run_generation_plan
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.judges import HARMFULNESS, KeywordRefusalJudge, LLMJudge
 from finesteer.evaluate.scores import attack_success_rate, refusal_rate
+from finesteer.evaluate.stats import rate_estimate
 from finesteer.evaluate.verdict import Judge
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
@@ -87,5 +88,7 @@ def _rates(rows: list[dict[str, Any]], judges: dict[str, Judge]) -> dict[str, An
         "refusal_rate": refusals.rate,
         "refusal_count": refusals.count,
         "refusal_ci95": list(refusals.interval()),
+        "asr_interval": rate_estimate(success.count, success.n).to_dict(),
+        "refusal_interval": rate_estimate(refusals.count, refusals.n).to_dict(),
         "records": rows,
     }

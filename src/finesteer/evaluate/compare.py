@@ -19,7 +19,6 @@ The judge is chosen by `finesteer.evaluate.judge_choice`, the table drawn by `Co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -33,13 +32,18 @@ from finesteer.data.items import ABItem, OpenEndedItem
 from finesteer.data.prompts import chat_prompt
 from finesteer.errors import FinesteerError
 from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
+from finesteer.evaluate.compare_controls import ControlBuilder, compact_records, evaluate_controls
+from finesteer.evaluate.compare_effects import add_effects
 from finesteer.evaluate.compare_result import ComparisonResult
+from finesteer.evaluate.compare_resume import digest, resume_problems, same_json
 from finesteer.evaluate.eval_sets import EvalSet, prob_row
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.kl import next_token_kl_between
 from finesteer.evaluate.scores import mean_std
-from finesteer.evaluate.text import fluency
+from finesteer.evaluate.stats import mean_estimate, rate_estimate
+from finesteer.evaluate.text import fluency, ngram_entropy
 from finesteer.evaluate.verdict import Judge
+from finesteer.fit.controls import CONTROL_SEEDS
 from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
 from finesteer.runs.files import write_json_atomic
@@ -78,6 +82,11 @@ class CompareSettings:
     ab_generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=32))
     ab_prompt_style: Literal["hsi", "caa"] = "hsi"
     batch_size: int = 8
+    controls: int = len(CONTROL_SEEDS)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.controls, bool) or self.controls < 0:
+            raise ComparisonError(f"controls must be a number of control seeds ≥ 0, got {self.controls!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +94,7 @@ class CompareSettings:
             "ab_generation": asdict(self.ab_generation),
             "ab_prompt_style": self.ab_prompt_style,
             "batch_size": self.batch_size,
+            "controls": self.controls,
         }
 
 
@@ -122,14 +132,21 @@ def _open_ended(
         judges={"judge": judge} if judge is not None else None,
         progress=progress,
     )
-    responses = [row["response"] for row in rows]
-    result: dict[str, Any] = {"fluency": _finite(fluency(responses)), "open_ended_n": len(rows)}
+    per_text = [_finite(ngram_entropy(row["response"])) for row in rows]
+    result: dict[str, Any] = {
+        "fluency": _finite(fluency([row["response"] for row in rows])),
+        "open_ended_n": len(rows),
+        "fluency_per_item": per_text,
+        "fluency_interval": mean_estimate([v for v in per_text if v is not None]).to_dict(),
+    }
     if judge is not None:
-        stats = mean_std([row["verdicts"]["judge"]["score"] for row in rows])
+        scores = [row["verdicts"]["judge"]["score"] for row in rows]
+        stats = mean_std(scores)
         result.update(
             open_ended_score=_finite(stats.mean),
             open_ended_std=_finite(stats.std),
             open_ended_n_unscored=stats.n_missing,
+            open_ended_interval=mean_estimate([float(v) for v in scores if _finite(v) is not None]).to_dict(),
         )
     else:
         result.update(open_ended_score=None, open_ended_std=None, open_ended_n_unscored=len(rows))
@@ -170,6 +187,8 @@ def evaluate_setup(
         ab_ci95=list(prob.interval()),
         ab_n=prob.n,
         ab_by_matching_polarity=prob.by_matching_polarity(),
+        ab_interval=prob.to_dict(per_item=False)["interval"],
+        ab_per_item=compact_records(prob.per_item),
     )
     gen = ab_matching_rate_generated(
         lm,
@@ -181,6 +200,7 @@ def evaluate_setup(
         progress=progress,
     )
     result.update(ab_matching_rate_generated=_finite(gen.matching_rate), ab_n_undefined=gen.n_undefined)
+    result["ab_generated_interval"] = rate_estimate(gen.count, gen.n).to_dict()
     if eval_sets:
         result["eval_sets"] = [prob_row(lm, s, iv, system, settings.batch_size, progress) for s in eval_sets]
     if out_dir is not None:
@@ -189,6 +209,7 @@ def evaluate_setup(
     if harmless_prompts:
         kl = next_token_kl_between(reference, setup, harmless_prompts, batch_size=settings.batch_size)
         result.update(kl_harmless=float(sum(kl) / len(kl)), kl_harmless_max=max(kl), kl_n=len(kl))
+        result.update(kl_per_prompt=kl, kl_interval=mean_estimate(kl).to_dict())
     else:
         result.update(kl_harmless=None, kl_harmless_max=None, kl_n=0)
     result["eval_seconds"] = round(time.perf_counter() - started, 1)
@@ -200,11 +221,6 @@ def evaluate_setup(
 
 
 # --- the comparison -------------------------------------------------------------------------------
-
-
-def digest(value: Any) -> str:
-    """A short stable hash of a JSON-able value (sorted keys)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _items_digest(
@@ -280,8 +296,13 @@ def compare_setups(
     progress: bool = True,
     on_method: Callable[[str, dict[str, Any], bool], None] | None = None,
     eval_sets: Sequence[EvalSet] = (),
+    make_controls: ControlBuilder | None = None,
 ) -> ComparisonResult:
     """Evaluate every setup on the same items; `reference` is the unmodified model (KL baseline).
+
+    `make_controls(steering, seeds)` builds each method's matched controls (`settings.controls`
+    seeds; `finesteer.fit.controls`); they are scored on the A/B test split and stored with the
+    method, and every row gets its effect against the unmodified model and its control, and a verdict.
 
     With `out_dir`, each finished method is saved and skipped on a rerun with the same settings
     (a `PendingSteering` is then not even built); a finished method made with other settings is an
@@ -323,6 +344,9 @@ def compare_setups(
                 progress=progress,
                 eval_sets=eval_sets,
             )
+            result["control"] = evaluate_controls(
+                setup, reference, ab_items, make_controls, settings.controls, settings.batch_size, progress
+            )
             return {
                 "shared_key": shared_key,
                 "pending_key": pending_key,
@@ -332,53 +356,25 @@ def compare_setups(
 
         def check(saved: Record) -> None:
             path = store.path(entry.name) if store is not None else Path(entry.name)
-            _check_resume(path, saved, shared_key, pending_key, entry, reference)
+            setup_key = entry.identity(reference) if isinstance(entry, Steering) else None
+            problems = resume_problems(saved, shared_key, pending_key, setup_key)
+            if problems:
+                raise ComparisonError(
+                    f"{path} was made with other {', '.join(problems)}; use another --out folder or delete "
+                    "the file to evaluate this method again"
+                )
 
         return Job(entry.name, run, check)
 
     with FolderLock(folder) if folder is not None else nullcontext():  # a second writer is refused
-        results = run_methods([job(e) for e in setups], store, on_method, progress)
+        results = add_effects(run_methods([job(e) for e in setups], store, on_method, progress))
         comparison = ComparisonResult(results, judge_desc, run_info, folder)
         if folder is not None:
             write_json_atomic(folder / "results.json", comparison.to_json(), indent=1)
     return comparison
 
 
-def same_json(a: Any, b: Any) -> bool:
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
-
-
-def _check_resume(
-    path: Path,
-    saved: Mapping[str, Any],
-    shared_key: Mapping[str, Any],
-    pending_key: Mapping[str, Any] | None,
-    entry: Steering | PendingSteering,
-    reference: LoadedModel,
-) -> None:
-    """Refuse to reuse a finished method whose items, settings, judge or method settings differ."""
-    old_shared = saved.get("shared_key", {})
-    problems = [k for k in shared_key if not same_json(old_shared.get(k), shared_key[k])]
-    if pending_key is not None and not same_json(saved.get("pending_key"), pending_key):
-        problems.append("method settings")
-    if isinstance(entry, Steering) and saved.get("setup_key") != entry.identity(reference):
-        problems.append("setup (weights, intervention or system prompt)")
-    if problems:
-        raise ComparisonError(
-            f"{path} was made with other {', '.join(problems)}; use another --out folder or delete the file "
-            "to evaluate this method again"
-        )
-
-
 __all__ = [
-    "CompareSettings",
-    "ComparisonError",
-    "ComparisonResult",
-    "PendingSteering",
-    "built",
-    "check_names",
-    "compare_setups",
-    "digest",
-    "evaluate_setup",
-    "same_json",
-]
+    "CompareSettings", "ComparisonError", "ComparisonResult", "PendingSteering", "built", "check_names",
+    "compare_setups", "digest", "evaluate_setup", "same_json",
+]  # fmt: skip

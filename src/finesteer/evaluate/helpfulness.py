@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from finesteer.data.items import ABItem, option_lines
 from finesteer.data.prompts import chat_prompt
 from finesteer.evaluate.errors import EvaluationError
+from finesteer.evaluate.stats import Estimate, mean_estimate, paired_effect, rate_estimate
 from finesteer.interventions.edit import Intervention
 from finesteer.models.context import check_prompt_lengths
 from finesteer.models.loading import LoadedModel
@@ -83,6 +84,10 @@ class MCResult:
     accuracy_mean: float
     count_mean: int
     per_item: list[dict[str, Any]]
+
+    def estimate(self) -> Estimate:
+        """The accuracy with its Wilson 95% interval and n."""
+        return rate_estimate(self.count, self.n)
 
 
 def _reject_row_edits(intervention: Intervention | None, what: str) -> None:
@@ -219,6 +224,10 @@ class KLResult:
     n: int
     per_prompt: list[float]
 
+    def estimate(self) -> Estimate:
+        """The mean KL with its bootstrap 95% interval over prompts, and n."""
+        return mean_estimate(self.per_prompt)
+
 
 def next_token_kl(
     lm: LoadedModel,
@@ -278,6 +287,7 @@ def evaluate_helpfulness(
         "mc_accuracy": base_mc.accuracy,
         "mc_accuracy_mean": base_mc.accuracy_mean,
         "mc_count": base_mc.count,
+        "mc_interval": base_mc.estimate().to_dict(),
         "perplexity": base_ppl.perplexity,
         "mean_nll": base_ppl.mean_nll,
     }
@@ -303,6 +313,10 @@ def evaluate_helpfulness(
         }
         report["kl_mean"] = kl.mean
         report["kl_max"] = kl.max
+        report["intervened"]["mc_interval"] = mc.estimate().to_dict()
+        report["kl_interval"] = kl.estimate().to_dict()
+        correct = [[float(r["correct"]) for r in result.per_item] for result in (mc, base_mc)]
+        report["mc_vs_base"] = paired_effect(*correct, binary=True).to_dict()
         per_item["mc_intervened"] = mc.per_item
         per_item["kl"] = kl.per_prompt
     report["per_item"] = per_item

@@ -12,6 +12,7 @@ replies, resumable mid-method through the generation harness).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -33,7 +34,8 @@ from finesteer.evaluate.compare import (
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.judges import GCG_REFUSAL_PREFIXES, KeywordRefusalJudge
 from finesteer.evaluate.scores import refusal_rate
-from finesteer.evaluate.text import fluency
+from finesteer.evaluate.stats import json_number, mean_estimate, rate_estimate
+from finesteer.evaluate.text import fluency, ngram_entropy
 from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
 from finesteer.runs.lock import FolderLock
@@ -94,6 +96,11 @@ def _rate(rows: Sequence[Mapping[str, Any]]) -> tuple[float, list[float], int]:
     return result.rate, list(result.interval()), result.n
 
 
+def _per_item(rows: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Per-prompt 0/1 refusal, kept so that two setups can be compared prompt by prompt."""
+    return [float(row["verdicts"]["refusal"]["label"] == "refusal") for row in rows]
+
+
 def evaluate_refusal_setup(
     setup: Steering,
     harmful: Sequence[PromptItem],
@@ -126,6 +133,8 @@ def evaluate_refusal_setup(
     refusal, refusal_ci, n_harmful = _rate(rows["harmful"])
     over, over_ci, n_harmless = _rate(rows["harmless"])
     texts = {kind: [row["response"] for row in kind_rows] for kind, kind_rows in rows.items()}
+    per_text = [ngram_entropy(text) for text in texts["harmful"] + texts["harmless"]]
+    refused, over_refused = _per_item(rows["harmful"]), _per_item(rows["harmless"])
     return {
         "method": setup.name,
         "refusal_rate": refusal,
@@ -137,6 +146,12 @@ def evaluate_refusal_setup(
         "fluency_harmless": fluency(texts["harmless"]),
         "n_harmful": n_harmful,
         "n_harmless": n_harmless,
+        "refusal_interval": rate_estimate(int(sum(refused)), len(refused)).to_dict(),
+        "over_refusal_interval": rate_estimate(int(sum(over_refused)), len(over_refused)).to_dict(),
+        "fluency_interval": mean_estimate([v for v in per_text if math.isfinite(v)]).to_dict(),
+        "refused_harmful": refused,
+        "refused_harmless": over_refused,
+        "fluency_per_item": [json_number(v) for v in per_text],
         "examples": {kind: [r["response"][:160] for r in kind_rows[:3]] for kind, kind_rows in rows.items()},
         "eval_seconds": round(time.perf_counter() - started, 1),
         "system_prompt": system,

@@ -15,7 +15,9 @@ size does. Each builder here takes what a method produced and returns its contro
 
 Random heads never include the method's own heads (nor `exclude`). A control is a pure function of
 its inputs and `seed` (a `torch.Generator` seeded with it; nothing process-wide), and
-`matched_controls` builds one per seed, at least `CONTROL_SEEDS` = 3 of them by default.
+`matched_controls` builds one per seed, at least `CONTROL_SEEDS` = 3 of them by default;
+`controls_for` picks the matching kind for any fitted intervention (what `compare`, the refusal
+experiment and `ablate` call).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ __all__ = [
     "CONTROL_SEEDS",
     "Control",
     "ControlError",
+    "control_kind",
+    "controls_for",
     "matched_controls",
     "matched_direction_controls",
     "random_ablation_control",
@@ -83,7 +87,7 @@ def random_heads(
     in `exclude`.
 
     A seed gives one permutation of the pool (layer-major order), so the draw for k is nested in the
-    draw for k + 1 — the same draw as `finesteer.evaluate.asr_effect.random_heads`.
+    draw for k + 1 (the `ablate` experiment's random heads for k = 1..K).
     """
     excluded = {(int(layer), int(head)) for layer, head in exclude}
     if allowed is None:
@@ -215,3 +219,62 @@ def matched_direction_controls(
 ) -> list[Control]:
     """`random_direction_control` of `intervention` for each seed (CAA, STA, SAE-all)."""
     return matched_controls(lambda seed: _direction_control(intervention, seed), seeds)
+
+
+def control_kind(intervention: Intervention | None) -> str | None:
+    """Which matched control an intervention gets: "random-heads" (per-head added vectors: HSI, ITI),
+    "random-ablation" (per-head ablations: Ships, Sahara, `ablate`), "random-direction" (residual
+    added or projected-out vectors: CAA, STA, SAE-all), or None (nothing to match, or a mixture)."""
+    if intervention is None or not intervention.edits:
+        return None
+    per_head = [edit.site.head is not None for edit in intervention.edits]
+    adds = [isinstance(edit.op, Add) for edit in intervention.edits]
+    if all(per_head) and all(adds):
+        return "random-heads"
+    if all(per_head) and not any(adds) and not any(isinstance(e.op, SetTo) for e in intervention.edits):
+        return "random-ablation"
+    if not any(per_head) and all(isinstance(edit.op, Add | ProjectOut) for edit in intervention.edits):
+        return "random-direction"
+    return None
+
+
+def controls_for(
+    intervention: Intervention | None,
+    n_layers: int,
+    n_heads: int,
+    seeds: Sequence[int] = CONTROL_SEEDS,
+    *,
+    directions: HeadDirections | None = None,
+) -> list[Control]:
+    """The matched controls of a fitted intervention, one per seed (see `control_kind`).
+
+    Per-head added vectors need `directions` (every head's fitted direction and σ, from the same
+    data): each method head's α is read back as its scale × ‖vector‖ / σ in those units, and the random heads
+    get the same α along their own direction. Raises `ControlError` when no control matches.
+    """
+    kind = control_kind(intervention)
+    if kind is None or intervention is None:
+        raise ControlError("no matched control for this edit (no intervention, or mixed kinds of edits)")
+    if kind == "random-direction":
+        return matched_direction_controls(intervention, seeds)
+    if kind == "random-ablation":
+        return matched_controls(
+            lambda seed: random_ablation_control(intervention, n_layers, n_heads, seed), seeds
+        )
+    if directions is None:
+        raise ControlError("a random-head control needs every head's direction and σ")
+    alphas: dict[Head, float] = {}
+    scopes = {edit.scope for edit in intervention.edits}
+    for edit in intervention.edits:
+        head = (edit.site.layer, int(edit.site.head))  # type: ignore[arg-type]
+        sigma = float(directions.sigma[head])
+        if sigma <= 0 or head in alphas:
+            raise ControlError(f"head {head[0]}.{head[1]} has no σ, or is edited twice; cannot match its α")
+        op = edit.op
+        alphas[head] = float(op.scale) * float(op.vector.double().norm()) / sigma  # type: ignore[attr-defined]
+    if len(scopes) != 1:
+        raise ControlError("a random-head control needs one scope for every edit")
+    scope = next(iter(scopes))
+    return matched_controls(
+        lambda seed: random_head_control(directions, list(alphas), alphas, seed, scope=scope), seeds
+    )

@@ -19,12 +19,17 @@ from typing import Any
 from finesteer.data import load_dataset
 from finesteer.data.balance import letter_balanced
 from finesteer.evaluate.compare import CompareSettings, ComparisonResult, PendingSteering, compare_setups
+from finesteer.evaluate.compare_controls import ControlBuilder
+from finesteer.evaluate.compare_result import TABLE_COLUMNS, table_row
 from finesteer.evaluate.eval_sets import load_eval_sets
 from finesteer.evaluate.judge_choice import DEFAULT_LOCAL_JUDGE, JudgeKind, make_judge
+from finesteer.fit.controls import CONTROL_SEEDS, Control, control_kind, controls_for
+from finesteer.fit.hsi_directions import cached_directions
 from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
 from finesteer.methods import BehaviourData, MethodChoice, MethodError, load_behaviour_data, resolve_method
 from finesteer.models.loading import LoadedModel, load_model
+from finesteer.report.forest import comparison_report
 from finesteer.runs.lock import FolderLock
 
 DEFAULT_METHODS: tuple[str, ...] = ("baseline", "prompt", "caa", "iti", "lora", "hsi")
@@ -65,6 +70,7 @@ class ABComparison:
     device: str = "cpu"  # where the model runs and its dtype (`models.load_model`)
     dtype: str = "float32"
     eval_data: Sequence[str] = ()
+    controls: int = len(CONTROL_SEEDS)
 
     def choices(self) -> list[MethodChoice]:
         """The methods, resolved (unknown names and settings for absent methods are errors)."""
@@ -101,7 +107,34 @@ class ABComparison:
             open_ended=GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size),
             ab_generation=GenerationConfig(max_new_tokens=self.ab_max_new_tokens, batch_size=self.batch_size),
             batch_size=self.batch_size,
+            controls=self.controls,
         )
+
+
+def control_builder(lm: LoadedModel, data: BehaviourData, folder: Path, log: Log) -> ControlBuilder:
+    """Each method's matched controls (`finesteer.fit.controls.controls_for`). Head steering needs
+    every head's direction and σ: fitted once on the train split (cached in `folder`), so a random
+    head is pushed by the method's α in units of its own σ."""
+    directions: list[Any] = []
+
+    def build(steering: Steering, seeds: Sequence[int]) -> list[Control]:
+        if control_kind(steering.intervention) == "random-heads" and not directions:
+            log("fitting every head's direction on the train split for the random-head controls")
+            folder.mkdir(parents=True, exist_ok=True)
+            directions.append(cached_directions(lm, data.train, folder))
+        info = lm.info
+        head_directions = directions[0] if directions else None
+        return controls_for(
+            steering.intervention, info.n_layers, info.n_heads, seeds, directions=head_directions
+        )
+
+    return build
+
+
+def write_report(comparison: ComparisonResult, folder: Path) -> Path:
+    """`folder/report.html`: verdicts first, the table with intervals, error bars and the forest plot."""
+    rows = [table_row(name, row) for name, row in comparison.methods.items()]
+    return comparison_report(comparison.to_json(), TABLE_COLUMNS, rows, folder)
 
 
 def pending_steerings(
@@ -180,7 +213,9 @@ def run_ab_comparison(
             info={"model": model, "data": options.data, "data_splits": behaviour.summary()},
             on_method=report,
             eval_sets=extra,
+            make_controls=control_builder(lm, behaviour, folder / "controls", log),
         )
+        log(f"report: {write_report(comparison, folder)}")
         log(f"done in {time.perf_counter() - started:.0f}s")
         return comparison
 
@@ -189,8 +224,10 @@ __all__ = [
     "DEFAULT_METHODS",
     "ABComparison",
     "MethodError",
+    "control_builder",
     "default_out_dir",
     "pending_steerings",
     "run_ab_comparison",
     "slug",
+    "write_report",
 ]

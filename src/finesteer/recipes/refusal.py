@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from finesteer.data import PromptItem, load_dataset
 from finesteer.evaluate.compare import ComparisonError, PendingSteering
 from finesteer.evaluate.refusal_compare import RefusalSettings, compare_refusal
+from finesteer.evaluate.refusal_effects import add_refusal_effects, control_name, effects_table
+from finesteer.fit.controls import CONTROL_SEEDS, ControlError, controls_for
 from finesteer.fit.refusal_pairs import REFUSAL_SYSTEM_PROMPT, harmful_training_prompts, refusal_triples
 from finesteer.fit.sta import DEFAULT_TRIM
 from finesteer.fit.steering import Steering
@@ -154,8 +156,13 @@ def run_sta_refusal(
     settings: RefusalSettings | None = None,
     sae_path: str | None = None,
     progress: bool = True,
+    controls: int = len(CONTROL_SEEDS),
 ) -> dict[str, Any]:
     """Fit every method once, evaluate every (method, λ), and write `results.json` + `table.md`.
+
+    Each swept method at λ = `headline` also gets `controls` matched controls (a random direction of
+    equal norm at the same site and λ, `finesteer.fit.controls`), scored on the same prompts; each
+    headline row carries its paired effects against the unmodified model and the control, and a verdict.
 
     `methods` in the JSON maps each method to its result at λ = `headline` (the paper's λ = 1 by
     default); `sweep` maps each swept method to {λ: result}. Resumable: statistics are cached and
@@ -175,6 +182,8 @@ def run_sta_refusal(
     setups, swept = fit_swept(lm, data, methods, mults, trim=trim, timings=timings, progress=progress)
     settings = settings or RefusalSettings()
     harmful, harmless = evaluation_sets(n_harmful, n_harmless)
+    control_setups, control_names = matched_refusal_controls(lm, setups, swept, headline, controls)
+    setups += control_setups
     t0 = time.perf_counter()
     results = compare_refusal(setups, harmful=harmful, harmless=harmless, settings=settings, out_dir=folder,
                               progress=progress)  # fmt: skip
@@ -202,12 +211,41 @@ def run_sta_refusal(
         "settings": settings.to_dict(),
         "methods": headline_methods,
         "sweep": sweep,
+        "controls": {"n_seeds": controls, "kind": "random-direction", "setups": control_names},
         "timings": timings,
     }
+    controls_of = {method: [results[c] for c in names] for method, names in control_names.items()}
+    add_refusal_effects(headline_methods, controls_of)
     payload["at_equal_fluency"] = equal_fluency_summary(payload)
     (folder / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     (folder / "table.md").write_text(markdown_table(payload) + "\n")
     return payload
+
+
+def matched_refusal_controls(
+    lm: LoadedModel,
+    setups: Sequence[Steering | PendingSteering],
+    swept: set[str],
+    headline: float,
+    n_seeds: int,
+) -> tuple[list[Steering], dict[str, list[str]]]:
+    """`n_seeds` random-direction controls of each swept method at λ = `headline`, and their names
+    per method (none when `n_seeds` is 0 or the method's edit has no matched control)."""
+    extra: list[Steering] = []
+    names: dict[str, list[str]] = {}
+    by_name = {s.name: s for s in setups if isinstance(s, Steering)}
+    for method in sorted(swept) if n_seeds else ():
+        steering = by_name[label(method, headline)]
+        try:
+            built = controls_for(steering.intervention, lm.info.n_layers, lm.info.n_heads, range(n_seeds))
+        except ControlError:
+            continue
+        for control in built:
+            name = control_name(label(method, headline), control.seed)
+            meta = {"control": control.kind, "seed": control.seed, "of": steering.name}
+            extra.append(Steering(name, control.intervention, meta, lm=lm))
+            names.setdefault(method, []).append(name)
+    return extra, names
 
 
 def equal_fluency_summary(payload: dict[str, Any], tolerance: float = 0.1) -> dict[str, Any]:
@@ -270,6 +308,11 @@ def markdown_table(payload: dict[str, Any]) -> str:
                 lines.append(row(name, mult, r))
         else:
             lines.append(row(name, "–", result))
+    columns, rows = effects_table(payload["methods"])
+    headline = f"At λ = {payload['headline_multiplier']:g}, against the unmodified model and the controls:"
+    lines += ["", headline, ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -292,6 +335,7 @@ class RefusalExperiment:
     judge: str = "gcg+"
     device: str = "cpu"  # where the model runs and its dtype (`models.load_model`)
     dtype: str = "float32"
+    controls: int = len(CONTROL_SEEDS)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -319,7 +363,7 @@ def refusal_comparison(model: str, sae: Path, out: Path, experiment: RefusalExpe
     payload = run_sta_refusal(
         lm, loaded, out, methods=list(e.methods), multipliers=list(e.lambdas), headline=e.headline,
         trim=e.trim, n_pairs=e.n_pairs, n_harmful=e.n_harmful, n_harmless=e.n_harmless,
-        settings=settings, sae_path=str(sae),
+        settings=settings, sae_path=str(sae), controls=e.controls,
     )  # fmt: skip
     payload["wall_s"] = round(time.perf_counter() - started, 1)
     return payload
@@ -334,6 +378,7 @@ __all__ = [
     "fit_swept",
     "label",
     "markdown_table",
+    "matched_refusal_controls",
     "prompt_messages",
     "refusal_comparison",
     "run_sta_refusal",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from finesteer.evaluate.asr_effect import GENERATIONS_FILE
-from finesteer.evaluate.asr_paired import asr_paired_effects, read_generations
+from finesteer.evaluate.asr_paired_records import asr_paired_effects, read_generations
 from finesteer.recipes import ships
 from finesteer.recipes.config import RefusalHeadsRecipe
 from finesteer.recipes.run import RunFolder

@@ -12,6 +12,7 @@ from typing import Any
 
 from finesteer.data import load_dataset
 from finesteer.evaluate.asr_effect import AsrSettings, asr_effect
+from finesteer.evaluate.asr_paired import verdict_label
 from finesteer.locate.attribution.metrics import TokenLogProb, refusal_token_ids
 from finesteer.locate.attribution.prerank import pre_ranked_scan
 from finesteer.locate.sahara import sahara
@@ -20,6 +21,7 @@ from finesteer.models import load_model
 from finesteer.recipes.config import RecipeError, ShipsRecipe
 from finesteer.recipes.run import RunFolder, data_hash
 from finesteer.recipes.summary import examples_step, finish_report
+from finesteer.report.forest import Rate, plot_rates
 from finesteer.report.heatmap import plot_head_heatmap
 
 
@@ -161,18 +163,35 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     return metrics
 
 
+def _ci(values: Any) -> str:
+    return "-" if not values or None in values else f"[{values[0]:.2f}, {values[1]:.2f}]"
+
+
 def _asr_rows(recipe: ShipsRecipe, asr: dict[str, Any], ranking: list[Any]) -> list[list[Any]]:
-    """The report table: ASR unmodified, with the top-k heads ablated, and with k random heads."""
-    rows = [["unmodified", "-", asr["baseline"]["asr"], "-"]]
+    """The report table: ASR unmodified, with the top-k heads ablated, and with k random heads (mean ±
+    sd over seeds), the paired lift top-k − random heads with its interval, and the verdict."""
+    rows = [["unmodified", "-", asr["baseline"]["asr"], _ci(asr["baseline"].get("ci95")), "-", "-", "-"]]
+    effects = asr.get("effects", {})
     for k in recipe.top_k:
         top = asr["ablated"][str(k)] if str(k) in asr["ablated"] else asr["ablated"][k]
         rand = asr["random"].get(str(k), asr["random"].get(k, {}))
+        effect = effects.get(str(k), {})
+        lift = effect.get("vs_random") or effect.get("vs_baseline") or {}
+        random_cell = f"{rand['mean']:.2f} ± {rand['std']:.2f}" if "mean" in rand else "-"
+        lift_cell = (
+            "-"
+            if lift.get("difference") is None
+            else f"{lift['difference']:+.2f} {_ci([lift['low'], lift['high']])}"
+        )
         rows.append(
             [
                 f"top-{k} heads",
                 ", ".join(f"{a}.{b}" for a, b in ranking[:k]),
                 top["asr"],
-                rand.get("mean", "-"),
+                _ci(top.get("ci95")),
+                random_cell,
+                lift_cell,
+                verdict_label(effect) if effect else "-",
             ]
         )
     return rows
@@ -189,7 +208,10 @@ def _summary(
         "top heads (layer.head)": ", ".join(f"{a}.{b}" for a, b in ranking[:5]),
         "ASR unmodified": asr["baseline"]["asr"],
         f"ASR with top-{kmax} ablated": rows[-1][2],
-        f"ASR with {kmax} random heads (mean)": rows[-1][3],
+        f"ASR with {kmax} random heads (mean)": asr["random"].get(str(kmax), {}).get("mean", "-"),
+        f"ASR with {kmax} random heads (mean ± sd)": rows[-1][4],
+        f"top-{kmax} − random heads [95% CI]": rows[-1][5],
+        f"verdict (top-{kmax} − random heads)": rows[-1][6],
         "evaluation prompts": n_eval,
     }
     for key, entry in (asr.get("helpfulness") or {}).items():
@@ -206,15 +228,44 @@ def _report(
     rows: list[list[Any]],
     examples: dict[str, Any],
 ) -> None:
+    effects = metrics["asr"].get("effects", {})
+    verdicts = [(f"top-{k} heads", verdict_label(e), str(e.get("headline", ""))) for k, e in effects.items()]
     finish_report(
         run,
         metrics,
         title=f"Safety heads of {recipe.model} (Ships{' + Sahara' if recipe.sahara_group_size else ''})",
         table=(
             "Attack success rate on held-out harmful prompts",
-            ["condition", "heads", "ASR", "random heads ASR"],
+            [
+                "condition",
+                "heads",
+                "ASR",
+                "ASR 95% CI",
+                "random heads ASR ± sd",
+                "top-k − random [CI]",
+                "verdict",
+            ],
         ),
         rows=rows,
-        images=sorted((run.path / "steps" / "ships").glob("*.png")),
+        images=[*sorted((run.path / "steps" / "ships").glob("*.png")), *_asr_plots(metrics["asr"], run.path)],
         examples=examples,
+        verdicts=verdicts,
     )
+
+
+def _asr_plots(asr: dict[str, Any], folder: Path) -> list[Path]:
+    """ASR per condition with its 95% interval (error bars), random heads' mean ± sd beside it."""
+    rates = []
+    for name, entry in [
+        ("unmodified", asr["baseline"]),
+        *((f"top-{k}", v) for k, v in asr["ablated"].items()),
+    ]:
+        low, high = entry.get("ci95") or (None, None)
+        if low is None or high is None:
+            continue
+        k = name.removeprefix("top-")
+        rand = asr["random"].get(k, {}) if name != "unmodified" else {}
+        rates.append(Rate(name, entry["asr"], low, high, rand.get("mean"), rand.get("std")))
+    if not rates:
+        return []
+    return [plot_rates(rates, folder / "asr_rates.png", title="ASR", ylabel="attack success rate")]

@@ -57,14 +57,18 @@ def finish_report(
     images: Sequence[Path] = (),
     examples: dict[str, Any] | None = None,
     extra_tables: Sequence[Any] = (),
+    verdicts: Sequence[tuple[str, str, str]] = (),
 ) -> Path:
-    """Write metrics.json and report.html, mark the run finished; returns the report path."""
+    """Write metrics.json and report.html, mark the run finished; returns the report path.
+
+    `verdicts` (row, label, why) are shown first, above the summary (`finesteer.evaluate.effect_verdict`)."""
     state = run.state
     content = ReportContent(
         title=title,
         subtitle=f"run {run.path.name} · model fingerprint {str(state.get('model_fingerprint', ''))[:16]}",
         summary=metrics.get("summary", {}),
         tables=[Table(table[0], table[1], rows), *extra_tables],
+        verdicts=list(verdicts),
         images=[(p.stem.replace("_", " "), p) for p in images],
         examples=[
             Example(e["prompt"], e["before"], e["after"]) for e in (examples or {}).get("examples", [])

@@ -26,6 +26,9 @@ pre{background:#f5f7fa;padding:.6rem;border-radius:4px;white-space:pre-wrap;font
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:.6rem;margin:.4rem 0 1.2rem}
 .pair h4{margin:.2rem 0;font-size:.85rem;color:#5b6475}.prompt{font-weight:600;margin-top:1rem}
 code{background:#f0f3f7;padding:.1rem .3rem;border-radius:3px}
+.verdicts{border:2px solid #1d2330;border-radius:6px;padding:.4rem 1rem;margin:1rem 0}
+.verdicts li{margin:.2rem 0}.reliable{color:#1b7a33;font-weight:700}.none{color:#8a5a00;font-weight:700}
+.wrong{color:#b01f1f;font-weight:700}
 """
 
 
@@ -57,6 +60,8 @@ class ReportContent:
     examples_labels: tuple[str, str] = ("before (unmodified model)", "after (with the intervention)")
     commands: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    verdicts: list[tuple[str, str, str]] = field(default_factory=list)
+    """(row, verdict label, why) shown first, above everything else: how much to believe each result."""
 
 
 def _cell(value: Any) -> str:
@@ -97,6 +102,16 @@ def _examples(examples: Sequence[Example], labels: tuple[str, str]) -> str:
     return "".join(parts)
 
 
+def _verdicts(verdicts: Sequence[tuple[str, str, str]]) -> str:
+    """The verdict box at the top of the report (labels of `finesteer.evaluate.effect_verdict`)."""
+    items = []
+    for name, label, why in verdicts:
+        css = "reliable" if label == "reliable effect" else "wrong" if "wrong" in label else "none"
+        detail = f" — {html.escape(why)}" if why else ""
+        items.append(f"<li>{html.escape(name)}: <span class='{css}'>{html.escape(label)}</span>{detail}</li>")
+    return f"<div class='verdicts' id='verdict'><h2>Verdict</h2><ul>{''.join(items)}</ul></div>"
+
+
 def render_html(content: ReportContent, path: str | Path) -> Path:
     """Write the report; returns its path."""
     parts = [
@@ -106,6 +121,8 @@ def render_html(content: ReportContent, path: str | Path) -> Path:
     ]
     if content.subtitle:
         parts.append(f"<p class='sub'>{html.escape(content.subtitle)}</p>")
+    if content.verdicts:
+        parts.append(_verdicts(content.verdicts))
     if content.summary:
         parts.append("<h2>Summary</h2>" + _kv(content.summary))
     parts.extend(_table(t) for t in content.tables)

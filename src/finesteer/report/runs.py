@@ -29,6 +29,20 @@ def _load(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, json.loads(metrics_path.read_text())
 
 
+def _verdicts(label: str, metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The verdicts a run recorded: its summary's `verdict …` entries and each method's `verdict`."""
+    found = [(f"{label}: {k}", str(v), "") for k, v in metrics.get("summary", {}).items() if "verdict" in k]
+    for method, values in metrics.get("methods", {}).items():
+        verdict = values.get("verdict") if isinstance(values, dict) else None
+        if isinstance(verdict, dict):
+            found.append(
+                (f"{label}: {method}", str(verdict.get("verdict")), str(verdict.get("against") or ""))
+            )
+        elif verdict is not None:
+            found.append((f"{label}: {method}", str(verdict), ""))
+    return found
+
+
 def compare_runs(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
     """One HTML report with every run's methods and headline numbers; returns the combined table."""
     if not folders:
@@ -36,6 +50,7 @@ def compare_runs(folders: Sequence[str | Path], out: str | Path) -> dict[str, An
     rows: list[dict[str, Any]] = []
     summaries: dict[str, dict[str, Any]] = {}
     images: list[tuple[str, Path]] = []
+    verdicts: list[tuple[str, str, str]] = []
     for raw in folders:
         folder = Path(raw)
         if not is_run_folder(folder):
@@ -43,6 +58,7 @@ def compare_runs(folders: Sequence[str | Path], out: str | Path) -> dict[str, An
         state, metrics = _load(folder)
         label = folder.name
         summaries[label] = metrics.get("summary", {})
+        verdicts += _verdicts(label, metrics)
         for method, values in metrics.get("methods", {}).items():
             numbers = {
                 k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)
@@ -61,6 +77,7 @@ def compare_runs(folders: Sequence[str | Path], out: str | Path) -> dict[str, An
         tables=tables,
         images=images,
         commands=["finesteer compare " + " ".join(str(f) for f in folders)],
+        verdicts=verdicts,
     )
     path = render_html(content, out)
     return {"report": str(path), "rows": rows}
