@@ -18,7 +18,12 @@ from finesteer.locate.attribution.certify import (
     miss_bound,
 )
 from finesteer.locate.attribution.metrics import KLDivergence, LetterMargin
-from finesteer.locate.attribution.prerank import certified_scan, estimate_effects, exact_effects, pre_ranked_scan
+from finesteer.locate.attribution.prerank import (
+    certified_scan,
+    estimate_effects,
+    exact_effects,
+    pre_ranked_scan,
+)
 from finesteer.locate.engine import encode_prompts
 from finesteer.locate.ships import all_heads, format_queries
 from finesteer.models import LoadedModel
@@ -146,7 +151,9 @@ def test_bound_is_the_documented_formula():
     assert bound.threshold == threshold and bound.n_unverified == 3
     assert bound.p == pytest.approx(expected, rel=1e-9)
     assert bound.sample_size == 1 and bound.sample_hits == 0  # 1.5 does not beat the 2nd best of the others
-    assert "heads not verified: 3; estimated probability that one of them belongs in the top-2" in bound.line()
+    assert (
+        "heads not verified: 3; estimated probability that one of them belongs in the top-2" in bound.line()
+    )
     linear = miss_bound([1.0, -1.0, 0.0], {0: 2.0, 1: -0.5}, 1, space="linear")
     cal = Calibration.fit([1.0, -1.0], [2.0, -0.5], "linear")
     assert linear.p == pytest.approx(cal.exceed(0.0, 2.0))

@@ -154,7 +154,7 @@ def miss_bound(
     return MissBound(
         k=k,
         n_unverified=len(estimate) - len(exact),
-        p=float(-math.expm1(log_keep)),
+        p=0.0 - math.expm1(log_keep),  # 0.0 - x: never -0.0
         threshold=threshold,
         confidence=confidence,
         sample_size=len(sampled),
@@ -262,7 +262,7 @@ def check_settings(
         raise AttributionError(f"confidence must be in [0.5, 1), got {confidence}")
     if step < 1 or sample < 0:
         raise AttributionError(f"step must be ≥ 1 and sample ≥ 0, got {step} and {sample}")
-    if n and not 1 <= k <= n:
+    if k < 1 or (n and k > n):
         raise AttributionError(f"k must be in 1..{n}, got {k}")
     if max_verify is not None and max_verify < k:
         raise AttributionError(f"max_verify ({max_verify}) must be ≥ k ({k})")
