@@ -17,7 +17,7 @@ from finesteer.locate.attribution.certify import (
     adaptive_verification,
     miss_bound,
 )
-from finesteer.locate.attribution.metrics import KLDivergence, LetterMargin
+from finesteer.locate.attribution.metrics import KLDivergence, LetterMargin, TokenLogProb
 from finesteer.locate.attribution.prerank import (
     certified_scan,
     estimate_effects,
@@ -170,3 +170,18 @@ def test_certified_scan_verifies_the_top_k_and_carries_the_bound(tiny_models):
     fixed = pre_ranked_scan(lm, encoded, top_n=4, batch_size=2, progress=False)
     assert fixed.bound is not None and fixed.bound.n_unverified == len(all_heads(lm.info)) - 4
     assert 0.0 <= fixed.bound.p <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["refusal", "letters"])
+def test_certified_scan_runs_the_same_loop_for_first_order_metrics(tiny_models, kind):
+    lm = tiny_models["tiny-llama"]
+    encoded = encode_prompts(lm, format_queries(lm, QUERIES))
+    refusal = TokenLogProb([5, 7, 9])
+    metric = refusal if kind == "refusal" else LetterMargin([10, 20, 30], [[11], [21], [31]])
+    result = certified_scan(
+        lm, encoded, metric, k=3, step=2, sample=1, mode="sc", batch_size=2, progress=False
+    )
+    assert result.bound is not None and result.bound.calibration.space == "linear"
+    exact = exact_effects(lm, encoded, metric, result.verified, mode="sc", batch_size=2)
+    torch.testing.assert_close(result.exact.double(), exact, atol=1e-5, rtol=1e-5)
+    assert result.ranking()[:3] == sorted(result.verified, key=lambda h: -result.scores[h])[:3]
