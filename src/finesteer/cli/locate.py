@@ -39,6 +39,7 @@ from finesteer.cli.options import (
     SplitOpt,
     SystemOpt,
     TemplateOpt,
+    TopNOpt,
     check_choice,
     head_names,
     out_option,
@@ -200,16 +201,7 @@ def attribution(
         str, typer.Option(help="kl (query-level Ships: KL from the unablated next-token distribution, second "
                           "order) or refusal (drop in log p(refusal opening tokens), first order).")
     ] = "kl",
-    top_n: Annotated[
-        int | None, typer.Option(help="Verify exactly this many (the estimate's best) instead of adaptively.")
-    ] = None,
-    k: Annotated[int, typer.Option("--k", help="Adaptive verification: the top-k to certify.")] = 10,
-    confidence: Annotated[
-        float, typer.Option(help="Adaptive: stop when no unverified head's upper prediction bound at this "
-                            "confidence reaches the top-k.")
-    ] = 0.99,
-    sample: Annotated[int, typer.Option(help="Adaptive: random low-ranked heads verified too.")] = 4,
-    max_verify: Annotated[int | None, typer.Option(help="Adaptive: verify at most this many heads.")] = None,
+    top_n: TopNOpt = None,
     outcomes: Annotated[int, typer.Option(help="KL: likeliest tokens kept as outcomes (+ the rest).")] = 2,
     linearize: Annotated[
         str, typer.Option(help="activation (ua: exact uniform-attention output change) or gate.")
@@ -225,45 +217,34 @@ def attribution(
     def work() -> dict[str, Any]:
         from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
-        from finesteer.locate.attribution.certify import check_settings
         from finesteer.locate.attribution.metrics import KLDivergence, TokenLogProb, refusal_token_ids
-        from finesteer.locate.attribution.prerank import certified_scan, pre_ranked_scan
-        from finesteer.report.certificate import write_attribution_report
-        from finesteer.report.heatmap import plot_attribution_maps
+        from finesteer.locate.attribution.prerank import attribution_scan
+        from finesteer.report.certificate import attribution_report
         from finesteer.runs.lock import FolderLock
 
         check_choice(metric, METRICS, "--metric")
         ships_lib.ablation_method(mode)
-        check_settings(0, k, "log", confidence, 1, sample, max_verify)
         folder = out or Path("runs") / slug("attribution", model, data, mode, metric)
         with FolderLock(folder):  # checks the folder is writable, before the model loads
             lm, queries, ids, prompts = _prompts(model, data, split, limit, template)
             refusal = metric == "refusal"
             chosen = TokenLogProb(refusal_token_ids(lm.tokenizer)) if refusal else KLDivergence(outcomes)
             n_heads = lm.info.n_layers * lm.info.n_heads
-            how = f"the top {top_n}" if top_n else f"adaptively for the top {k}"
             stderr_console().print(f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} "
-                                   f"on {len(prompts)} prompts, verifying {how}")
+                                   f"on {len(prompts)} prompts, verifying {top_n or 'adaptively'}")
             started = time.perf_counter()
-            common: dict[str, Any] = {"mode": mode, "eps": eps, "linearize": linearize,
-                                      "batch_size": batch_size, "engine": engine}  # fmt: skip
-            result = (
-                pre_ranked_scan(lm, prompts, chosen, top_n=top_n, **common) if top_n else certified_scan(
-                    lm, prompts, chosen, k=min(k, n_heads), confidence=confidence, sample=sample,
-                    max_verify=max_verify,
-                    **common)
+            result = attribution_scan(
+                lm, prompts, chosen, top_n=top_n, k=min(10, n_heads), mode=mode, eps=eps,
+                linearize=linearize, batch_size=batch_size, engine=engine, say=stderr_console().print,
             )  # fmt: skip
             seconds = round(time.perf_counter() - started, 1)
-            assert result.bound is not None
-            stderr_console().print(result.bound.line())
             info = {
                 "command": "locate attribution", "model": model, "data": data, "split": split, "limit": limit,
                 "n_prompts": len(prompts), "mode": mode, "eps": eps, "metric": chosen.key(),
                 "linearize": linearize, "top_n": top_n or len(result.verified),
             }  # fmt: skip
             payload = run_folder.save_attribution(folder, result, queries, ids, info, seconds)
-            plot_attribution_maps(result.estimate, result.scores, folder, model)
-            write_attribution_report(folder, payload)
+            attribution_report(folder, result, payload)
             return payload
 
     show(run_command(work), json_out)

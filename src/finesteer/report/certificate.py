@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finesteer.report.heatmap import plot_attribution_maps
 from finesteer.report.html import ReportContent, Table, render_html
 
 REPORT_FILE = "report.html"
@@ -35,8 +36,10 @@ def bound_table(bound: dict[str, Any]) -> Table:
     return Table("Ranking certificate", ["", "value"], rows, note)
 
 
-def write_attribution_report(folder: Path, payload: dict[str, Any]) -> Path:
-    """`report.html` of a `locate attribution` run: the top heads, the certificate and the heatmaps."""
+def attribution_report(folder: Path, result: Any, payload: dict[str, Any]) -> Path:
+    """A `locate attribution` run's heatmaps (estimate, verified) and `report.html`: the top heads, the
+    certificate and the heatmaps. `result` is the `PreRankedScan`, `payload` what the run saved."""
+    plot_attribution_maps(result.estimate, result.scores, folder, payload["model"])
     heads = [
         [h["head"], h["exact"] if h["exact"] is not None else "not verified"] for h in payload["top_heads"]
     ]

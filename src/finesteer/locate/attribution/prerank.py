@@ -4,7 +4,7 @@ estimates every head and verifies the best (see `finesteer.locate.attribution`).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,3 +275,26 @@ def certified_scan(
 
 def _since(started: float) -> float:
     return round(time.perf_counter() - started, 3)
+
+
+def attribution_scan(
+    lm: LoadedModel,
+    prompts: EncodedPrompts | Sequence[str],
+    metric: Metric,
+    *,
+    top_n: int | None = None,
+    say: Callable[[str], None] | None = None,
+    **options: Any,
+) -> PreRankedScan:
+    """`pre_ranked_scan` of the `top_n` best when `top_n` is given, else `certified_scan` (adaptive);
+    `say` gets the bound's line ("heads not verified: N; estimated probability …"), which every
+    pre-ranked scan reports. Options: those of the function chosen."""
+    if top_n:
+        fixed = {k: v for k, v in options.items() if k not in ("k", "confidence", "sample", "max_verify")}
+        result = pre_ranked_scan(lm, prompts, metric, top_n=top_n, **fixed)
+    else:
+        result = certified_scan(lm, prompts, metric, **options)
+    assert result.bound is not None
+    if say is not None:
+        say(result.bound.line())
+    return result
