@@ -167,6 +167,9 @@ def test_certified_scan_verifies_the_top_k_and_carries_the_bound(tiny_models):
     assert result.bound is not None and len(result.verified) >= 3
     assert result.bound.n_unverified == len(all_heads(lm.info)) - len(result.verified)
     assert result.scores.extra["bound"]["heads_not_verified"] == result.bound.n_unverified
+    # the rounds share one recorded prefix (PrefixCache): same numbers as a fresh exact scan
+    fresh = exact_effects(lm, encoded, KLDivergence(), result.verified, batch_size=2)
+    torch.testing.assert_close(result.exact.double(), fresh, atol=1e-5, rtol=1e-5)
     fixed = pre_ranked_scan(lm, encoded, top_n=4, batch_size=2, progress=False)
     assert fixed.bound is not None and fixed.bound.n_unverified == len(all_heads(lm.info)) - 4
     assert 0.0 <= fixed.bound.p <= 1.0

@@ -25,7 +25,7 @@ from finesteer.locate.attribution.certify import (
 from finesteer.locate.attribution.gradients import gate_pass
 from finesteer.locate.attribution.metrics import AttributionError, KLDivergence, Metric, MetricReadout
 from finesteer.locate.engine import EncodedPrompts, LastPosition, as_encoded
-from finesteer.locate.fast_scan import run_scan
+from finesteer.locate.fast_scan import PrefixCache, run_scan
 from finesteer.locate.rank_stats import spearman
 from finesteer.locate.scan import KLFromBase, LastLogits
 from finesteer.locate.scores import HeadScores
@@ -111,14 +111,19 @@ def exact_effects(
     engine: str = "fast",
     base_logits: Tensor | None = None,
     progress: bool = False,
+    prefixes: PrefixCache | None = None,
 ) -> Tensor:
-    """Exact importance of ablating each head alone, [len(heads), P] (same convention as the estimate).
+    """Exact importance of ablating each head alone, [len(heads), P] (same convention as the estimate):
+    the unit of work a distributed verification runs (any list of heads).
 
-    `base_logits` [P, vocab] are the unablated last-position logits when already known.
+    `base_logits` [P, vocab] are the unablated last-position logits when already known; `prefixes`
+    (fast engine) recorded layer inputs to reuse across calls on the same prompts.
     """
     encoded = as_encoded(lm, prompts)
     candidates = [ablation([h], mode, eps) for h in check_heads(heads, lm.info.n_layers, lm.info.n_heads)]
     options: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "engine": engine}
+    if prefixes is not None and engine == "fast":
+        options["prefixes"] = prefixes
     base = base_logits
     if base is None:
         base = run_scan(lm, encoded, [Intervention()], LastLogits(), **{**options, "progress": False})[0]
@@ -255,12 +260,13 @@ def certified_scan(
     started = time.perf_counter()
     estimate, base = _estimate(lm, encoded, metric, mode, check_eps(eps), linearize, batch_size, progress)
     mid = time.perf_counter()
+    cache = PrefixCache(lm, encoded, batch_size) if engine == "fast" else None
 
     def verify(indices: list[int]) -> Tensor:
         chosen = [heads[i] for i in indices]
         return exact_effects(
             lm, encoded, metric, chosen, mode=mode, eps=eps, batch_size=batch_size, engine=engine,
-            base_logits=base, progress=False,
+            base_logits=base, progress=False, prefixes=cache,
         )  # fmt: skip
 
     certificate = adaptive_verification(
