@@ -47,6 +47,7 @@ from finesteer.cli.options import (
     SplitOpt,
     SystemOpt,
     TemplateOpt,
+    TopNOpt,
     check_choice,
     data_source,
     head_names,
@@ -230,7 +231,7 @@ def attribution(
         str, typer.Option(help="kl (query-level Ships: KL from the unablated next-token distribution, second "
                           "order) or refusal (drop in log p(refusal opening tokens), first order).")
     ] = "kl",
-    top_n: Annotated[int, typer.Option(help="Heads verified exactly (the estimate's best).")] = 16,
+    top_n: TopNOpt = None,
     outcomes: Annotated[int, typer.Option(help="KL: likeliest tokens kept as outcomes (+ the rest).")] = 2,
     linearize: Annotated[
         str, typer.Option(help="activation (ua: exact uniform-attention output change) or gate.")
@@ -249,8 +250,8 @@ def attribution(
         from finesteer.locate import run_folder
         from finesteer.locate import ships as ships_lib
         from finesteer.locate.attribution.metrics import KLDivergence, TokenLogProb, refusal_token_ids
-        from finesteer.locate.attribution.prerank import pre_ranked_scan
-        from finesteer.report.heatmap import plot_attribution_maps
+        from finesteer.locate.attribution.prerank import attribution_scan
+        from finesteer.report.certificate import attribution_report
         from finesteer.runs.lock import FolderLock
 
         check_choice(metric, METRICS, "--metric")
@@ -263,20 +264,20 @@ def attribution(
             chosen = TokenLogProb(refusal_token_ids(lm.tokenizer)) if refusal else KLDivergence(outcomes)
             n_heads = lm.info.n_layers * lm.info.n_heads
             stderr_console().print(f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} "
-                                   f"on {len(prompts)} prompts, verifying the top {top_n}")
+                                   f"on {len(prompts)} prompts, verifying {top_n or 'adaptively'}")
             started = time.perf_counter()
-            result = pre_ranked_scan(
-                lm, prompts, chosen, mode=mode, eps=eps, top_n=top_n, linearize=linearize,
-                batch_size=batch_size, engine=engine,
+            result = attribution_scan(
+                lm, prompts, chosen, top_n=top_n, k=min(10, n_heads), mode=mode, eps=eps,
+                linearize=linearize, batch_size=batch_size, engine=engine, say=stderr_console().print,
             )  # fmt: skip
             seconds = round(time.perf_counter() - started, 1)
             info = {
                 "command": "locate attribution", "model": model, "data": data, "split": split, "limit": limit,
                 "n_prompts": len(prompts), "mode": mode, "eps": eps, "metric": chosen.key(),
-                "linearize": linearize, "top_n": top_n,
+                "linearize": linearize, "top_n": top_n or len(result.verified),
             }  # fmt: skip
             payload = run_folder.save_attribution(folder, result, queries, ids, info, seconds)
-            plot_attribution_maps(result.estimate, result.scores, folder, model)
+            attribution_report(folder, result, payload)
             return payload
 
     show(run_command(work), json_out)

@@ -97,6 +97,10 @@ OtherWeightsOpt = Annotated[
 PromptDataOpt = Annotated[str, typer.Option("--data", help="Prompt dataset (e.g. advbench, jailbreakbench).")]
 ModeOpt = Annotated[str, typer.Option(help="ua = uniform attention (query × ε), sc = scale output × ε.")]
 EpsOpt = Annotated[float, typer.Option(help="Ablation factor ε.")]
+# locate attribution: verify the estimate's top N, or adaptively (certify.py) with a printed bound.
+TopNOpt = Annotated[
+    int | None, typer.Option(help="Verify the estimate's best N exactly (default: adaptive).")
+]
 TemplateOpt = Annotated[
     str,
     typer.Option(help="'chat' (chat template), 'ships' / 'sahara' (authors' raw templates), or '…{query}…'."),

@@ -35,6 +35,7 @@ from finesteer.interventions.edit import Intervention
 from finesteer.locate.engine import (
     EncodedPrompts,
     LastPosition,
+    PromptBatch,
     Readout,
     ScanEngine,
     ScanError,
@@ -102,6 +103,20 @@ def _run_chunk(
     yield from values.split(size)
 
 
+class PrefixCache:
+    """The recorded prefixes of one prompt set (every layer), kept across scans: the rounds of adaptive
+    verification then share one plain forward per batch instead of repeating it each round."""
+
+    def __init__(
+        self, lm: LoadedModel, encoded: EncodedPrompts, batch_size: int, max_bytes: int = DEFAULT_PREFIX_BYTES
+    ) -> None:
+        self.key = (encoded.texts_hash, len(encoded), batch_size)
+        self.batches: list[PromptBatch] = prompt_batches(
+            encoded, batch_size, lm.tokenizer.pad_token_id, lm.device
+        )
+        self.prefixes = RecordedPrefixes(lm, self.batches, set(range(lm.info.n_layers + 1)), max_bytes)
+
+
 class FastScan(ScanEngine):
     """Candidates batched into rows, layers before each candidate's first edit reused (see the module).
 
@@ -114,10 +129,14 @@ class FastScan(ScanEngine):
     desc = "fast scan"
 
     def __init__(
-        self, max_rows: int = DEFAULT_MAX_ROWS, max_prefix_bytes: int = DEFAULT_PREFIX_BYTES
+        self,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        max_prefix_bytes: int = DEFAULT_PREFIX_BYTES,
+        prefixes: PrefixCache | None = None,
     ) -> None:
         self.max_rows = max_rows
         self.max_prefix_bytes = max_prefix_bytes
+        self.cache = prefixes
 
     def check(
         self, lm: LoadedModel, candidates: Sequence[Intervention], batch_size: int, checkpoint_every: int
@@ -144,13 +163,16 @@ class FastScan(ScanEngine):
         batch_size: int,
         checkpoint_every: int,
     ) -> Iterator[dict[int, Tensor]]:
-        batches = prompt_batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
         starts = [start_layer(c, lm.info.n_layers) for c in candidates]
         order = sorted(todo, key=lambda i: (starts[i], i))
         per_chunk = max(1, self.max_rows // batch_size)
         if not order:
             return
-        prefixes = RecordedPrefixes(lm, batches, {starts[i] for i in order}, self.max_prefix_bytes)
+        if self.cache is not None and self.cache.key == (encoded.texts_hash, len(encoded), batch_size):
+            batches, prefixes = self.cache.batches, self.cache.prefixes
+        else:
+            batches = prompt_batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)
+            prefixes = RecordedPrefixes(lm, batches, {starts[i] for i in order}, self.max_prefix_bytes)
         for block in _blocks(order, starts, per_chunk, checkpoint_every):
             values: dict[int, Tensor] = {}
             block_starts = {starts[chunk[0]] for chunk in block}
@@ -179,10 +201,12 @@ def fast_scan(
     progress: bool = True,
     desc: str = "fast scan",
     on_candidate: Callable[[int], None] | None = None,
+    prefixes: PrefixCache | None = None,
 ) -> Tensor:
     """Readout of every prompt under every candidate: [n_candidates, n_prompts, …], like `scan`
-    (`FastScan`; checkpoints use `scan`'s folder format, so a scan can be resumed by either engine)."""
-    return FastScan(max_rows, max_prefix_bytes).run(
+    (`FastScan`; checkpoints use `scan`'s folder format, so a scan can be resumed by either engine).
+    `prefixes`: recorded prefixes to reuse across scans of the same prompts and batch size."""
+    return FastScan(max_rows, max_prefix_bytes, prefixes).run(
         lm,
         prompts,
         candidates,

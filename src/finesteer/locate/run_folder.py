@@ -221,6 +221,7 @@ def save_attribution(
             for layer, head in result.ranking()[:10]
         ],
         "agreement": result.agreement,
+        "bound": result.bound.to_dict() if result.bound is not None else None,
         "seconds": seconds,
         "timing": result.seconds,
         "out": str(folder),

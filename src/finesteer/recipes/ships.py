@@ -7,6 +7,7 @@ ASR effect is measured on prompts the heads were not chosen on.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,11 @@ from finesteer.models import load_model
 from finesteer.recipes.config import RecipeError, ShipsRecipe
 from finesteer.recipes.run import RunFolder, data_hash
 from finesteer.recipes.summary import examples_step, finish_report
+from finesteer.report.certificate import bound_table
 from finesteer.report.forest import Rate, plot_rates
 from finesteer.report.heatmap import plot_head_heatmap
+
+log = logging.getLogger(__name__)
 
 
 def _texts(name: str, split: str | None, limit: int) -> list[str]:
@@ -41,10 +45,13 @@ def _refusal_ranking(lm: Any, prompts: list[str], recipe: ShipsRecipe, folder: P
     plot_head_heatmap(result.scores, folder / "ships_heatmap.png", title=f"refusal drop ({recipe.mode})")
     exact = dict(zip(result.verified, result.exact.mean(1).tolist(), strict=True))
     count = max(10, recipe.sahara_candidates or 0)
+    assert result.bound is not None
+    log.warning("pre-ranked head scan: %s", result.bound.line())
     return {
         "top": [[lay, h, exact.get((lay, h))] for lay, h in result.ranking()[:count]],
         "metric": metric.key(),
         "agreement": result.agreement,
+        "bound": result.bound.to_dict(),
     }
 
 
@@ -159,6 +166,8 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     rows = _asr_rows(recipe, asr, ranking)
     summary = _summary(recipe, asr, ranking, rows, len(eval_prompts))
     metrics = {"summary": summary, "ranking": ranking, "asr": asr}
+    if located.get("bound"):
+        metrics["ranking_bound"] = located["bound"]
     _report(run, recipe, metrics, rows, examples)
     return metrics
 
@@ -250,6 +259,7 @@ def _report(
         images=[*sorted((run.path / "steps" / "ships").glob("*.png")), *_asr_plots(metrics["asr"], run.path)],
         examples=examples,
         verdicts=verdicts,
+        extra_tables=[bound_table(metrics["ranking_bound"])] if "ranking_bound" in metrics else [],
     )
 
 

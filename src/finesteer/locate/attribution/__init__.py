@@ -29,9 +29,23 @@ estimate every head's effect at once:
   Cost: one forward + (outcomes + 1) gate-only backward passes.
 
 Modules: `metrics` (what is attributed: `TokenLogProb`, `LetterMargin`, `KLDivergence`), `gates`
-(the gated-ablation hooks), `gradients` (the gate pass: first-order gradients or the Fisher) and
-`prerank` (`estimate_effects`, `exact_effects`, `pre_ranked_scan`); `finesteer.locate.rank_stats`
-holds the rank statistics. `prerank.pre_ranked_scan` ranks all heads by the estimate, runs the exact
+(the gated-ablation hooks), `gradients` (the gate pass: first-order gradients or the Fisher),
+`certify` (adaptive verification and the bound on missed top-k heads) and `prerank`
+(`estimate_effects`, `exact_effects` — the exact per-head effects of any list of heads, the unit a
+distributed verification runs —, `pre_ranked_scan`, `certified_scan`, `attribution_scan`);
+`finesteer.locate.rank_stats` holds the rank statistics.
+
+Why the estimate misses heads (smollm2-135m-instruct, ua, 16 advbench prompts, KL): the exact KL
+is on average 6× the 2-outcome estimate (log-ratio mean 1.8, s.d. 0.55 over all 270 heads). Along
+the gate, KL(a)/a² of a head at a → 0 (the full-vocabulary second-order term) is 4–9× the
+2-outcome Fisher (the outcome truncation; fairly uniform across heads, so it barely reorders them),
+and KL(1) is 0.46–10× that local term (the ablation is far from linear: downstream saturation),
+which reorders them: the exact top 10 sit at estimate ranks 0–15, 33 and 69. More outcomes (8) or an
+exact KL of the linearised outcome log-probabilities did not move the misses (ranks 32/77, 37/62),
+so the estimate stays 2-outcome Fisher, and `certify` verifies until the calibrated residual
+spread rules the rest out (docs/results/benchmarks.md).
+
+`prerank.pre_ranked_scan` ranks all heads by the estimate, runs the exact
 (fast) scan on the `top_n` best and reports how well the estimate ranked them (Spearman over the
 verified heads); `rank_stats.rank_agreement` compares an estimate with a full exact scan.
 """
