@@ -27,6 +27,7 @@ RUNNERS = MappingProxyType(
         "hsi": "finesteer.recipes.hsi:run",
         "ships": "finesteer.recipes.ships:run",
         "sta": "finesteer.recipes.sta:run",
+        "frontier": "finesteer.recipes.frontier:run",
     }
 )
 

@@ -151,9 +151,37 @@ class STARecipe(RecipeBase):
     trim: float = Field(0.35, gt=0, le=1)
 
 
-Recipe = Annotated[HSIRecipe | ShipsRecipe | STARecipe, Field(discriminator="method")]
+class FrontierRecipe(RecipeBase):
+    """The refusal frontier: steering methods over λ, top-k head ablations against random heads."""
+
+    method: Literal["frontier"]
+    sae_path: str | None = Field(None, description="SAE folder (needed by caa, sae_all, sta, sta_output)")
+    methods: list[str] = Field(
+        default_factory=lambda: ["baseline", "prompt", "caa", "sae_all", "sta", "sta_output"]
+    )
+    lambdas: list[float] = Field(default_factory=lambda: [0.5, 1.0, 1.5])
+    goal: Literal["induce", "remove"] = "induce"
+    heads: list[str] | None = Field(None, description="head ranking (LAYER.HEAD), best first")
+    ks: list[PositiveInt] = Field(default_factory=lambda: [1, 3, 8])
+    control_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    ablation_mode: Literal["ua", "sc"] = "ua"
+    n_harmful: PositiveInt = 50
+    n_harmless: PositiveInt = 50
+    n_kl: PositiveInt = 50
+    n_mc: int = Field(0, ge=0)
+    n_pairs: PositiveInt = 160
+    trim: float = Field(0.35, gt=0, le=1)
+    refusal_judge: Literal["gcg+", "gcg", "ships"] = "gcg+"
+
+    _heads = field_validator("heads")(classmethod(lambda cls, v: _check_heads(v)))
+
+    def head_fields(self) -> dict[str, list[tuple[int, int]]]:
+        return {"heads": [h for item in self.heads for h in parse_heads(item)]} if self.heads else {}
+
+
+Recipe = Annotated[HSIRecipe | ShipsRecipe | STARecipe | FrontierRecipe, Field(discriminator="method")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Recipe)
-METHODS = ("hsi", "ships", "sta")
+METHODS = ("hsi", "ships", "sta", "frontier")
 
 
 def _format(error: ValidationError) -> str:
