@@ -123,7 +123,7 @@ def test_resume_does_not_repeat_a_point_and_refuses_stale_ones(
 
 
 def test_bad_inputs_are_refused_before_any_model_work(llama: LoadedModel) -> None:
-    with pytest.raises(ComparisonError, match="1..3"):
+    with pytest.raises(ComparisonError, match=r"1\.\.3"):
         head_ablation_entries(llama, RANKING, [4])
     with pytest.raises(ComparisonError, match="goal"):
         FrontierSettings("nope")  # type: ignore[arg-type]
