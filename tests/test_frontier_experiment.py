@@ -49,6 +49,7 @@ def test_cli_frontier_prints_one_json_object_and_resumes(sae_dir: Path, tmp_path
     assert {c["strength"] for c in payload["controls"]} == {1, 2}
     assert set(payload["equal_over_refusal"]["series"]) == {"prompt", "caa", "sta", "sta_output", "top:heads"}
     assert (out / "frontier.json").is_file() and (out / "frontier_kl.png").is_file()
+    assert "At equal over-refusal" in (out / "report.html").read_text()
     assert len(list((out / "points").glob("*.json"))) == len(payload["points"])
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "points").glob("*.json")}
     again = CliRunner().invoke(app, args)

@@ -95,7 +95,9 @@ def frontier_command(
             judge=judge,
         )
         table = frontier_experiment(model, out, experiment, sae)
-        stderr_console().print(frontier_table(table).rows, highlight=False, markup=False)
+        shown = frontier_table(table)
+        for line in (shown.columns, *shown.rows):
+            stderr_console().print(" | ".join(str(c) for c in line), highlight=False, markup=False)
         return {**table, "summary": summary(table)}
 
     result = run_command(work)

@@ -43,7 +43,7 @@ from finesteer.recipes.config import FrontierRecipe
 from finesteer.recipes.refusal import evaluation_sets, prompt_messages, spread
 from finesteer.recipes.run import RunFolder
 from finesteer.recipes.summary import finish_report
-from finesteer.report.frontier import equal_cost_table, frontier_table, plot_frontier
+from finesteer.report.frontier import equal_cost_table, frontier_report, frontier_table, plot_frontier
 from finesteer.runs.files import write_json_atomic
 from finesteer.sae.io import load_sae
 from finesteer.sites import Head, parse_heads
@@ -210,6 +210,7 @@ def run_frontier_experiment(
         title=f"{lm.name}: refusal frontier (over-refusal)",
     )
     write_json_atomic(folder / RESULT_FILE, table, indent=1)
+    frontier_report(table, folder)
     return table
 
 

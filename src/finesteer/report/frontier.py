@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from finesteer.report.html import Table
+from finesteer.report.html import ReportContent, Table, render_html
 
 X_LABELS = {
     "kl": "next-token KL on harmless prompts (nats)",
@@ -148,4 +148,18 @@ def equal_cost_table(comparison: Mapping[str, Any]) -> Table:
     return Table(title, [comparison["cost"], *names, "best"], rows, note)
 
 
-__all__ = ["equal_cost_table", "frontier_table", "plot_frontier"]
+def frontier_report(table: Mapping[str, Any], folder: str | Path) -> Path:
+    """`report.html` in `folder`: the frontier table, both equal-cost comparisons and both charts."""
+    folder = Path(folder)
+    tables = [frontier_table(table)]
+    tables += [equal_cost_table(table[k]) for k in ("equal_over_refusal", "equal_kl") if k in table]
+    content = ReportContent(
+        title=f"Refusal frontier: {table.get('model', '')}",
+        subtitle=f"goal {table.get('goal')}: y = {table.get('y_label')}",
+        tables=tables,
+        images=[(f"x = {X_LABELS[c]}", folder / f"frontier_{c}.png") for c in ("kl", "over_refusal")],
+    )
+    return render_html(content, folder / "report.html")
+
+
+__all__ = ["equal_cost_table", "frontier_report", "frontier_table", "plot_frontier"]
