@@ -164,5 +164,10 @@ def test_equal_over_refusal_interpolates_each_curve_from_the_baseline() -> None:
     assert by_level[0.7]["best"] == "b"
     levels = common_levels(curves(table), n=3)
     assert levels == pytest.approx([0.15, 0.3, 0.45])  # inside [0, 0.6], the range both reach
+    with_prompt = {"points": [*table["points"], row("prompt", 1, "method", 0.5, 0.2, 0.1, 0.3)]}
+    assert common_levels(curves(with_prompt), n=3) == pytest.approx([0.15, 0.3, 0.45, 0.5])
+    at_prompt = at_equal_cost(with_prompt)["by_level"][-1]
+    assert at_prompt["level"] == 0.5 and at_prompt["methods"]["prompt"]["value"] == pytest.approx(0.2)
+    assert at_prompt["methods"]["a"]["value"] == pytest.approx(0.8) and at_prompt["best"] == "a"
     kl = at_equal_cost(table, cost="kl", levels=[0.04])
     assert kl["by_level"][0]["methods"]["a"]["value"] == pytest.approx(0.7)

@@ -72,14 +72,20 @@ def interpolate(curve: Sequence[tuple[float, ...]], level: float) -> dict[str, A
 
 
 def common_levels(all_curves: Mapping[str, Sequence[tuple[float, ...]]], n: int = 5) -> list[float]:
-    """`n` evenly spaced cost levels inside the range every curve covers (beyond its baseline start)."""
-    spans = [(min(p[1] for p in c), max(p[1] for p in c)) for c in all_curves.values() if len(c) > 1]
+    """`n` evenly spaced cost levels inside the range every swept curve covers (two or more strengths
+    after the baseline), plus the cost of each single-point method (e.g. a system prompt), so that
+    it is compared with the curves where it stands."""
+    swept = [c for c in all_curves.values() if len(c) > 2]
+    singles = sorted({round(c[-1][1], 6) for c in all_curves.values() if len(c) == 2}) if swept else []
+    swept = swept or [c for c in all_curves.values() if len(c) > 1]
+    spans = [(min(p[1] for p in c), max(p[1] for p in c)) for c in swept]
     if not spans:
-        return []
+        return singles
     low, high = max(s[0] for s in spans), min(s[1] for s in spans)
     if high <= low:
-        return []
-    return [round(low + (high - low) * (i + 1) / (n + 1), 6) for i in range(n)]
+        return singles
+    grid = [round(low + (high - low) * (i + 1) / (n + 1), 6) for i in range(n)]
+    return sorted(set(grid) | {x for x in singles if low <= x <= high})
 
 
 def at_equal_cost(
