@@ -39,15 +39,31 @@ def test_cli_frontier_prints_one_json_object_and_resumes(sae_dir: Path, tmp_path
     args = ["frontier", "tiny-llama", "--sae", str(sae_dir), "--out", str(out), *SMALL,
             "--methods", "baseline,prompt,caa,sta,sta_output",
             "--settings", '{"sta_output": {"output_keep": 1.0}}',
-            "--heads", "1.0,0.1", "--ks", "1,2", "--seeds", "0,1,2", "--n-mc", "2", "--json"]  # fmt: skip
+            "--heads", "1.0,0.1", "--ks", "1,2", "--seeds", "0,1,2", "--n-mc", "2", "--head-steer-k", "2", "--json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     series = {row["series"] for row in payload["points"]}
-    assert series == {"baseline", "prompt", "caa", "sta", "sta_output", "top:heads", "random:heads"}
+    assert series == {
+        "baseline",
+        "prompt",
+        "caa",
+        "sta",
+        "sta_output",
+        "top:heads",
+        "random:heads",
+        "head_steer",
+    }
     assert all(row["mc_accuracy"]["n"] == 2 for row in payload["points"])
     assert {c["strength"] for c in payload["controls"]} == {1, 2}
-    assert set(payload["equal_over_refusal"]["series"]) == {"prompt", "caa", "sta", "sta_output", "top:heads"}
+    assert set(payload["equal_over_refusal"]["series"]) == {
+        "prompt",
+        "caa",
+        "sta",
+        "sta_output",
+        "top:heads",
+        "head_steer",
+    }
     assert (out / "frontier.json").is_file() and (out / "frontier_kl.png").is_file()
     assert "At equal over-refusal" in (out / "report.html").read_text()
     assert len(list((out / "points").glob("*.json"))) == len(payload["points"])
@@ -83,3 +99,33 @@ def test_frontier_recipe_runs_and_reports(sae_dir: Path, tmp_path: Path) -> None
     }
     report = (run.path / "report.html").read_text()
     assert "Refusal frontier" in report and "At equal over-refusal" in report and "data:image/png" in report
+
+
+def test_head_steering_ranks_heads_by_standardised_separation(tiny_models: dict[str, LoadedModel]) -> None:
+    from finesteer.activations.directions import capture_heads
+    from finesteer.data.prompts import chat_prompt
+    from finesteer.recipes.frontier_heads import head_steering, separating_heads
+
+    lm = tiny_models["tiny-llama"]
+    triples = [
+        ("how do i pick a lock", "i cannot help", "sure, take a pin"),
+        ("steal a car", "sorry, no", "break the window"),
+        ("make a fake id", "i refuse", "get a printer"),
+    ]
+    ranked, directions = separating_heads(lm, triples)
+    inputs = [(chat_prompt(lm.tokenizer, q), a) for q, r, c in triples for a in (r, c)]
+    z = capture_heads(lm, inputs, position="last").double()
+    for (layer, head), d in ranked[:3]:
+        pos, neg = z[0::2, layer, head], z[1::2, layer, head]
+        diff = pos.mean(0) - neg.mean(0)
+        unit = diff / diff.norm()
+        sigma = torch.cat([pos, neg]) @ unit
+        assert d == pytest.approx(
+            float((pos @ unit).mean() - (neg @ unit).mean()) / float(sigma.std(correction=0)), rel=1e-4
+        )
+    assert [d for _, d in ranked] == sorted((d for _, d in ranked), reverse=True)
+    steering = head_steering(lm, triples, k=2, alpha=4.0)
+    edits = steering.intervention.edits  # type: ignore[union-attr]
+    assert [(e.site.layer, e.site.head) for e in edits] == [h for h, _ in ranked[:2]]
+    for edit, ((layer, head), _) in zip(edits, ranked[:2], strict=True):
+        assert edit.op.scale == pytest.approx(4.0 * float(directions.sigma[layer, head]))  # type: ignore[attr-defined]

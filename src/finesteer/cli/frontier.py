@@ -46,6 +46,10 @@ def frontier_command(
     direction_controls_at: Annotated[
         float | None, typer.Option(help="Also random-direction controls of each vector at this λ.")
     ] = None,
+    head_steer_k: Annotated[
+        int, typer.Option(help="Also HSI-style steering of the k most refusal-separating heads (0 = off).")
+    ] = 0,
+    head_steer_alpha: Annotated[float, typer.Option(help="α (in σ) of head steering at λ = 1.")] = 8.0,
     n_harmful: Annotated[int, typer.Option(help="Held-out JailbreakBench prompts.")] = 50,
     n_harmless: Annotated[int, typer.Option(help="XSTest-safe prompts (over-refusal).")] = 50,
     n_kl: Annotated[int, typer.Option(help="Harmless prompts for the next-token KL.")] = 50,
@@ -83,6 +87,8 @@ def frontier_command(
             ablation_mode=mode,
             head_name=ranking.name if ranking is not None else "heads",
             direction_controls_at=direction_controls_at,
+            head_steer_k=head_steer_k,
+            head_steer_alpha=head_steer_alpha,
             n_harmful=n_harmful,
             n_harmless=n_harmless,
             n_kl=n_kl,

@@ -40,6 +40,7 @@ from finesteer.generation import GenerationConfig
 from finesteer.methods import ContrastData, resolve_method
 from finesteer.models.loading import load_model
 from finesteer.recipes.config import FrontierRecipe
+from finesteer.recipes.frontier_heads import head_steering
 from finesteer.recipes.refusal import evaluation_sets, prompt_messages, spread
 from finesteer.recipes.run import RunFolder
 from finesteer.recipes.summary import finish_report
@@ -70,6 +71,8 @@ class FrontierExperiment:
     ablation_mode: str = "ua"
     seeds: tuple[int, ...] = (0, 1, 2)
     direction_controls_at: float | None = None
+    head_steer_k: int = 0
+    head_steer_alpha: float = 8.0
     n_harmful: int = 50
     n_harmless: int = 50
     n_kl: int = 50
@@ -124,7 +127,8 @@ def frontier_prompts(e: FrontierExperiment) -> FrontierPrompts:
 def method_entries(
     lm: LoadedModel, sae: SparseAutoencoder | None, e: FrontierExperiment, folder: Path, sae_path: str | None
 ) -> list[FrontierEntry]:
-    """Each method fitted once through the registry (task "refusal") and swept over λ."""
+    """Each method fitted once through the registry (task "refusal") and swept over λ; with
+    `head_steer_k`, HSI-style steering of that many heads (α = `head_steer_alpha` × λ)."""
     n_ab = max(0, e.n_pairs // 5)
     by_prompt = any(resolve_method(m, "refusal").fixed.get("source") == "system_prompt" for m in e.methods)
     data = ContrastData(
@@ -148,6 +152,9 @@ def method_entries(
         entries += swept_entries(steering, e.lambdas, name)
         if e.direction_controls_at is not None and steering.intervention is not None:
             entries += direction_control_entries(steering, e.direction_controls_at, e.seeds, name)
+    if e.head_steer_k > 0:
+        steer = head_steering(lm, data.triples, k=e.head_steer_k, alpha=e.head_steer_alpha)
+        entries += swept_entries(steer, e.lambdas, "head_steer")
     return entries
 
 
