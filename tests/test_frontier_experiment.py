@@ -39,7 +39,8 @@ def test_cli_frontier_prints_one_json_object_and_resumes(sae_dir: Path, tmp_path
     args = ["frontier", "tiny-llama", "--sae", str(sae_dir), "--out", str(out), *SMALL,
             "--methods", "baseline,prompt,caa,sta,sta_output",
             "--settings", '{"sta_output": {"output_keep": 1.0}}',
-            "--heads", "1.0,0.1", "--ks", "1,2", "--seeds", "0,1,2", "--n-mc", "2", "--head-steer-k", "2", "--json"]  # fmt: skip
+            "--heads", "1.0,0.1", "--ks", "1,2", "--seeds", "0,1,2", "--n-mc", "2",
+            "--head-steer-k", "2", "--json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout.strip().splitlines()[-1])
