@@ -130,3 +130,14 @@ def test_head_steering_ranks_heads_by_standardised_separation(tiny_models: dict[
     assert [(e.site.layer, e.site.head) for e in edits] == [h for h, _ in ranked[:2]]
     for edit, ((layer, head), _) in zip(edits, ranked[:2], strict=True):
         assert edit.op.scale == pytest.approx(4.0 * float(directions.sigma[layer, head]))  # type: ignore[attr-defined]
+
+
+def test_frontier_recipe_validation_names_the_missing_sae_and_unknown_methods() -> None:
+    from finesteer.recipes import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match="sae_path"):
+        parse_recipe({"method": "frontier", "name": "x", "methods": ["baseline", "sta_output"]})
+    with pytest.raises(RecipeError, match="unknown method 'nope'"):
+        parse_recipe({"method": "frontier", "name": "x", "methods": ["nope"]})
+    ok = parse_recipe({"method": "frontier", "name": "x", "methods": ["baseline", "prompt"], "heads": ["1.0,0.1"]})
+    assert ok.head_fields() == {"heads": [(1, 0), (0, 1)]}

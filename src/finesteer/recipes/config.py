@@ -10,10 +10,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from finesteer.errors import FinesteerError
 from finesteer.locate.hsi_table import check_alphas
+from finesteer.methods.registry import resolve_method
 from finesteer.models.info import ModelInfo
 from finesteer.sites import SiteError, parse_heads
 
@@ -174,6 +184,15 @@ class FrontierRecipe(RecipeBase):
     refusal_judge: Literal["gcg+", "gcg", "ships"] = "gcg+"
 
     _heads = field_validator("heads")(classmethod(lambda cls, v: _check_heads(v)))
+
+    @model_validator(mode="after")
+    def _sae_for_methods(self) -> FrontierRecipe:
+        """Method names resolve in the refusal task; the SAE-based ones need `sae_path`."""
+        names = {m: resolve_method(m, "refusal").method.name for m in self.methods}
+        need = [m for m, name in names.items() if name in ("sta", "caa_answer_mean")]
+        if need and not self.sae_path:
+            raise ValueError(f"methods {', '.join(need)} read an SAE: set sae_path")
+        return self
 
     def head_fields(self) -> dict[str, list[tuple[int, int]]]:
         return {"heads": [h for item in self.heads for h in parse_heads(item)]} if self.heads else {}
