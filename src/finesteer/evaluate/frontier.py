@@ -133,7 +133,8 @@ def direction_control_entries(
 ) -> list[FrontierEntry]:
     """Random directions of the same norms at `strength` (`fit.controls.random_direction_control`)."""
     name = f"random-direction:{series or steering.name}"
-    assert steering.intervention is not None
+    if steering.intervention is None:
+        raise ComparisonError(f"'{steering.name}' has no vector to replace by random directions")
     scaled = steering.intervention.scaled(strength)
     return [
         FrontierEntry(
