@@ -139,5 +139,5 @@ def test_frontier_recipe_validation_names_the_missing_sae_and_unknown_methods() 
         parse_recipe({"method": "frontier", "name": "x", "methods": ["baseline", "sta_output"]})
     with pytest.raises(RecipeError, match="unknown method 'nope'"):
         parse_recipe({"method": "frontier", "name": "x", "methods": ["nope"]})
-    ok = parse_recipe({"method": "frontier", "name": "x", "methods": ["baseline", "prompt"], "heads": ["1.0,0.1"]})
+    ok = parse_recipe({"method": "frontier", "name": "x", "methods": ["prompt"], "heads": ["1.0,0.1"]})
     assert ok.head_fields() == {"heads": [(1, 0), (0, 1)]}
