@@ -25,7 +25,7 @@ from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import steer_residual
 from finesteer.models import LoadedModel
-from finesteer.report.frontier import frontier_table, plot_frontier
+from finesteer.report.frontier import frontier_table, markdown, plot_frontier
 
 RANKING = [(1, 0), (0, 1), (1, 1)]
 
@@ -92,6 +92,7 @@ def test_frontier_table_has_points_intervals_and_controls(llama: LoadedModel, tm
     png = plot_frontier(table, tmp_path / "f.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert len(frontier_table(table).rows) == len(table["points"])
+    assert markdown(frontier_table(table)).count("\n") == len(table["points"]) + 1
 
 
 def test_resume_does_not_repeat_a_point_and_refuses_stale_ones(

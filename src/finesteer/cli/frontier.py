@@ -67,7 +67,7 @@ def frontier_command(
     """Refusal (or ASR) against harmless cost for steering methods, head ablations and random controls."""
     from finesteer.locate.scores import HeadScores
     from finesteer.recipes.frontier import FrontierExperiment, frontier_experiment, summary
-    from finesteer.report.frontier import frontier_table
+    from finesteer.report.frontier import equal_cost_table, frontier_table, markdown
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
@@ -101,9 +101,10 @@ def frontier_command(
             judge=judge,
         )
         table = frontier_experiment(model, out, experiment, sae)
-        shown = frontier_table(table)
-        for line in (shown.columns, *shown.rows):
-            stderr_console().print(" | ".join(str(c) for c in line), highlight=False, markup=False)
+        text = "\n\n".join(
+            markdown(t) for t in (frontier_table(table), equal_cost_table(table["equal_over_refusal"]))
+        )
+        stderr_console().print(text, highlight=False, markup=False, soft_wrap=True)
         return {**table, "summary": summary(table)}
 
     result = run_command(work)

@@ -148,6 +148,16 @@ def equal_cost_table(comparison: Mapping[str, Any]) -> Table:
     return Table(title, [comparison["cost"], *names, "best"], rows, note)
 
 
+def markdown(table: Table) -> str:
+    """A report `Table` as a Markdown table (for docs/results notes and the CLI's stderr)."""
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += [
+        "| " + " | ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in table.rows
+    ]
+    return "\n".join(lines)
+
+
 def frontier_report(table: Mapping[str, Any], folder: str | Path) -> Path:
     """`report.html` in `folder`: the frontier table, both equal-cost comparisons and both charts."""
     folder = Path(folder)
@@ -162,4 +172,4 @@ def frontier_report(table: Mapping[str, Any], folder: str | Path) -> Path:
     return render_html(content, folder / "report.html")
 
 
-__all__ = ["equal_cost_table", "frontier_report", "frontier_table", "plot_frontier"]
+__all__ = ["equal_cost_table", "frontier_report", "frontier_table", "markdown", "plot_frontier"]
