@@ -74,11 +74,13 @@ def test_cli_frontier_prints_one_json_object_and_resumes(sae_dir: Path, tmp_path
     assert {p.name: p.stat().st_mtime_ns for p in (out / "points").glob("*.json")} == stamps
 
 
-def test_cli_frontier_refuses_bad_options_before_loading() -> None:
-    bad = CliRunner().invoke(app, ["frontier", "tiny-llama", "--out", "/tmp/x", "--goal", "nope"])
+def test_cli_frontier_refuses_bad_options_before_loading(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    bad = CliRunner().invoke(app, ["frontier", "tiny-llama", "--out", out, "--goal", "nope"])
     assert bad.exit_code == 2 and "goal" in bad.output
-    no_sae = CliRunner().invoke(app, ["frontier", "tiny-llama", "--out", "/tmp/x", "--methods", "sta"])
+    no_sae = CliRunner().invoke(app, ["frontier", "tiny-llama", "--out", out, "--methods", "sta"])
     assert no_sae.exit_code == 2 and "--sae" in no_sae.output
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ComparisonError, match="ks"):
         FrontierExperiment(heads=((0, 0),), ks=(2,))
 
