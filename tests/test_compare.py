@@ -235,7 +235,8 @@ def test_one_registry_serves_both_tasks() -> None:
     from finesteer.recipes.refusal import METHODS as REFUSAL_NAMES
 
     assert set(REFUSAL_NAMES) == {"baseline", "prompt", "caa", "caa_answer_mean", "sae_all", "sta",
-                                  "sta_amplitude", "sta_frequency", "prompt_caa", "prompt_sta"}  # fmt: skip
+                                  "sta_amplitude", "sta_frequency", "prompt_caa", "prompt_sta",
+                                  "sta_output"}  # fmt: skip
     for task in ("ab", "refusal"):
         for name in ALIASES[task]:  # every user-facing name resolves into the one registry
             assert resolve_method(name, task).method is METHODS[resolve_method(name, task).method.name]

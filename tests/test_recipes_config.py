@@ -112,4 +112,4 @@ def test_every_example_recipe_is_valid(path: Path) -> None:
     import yaml
 
     recipe = parse_recipe(yaml.safe_load(path.read_text()))
-    assert recipe.name and recipe.method in ("hsi", "ships", "sta")
+    assert recipe.name and recipe.method in ("hsi", "ships", "sta", "frontier")

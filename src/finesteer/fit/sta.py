@@ -291,12 +291,14 @@ def fit_from_stats(
     trim: float = DEFAULT_TRIM,
     multiplier: float = 1.0,
     sae_path: str | None = None,
+    mask: Tensor | None = None,
 ) -> Steering:
-    """The STA (or ablation) intervention: v norm-matched to the CAA vector, added at all positions."""
+    """The STA (or ablation) intervention: v norm-matched to the CAA vector, added at all positions.
+    A given `mask` replaces `mode`'s selection (output-side selection: `finesteer.fit.sta_output`)."""
     if stats.hook_name and sae.cfg.hook_name and stats.hook_name != sae.cfg.hook_name:
         raise STAError(f"statistics were taken at {stats.hook_name} but the SAE reads {sae.cfg.hook_name}")
     site = sae.cfg.site
-    mask = select_atoms(stats.delta_a, stats.delta_f, trim, mode)
+    mask = select_atoms(stats.delta_a, stats.delta_f, trim, mode) if mask is None else mask
     caa_norm = float(stats.caa_vector.norm())
     raw = atom_vector(sae, stats.delta_a, mask)
     vector = atom_vector(sae, stats.delta_a, mask, caa_norm)
@@ -377,21 +379,7 @@ def fit_sta(
 
 
 __all__ = [
-    "DEFAULT_TRIM",
-    "MODE_LABELS",
-    "SELECTION_MODES",
-    "AtomStats",
-    "ContrastPair",
-    "STAError",
-    "answer_means",
-    "answer_pairs",
-    "atom_statistics",
-    "atom_vector",
-    "fit_caa_from_stats",
-    "fit_from_stats",
-    "fit_sta",
-    "select_atoms",
-    "signed_minmax",
-    "stats_from_means",
-    "top_atoms",
-]
+    "DEFAULT_TRIM", "MODE_LABELS", "SELECTION_MODES", "AtomStats", "ContrastPair", "STAError", "answer_means",
+    "answer_pairs", "atom_statistics", "atom_vector", "fit_caa_from_stats", "fit_from_stats", "fit_sta",
+    "select_atoms", "signed_minmax", "stats_from_means", "top_atoms",
+]  # fmt: skip

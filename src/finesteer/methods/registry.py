@@ -61,6 +61,7 @@ ALIASES: Mapping[Task, Mapping[str, Alias]] = MappingProxyType(
                 "sae_all": Alias("sta", {"mode": "all"}, key="finesteer.fit.sta_methods:sae_all_method"),
                 "sta_amplitude": Alias("sta", {"mode": "amplitude"}),
                 "sta_frequency": Alias("sta", {"mode": "frequency"}),
+                "sta_output": Alias("sta", {"select": "output"}),
             }
         ),
         "refusal": MappingProxyType(
@@ -73,6 +74,7 @@ ALIASES: Mapping[Task, Mapping[str, Alias]] = MappingProxyType(
                 "sta": Alias("sta"),
                 "sta_amplitude": Alias("sta", {"mode": "amplitude"}),
                 "sta_frequency": Alias("sta", {"mode": "frequency"}),
+                "sta_output": Alias("sta", {"select": "output"}),
                 "prompt_caa": Alias("caa_answer_mean", {"source": "system_prompt"}),
                 "prompt_sta": Alias("sta", {"source": "system_prompt"}),
             }

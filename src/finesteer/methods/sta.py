@@ -9,6 +9,10 @@ several modes, the answer-mean CAA) measure them once.
 
 * `sta` (`mode`: "sta" = amplitude and frequency, "amplitude", "frequency", "all" = every atom,
   the SAE-AxBench baseline): atoms' Δa decoded, rescaled to the CAA vector's norm.
+* `select="output"` (`sta_output`): STA's atoms kept only when their decoder direction raises the
+  first-token refusal log-probability (or, with `direction`, points along a refusal direction),
+  the top `output_keep` of them by contribution Δa_j·s_j (`finesteer.fit.sta_output`); the
+  gradient is measured on the first `output_prompts` training questions (never evaluation ones).
 * `caa_answer_mean`: the STA paper's CAA baseline, the answer-token-mean residual difference at the
   SAE's layer, all positions (not `caa`, which reads the answer letter and sweeps layers).
 """
@@ -17,7 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from safetensors.torch import load_file
+from torch import Tensor
 
 from finesteer.fit.prompt_vector import prompt_vector_metadata, system_prompt_stats
 from finesteer.fit.sta import (
@@ -29,6 +36,14 @@ from finesteer.fit.sta import (
     fit_caa_from_stats,
     fit_from_stats,
     fit_sta,
+)
+from finesteer.fit.sta_output import (
+    DEFAULT_KEEP,
+    direction_atom_scores,
+    output_atom_scores,
+    output_selection_metadata,
+    refusal_metric_gradient,
+    select_output,
 )
 from finesteer.fit.steering import Steering
 from finesteer.methods.base import MethodSettings
@@ -44,6 +59,8 @@ if TYPE_CHECKING:
 
 Source = Literal["answers", "system_prompt"]
 SOURCES: tuple[str, ...] = ("answers", "system_prompt")
+Select = Literal["input", "output"]
+SELECTS: tuple[str, ...] = ("input", "output")
 
 
 def cached_sae_for(model_name: str) -> Path:
@@ -110,7 +127,9 @@ def _prompt_stats(lm: LoadedModel, sae: SparseAutoencoder, data: ContrastData, b
 @dataclass(frozen=True)
 class STASettings(MethodSettings):
     """`sae` folder (default: the data's SAE, else the one cached for the model), atom-selection
-    `mode`, `trim`, multiplier λ, batch size, and `source` (answers, or the system prompt)."""
+    `mode`, `trim`, multiplier λ, batch size, and `source` (answers, or the system prompt);
+    `select` "output" filters the atoms by output-side scores (`output_keep`, `output_prompts`, and
+    `direction`: a safetensors file with a "direction" tensor to score against instead)."""
 
     method = "sta"
     sae: str | None = None
@@ -120,6 +139,49 @@ class STASettings(MethodSettings):
     batch_size: int = 8
     source: Source = "answers"
     progress: bool = False
+    select: Select = "input"
+    output_keep: float = DEFAULT_KEEP
+    output_prompts: int = 32
+    direction: str | None = None
+
+
+def _output_mask(
+    lm: LoadedModel, sae: SparseAutoencoder, stats: AtomStats, questions: list[str], s: STASettings
+) -> tuple[Tensor, dict[str, Any]]:
+    """STA's atoms filtered by their output-side scores (refusal-logit gradient or a direction file)."""
+    if s.select not in SELECTS:
+        raise MethodError(f"sta: unknown select {s.select!r}; choose {', '.join(SELECTS)}")
+    if s.mode != "sta":
+        raise MethodError("sta: select 'output' filters the amplitude-and-frequency atoms; use mode 'sta'")
+    if s.direction is not None:
+        scores = direction_atom_scores(sae, load_file(str(Path(s.direction).expanduser()))["direction"])
+        how = f"refusal direction {s.direction}"
+    else:
+        if s.output_prompts < 1 or not questions:
+            raise MethodError("sta: select 'output' needs output_prompts ≥ 1 training questions")
+        unique = list(dict.fromkeys(questions))[: s.output_prompts]
+        gradient = refusal_metric_gradient(lm, sae, unique, batch_size=s.batch_size)
+        scores = output_atom_scores(sae, gradient)
+        how = f"first-token refusal log-probability gradient on {len(unique)} training questions"
+    mask = select_output(stats.delta_a, stats.delta_f, scores, trim=s.trim, keep=s.output_keep)
+    meta = {"select": "output", "output_scores": how, "output_keep": s.output_keep}
+    return mask, {**meta, **output_selection_metadata(stats.delta_a, scores, mask)}
+
+
+def _fit_stats(
+    lm: LoadedModel, sae: SparseAutoencoder, stats: AtomStats, questions: list[str], s: STASettings,
+    sae_path: str | None = None,
+) -> Steering:  # fmt: skip
+    """`fit_from_stats` with the input-side (STA's) or output-side selection of `s.select`."""
+    if s.select == "input":
+        return fit_from_stats(
+            stats, sae, mode=s.mode, trim=s.trim, multiplier=s.multiplier, sae_path=sae_path
+        )
+    mask, meta = _output_mask(lm, sae, stats, questions, s)
+    fitted = fit_from_stats(
+        stats, sae, mode=s.mode, trim=s.trim, multiplier=s.multiplier, sae_path=sae_path, mask=mask
+    )
+    return Steering(fitted.name, fitted.intervention, {**fitted.metadata, **meta, "method": "sta_output"})
 
 
 class STA:
@@ -143,15 +205,20 @@ class STA:
             assert isinstance(data, ContrastData) and data.system_prompt is not None
             stats = _prompt_stats(lm, sae, data, s.batch_size)
             # as `prompt_vectors` always did: no SAE path in the provenance
-            fitted = fit_from_stats(stats, sae, mode=s.mode, trim=s.trim, multiplier=s.multiplier)
+            fitted = _fit_stats(lm, sae, stats, list(data.prompt_messages), s)
             meta = {**fitted.metadata, **prompt_vector_metadata(data.system_prompt, stats)}
             return Steering(fitted.name, fitted.intervention, meta, lm=lm)
         if isinstance(data, ContrastData):
             stats = _answer_stats(lm, sae, data, s.batch_size, s.progress)
-            fitted = fit_from_stats(
-                stats, sae, mode=s.mode, trim=s.trim, multiplier=s.multiplier, sae_path=sae_path
-            )
-            return fitted.bound(lm)
+            questions = [triple[0] for triple in data.triples]
+            return _fit_stats(lm, sae, stats, questions, s, sae_path).bound(lm)
+        if s.select == "output":
+            triples = contrast_triples(data)
+            pairs = answer_pairs(lm.tokenizer, triples)
+            stats = atom_statistics(lm, sae, pairs, batch_size=s.batch_size, progress=s.progress)
+            fitted = _fit_stats(lm, sae, stats, [t[0] for t in triples], s, sae_path)
+            fitted.metadata["pairs"] = f"{data.behaviour} train A/B items as open answers"
+            return save_fitted(fitted.bound(lm), run_dir)
         fitted = fit_sta(
             lm,
             sae,
@@ -212,6 +279,7 @@ class CAAAnswerMean:
 
 
 __all__ = [
+    "SELECTS",
     "SOURCES",
     "STA",
     "CAAAnswerMean",

@@ -31,6 +31,7 @@ RUNNERS = MappingProxyType(
         "ships": "finesteer.recipes.ships:run",
         "refusal-heads": "finesteer.recipes.refusal_heads:run",
         "sta": "finesteer.recipes.sta:run",
+        "frontier": "finesteer.recipes.frontier:run",
     }
 )
 

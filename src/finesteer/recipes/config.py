@@ -10,10 +10,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from finesteer.errors import FinesteerError
 from finesteer.locate.hsi_table import check_alphas
+from finesteer.methods.registry import resolve_method
 from finesteer.models.info import ModelInfo
 from finesteer.sites import SiteError, parse_heads
 
@@ -168,10 +178,47 @@ class STARecipe(RecipeBase):
     trim: float = Field(0.35, gt=0, le=1)
 
 
-AnyRecipe = HSIRecipe | ShipsRecipe | RefusalHeadsRecipe | STARecipe
+class FrontierRecipe(RecipeBase):
+    """The refusal frontier: steering methods over λ, top-k head ablations against random heads."""
+
+    method: Literal["frontier"]
+    sae_path: str | None = Field(None, description="SAE folder (needed by caa, sae_all, sta, sta_output)")
+    methods: list[str] = Field(
+        default_factory=lambda: ["baseline", "prompt", "caa", "sae_all", "sta", "sta_output"]
+    )
+    lambdas: list[float] = Field(default_factory=lambda: [0.5, 1.0, 1.5])
+    goal: Literal["induce", "remove"] = "induce"
+    heads: list[str] | None = Field(None, description="head ranking (LAYER.HEAD), best first")
+    ks: list[PositiveInt] = Field(default_factory=lambda: [1, 3, 8])
+    control_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    ablation_mode: Literal["ua", "sc"] = "ua"
+    n_harmful: PositiveInt = 50
+    n_harmless: PositiveInt = 50
+    n_kl: PositiveInt = 50
+    n_mc: int = Field(0, ge=0)
+    n_pairs: PositiveInt = 160
+    trim: float = Field(0.35, gt=0, le=1)
+    refusal_judge: Literal["gcg+", "gcg", "ships"] = "gcg+"
+
+    _heads = field_validator("heads")(classmethod(lambda cls, v: _check_heads(v)))
+
+    @model_validator(mode="after")
+    def _sae_for_methods(self) -> FrontierRecipe:
+        """Method names resolve in the refusal task; the SAE-based ones need `sae_path`."""
+        names = {m: resolve_method(m, "refusal").method.name for m in self.methods}
+        need = [m for m, name in names.items() if name in ("sta", "caa_answer_mean")]
+        if need and not self.sae_path:
+            raise ValueError(f"methods {', '.join(need)} read an SAE: set sae_path")
+        return self
+
+    def head_fields(self) -> dict[str, list[tuple[int, int]]]:
+        return {"heads": [h for item in self.heads for h in parse_heads(item)]} if self.heads else {}
+
+
+AnyRecipe = HSIRecipe | ShipsRecipe | RefusalHeadsRecipe | STARecipe | FrontierRecipe
 Recipe = Annotated[AnyRecipe, Field(discriminator="method")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Recipe)
-METHODS = ("hsi", "ships", "refusal-heads", "sta")
+METHODS = ("hsi", "ships", "refusal-heads", "sta", "frontier")
 
 
 def _format(error: ValidationError) -> str:
