@@ -108,8 +108,9 @@ def directional_ablation(direction: Tensor, n_layers: int, strength: float = 1.0
     stream unscaled and un-normed, to orthogonalising every matrix that writes to the stream."""
     if n_layers < 1:
         raise RefusalDirectionError(f"n_layers must be ≥ 1, got {n_layers}")
-    op = ProjectOut(direction, strength)
-    return Intervention(tuple(Edit(site, op) for site in ablation_sites(n_layers)))
+    # one tensor per edit: the artifact writer refuses tensors that share memory
+    vector = torch.as_tensor(direction).detach()
+    return Intervention(tuple(Edit(site, ProjectOut(vector.clone(), strength)) for site in ablation_sites(n_layers)))
 
 
 def post_instruction_count(tokenizer: Any) -> int:
