@@ -18,6 +18,7 @@ bypass among those that pass both filters, or the best bypass overall when none 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,9 @@ from finesteer.interventions.edit import Intervention
 from finesteer.locate.engine import encode_prompts
 from finesteer.locate.refusal_proxy import base_last_logits, harmless_kl, refusal_scores
 from finesteer.models.loading import LoadedModel
+from finesteer.runs import RESULT_JSON, write_json_atomic
+
+DIRECTION_DIR = "direction"
 
 
 @dataclass(frozen=True)
@@ -120,9 +124,22 @@ def select_direction(
     return direction, [rows[i] for i in order]
 
 
+def save_selection(
+    folder: str | Path, lm: LoadedModel, direction: RefusalDirection, table: list[dict[str, Any]],
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """Write `direction/` (the artifact) and `result.json` (the choice and every candidate's scores)."""
+    folder = Path(folder)
+    artifact = direction.save(folder / DIRECTION_DIR, lm)
+    payload = {**info, "artifact": str(artifact), "layer": direction.layer, "position": direction.position,
+               "norm": float(direction.vector.norm()), **direction.metadata, "candidates": table}  # fmt: skip
+    write_json_atomic(folder / RESULT_JSON, payload, indent=1)
+    return payload
+
+
 def _direction(diffs: Any, pair: tuple[int, int], meta: dict[str, Any] | None = None) -> RefusalDirection:
     k, layer = pair
     return RefusalDirection(diffs[k, layer], layer, -1 - k, meta or {})
 
 
-__all__ = ["SelectionSettings", "candidate_layers", "select_direction"]
+__all__ = ["DIRECTION_DIR", "SelectionSettings", "candidate_layers", "save_selection", "select_direction"]

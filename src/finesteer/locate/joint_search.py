@@ -86,13 +86,16 @@ def search_head_sets(
     pool: Sequence[Head],
     folder: str | Path,
     settings: SearchSettings = SearchSettings(),
+    *,
+    resume: bool = True,
 ) -> dict[str, Any]:
-    """Run (or continue) the study in `folder` until it holds `n_trials` completed trials."""
+    """Run (or, with `resume`, continue) the study in `folder` until it holds `n_trials` completed trials."""
     optuna = load_optuna()
     pool = check_heads(list(pool), lm.info.n_layers, lm.info.n_heads)
     if len(pool) < 1:
         raise SearchError("the candidate pool is empty")
     folder = Path(folder)
+    check_new_or_resuming(folder, resume)
     folder.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(folder / STUDY_FILE).resolve()}")
@@ -136,6 +139,13 @@ def search_head_sets(
     return search_result(study, new)
 
 
+def check_new_or_resuming(folder: Path, resume: bool) -> None:
+    """Refuse to add to an existing study unless resuming (checked before any model loads)."""
+    if (Path(folder) / STUDY_FILE).is_file() and not resume:
+        raise SearchError(f"{folder} already holds a search ({STUDY_FILE}); pass --resume to continue it "
+                          "or choose another --out")  # fmt: skip
+
+
 def search_result(study: Any, new_trials: int) -> dict[str, Any]:
     """Every completed trial and the Pareto front, JSON-able."""
     def row(trial: Any) -> dict[str, Any]:
@@ -148,4 +158,12 @@ def search_result(study: Any, new_trials: int) -> dict[str, Any]:
             "pareto": front}  # fmt: skip
 
 
-__all__ = ["STUDY_FILE", "SearchError", "SearchSettings", "load_optuna", "search_head_sets", "search_result"]
+__all__ = [
+    "STUDY_FILE",
+    "SearchError",
+    "SearchSettings",
+    "check_new_or_resuming",
+    "load_optuna",
+    "search_head_sets",
+    "search_result",
+]
