@@ -7,7 +7,7 @@ post-instruction position from one capture pass; `refusal_direction_select.selec
 one on validation prompts. Three interventions use it:
 
 - `directional_ablation`: x ← x − (x·r̂)r̂ in the residual stream entering every block, between
-  attention and MLP and after the last block, at every position (Arditi's "ablate everywhere"), so
+  attention and MLP and leaving every block, at every position (Arditi's "ablate everywhere"), so
   no layer can read or write r̂ — expressed with the existing `ProjectOut` op, strength 1 = full;
 - `RefusalDirection.addition`: x ← x + α·r at the chosen layer, every position (steer toward refusal);
 - the weight-orthogonalised export (`finesteer.export.orthogonalize`), the same edit folded into
@@ -97,9 +97,9 @@ class RefusalDirection:
 
 
 def ablation_sites(n_layers: int) -> list[Site]:
-    """Every residual-stream point a block reads: each block's input and middle, and the last output."""
-    sites = [Site(layer, kind) for layer in range(n_layers) for kind in ("resid_pre", "resid_mid")]
-    return [*sites, Site(n_layers - 1, "resid_post")]
+    """Every residual-stream point: each block's input, middle and output (Arditi et al.'s hooks; the
+    output edit of block l makes the stream orthogonal before block l + 1's input edit sees it)."""
+    return [Site(layer, kind) for layer in range(n_layers) for kind in ("resid_pre", "resid_mid", "resid_post")]
 
 
 def directional_ablation(direction: Tensor, n_layers: int, strength: float = 1.0) -> Intervention:
