@@ -33,10 +33,9 @@ from finesteer.evaluate.stats import mean_estimate
 from finesteer.export.orthogonalize import export_orthogonalized, verify_orthogonalized
 from finesteer.fit.controls import random_heads
 from finesteer.fit.refusal_direction_select import SelectionSettings, select_direction
-from finesteer.locate.attribution.metrics import KLDivergence
-from finesteer.locate.attribution.prerank import pre_ranked_scan
 from finesteer.interventions.edit import Intervention
-from finesteer.locate.attribution.prerank import PreRankedScan
+from finesteer.locate.attribution.metrics import KLDivergence
+from finesteer.locate.attribution.prerank import PreRankedScan, pre_ranked_scan
 from finesteer.locate.engine import encode_prompts
 from finesteer.locate.head_direction import head_direction_scores, ranking_agreement
 from finesteer.locate.joint_heads import candidate_pool, forward_selection, head_name, head_set_ablation
@@ -60,8 +59,15 @@ def _ranked(scan: PreRankedScan) -> HeadScores:
     for rank, (layer, head) in enumerate(scan.ranking()):
         table[layer, head] = -float(rank)
     meta = scan.scores.metadata()
-    return HeadScores(table, method=meta["method"], mode=meta["mode"], eps=meta["eps"], model_name=meta["model_name"],
-                      n_prompts=meta["n_prompts"], extra={**meta["extra"], "score": "-rank"})
+    return HeadScores(
+        table,
+        method=meta["method"],
+        mode=meta["mode"],
+        eps=meta["eps"],
+        model_name=meta["model_name"],
+        n_prompts=meta["n_prompts"],
+        extra={**meta["extra"], "score": "-rank"},
+    )
 
 
 def _estimate(values: torch.Tensor) -> dict[str, Any]:
@@ -81,7 +87,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     started = time.perf_counter()
-    result: dict[str, Any] = {"model": args.model, "argv": vars(args) | {"out": str(args.out), "json_out": str(args.json_out)}}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "argv": vars(args) | {"out": str(args.out), "json_out": str(args.json_out)},
+    }
 
     def save(stage: str) -> None:
         result.setdefault("seconds", {})[stage] = round(time.perf_counter() - started, 1)
@@ -101,17 +110,23 @@ def main() -> None:
         "attribution": f"refusal-direction-harmful train[:{args.n_train}] (JBB origins excluded) vs "
         f"refusal-direction-harmless train[:{args.n_train}]",
         "selection": f"refusal-direction-harmful/harmless val[:{args.n_val}]",
-        "evaluation": f"jailbreakbench[:{args.n_eval}] (refusal), jailbreakbench-benign[:{args.n_benign}] (KL)",
+        "evaluation": f"jailbreakbench[:{args.n_eval}] (refusal), "
+        f"jailbreakbench-benign[:{args.n_benign}] (KL)",
         "refusal_token_ids": refusal_metric(lm).token_ids.tolist(),
     }
 
     # 1. the direction
     settings = SelectionSettings(shortlist=6, batch_size=args.batch_size)
-    direction, table = select_direction(lm, harmful_train, harmless_train, harmful_val, harmless_val, settings,
-                                        progress=True)  # fmt: skip
+    direction, table = select_direction(
+        lm, harmful_train, harmless_train, harmful_val, harmless_val, settings, progress=True
+    )
     direction.save(args.out / "direction", lm)
-    result["direction"] = {"layer": direction.layer, "position": direction.position,
-                           "norm": float(direction.vector.norm()), **direction.metadata}  # fmt: skip
+    result["direction"] = {
+        "layer": direction.layer,
+        "position": direction.position,
+        "norm": float(direction.vector.norm()),
+        **direction.metadata,
+    }
     result["direction_candidates"] = table
     save("direction")
 
@@ -126,9 +141,25 @@ def main() -> None:
     save("export")
 
     # 3. three head rankings on the attribution prompts
-    ships = pre_ranked_scan(lm, harmful_train, KLDivergence(2), mode="ua", top_n=min(16, lm.info.n_layers * lm.info.n_heads), batch_size=args.batch_size)
-    refusal = pre_ranked_scan(lm, harmful_train, refusal_metric(lm), mode="sc", top_n=min(16, lm.info.n_layers * lm.info.n_heads), batch_size=args.batch_size)
-    projection = head_direction_scores(lm, harmful_train, harmless_train, direction.vector, batch_size=args.batch_size)
+    ships = pre_ranked_scan(
+        lm,
+        harmful_train,
+        KLDivergence(2),
+        mode="ua",
+        top_n=min(16, lm.info.n_layers * lm.info.n_heads),
+        batch_size=args.batch_size,
+    )
+    refusal = pre_ranked_scan(
+        lm,
+        harmful_train,
+        refusal_metric(lm),
+        mode="sc",
+        top_n=min(16, lm.info.n_layers * lm.info.n_heads),
+        batch_size=args.batch_size,
+    )
+    projection = head_direction_scores(
+        lm, harmful_train, harmless_train, direction.vector, batch_size=args.batch_size
+    )
     tables = {"ships_kl": _ranked(ships), "refusal_logit": _ranked(refusal), "refusal_direction": projection}
     for name, scores in tables.items():
         scores.save(args.out / "rankings" / name)
@@ -139,12 +170,18 @@ def main() -> None:
     # 4. forward selection on the validation prompts, from a pool of each ranking's top 5
     pool = candidate_pool(list(tables.values()), 5)
     steps = forward_selection(lm, harmful_val, pool, 3, batch_size=args.batch_size)
-    result["forward_selection"] = {"pool": [head_name(h) for h in pool], "steps": [s.to_json() for s in steps]}
+    result["forward_selection"] = {
+        "pool": [head_name(h) for h in pool],
+        "steps": [s.to_json() for s in steps],
+    }
     save("forward_selection")
 
     # 5. held-out evaluation: first-token refusal on JailbreakBench, KL on its benign twins
     top3 = {name: s.top_heads(3) for name, s in tables.items()}
-    conditions: dict[str, Any] = {"unmodified": None, "directional_ablation": direction.ablation(lm.info.n_layers)}
+    conditions: dict[str, Any] = {
+        "unmodified": None,
+        "directional_ablation": direction.ablation(lm.info.n_layers),
+    }
     for name, heads in top3.items():
         conditions[f"top3_{name}"] = head_set_ablation(heads)
     conditions["forward_selection_3"] = head_set_ablation(steps[-1].heads)

@@ -86,7 +86,9 @@ def test_search_resumes_without_repeating_a_trial(data, tmp_path, monkeypatch) -
     with pytest.raises(SearchError, match="max_heads"):
         search_head_sets(lm, harmful, harmless, base, POOL, tmp_path, SearchSettings(n_trials=5, max_heads=2))
     with pytest.raises(SearchError, match="--resume"):
-        search_head_sets(lm, harmful, harmless, base, POOL, tmp_path, SearchSettings(n_trials=6), resume=False)
+        search_head_sets(
+            lm, harmful, harmless, base, POOL, tmp_path, SearchSettings(n_trials=6), resume=False
+        )
 
 
 def test_missing_optuna_is_a_clear_error(monkeypatch) -> None:

@@ -56,8 +56,10 @@ def test_direction_equals_brute_force_difference_of_means(tiny: LoadedModel) -> 
     for k in range(3):  # brute force: one prompt at a time, position −1 − k
         for layer in (0, tiny.info.n_layers - 1):
             site = Site(layer, "resid_pre")
-            mean = [torch.stack([capture(tiny, [t], [site], position=-1 - k)[site][0] for t in texts]).mean(0)
-                    for texts in (pos, neg)]  # fmt: skip
+            mean = [
+                torch.stack([capture(tiny, [t], [site], position=-1 - k)[site][0] for t in texts]).mean(0)
+                for texts in (pos, neg)
+            ]
             torch.testing.assert_close(diffs[k, layer], mean[0] - mean[1], atol=1e-4, rtol=1e-4)
 
 
@@ -65,12 +67,18 @@ def test_directional_ablation_leaves_no_component_anywhere(tiny: LoadedModel) ->
     direction = torch.randn(tiny.info.hidden_size)
     unit = direction / direction.norm()
     edit = directional_ablation(direction, tiny.info.n_layers)
-    sites = [Site(layer, c) for layer in range(tiny.info.n_layers) for c in ("resid_pre", "resid_mid", "resid_post")]
+    sites = [
+        Site(layer, c)
+        for layer in range(tiny.info.n_layers)
+        for c in ("resid_pre", "resid_mid", "resid_post")
+    ]
     texts = _texts(tiny, HARMFUL[:2])
     base = capture(tiny, texts, sites, position="all")
     ablated = capture(tiny, texts, sites, position="all", intervention=edit)
     assert ablated.lengths is not None
-    real = torch.arange(ablated[sites[0]].shape[1])[None, :] < ablated.lengths[:, None]  # padding is not edited
+    real = (
+        torch.arange(ablated[sites[0]].shape[1])[None, :] < ablated.lengths[:, None]
+    )  # padding is not edited
     for site in sites:
         before, after = (base[site] @ unit)[real], (ablated[site] @ unit)[real]
         assert float(after.abs().max()) < 1e-4 * max(1.0, float(base[site].abs().max()))
@@ -82,7 +90,9 @@ def test_strength_zero_is_a_no_op_and_per_row_equals_solo(tiny: LoadedModel) -> 
     direction = torch.randn(tiny.info.hidden_size)
     texts = _texts(tiny, HARMFUL[:1])
     base = _logits(tiny, texts)
-    torch.testing.assert_close(_logits(tiny, texts, directional_ablation(direction, tiny.info.n_layers, 0.0)), base)
+    torch.testing.assert_close(
+        _logits(tiny, texts, directional_ablation(direction, tiny.info.n_layers, 0.0)), base
+    )
     solo = _logits(tiny, texts, directional_ablation(direction, tiny.info.n_layers))
     ids = tiny.tokenizer(texts * 2, return_tensors="pt", add_special_tokens=False)["input_ids"]
     batch = Intervention.per_row([directional_ablation(direction, tiny.info.n_layers), Intervention()])
@@ -98,7 +108,10 @@ def test_addition_adds_the_vector_at_its_layer(tiny_models: dict[str, LoadedMode
     direction = RefusalDirection(torch.randn(lm.info.hidden_size), layer=1, position=-1)
     site = Site(1, "resid_pre")
     texts = _texts(lm, HARMLESS[:2])
-    base, moved = capture(lm, texts, [site])[site], capture(lm, texts, [site], intervention=direction.addition(2.0))[site]
+    base, moved = (
+        capture(lm, texts, [site])[site],
+        capture(lm, texts, [site], intervention=direction.addition(2.0))[site],
+    )
     torch.testing.assert_close(moved - base, 2.0 * direction.vector.expand_as(base), atol=1e-4, rtol=1e-4)
 
 
@@ -117,7 +130,9 @@ def test_selection_picks_a_scored_candidate(tiny_models: dict[str, LoadedModel])
     lm = tiny_models["tiny-llama"]
     pos, neg = _texts(lm, HARMFUL), _texts(lm, HARMLESS)
     n_pos = post_instruction_count(lm.tokenizer)
-    direction, table = select_direction(lm, pos[:2], neg[:2], pos[2:], neg[2:], SelectionSettings(n_positions=2, shortlist=2))
+    direction, table = select_direction(
+        lm, pos[:2], neg[:2], pos[2:], neg[2:], SelectionSettings(n_positions=2, shortlist=2)
+    )
     assert table[0]["bypass"] <= table[-1]["bypass"] and n_pos >= 1
     chosen = next(r for r in table if (r["position"], r["layer"]) == (direction.position, direction.layer))
     assert "kl" in chosen and direction.metadata["bypass"] == chosen["bypass"]
@@ -126,7 +141,9 @@ def test_selection_picks_a_scored_candidate(tiny_models: dict[str, LoadedModel])
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
-def test_orthogonalised_export_equals_hooked_model(tiny_models: dict[str, LoadedModel], tmp_path, name: str) -> None:
+def test_orthogonalised_export_equals_hooked_model(
+    tiny_models: dict[str, LoadedModel], tmp_path, name: str
+) -> None:
     lm = tiny_models[name]
     direction = torch.randn(lm.info.hidden_size)
     export_orthogonalized(lm, direction, tmp_path / "m")

@@ -35,7 +35,9 @@ def test_head_projection_equals_ablating_each_head(tiny: LoadedModel) -> None:
         base = capture(tiny, texts, [site])[site].double()
         for head in range(tiny.info.n_heads):
             ablated = capture(tiny, texts, [site], intervention=ablate_head(layer, head))[site].double()
-            torch.testing.assert_close(fast[:, layer, head], (base - ablated) @ unit.double(), atol=2e-4, rtol=1e-3)
+            torch.testing.assert_close(
+                fast[:, layer, head], (base - ablated) @ unit.double(), atol=2e-4, rtol=1e-3
+            )
 
 
 def test_score_is_harmful_minus_harmless_mean(tiny_models: dict[str, LoadedModel]) -> None:
@@ -55,6 +57,8 @@ def test_ranking_agreement() -> None:
     b = HeadScores(torch.arange(12.0).reshape(3, 4).flip(1), method="b")
     rows = ranking_agreement({"a": a, "same": a, "b": b}, k=3)
     same = next(r for r in rows if r["b"] == "same")
-    assert same["spearman"] == pytest.approx(1.0) and same["top3_overlap"] == 3 and same["top3_jaccard"] == 1.0
+    assert (
+        same["spearman"] == pytest.approx(1.0) and same["top3_overlap"] == 3 and same["top3_jaccard"] == 1.0
+    )
     other = next(r for r in rows if (r["a"], r["b"]) == ("a", "b"))
     assert other["spearman"] < 1.0 and 0 <= other["top3_overlap"] <= 3

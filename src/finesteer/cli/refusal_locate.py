@@ -16,7 +16,17 @@ import typer
 
 from finesteer.cli.apps import locate_app
 from finesteer.cli.common import run_command, show, stderr_console
-from finesteer.cli.options import BatchOpt, JsonFlag, LimitOpt, ModelArg, ModeOpt, OutOpt, ResumeOpt, SeedOpt, slug
+from finesteer.cli.options import (
+    BatchOpt,
+    JsonFlag,
+    LimitOpt,
+    ModelArg,
+    ModeOpt,
+    OutOpt,
+    ResumeOpt,
+    SeedOpt,
+    slug,
+)
 
 HarmfulOpt = Annotated[str, typer.Option("--harmful", help="Harmful prompt dataset.")]
 HarmlessOpt = Annotated[str, typer.Option("--harmless", help="Harmless prompt dataset.")]
@@ -42,8 +52,12 @@ def refusal_direction(
     harmless: HarmlessOpt = "refusal-direction-harmless",
     n_train: Annotated[int, typer.Option(help="Train prompts of each class (the means).")] = 32,
     n_val: Annotated[int, typer.Option(help="Validation prompts of each class (the choice).")] = 8,
-    positions: Annotated[int | None, typer.Option(help="Post-instruction positions (default: the template's).")] = None,
-    max_layer_fraction: Annotated[float, typer.Option(help="Only layers below this share of the depth.")] = 0.8,
+    positions: Annotated[
+        int | None, typer.Option(help="Post-instruction positions (default: the template's).")
+    ] = None,
+    max_layer_fraction: Annotated[
+        float, typer.Option(help="Only layers below this share of the depth.")
+    ] = 0.8,
     kl_max: Annotated[float, typer.Option(help="Largest harmless KL of an acceptable direction.")] = 0.1,
     shortlist: Annotated[int, typer.Option(help="Best-bypass candidates checked for induction and KL.")] = 8,
     batch_size: BatchOpt = 8,
@@ -61,10 +75,21 @@ def refusal_direction(
         folder = out or Path("runs") / slug("refusal-direction", model, harmful)
         with FolderLock(folder):
             lm = load_model(model)
-            sets = [_prompts(lm, name, split, n) for split, n in (("train", n_train), ("val", n_val)) for name in (harmful, harmless)]  # fmt: skip
-            stderr_console().print(f"refusal direction of {model}: {n_train}+{n_train} train, {n_val}+{n_val} val")
+            sets = [
+                _prompts(lm, name, split, n)
+                for split, n in (("train", n_train), ("val", n_val))
+                for name in (harmful, harmless)
+            ]
+            stderr_console().print(
+                f"refusal direction of {model}: {n_train}+{n_train} train, {n_val}+{n_val} val"
+            )
             direction, table = select_direction(lm, *sets, settings, progress=True)
-            info = {"command": "locate refusal-direction", "model": model, "harmful": harmful, "harmless": harmless}
+            info = {
+                "command": "locate refusal-direction",
+                "model": model,
+                "harmful": harmful,
+                "harmless": harmless,
+            }
             return save_selection(folder, lm, direction, table, info)
 
     result = run_command(work)
@@ -102,11 +127,18 @@ def head_direction(
             lm = load_model(model)
             vector = RefusalDirection.load(direction, lm).vector
             pos = _prompts(lm, harmful, split, limit)
-            scores = head_direction_scores(lm, pos, _prompts(lm, harmless, split, limit), vector, batch_size=batch_size)
+            scores = head_direction_scores(
+                lm, pos, _prompts(lm, harmless, split, limit), vector, batch_size=batch_size
+            )
             scores.save(folder)
             agreement = ranking_agreement({"refusal_direction": scores, **others}, k=k) if others else []
-            return {"command": "locate head-direction", "model": model, "out": str(folder),
-                    "top": top_heads_json(scores, k), "agreement": agreement}  # fmt: skip
+            return {
+                "command": "locate head-direction",
+                "model": model,
+                "out": str(folder),
+                "top": top_heads_json(scores, k),
+                "agreement": agreement,
+            }
 
     show(run_command(work), json_out)
 
@@ -114,7 +146,9 @@ def head_direction(
 @locate_app.command("joint")
 def joint(
     model: ModelArg,
-    pool_from: Annotated[str, typer.Option(help="Comma-separated scores/run folders whose top heads form the pool.")],
+    pool_from: Annotated[
+        str, typer.Option(help="Comma-separated scores/run folders whose top heads form the pool.")
+    ],
     per_table: Annotated[int, typer.Option(help="Top heads taken from each table into the pool.")] = 5,
     harmful: HarmfulOpt = "refusal-direction-harmful",
     harmless: HarmlessOpt = "refusal-direction-harmless",
@@ -122,7 +156,9 @@ def joint(
     limit: LimitOpt = 16,
     k: Annotated[int, typer.Option("--k", help="Heads chosen by forward selection.")] = 3,
     search: Annotated[bool, typer.Option(help="Also run the Optuna TPE search (finesteer[search]).")] = False,
-    n_trials: Annotated[int, typer.Option(help="Search trials in total (a resume adds the missing ones).")] = 40,
+    n_trials: Annotated[
+        int, typer.Option(help="Search trials in total (a resume adds the missing ones).")
+    ] = 40,
     max_heads: Annotated[int, typer.Option(help="Largest head set the search tries.")] = 3,
     min_strength: Annotated[float, typer.Option(help="Weakest ablation strength the search tries.")] = 0.5,
     mode: ModeOpt = "sc",
@@ -161,10 +197,24 @@ def joint(
             pos = encode_prompts(lm, _prompts(lm, harmful, split, limit))
             neg = encode_prompts(lm, _prompts(lm, harmless, split, limit))
             base = base_last_logits(lm, neg, batch_size=batch_size)
-            steps = forward_selection(lm, pos, pool, k, harmless=neg, base_logits=base, mode=mode,
-                                      batch_size=batch_size, progress=True)  # fmt: skip
-            result: dict[str, Any] = {"command": "locate joint", "model": model, "out": str(folder),
-                                      "pool": [head_name(h) for h in pool], "forward": [s.to_json() for s in steps]}  # fmt: skip
+            steps = forward_selection(
+                lm,
+                pos,
+                pool,
+                k,
+                harmless=neg,
+                base_logits=base,
+                mode=mode,
+                batch_size=batch_size,
+                progress=True,
+            )
+            result: dict[str, Any] = {
+                "command": "locate joint",
+                "model": model,
+                "out": str(folder),
+                "pool": [head_name(h) for h in pool],
+                "forward": [s.to_json() for s in steps],
+            }
             if search:
                 result["search"] = search_head_sets(lm, pos, neg, base, pool, folder, settings, resume=resume)
             write_json_atomic(folder / RESULT_JSON, result, indent=1)

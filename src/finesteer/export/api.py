@@ -88,7 +88,8 @@ def export_artifact(
         return result
     ablated = ablated_direction(steering.intervention, lm.info.n_layers) if steering.intervention else None
     if ablated is not None:  # a directional ablation: orthogonalise the weights writing to the stream
-        path = export_orthogonalized(lm, ablated[0], out, strength=ablated[1], record={"artifact": str(folder)})
+        record = {"artifact": str(folder)}
+        path = export_orthogonalized(lm, ablated[0], out, strength=ablated[1], record=record)
     else:
         path = export_hf(steering, lm, out)
     result["usage"] = f"AutoModelForCausalLM.from_pretrained('{path}')"

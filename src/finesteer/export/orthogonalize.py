@@ -57,11 +57,14 @@ def check_orthogonalizable(lm: LoadedModel) -> None:
     block = adapter.block(lm.model, 0)
     post_norms = any(hasattr(block, n) for n in ("post_feedforward_layernorm", "post_mlp_layernorm"))
     reason = (
-        "a norm follows each sublayer and puts the direction back" if post_norms or adapter.attn_branch != adapter.attention
-        else "the experts have no single down projection" if adapter.mlp_down is None
-        else "position embeddings also write to the residual stream" if adapter.conv1d
+        "a norm follows each sublayer and puts the direction back"
+        if post_norms or adapter.attn_branch != adapter.attention
+        else "the experts have no single down projection"
+        if adapter.mlp_down is None
+        else "position embeddings also write to the residual stream"
+        if adapter.conv1d
         else ""
-    )  # fmt: skip
+    )
     if reason:
         raise ExportError(f"{TARGET}: cannot orthogonalise {family}: {reason}; use the hooked ablation")
 
@@ -83,7 +86,9 @@ def orthogonalized_model(lm: LoadedModel, direction: Tensor, strength: float = 1
     model = copy.deepcopy(lm.model)
     _untie(model)
     op = ProjectOut(direction, strength)
-    edits = [Edit(Site(layer, kind), op) for layer in range(lm.info.n_layers) for kind in ("attn_out", "mlp_out")]
+    edits = [
+        Edit(Site(layer, kind), op) for layer in range(lm.info.n_layers) for kind in ("attn_out", "mlp_out")
+    ]
     fold_into(model, lm, edits)
     unit = direction.detach().double().cpu()
     unit = unit / unit.norm()
@@ -96,7 +101,12 @@ def orthogonalized_model(lm: LoadedModel, direction: Tensor, strength: float = 1
 
 
 def export_orthogonalized(
-    lm: LoadedModel, direction: Tensor, out: str | Path, *, strength: float = 1.0, record: dict[str, Any] | None = None
+    lm: LoadedModel,
+    direction: Tensor,
+    out: str | Path,
+    *,
+    strength: float = 1.0,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Write the orthogonalised model, its tokenizer and `finesteer_export.json` to an empty folder."""
     folder = Path(out)
@@ -106,18 +116,31 @@ def export_orthogonalized(
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
-    info = {"format": "hf-orthogonalized", "model": lm.name, "model_fingerprint": lm.fingerprint,
-            "strength": strength, "direction_norm": float(direction.norm()), **(record or {})}  # fmt: skip
+    info = {
+        "format": "hf-orthogonalized",
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "strength": strength,
+        "direction_norm": float(direction.norm()),
+        **(record or {}),
+    }
     (folder / EXPORT_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
     return folder
 
 
 def verify_orthogonalized(
-    lm: LoadedModel, direction: Tensor, folder: str | Path, texts: Sequence[str], *, strength: float = 1.0,
+    lm: LoadedModel,
+    direction: Tensor,
+    folder: str | Path,
+    texts: Sequence[str],
+    *,
+    strength: float = 1.0,
     atol: float = 1e-4,
 ) -> dict[str, Any]:
     """Reload the folder with stock transformers; compare its logits with the hooked directional ablation."""
-    return verify_hf(directional_ablation(direction, lm.info.n_layers, strength), lm, folder, texts, atol=atol)
+    return verify_hf(
+        directional_ablation(direction, lm.info.n_layers, strength), lm, folder, texts, atol=atol
+    )
 
 
 __all__ = [

@@ -60,7 +60,8 @@ class RefusalDirection:
             raise RefusalDirectionError("a refusal direction must be a finite, non-zero 1-D vector")
         if self.layer < 0 or self.position >= 0:
             raise RefusalDirectionError(
-                f"layer must be ≥ 0 and position < 0 (from the prompt's end), got {self.layer}, {self.position}"
+                "layer must be ≥ 0 and position < 0 (from the prompt's end), "
+                f"got {self.layer}, {self.position}"
             )
         object.__setattr__(self, "vector", vector)
 
@@ -78,8 +79,13 @@ class RefusalDirection:
 
     def save(self, folder: str | Path, lm: LoadedModel) -> Path:
         """An intervention artifact holding the directional ablation (the vector is its direction)."""
-        meta = {"method": METHOD, "layer": self.layer, "position": self.position,
-                "norm": float(self.vector.norm()), **self.metadata}  # fmt: skip
+        meta = {
+            "method": METHOD,
+            "layer": self.layer,
+            "position": self.position,
+            "norm": float(self.vector.norm()),
+            **self.metadata,
+        }
         return save_intervention(folder, self.ablation(lm.info.n_layers), lm, metadata=meta)
 
     @classmethod
@@ -99,7 +105,9 @@ class RefusalDirection:
 def ablation_sites(n_layers: int) -> list[Site]:
     """Every residual-stream point: each block's input, middle and output (Arditi et al.'s hooks; the
     output edit of block l makes the stream orthogonal before block l + 1's input edit sees it)."""
-    return [Site(layer, kind) for layer in range(n_layers) for kind in ("resid_pre", "resid_mid", "resid_post")]
+    return [
+        Site(layer, kind) for layer in range(n_layers) for kind in ("resid_pre", "resid_mid", "resid_post")
+    ]
 
 
 def directional_ablation(direction: Tensor, n_layers: int, strength: float = 1.0) -> Intervention:
@@ -110,7 +118,9 @@ def directional_ablation(direction: Tensor, n_layers: int, strength: float = 1.0
         raise RefusalDirectionError(f"n_layers must be ≥ 1, got {n_layers}")
     # one tensor per edit: the artifact writer refuses tensors that share memory
     vector = torch.as_tensor(direction).detach()
-    return Intervention(tuple(Edit(site, ProjectOut(vector.clone(), strength)) for site in ablation_sites(n_layers)))
+    return Intervention(
+        tuple(Edit(site, ProjectOut(vector.clone(), strength)) for site in ablation_sites(n_layers))
+    )
 
 
 def post_instruction_count(tokenizer: Any) -> int:
@@ -133,7 +143,9 @@ def mean_differences(
         raise RefusalDirectionError("need at least one harmful and one harmless prompt")
     if n_positions < 1:
         raise RefusalDirectionError(f"n_positions must be ≥ 1, got {n_positions}")
-    return _mean(lm, harmful, n_positions, batch_size, chunk) - _mean(lm, harmless, n_positions, batch_size, chunk)
+    return _mean(lm, harmful, n_positions, batch_size, chunk) - _mean(
+        lm, harmless, n_positions, batch_size, chunk
+    )
 
 
 def _mean(lm: LoadedModel, prompts: Sequence[str], n_positions: int, batch_size: int, chunk: int) -> Tensor:

@@ -18,9 +18,9 @@ bypass among those that pass both filters, or the best bypass overall when none 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from finesteer.errors import check_count
@@ -56,14 +56,16 @@ class SelectionSettings:
         check_count(self.shortlist, "shortlist")
         check_count(self.batch_size, "batch_size")
         if not 0 < self.max_layer_fraction <= 1:
-            raise RefusalDirectionError(f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}")
+            raise RefusalDirectionError(
+                f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}"
+            )
         if not self.kl_max > 0:
             raise RefusalDirectionError(f"kl_max must be > 0, got {self.kl_max}")
 
 
 def candidate_layers(n_layers: int, max_layer_fraction: float) -> list[int]:
     """Layers whose input may hold the direction: 0 … ⌈fraction·depth⌉ − 1 (at least layer 0)."""
-    return list(range(max(1, int(max_layer_fraction * n_layers + 0.999999))))[: n_layers]
+    return list(range(max(1, int(max_layer_fraction * n_layers + 0.999999))))[:n_layers]
 
 
 def select_direction(
@@ -94,8 +96,12 @@ def select_direction(
         raise RefusalDirectionError("every candidate direction is zero: the two prompt sets do not differ")
     harmful, harmless = encode_prompts(lm, harmful_val), encode_prompts(lm, harmless_val)
     ablations = [directional_ablation(diffs[k, layer], n_layers) for k, layer in pairs]
-    bypass = refusal_scores(lm, harmful, ablations, batch_size=batch, progress=progress, desc="bypass").mean(1)
-    rows = [{"position": -1 - k, "layer": layer, "bypass": float(b)} for (k, layer), b in zip(pairs, bypass)]
+    bypass = refusal_scores(lm, harmful, ablations, batch_size=batch, progress=progress, desc="bypass")
+    bypass = bypass.mean(1)
+    rows = [
+        {"position": -1 - k, "layer": layer, "bypass": float(b)}
+        for (k, layer), b in zip(pairs, bypass, strict=True)
+    ]
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["bypass"], i))
     short = order[: settings.shortlist]
     base_logits = base_last_logits(lm, harmless, batch_size=batch)
@@ -125,14 +131,24 @@ def select_direction(
 
 
 def save_selection(
-    folder: str | Path, lm: LoadedModel, direction: RefusalDirection, table: list[dict[str, Any]],
+    folder: str | Path,
+    lm: LoadedModel,
+    direction: RefusalDirection,
+    table: list[dict[str, Any]],
     info: dict[str, Any],
 ) -> dict[str, Any]:
     """Write `direction/` (the artifact) and `result.json` (the choice and every candidate's scores)."""
     folder = Path(folder)
     artifact = direction.save(folder / DIRECTION_DIR, lm)
-    payload = {**info, "artifact": str(artifact), "layer": direction.layer, "position": direction.position,
-               "norm": float(direction.vector.norm()), **direction.metadata, "candidates": table}  # fmt: skip
+    payload = {
+        **info,
+        "artifact": str(artifact),
+        "layer": direction.layer,
+        "position": direction.position,
+        "norm": float(direction.vector.norm()),
+        **direction.metadata,
+        "candidates": table,
+    }
     write_json_atomic(folder / RESULT_JSON, payload, indent=1)
     return payload
 

@@ -75,8 +75,11 @@ def head_direction_scores(
         model_fingerprint=lm.fingerprint,
         prompts_hash=hash_prompts([*harmful, "\x00harmless", *harmless]),
         n_prompts=len(harmful) + len(harmless),
-        extra={"score": "r̂·(W_O[:,h] z_h) at the last token, harmful − harmless mean",
-               "n_harmful": len(harmful), "n_harmless": len(harmless)},  # fmt: skip
+        extra={
+            "score": "r̂·(W_O[:,h] z_h) at the last token, harmful − harmless mean",
+            "n_harmful": len(harmful),
+            "n_harmless": len(harmless),
+        },
         per_prompt=per_prompt,
     )
 
@@ -91,8 +94,15 @@ def ranking_agreement(tables: Mapping[str, HeadScores], k: int = 10) -> list[dic
             if a.shape != b.shape:
                 raise HeadDirectionError(f"tables {first} {a.shape} and {second} {b.shape} differ in shape")
             overlap = top_k_overlap(a.scores, b.scores, k)
-            rows.append({"a": first, "b": second, "spearman": round(spearman(a.scores, b.scores), 4),
-                         f"top{k}_overlap": overlap, f"top{k}_jaccard": round(overlap / (2 * k - overlap), 4)})  # fmt: skip
+            rows.append(
+                {
+                    "a": first,
+                    "b": second,
+                    "spearman": round(spearman(a.scores, b.scores), 4),
+                    f"top{k}_overlap": overlap,
+                    f"top{k}_jaccard": round(overlap / (2 * k - overlap), 4),
+                }
+            )
     return rows
 
 

@@ -65,8 +65,12 @@ class SelectionStep:
     candidates: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"heads": [head_name(h) for h in self.heads], "refusal": self.refusal, "kl": self.kl,
-                "candidates": self.candidates}  # fmt: skip
+        return {
+            "heads": [head_name(h) for h in self.heads],
+            "refusal": self.refusal,
+            "kl": self.kl,
+            "candidates": self.candidates,
+        }
 
 
 def forward_selection(
@@ -96,13 +100,25 @@ def forward_selection(
         remaining = [h for h in pool if h not in chosen]
         sets = [[*chosen, h] for h in remaining]
         candidates = [head_set_ablation(s, mode, strength) for s in sets]
-        values = refusal_scores(lm, encoded, candidates, batch_size=batch_size, progress=progress,
-                                desc=f"forward step {step + 1}").mean(1).tolist()  # fmt: skip
+        values = (
+            refusal_scores(
+                lm,
+                encoded,
+                candidates,
+                batch_size=batch_size,
+                progress=progress,
+                desc=f"forward step {step + 1}",
+            )
+            .mean(1)
+            .tolist()
+        )
         best = min(range(len(remaining)), key=lambda i: (values[i], i))
         chosen.append(remaining[best])
         kl = None
         if harmless is not None and base_logits is not None:
-            kl = float(harmless_kl(lm, harmless, [candidates[best]], base_logits, batch_size=batch_size).mean())
+            kl = float(
+                harmless_kl(lm, harmless, [candidates[best]], base_logits, batch_size=batch_size).mean()
+            )
         scores = {head_name(h): round(v, 6) for h, v in zip(remaining, values, strict=True)}
         steps.append(SelectionStep(tuple(chosen), values[best], kl, scores))
     return steps

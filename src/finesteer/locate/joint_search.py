@@ -70,12 +70,22 @@ def load_optuna() -> Any:
     return optuna
 
 
-def _fingerprint(lm: LoadedModel, harmful: EncodedPrompts, harmless: EncodedPrompts, pool: Sequence[Head],
-                 settings: SearchSettings) -> dict[str, Any]:  # fmt: skip
+def _fingerprint(
+    lm: LoadedModel,
+    harmful: EncodedPrompts,
+    harmless: EncodedPrompts,
+    pool: Sequence[Head],
+    settings: SearchSettings,
+) -> dict[str, Any]:
     """What a resume must share with the stored study (n_trials may grow, so it is left out)."""
     fixed = {k: v for k, v in asdict(settings).items() if k != "n_trials"}
     prompts = hashlib.sha256(f"{harmful.texts_hash}|{harmless.texts_hash}".encode()).hexdigest()[:16]
-    return {"model": lm.fingerprint or lm.name, "prompts": prompts, "pool": [head_name(h) for h in pool], **fixed}
+    return {
+        "model": lm.fingerprint or lm.name,
+        "prompts": prompts,
+        "pool": [head_name(h) for h in pool],
+        **fixed,
+    }
 
 
 def search_head_sets(
@@ -102,16 +112,23 @@ def search_head_sets(
     with warnings.catch_warnings():  # multivariate TPE is marked experimental; it models the slots jointly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True,
-                                directions=["minimize", "minimize"], sampler=sampler)  # fmt: skip
+    study = optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=storage,
+        load_if_exists=True,
+        directions=["minimize", "minimize"],
+        sampler=sampler,
+    )
     expected = json.loads(json.dumps(_fingerprint(lm, harmful, harmless, pool, settings)))
     stored = study.user_attrs.get("fingerprint")
     if stored is None:
         study.set_user_attr("fingerprint", expected)
     elif stored != expected:
         changed = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
-        raise SearchError(f"{folder / STUDY_FILE} was searched with other {', '.join(changed)}; "
-                          "choose another output folder or delete it to start over")  # fmt: skip
+        raise SearchError(
+            f"{folder / STUDY_FILE} was searched with other {', '.join(changed)}; "
+            "choose another output folder or delete it to start over"
+        )
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     seen = {(tuple(t.user_attrs["heads"]), t.user_attrs["strength"]): tuple(t.values) for t in done}
     names = [head_name(h) for h in pool]
@@ -142,20 +159,32 @@ def search_head_sets(
 def check_new_or_resuming(folder: Path, resume: bool) -> None:
     """Refuse to add to an existing study unless resuming (checked before any model loads)."""
     if (Path(folder) / STUDY_FILE).is_file() and not resume:
-        raise SearchError(f"{folder} already holds a search ({STUDY_FILE}); pass --resume to continue it "
-                          "or choose another --out")  # fmt: skip
+        raise SearchError(
+            f"{folder} already holds a search ({STUDY_FILE}); pass --resume to continue it "
+            "or choose another --out"
+        )
 
 
 def search_result(study: Any, new_trials: int) -> dict[str, Any]:
     """Every completed trial and the Pareto front, JSON-able."""
+
     def row(trial: Any) -> dict[str, Any]:
-        return {"trial": trial.number, "heads": trial.user_attrs["heads"], "strength": trial.user_attrs["strength"],
-                "refusal": trial.values[0], "kl": trial.values[1]}  # fmt: skip
+        return {
+            "trial": trial.number,
+            "heads": trial.user_attrs["heads"],
+            "strength": trial.user_attrs["strength"],
+            "refusal": trial.values[0],
+            "kl": trial.values[1],
+        }
 
     complete = [t for t in study.trials if t.values is not None and "heads" in t.user_attrs]
     front = sorted((row(t) for t in study.best_trials), key=lambda r: (r["kl"], r["refusal"]))
-    return {"n_trials": len(complete), "new_trials": new_trials, "trials": [row(t) for t in complete],
-            "pareto": front}  # fmt: skip
+    return {
+        "n_trials": len(complete),
+        "new_trials": new_trials,
+        "trials": [row(t) for t in complete],
+        "pareto": front,
+    }
 
 
 __all__ = [

@@ -44,12 +44,15 @@ def refusal_scores(
 ) -> Tensor:
     """[n_candidates, n_prompts] first-token refusal log-odds under each candidate intervention."""
     readout = MetricReadout(refusal_metric(lm))
-    values = scan(lm, as_encoded(lm, prompts), candidates, readout, batch_size=batch_size,
-                  progress=progress, desc=desc)  # fmt: skip
+    values = scan(
+        lm, as_encoded(lm, prompts), candidates, readout, batch_size=batch_size, progress=progress, desc=desc
+    )
     return log_odds(values)
 
 
-def base_last_logits(lm: LoadedModel, prompts: EncodedPrompts | Sequence[str], *, batch_size: int = 8) -> Tensor:
+def base_last_logits(
+    lm: LoadedModel, prompts: EncodedPrompts | Sequence[str], *, batch_size: int = 8
+) -> Tensor:
     """The unedited model's last-position logits [P, vocab], the reference of `harmless_kl`."""
     encoded = as_encoded(lm, prompts)
     return scan(lm, encoded, [Intervention()], LastLogits(), batch_size=batch_size, progress=False)[0]
@@ -66,8 +69,15 @@ def harmless_kl(
     desc: str = "harmless KL",
 ) -> Tensor:
     """[n_candidates, n_prompts] KL(p_base ‖ p_candidate) of the next token (nats)."""
-    return scan(lm, as_encoded(lm, prompts), candidates, KLFromBase(base_logits), batch_size=batch_size,
-                progress=progress, desc=desc)  # fmt: skip
+    return scan(
+        lm,
+        as_encoded(lm, prompts),
+        candidates,
+        KLFromBase(base_logits),
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
 
 
 __all__ = ["base_last_logits", "harmless_kl", "log_odds", "refusal_metric", "refusal_scores"]
