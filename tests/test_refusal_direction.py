@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from finesteer.activations.capture import capture
+from finesteer.export.api import export_artifact
 from finesteer.export.common import ExportError
 from finesteer.export.orthogonalize import (
     ablated_direction,
@@ -176,3 +177,11 @@ def test_orthogonalised_export_refuses_post_norm_families(tiny_models: dict[str,
         orthogonalized_model(lm, torch.randn(lm.info.hidden_size))
     assert ablated_direction(Intervention(), lm.info.n_layers) is None
     assert len(ablation_sites(lm.info.n_layers)) == 3 * lm.info.n_layers
+
+
+def test_export_api_orthogonalises_a_saved_direction(tiny_models: dict[str, LoadedModel], tmp_path) -> None:
+    lm = tiny_models["tiny-qwen2"]
+    RefusalDirection(torch.randn(lm.info.hidden_size), 1, -1).save(tmp_path / "d", lm)
+    result = export_artifact("hf", tmp_path / "d", tmp_path / "hf")
+    assert result["verify"]["within_atol"] and result["verify"]["max_abs_change_vs_unsteered"] > 1e-2
+    assert "hf-orthogonalized" in (tmp_path / "hf" / "finesteer_export.json").read_text()
