@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=100)
     parser.add_argument("--n-benign", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--top-n", type=int, default=16, help="heads verified exactly per pre-ranked scan")
+    parser.add_argument("--shortlist", type=int, default=6)
+    parser.add_argument("--forward-selection", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()
     result: dict[str, Any] = {
@@ -116,7 +119,7 @@ def main() -> None:
     }
 
     # 1. the direction
-    settings = SelectionSettings(shortlist=6, batch_size=args.batch_size)
+    settings = SelectionSettings(shortlist=args.shortlist, batch_size=args.batch_size)
     direction, table = select_direction(
         lm, harmful_train, harmless_train, harmful_val, harmless_val, settings, progress=True
     )
@@ -146,7 +149,7 @@ def main() -> None:
         harmful_train,
         KLDivergence(2),
         mode="ua",
-        top_n=min(16, lm.info.n_layers * lm.info.n_heads),
+        top_n=min(args.top_n, lm.info.n_layers * lm.info.n_heads),
         batch_size=args.batch_size,
     )
     refusal = pre_ranked_scan(
@@ -154,7 +157,7 @@ def main() -> None:
         harmful_train,
         refusal_metric(lm),
         mode="sc",
-        top_n=min(16, lm.info.n_layers * lm.info.n_heads),
+        top_n=min(args.top_n, lm.info.n_layers * lm.info.n_heads),
         batch_size=args.batch_size,
     )
     projection = head_direction_scores(
@@ -168,13 +171,16 @@ def main() -> None:
     save("rankings")
 
     # 4. forward selection on the validation prompts, from a pool of each ranking's top 5
-    pool = candidate_pool(list(tables.values()), 5)
-    steps = forward_selection(lm, harmful_val, pool, 3, batch_size=args.batch_size)
-    result["forward_selection"] = {
-        "pool": [head_name(h) for h in pool],
-        "steps": [s.to_json() for s in steps],
-    }
-    save("forward_selection")
+    chosen: tuple[Any, ...] = ()
+    if args.forward_selection:
+        pool = candidate_pool(list(tables.values()), 5)
+        steps = forward_selection(lm, harmful_val, pool, 3, batch_size=args.batch_size)
+        result["forward_selection"] = {
+            "pool": [head_name(h) for h in pool],
+            "steps": [s.to_json() for s in steps],
+        }
+        chosen = steps[-1].heads
+        save("forward_selection")
 
     # 5. held-out evaluation: first-token refusal on JailbreakBench, KL on its benign twins
     top3 = {name: s.top_heads(3) for name, s in tables.items()}
@@ -184,8 +190,9 @@ def main() -> None:
     }
     for name, heads in top3.items():
         conditions[f"top3_{name}"] = head_set_ablation(heads)
-    conditions["forward_selection_3"] = head_set_ablation(steps[-1].heads)
-    exclude = {h for heads in top3.values() for h in heads} | set(steps[-1].heads)
+    if chosen:
+        conditions["forward_selection_3"] = head_set_ablation(chosen)
+    exclude = {h for heads in top3.values() for h in heads} | set(chosen)
     for seed in (0, 1, 2):
         heads = random_heads(lm.info.n_layers, lm.info.n_heads, 3, seed, exclude)
         conditions[f"random3_seed{seed}"] = head_set_ablation(heads)
