@@ -13,7 +13,16 @@ import typer
 
 from finesteer.cli.apps import app
 from finesteer.cli.common import emit_json, run_command, stderr_console
-from finesteer.cli.options import JsonFlag, ModelArg, OptionError, parse_names, parse_numbers, parse_settings
+from finesteer.cli.options import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonFlag,
+    ModelArg,
+    OptionError,
+    parse_names,
+    parse_numbers,
+    parse_settings,
+)
 
 
 @app.command("frontier")
@@ -62,6 +71,8 @@ def frontier_command(
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per reply.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 25,
     judge: Annotated[str, typer.Option(help="Keyword refusal judge: gcg+, gcg or ships.")] = "gcg+",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
     """Refusal (or ASR) against harmless cost for steering methods, head ablations and random controls."""
@@ -100,7 +111,7 @@ def frontier_command(
             batch_size=batch_size,
             judge=judge,
         )
-        table = frontier_experiment(model, out, experiment, sae)
+        table = frontier_experiment(model, out, experiment, sae, device=device, dtype=dtype)
         text = "\n\n".join(
             markdown(t) for t in (frontier_table(table), equal_cost_table(table["equal_over_refusal"]))
         )

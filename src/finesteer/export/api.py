@@ -11,6 +11,7 @@ from finesteer.export.common import ExportError, at_all_positions, provenance
 from finesteer.export.gguf_cvec import read_control_vector, write_control_vector
 from finesteer.export.hf_fold import export_hf, verify_hf
 from finesteer.export.lm_eval_steer import write_steer_file
+from finesteer.export.orthogonalize import ablated_direction, export_orthogonalized
 from finesteer.fit.steering import Steering
 from finesteer.models.loading import LoadedModel, load_model
 
@@ -88,7 +89,12 @@ def export_artifact(
         path = write_steer_file(steering, lm, out)
         result["usage"] = f"lm_eval --model steered --model_args pretrained=MODEL,steer_path={path} --tasks …"
         return result
-    path = export_hf(steering, lm, out)
+    ablated = ablated_direction(steering.intervention, lm.info.n_layers) if steering.intervention else None
+    if ablated is not None:  # a directional ablation: orthogonalise the weights writing to the stream
+        record = {"artifact": str(folder)}
+        path = export_orthogonalized(lm, ablated[0], out, strength=ablated[1], record=record)
+    else:
+        path = export_hf(steering, lm, out)
     result["usage"] = f"AutoModelForCausalLM.from_pretrained('{path}')"
     if verify:
         texts = [chat_prompt(lm.tokenizer, q) for q in _VERIFY_QUERIES]

@@ -222,13 +222,19 @@ def run_frontier_experiment(
 
 
 def frontier_experiment(
-    model: str, out: Path, experiment: FrontierExperiment, sae: Path | None = None
+    model: str,
+    out: Path,
+    experiment: FrontierExperiment,
+    sae: Path | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """`finesteer frontier`: load the SAE (when given) and the model, run the experiment."""
     if experiment.needs_sae and sae is None:
         raise ComparisonError("the steering methods read an SAE's layer and atoms: pass --sae FOLDER")
     loaded = load_sae(sae) if sae is not None else None
-    lm = load_model(model)
+    lm = load_model(model, device=device, dtype=dtype)
     return run_frontier_experiment(lm, out, experiment, sae=loaded, sae_path=str(sae) if sae else None)
 
 
