@@ -85,9 +85,8 @@ def fit_on_generate_split(
         test_items = load_ab_set(data, TEST_SPLIT)
         if balance_letters:
             test_items = letter_balanced(test_items, strict=False)
-        say(
-            f"scoring the test_ab split once ({len(test_items)} rows{', both option orders' if balance_letters else ''})"
-        )
+        orders = ", both option orders" if balance_letters else ""
+        say(f"scoring the test_ab split once ({len(test_items)} rows{orders})")
         result["test_letter_balanced"] = balance_letters
         result["test"] = ab_effect(lm, test_items, fitted.intervention, prompt=prompt, batch_size=batch_size)
         metadata["test"] = result["test"]
