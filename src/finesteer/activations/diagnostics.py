@@ -4,11 +4,12 @@ Braun et al. (2025, "Understanding (un)reliability of steering vectors") found t
 off the training activations predict whether steering along a mean-difference direction works:
 
 * **consistency**: the mean cosine similarity between each item's activation difference
-  (matching answer − other answer) and the mean difference. Near 1, every item moves the same way;
+  (matching answer − other answer) and the mean difference (of the other items, so that noise
+  scores ≈ 0). Near 1, every item moves the same way;
   near 0, the mean is an average of unrelated differences and steering along it is unreliable.
 * **separation** of the two classes along the direction: d′ (difference of the class means of the
   projections over their pooled std) and AUROC (probability that a matching row projects higher
-  than a not-matching one).
+  than a not-matching one), each half of the items projected on the other half's direction.
 
 `direction_diagnostics` computes both for every site (head or layer) at once.
 
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from finesteer.errors import FinesteerError
 
-LOW_CONSISTENCY = 0.2
+LOW_CONSISTENCY = 0.1
 """Mean cosine below this: per-item differences point in scattered directions (warned about)."""
 LOW_AUROC = 0.65
 """AUROC below this: the two classes overlap along the direction (warned about)."""
@@ -102,32 +103,50 @@ def _auroc(pos: Tensor, neg: Tensor) -> Tensor:
     return wins / (pos.shape[0] * neg.shape[0])
 
 
+def _mean_difference(pos: Tensor, neg: Tensor, remove: Tensor | None) -> Tensor:
+    diff = pos.mean(0) - neg.mean(0)
+    return diff if remove is None or remove.shape[0] == 0 else project_out(diff, remove)
+
+
 def direction_diagnostics(
-    z: Tensor, labels: Tensor | Sequence[bool], directions: Tensor | None = None
+    z: Tensor, labels: Tensor | Sequence[bool], remove: Tensor | None = None
 ) -> DirectionDiagnostics:
-    """Consistency and separation of the classes along each site's direction.
+    """Consistency and separation of the classes along each site's direction, out of sample.
 
     `z` is [N, *sites, D] (e.g. [N, n_layers, n_heads, head_dim] or [N, n_layers, hidden]); `labels`
     marks behaviour-matching rows. When rows come in pairs (matching, other) — as
     `ab_contrast_inputs` makes them — the per-item difference is the pair's; otherwise each
-    matching row minus the mean other row. `directions` ([*sites, D], default the mean difference)
-    is the axis the classes are projected on for d′ and AUROC.
+    matching row minus the mean other row.
+
+    Both are computed so that pure noise scores ≈ 0 consistency and ≈ 0.5 AUROC whatever n and D
+    (in-sample numbers are inflated by each item's own share of the mean): consistency is each
+    item's cosine with the mean difference of the *other* items; d′ and AUROC project each half of
+    the items (even / odd) on the direction fitted on the other half (2-fold cross-fitting).
+    `remove` (e.g. `format_axes`) is projected out of every fitted direction, as for the directions.
     """
     z, pos, neg = _split(z, labels)
     y = torch.as_tensor(labels, dtype=torch.bool)
     paired = z.shape[0] % 2 == 0 and bool(y[0::2].all()) and not bool(y[1::2].any())
     diffs = z[0::2] - z[1::2] if paired else pos - neg.mean(0)
-    mean = diffs.mean(0)
-    cos = torch.nn.functional.cosine_similarity(diffs, mean.unsqueeze(0).expand_as(diffs), dim=-1)
-    axis = mean if directions is None else directions.double()
-    if tuple(axis.shape) != tuple(z.shape[1:]):
-        raise DiagnosticsError(f"directions of shape {tuple(axis.shape)}; expected {tuple(z.shape[1:])}")
-    unit = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    p_pos, p_neg = (pos * unit).sum(-1), (neg * unit).sum(-1)
-    pooled = ((p_pos.var(0, correction=0) + p_neg.var(0, correction=0)) / 2).sqrt()
-    gap = p_pos.mean(0) - p_neg.mean(0)
+    n = diffs.shape[0]
+    if n < 2 or neg.shape[0] < 2:
+        raise DiagnosticsError("diagnostics need at least 2 items of each class")
+    others = (diffs.sum(0, keepdim=True) - diffs) / (n - 1)
+    if remove is not None and remove.shape[0] > 0:
+        others = torch.stack([project_out(o, remove) for o in others])
+    cos = torch.nn.functional.cosine_similarity(diffs, others, dim=-1)
+    folds = [(pos[0::2], neg[0::2], pos[1::2], neg[1::2]), (pos[1::2], neg[1::2], pos[0::2], neg[0::2])]
+    p_pos, p_neg = [], []
+    for fit_pos, fit_neg, test_pos, test_neg in folds:
+        axis = _mean_difference(fit_pos, fit_neg, remove)
+        unit = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        p_pos.append((test_pos * unit).sum(-1))
+        p_neg.append((test_neg * unit).sum(-1))
+    a, b = torch.cat(p_pos), torch.cat(p_neg)
+    pooled = ((a.var(0, correction=0) + b.var(0, correction=0)) / 2).sqrt()
+    gap = a.mean(0) - b.mean(0)
     d_prime = torch.where(pooled > 0, gap / pooled.clamp_min(1e-30), torch.zeros_like(gap))
-    return DirectionDiagnostics(cos.mean(0).float(), d_prime.float(), _auroc(p_pos, p_neg).float(), paired)
+    return DirectionDiagnostics(cos.mean(0).float(), d_prime.float(), _auroc(a, b).float(), paired)
 
 
 def _within_class_axis(z: Tensor, y: Tensor, first: Tensor, second: Tensor) -> Tensor | None:

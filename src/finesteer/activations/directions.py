@@ -202,7 +202,7 @@ def directions_from_activations(
     )
     projections = torch.einsum("nlhd,lhd->nlh", z64, unit)
     sigma = projections.std(dim=0, correction=ddof)
-    diagnostics = direction_diagnostics(z64, labels, unit)
+    diagnostics = direction_diagnostics(z64, labels, remove) if min(n_pos, n_neg) >= 2 else None
     return HeadDirections(unit.float(), sigma.float(), n_pos, n_neg, diagnostics)
 
 

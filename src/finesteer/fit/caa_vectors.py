@@ -124,10 +124,12 @@ def caa_vectors(
     stacked = torch.stack([acts[site] for site in sites], dim=1).double()  # [2N, layers, hidden]
     diff = (stacked[0::2] - stacked[1::2]).mean(0)
     labels = [i % 2 == 0 for i in range(stacked.shape[0])]
+    axes = None
     if balance_format:
         letters, polarities = contrast_row_factors(items)
-        diff = project_out(diff, format_axes(stacked, labels, letters, polarities))
-    diagnostics = direction_diagnostics(stacked, labels, diff)
+        axes = format_axes(stacked, labels, letters, polarities)
+        diff = project_out(diff, axes)
+    diagnostics = direction_diagnostics(stacked, labels, axes) if len(items) >= 2 else None
     return CAAVectors(diff.float(), chosen, len(items), diagnostics)
 
 
