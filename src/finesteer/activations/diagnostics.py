@@ -59,13 +59,16 @@ class DirectionDiagnostics:
         numbers = self.at(*site)
         return numbers["consistency"] < LOW_CONSISTENCY or numbers["auroc"] < LOW_AUROC
 
-    def warnings(self, sites: Sequence[Sequence[int]], what: str = "head") -> list[str]:
-        """One line for each of `sites` whose consistency or separation is low."""
+    def warnings(
+        self, sites: Sequence[Sequence[int]], what: str = "head", names: Sequence[str] | None = None
+    ) -> list[str]:
+        """One line for each of `sites` whose consistency or separation is low (named by `names`,
+        default the site's indices joined by dots)."""
         lines = []
-        for site in sites:
+        for i, site in enumerate(sites):
             if self.is_low(*site):
                 n = self.at(*site)
-                name = ".".join(str(int(i)) for i in site)
+                name = names[i] if names is not None else ".".join(str(int(x)) for x in site)
                 lines.append(
                     f"{what} {name}: direction diagnostics are low (consistency {n['consistency']:.2f} < "
                     f"{LOW_CONSISTENCY} or AUROC {n['auroc']:.2f} < {LOW_AUROC}); steering along it "

@@ -28,6 +28,7 @@ from finesteer.cli.common import (
 from finesteer.cli.options import (
     ABDataOpt,
     AlphasOpt,
+    BalanceFormatFlag,
     BatchOpt,
     CompletionsOpt,
     DirectionsFromOpt,
@@ -87,9 +88,11 @@ def fit_hsi_command(
         typer.Option(help="Run folder for directions, sweep checkpoints and heatmaps (resumable)."),
     ] = None,
     test: TestFlag = False,
+    balance_format: BalanceFormatFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact."""
+    """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact; says whether
+    the choice beats random heads on validation (`verdict`)."""
     from finesteer.fit.completions import load_labelled_completions
     from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig
     from finesteer.fit.hsi_directions import check_directions_from
@@ -116,6 +119,7 @@ def fit_hsi_command(
             seed=seed,
             directions_from=directions_from,  # type: ignore[arg-type]
             n_samples=n_samples,
+            balance_format=balance_format,
         )
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
@@ -150,6 +154,7 @@ def fit_iti_command(
     out: Annotated[Path, ArtifactOut] = Path("artifacts/iti"),
     run_dir: Annotated[Path | None, typer.Option(help="Run folder for probe scores and heatmap.")] = None,
     test: TestFlag = False,
+    balance_format: BalanceFormatFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Fit the ITI baseline (probe-ranked top-k heads, mass-mean direction, α on val); write an artifact."""
@@ -165,7 +170,7 @@ def fit_iti_command(
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
             fitted, selection = fit_iti_selection(
                 lm, train, val, k=k, alphas=grid, run_dir=run_dir, system=system, batch_size=batch_size,
-                seed=seed,
+                seed=seed, balance_format=balance_format,
             )  # fmt: skip
             attach_verdict(fitted.metadata, selection.evidence, "ITI selection")
             if run_dir is not None:
@@ -199,6 +204,7 @@ def fit_caa_command(
     val_fraction: ValFractionOpt = 0.2,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
+    balance_format: BalanceFormatFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
     """CAA: residual vectors at the answer letter, layer × multiplier chosen on val; writes an artifact."""
@@ -237,6 +243,7 @@ def fit_caa_command(
             prompt=ABPrompt(system),
             batch_size=batch_size,
             run_dir=out,
+            balance_format=balance_format,
         )
         attach_verdict(fitted.metadata, evidence, "CAA selection")
         fitted.save(out, lm)

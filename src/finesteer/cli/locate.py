@@ -17,6 +17,7 @@ from finesteer.cli.common import check_model_heads, emit_json, run_command, show
 from finesteer.cli.options import (
     ABDataOpt,
     AlphasOpt,
+    BalanceFormatFlag,
     BatchOpt,
     CompletionsOpt,
     DirectionsFromOpt,
@@ -265,6 +266,7 @@ def locate_hsi(
     n_samples: NSamplesOpt = 2,
     seed: SeedOpt = 0,
     out: Annotated[Path, out_option("Run folder (rerun the same command to resume).")] = Path("runs/hsi"),
+    balance_format: BalanceFormatFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps,
@@ -284,7 +286,7 @@ def locate_hsi(
         return run_locate_hsi(
             model, data, grid, out, limit=limit, n_sweep=n_sweep, heads=subset, system=system,
             batch_size=batch_size, rank_by=rank_by, directions_from=directions_from,  # type: ignore[arg-type]
-            completions=given, n_samples=n_samples, seed=seed,
+            completions=given, n_samples=n_samples, seed=seed, balance_format=balance_format,
         )  # fmt: skip
 
     result = run_command(work)

@@ -218,7 +218,7 @@ def _layer_diagnostics(vectors: CAAVectors, layer: int) -> dict[str, Any]:
     if vectors.diagnostics is None:
         return {}
     index = vectors.layers.index(layer)
-    warnings = vectors.diagnostics.warnings([(index,)], what="CAA layer index")
+    warnings = vectors.diagnostics.warnings([(index,)], what="CAA layer", names=[str(layer)])
     for line in warnings:
         log.warning(line)
     return {"layer": layer, **vectors.diagnostics.at(index), "warnings": warnings}
