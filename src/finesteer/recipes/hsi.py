@@ -122,7 +122,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         "test items": baseline["n"],
         "test in both option orders": True,
     }
-    metrics = {"summary": summary, "methods": methods, "hsi": fitted}
+    metrics = {"verdict": fitted.get("verdict"), "summary": summary, "methods": methods, "hsi": fitted}
     images = sorted((run.path / "steps" / "locate_and_fit").glob("*.png"))
     finish_report(
         run,
