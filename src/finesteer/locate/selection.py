@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from finesteer.activations.directions import HeadDirections
-from finesteer.data.balance import matching_polarity, unswapped_id
+from finesteer.data.balance import matching_polarity
 from finesteer.data.items import ABItem
 from finesteer.errors import FinesteerError
 from finesteer.interventions.edit import Intervention
@@ -151,11 +151,6 @@ class SelectionEvidence:
     control_seeds: tuple[int, ...] = ()
     control_kind: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def clusters(self) -> list[str]:
-        """An item and its option-swapped mirror are one question (resampled together)."""
-        return [unswapped_id(i) for i in self.item_ids]
 
 
 @dataclass
