@@ -10,6 +10,7 @@ import torch
 
 import finesteer as fs
 from finesteer.data import ABItem, load_dataset
+from finesteer.data.balance import letter_balanced
 from finesteer.data.prompts import ab_prompt, chat_prompt
 from finesteer.fit.caa import SweepPoint, caa_intervention, fit_caa, select_point, sweep_caa
 from finesteer.fit.caa_tail import CAAError, caa_scope, instruction_tail_tokens, template_tail_ids
@@ -201,8 +202,10 @@ def test_fit_caa_end_to_end(tiny_models: dict[str, LoadedModel], items: list[ABI
     assert float(edit.op.vector.norm()) == pytest.approx(meta["vector_norm"], rel=1e-5)
     assert (tmp_path / "caa_sweep.json").is_file() and (tmp_path / "caa_vectors.safetensors").is_file()
     assert len(meta["multipliers_swept"]) * lm.info.n_layers == 6
-    # The reported validation score is the plain evaluation of the chosen intervention.
-    plain = ABScorer(lm, items[3:5]).score([fitted.intervention])
+    # The reported validation score is the plain evaluation of the chosen intervention, on the
+    # validation items in both option orders (the default).
+    assert meta["balance_letters"] and meta["n_val"] == 4
+    plain = ABScorer(lm, letter_balanced(items[3:5])).score([fitted.intervention])
     assert meta["val_mean_p_matching"] == float(plain.p_matching[0].mean())
     away = fit_caa(lm, items[:3], items[3:5], multipliers=(1.0,), direction="away", progress=False)
     assert away.intervention.edits[0].op.scale == -1.0

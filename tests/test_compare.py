@@ -208,9 +208,9 @@ def test_settings_defaults_match_the_fit_functions() -> None:
     import dataclasses
     import inspect
 
-    from finesteer.fit.caa import fit_caa
+    from finesteer.fit.caa import fit_caa_selection
     from finesteer.fit.hsi import HSIConfig
-    from finesteer.fit.iti import fit_iti
+    from finesteer.fit.iti import fit_iti_selection
     from finesteer.fit.lora import LoRASettings
     from finesteer.methods.hsi import fit_hsi_checked
     from finesteer.methods.lora import LoRAMethodSettings
@@ -222,7 +222,8 @@ def test_settings_defaults_match_the_fit_functions() -> None:
         return found
 
     hsi = {**defaults(fit_hsi_checked), **{f.name: f.default for f in dataclasses.fields(HSIConfig)}}
-    for name, expected in (("caa", defaults(fit_caa)), ("hsi", hsi), ("iti", defaults(fit_iti))):
+    caa, iti = defaults(fit_caa_selection), defaults(fit_iti_selection)
+    for name, expected in (("caa", caa), ("hsi", hsi), ("iti", iti)):
         for f in dataclasses.fields(METHODS[name].Settings):  # type: ignore[arg-type]
             assert expected[f.name] == f.default, (name, f.name)
     lora = LoRAMethodSettings()

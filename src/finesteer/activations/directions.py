@@ -21,6 +21,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from finesteer.activations.capture import capture
+from finesteer.activations.diagnostics import (
+    DirectionDiagnostics,
+    direction_diagnostics,
+    format_axes,
+    project_out,
+)
+from finesteer.data.balance import contrast_row_factors
 from finesteer.data.items import ABItem
 from finesteer.data.prompts import ab_completion, ab_prompt
 from finesteer.errors import FinesteerError
@@ -47,13 +54,15 @@ class HeadDirections:
     """Unit directions [n_layers, n_heads, head_dim] and spreads σ [n_layers, n_heads] for every head.
 
     A head whose two class means coincide has a zero direction and σ = 0; asking to steer it is an
-    error rather than a silent no-op.
+    error rather than a silent no-op. `diagnostics` (when computed from activations) says per head how
+    consistent the per-item differences are and how well the direction separates the two classes.
     """
 
     directions: Tensor
     sigma: Tensor
     n_pos: int
     n_neg: int
+    diagnostics: DirectionDiagnostics | None = None
 
     def __post_init__(self) -> None:
         if self.directions.dim() != 3:
@@ -127,7 +136,11 @@ class HeadDirections:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"n_pos": str(self.n_pos), "n_neg": str(self.n_neg)}
-        write_safetensors_atomic(path, {"directions": self.directions, "sigma": self.sigma}, meta)
+        tensors = {"directions": self.directions, "sigma": self.sigma}
+        if self.diagnostics is not None:
+            tensors.update(self.diagnostics.tensors())
+            meta["diagnostics_paired"] = str(int(self.diagnostics.paired))
+        write_safetensors_atomic(path, tensors, meta)
         return path
 
     @classmethod
@@ -139,8 +152,13 @@ class HeadDirections:
         tensors = load_file(str(path))
         if "directions" not in tensors or "sigma" not in tensors:
             raise DirectionError(f"{path} is not a HeadDirections file (needs 'directions' and 'sigma')")
+        diagnostics = DirectionDiagnostics.from_tensors(tensors, meta.get("diagnostics_paired", "1") == "1")
         return cls(
-            tensors["directions"], tensors["sigma"], int(meta.get("n_pos", 0)), int(meta.get("n_neg", 0))
+            tensors["directions"],
+            tensors["sigma"],
+            int(meta.get("n_pos", 0)),
+            int(meta.get("n_neg", 0)),
+            diagnostics,
         )
 
     def summary(self, heads: Iterable[Head]) -> list[dict[str, Any]]:
@@ -151,12 +169,14 @@ class HeadDirections:
 
 
 def directions_from_activations(
-    z: Tensor, labels: Tensor | Sequence[bool], *, ddof: int = 0
+    z: Tensor, labels: Tensor | Sequence[bool], *, ddof: int = 0, remove: Tensor | None = None
 ) -> HeadDirections:
     """Mass-mean directions and σ from activations z [N, n_layers, n_heads, head_dim] and boolean labels.
 
     σ uses ddof=0 (population std, as HSI's `np.std`); ITI's current code uses the unbiased estimate
-    (ddof=1). Computed in float64 so hand-checked values match to the last float32 digit.
+    (ddof=1). Computed in float64 so hand-checked values match to the last float32 digit. `remove`
+    ([K, n_layers, n_heads, head_dim], e.g. `format_axes`) is projected out of the mean difference
+    before it is normalised. Direction diagnostics are computed along the final directions.
     """
     labels = torch.as_tensor(labels, dtype=torch.bool)
     if z.dim() != 4:
@@ -174,13 +194,16 @@ def directions_from_activations(
         raise DirectionError(f"σ with ddof={ddof} needs more than {ddof} activations")
     z64 = z.double()
     diff = z64[labels].mean(0) - z64[~labels].mean(0)
+    if remove is not None and remove.shape[0] > 0:
+        diff = project_out(diff, remove)
     norm = diff.norm(dim=-1, keepdim=True)
     unit = torch.where(
         norm > 0, diff / norm.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(diff)
     )
     projections = torch.einsum("nlhd,lhd->nlh", z64, unit)
     sigma = projections.std(dim=0, correction=ddof)
-    return HeadDirections(unit.float(), sigma.float(), n_pos, n_neg)
+    diagnostics = direction_diagnostics(z64, labels, remove) if min(n_pos, n_neg) >= 2 else None
+    return HeadDirections(unit.float(), sigma.float(), n_pos, n_neg, diagnostics)
 
 
 def ab_contrast_inputs(
@@ -229,11 +252,13 @@ def fit_head_directions(
     ddof: int = 0,
     batch_size: int = 8,
     progress: bool = False,
+    balance_format: bool = False,
 ) -> HeadDirections:
     """Directions from A/B items (both answer letters) and/or labelled model completions.
 
     `completions` are (formatted prompt, completion, label) triples, e.g. sampled answers judged as
-    showing the behaviour or not (HSI's original training data).
+    showing the behaviour or not (HSI's original training data). `balance_format` projects the
+    answer-letter and Yes/No axes (estimated on the A/B rows, `format_axes`) out of every direction.
     """
     inputs: list[tuple[str, str]] = []
     labels: list[bool] = []
@@ -252,7 +277,12 @@ def fit_head_directions(
     if not inputs:
         raise DirectionError("no training data: give A/B items and/or labelled completions")
     z = capture_heads(lm, inputs, position=position, batch_size=batch_size, progress=progress)
-    return directions_from_activations(z, labels, ddof=ddof)
+    remove = None
+    if balance_format and items:
+        n_rows = 2 * len(items)
+        letters, polarities = contrast_row_factors(items)
+        remove = format_axes(z[:n_rows], labels[:n_rows], letters, polarities)
+    return directions_from_activations(z, labels, ddof=ddof, remove=remove)
 
 
 def directions_fingerprint(directions: HeadDirections) -> str:

@@ -28,6 +28,7 @@ from finesteer.cli.common import (
 from finesteer.cli.options import (
     ABDataOpt,
     AlphasOpt,
+    BalanceFormatFlag,
     BatchOpt,
     ColumnsOpt,
     CompletionsOpt,
@@ -94,9 +95,11 @@ def fit_hsi_command(
     test: TestFlag = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    balance_format: BalanceFormatFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact."""
+    """Fit HSI (directions, head sweep, top-k + shared α on val) and write an artifact; says whether
+    the choice beats random heads on validation (`verdict`)."""
     from finesteer.fit.completions import load_labelled_completions
     from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig
     from finesteer.fit.hsi_directions import check_directions_from
@@ -123,6 +126,7 @@ def fit_hsi_command(
             seed=seed,
             directions_from=directions_from,  # type: ignore[arg-type]
             n_samples=n_samples,
+            balance_format=balance_format,
         )
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
@@ -161,10 +165,12 @@ def fit_iti_command(
     test: TestFlag = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    balance_format: BalanceFormatFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Fit the ITI baseline (probe-ranked top-k heads, mass-mean direction, α on val); write an artifact."""
-    from finesteer.fit.iti import DEFAULT_ITI_ALPHAS, fit_iti
+    from finesteer.fit.iti import DEFAULT_ITI_ALPHAS, fit_iti_selection
+    from finesteer.methods.verdict import attach_verdict
     from finesteer.recipes.fit_split import fit_on_generate_split
     from finesteer.report.probes import plot_probe_accuracy_folder
     from finesteer.scoring.ab import ABPrompt
@@ -173,10 +179,11 @@ def fit_iti_command(
         grid = parse_numbers(alphas, "--alphas") or DEFAULT_ITI_ALPHAS
 
         def fit_fn(lm: Any, train: Any, val: Any) -> Any:
-            fitted = fit_iti(
+            fitted, selection = fit_iti_selection(
                 lm, train, val, k=k, alphas=grid, run_dir=run_dir, system=system, batch_size=batch_size,
-                seed=seed,
+                seed=seed, balance_format=balance_format,
             )  # fmt: skip
+            attach_verdict(fitted.metadata, selection.evidence, "ITI selection")
             if run_dir is not None:
                 plot_probe_accuracy_folder(run_dir)
             return fitted
@@ -212,11 +219,13 @@ def fit_caa_command(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    balance_format: BalanceFormatFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
     """CAA: residual vectors at the answer letter, layer × multiplier chosen on val; writes an artifact."""
-    from finesteer.fit.caa import DEFAULT_MULTIPLIERS, fit_caa
+    from finesteer.fit.caa import DEFAULT_MULTIPLIERS, fit_caa_selection
     from finesteer.methods import load_behaviour_data
+    from finesteer.methods.verdict import attach_verdict
     from finesteer.models import load_model
     from finesteer.runs import check_writable
     from finesteer.scoring.ab import ABPrompt
@@ -240,7 +249,7 @@ def fit_caa_command(
             f"CAA on {model}: vectors from {len(behaviour.train)} items, layer × multiplier sweep on "
             f"{len(behaviour.val)} items"
         )
-        fitted = fit_caa(
+        fitted, evidence = fit_caa_selection(
             lm,
             list(behaviour.train),
             list(behaviour.val),
@@ -250,10 +259,15 @@ def fit_caa_command(
             prompt=ABPrompt(system),
             batch_size=batch_size,
             run_dir=out,
+            balance_format=balance_format,
         )
+        attach_verdict(fitted.metadata, evidence, "CAA selection")
         fitted.save(out, lm)
         meta = fitted.metadata
         return {
+            "verdict": meta["verdict"],
+            "selection_verdict": meta["selection_verdict"],
+            "direction_diagnostics": meta["direction_diagnostics"],
             "model": model,
             "data": data,
             "artifact": str(out),

@@ -19,6 +19,7 @@ from finesteer.cli.options import (
     ActorsOpt,
     AlphasOpt,
     BackendOpt,
+    BalanceFormatFlag,
     BatchOpt,
     ColumnsOpt,
     CompletionsOpt,
@@ -300,6 +301,7 @@ def locate_hsi(
     n_samples: NSamplesOpt = 2,
     seed: SeedOpt = 0,
     out: Annotated[Path, out_option("Run folder (rerun the same command to resume).")] = Path("runs/hsi"),
+    balance_format: BalanceFormatFlag = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     backend: BackendOpt = "local",
@@ -309,19 +311,14 @@ def locate_hsi(
     num_gpus: NumGpusOpt = 0.0,
     json_out: JsonFlag = False,
 ) -> None:
-    """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps."""
+    """Sweep single-head steering over an α grid; writes a layer × head × α table, scores and heatmaps,
+    each top head's direction diagnostics and the sweep's verdict (both option orders)."""
     from finesteer.cli.plans import backend_options, open_backend
-    from finesteer.data.typed import load_ab_set
     from finesteer.fit.completions import load_labelled_completions
     from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS
     from finesteer.fit.hsi_directions import check_directions_from
-    from finesteer.fit.hsi_sweep import sweep_hsi_heads
     from finesteer.locate.hsi_table import check_alphas
-    from finesteer.locate.run_folder import write_run
-    from finesteer.models import load_model
-    from finesteer.recipes.fit_split import GENERATE_SPLIT
-    from finesteer.report.sweep import plot_sweep
-    from finesteer.scoring.ab import ABPrompt
+    from finesteer.recipes.head_sweep import locate_hsi as run_locate_hsi
     from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
@@ -329,27 +326,14 @@ def locate_hsi(
         check_model_heads(model, subset := parse_heads(heads) if heads else None)  # before loading
         check_directions_from(directions_from)
         where = backend_options(backend, ray_address, actors, num_cpus, num_gpus)
-        items = load_ab_set(data_source(data, columns, "ab"), GENERATE_SPLIT, limit)
         given = load_labelled_completions(completions) if completions is not None else []
-        started = time.perf_counter()
-        lm = load_model(model, device=device, dtype=dtype)
-        with open_backend(where, model, lm, device=device, dtype=dtype) as runner:
-            run = sweep_hsi_heads(
-                lm, items, grid, n_sweep=n_sweep, seed=seed, heads=subset, directions_from=directions_from,
-                completions=given, n_samples=n_samples, prompt=ABPrompt(system), batch_size=batch_size,
-                rank_by=rank_by, run_dir=out, backend=runner,  # type: ignore[arg-type]
-            )  # fmt: skip
-        plots = plot_sweep(run.sweep, out, rank_by=rank_by)  # type: ignore[arg-type]
-        result = {
-            "model": model, "data": data, "out": str(out),
-            **run.sweep.summary(top=10, rank_by=rank_by),  # type: ignore[arg-type]
-            "resumed_layers": run.sweep.meta.get("resumed_layers", []),
-            "n_direction_items": run.n_direction_items, **run.source,
-            "plots": [str(p) for p in plots], "seconds": round(time.perf_counter() - started, 1),
-        }  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
-        write_run(out, {"command": "locate hsi", **result})
-        return result
+        return run_locate_hsi(
+            model, data_source(data, columns, "ab"), grid, out, limit=limit, n_sweep=n_sweep, heads=subset,
+            system=system, batch_size=batch_size, rank_by=rank_by, directions_from=directions_from,  # type: ignore[arg-type]
+            completions=given, n_samples=n_samples, seed=seed, balance_format=balance_format,
+            device=device, dtype=dtype,
+            backend=lambda lm: open_backend(where, model, lm, device=device, dtype=dtype),
+        )  # fmt: skip
 
     result = run_command(work)
     show_json(result, json_out)
@@ -370,40 +354,14 @@ def locate_iti(
     dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
 ) -> None:
-    """Train one logistic probe per head (train items) and rank heads by val accuracy."""
-    from finesteer.data.typed import load_ab_set
-    from finesteer.fit.hsi import split_items
-    from finesteer.fit.iti import probe_items
-    from finesteer.locate.run_folder import write_run
-    from finesteer.models import load_model
-    from finesteer.recipes.fit_split import GENERATE_SPLIT
-    from finesteer.report.heatmap import plot_head_heatmap
+    """Train one logistic probe per head (train items, both option orders) and rank heads by val accuracy."""
+    from finesteer.recipes.head_sweep import locate_iti as run_locate_iti
 
     def work() -> dict[str, Any]:
-        items = load_ab_set(data_source(data, columns, "ab"), GENERATE_SPLIT, limit)
-        started = time.perf_counter()
-        lm = load_model(model, device=device, dtype=dtype)
-        train, val = split_items(items, n_val, seed)
-        stderr_console().print(f"ITI probes on {model}: train {len(train)} items, val {len(val)}")
-        probes, z, _ = probe_items(
-            lm, train, val, system=system, batch_size=batch_size, seed=seed, progress=True
+        return run_locate_iti(
+            model, data_source(data, columns, "ab"), out, limit=limit, n_val=n_val, system=system,
+            batch_size=batch_size, seed=seed, say=stderr_console().print, device=device, dtype=dtype,
         )
-        table = probes.head_scores(model_name=lm.name, model_fingerprint=lm.fingerprint, n_prompts=len(z))
-        table.save(out / "head_scores")
-        plot = plot_head_heatmap(table, out / "iti_val_accuracy.png", label="probe val accuracy")
-        top = [
-            {"layer": layer, "head": h, "val_accuracy": float(probes.val_accuracy[layer, h]),
-             "train_accuracy": float(probes.train_accuracy[layer, h])}
-            for layer, h in probes.top_heads(10)
-        ]  # fmt: skip
-        result = {
-            "model": model, "data": data, "out": str(out), "n_train_items": len(train),
-            "n_val_items": len(val), "top": top, "plots": [str(plot)],
-            "seconds": round(time.perf_counter() - started, 1),
-        }  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
-        write_run(out, {"command": "locate iti", **result})
-        return result
 
     result = run_command(work)
     show_json(result, json_out)

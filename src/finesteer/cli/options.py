@@ -153,6 +153,15 @@ RankOpt = Annotated[
     typer.Option(
         help="Head ranking: 'balanced' (worst matching-letter group's gain, best α), 'max' (plain mean "
         "gain, best α) or 'mean' (plain gain averaged over α)."
+        " 'polarity': worst letter × Yes/not-Yes group's gain (also chooses k and α that way)."
+    ),
+]
+BalanceFormatFlag = Annotated[
+    bool,
+    typer.Option(
+        "--balance-format",
+        help="Project the answer-letter and Yes/No axes out of the directions (they then carry the "
+        "behaviour, not the answer format).",
     ),
 ]
 DirectionsFromOpt = Annotated[

@@ -86,6 +86,13 @@ def letter_balanced(items: Sequence[ABItem], *, strict: bool = True) -> list[ABI
 Polarity = Literal["yes", "no", "other"]
 
 
+def option_polarity(item: ABItem, letter: str) -> Polarity:
+    """Whether option `letter` of `item` starts with "Yes", "No" or something else."""
+    words = re.findall(r"[a-z]+", option_text(item.question, letter).lower())
+    first = words[0] if words else ""
+    return "yes" if first == "yes" else "no" if first == "no" else "other"
+
+
 def matching_polarity(item: ABItem) -> Polarity:
     """Whether the behaviour-matching option starts with "Yes", "No" or something else.
 
@@ -94,6 +101,17 @@ def matching_polarity(item: ABItem) -> Polarity:
     steering. Rates split by this polarity tell the two apart: a real behaviour edit also helps the
     items whose matching answer is "No".
     """
-    words = re.findall(r"[a-z]+", option_text(item.question, item.matching_letter).lower())
-    first = words[0] if words else ""
-    return "yes" if first == "yes" else "no" if first == "no" else "other"
+    return option_polarity(item, item.matching_letter)
+
+
+def contrast_row_factors(items: Sequence[ABItem]) -> tuple[list[str], list[Polarity]]:
+    """The answer letter and answer polarity of each row of a two-answer contrast set: for every item,
+    its matching answer then its other answer (the row order of `ab_contrast_inputs` and of CAA's
+    contrast inputs). These are the answer-format factors a balanced direction must not carry."""
+    letters: list[str] = []
+    polarities: list[Polarity] = []
+    for item in items:
+        for letter in (item.matching_letter, item.not_matching_letter):
+            letters.append(letter)
+            polarities.append(option_polarity(item, letter))
+    return letters, polarities

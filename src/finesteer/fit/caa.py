@@ -22,6 +22,12 @@ uses a fast path that computes each prompt's unchanged prefix once and re-runs o
 tail tokens per (layer, multiplier) (`finesteer.scoring.ab.ABScorer`, `reuse_prefix=K`); tests check
 it equals the plain evaluation. Template-tail probing lives in `finesteer.fit.caa_tail`, the vectors
 in `finesteer.fit.caa_vectors`.
+
+By default the items are used in both option orders (`balance_letters`: the vector's letter
+component cancels and the layer × multiplier choice is letter-balanced), and every candidate is
+scored beside random directions of equal norm at the same layer and scope (`control_seeds`), which
+`finesteer.methods.verdict` tests the choice against. `balance_format` projects the answer-letter
+and Yes/No axes out of the vectors.
 """
 
 from __future__ import annotations
@@ -37,11 +43,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
+from finesteer.data.balance import letter_balanced, matching_polarity
 from finesteer.data.items import ABItem
 from finesteer.fit.caa_tail import CAAError, caa_scope, instruction_tail_tokens, scored_tail_ids
 from finesteer.fit.caa_vectors import CAAVectors, caa_vectors
+from finesteer.fit.controls import CONTROL_SEEDS, random_direction_control
 from finesteer.fit.steering import Steering
 from finesteer.interventions.edit import Intervention, steer_residual
+from finesteer.locate.selection import SelectionEvidence
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, ABScorer, OptionScores
 
 if TYPE_CHECKING:
@@ -188,7 +197,44 @@ def _save_sweep(
     (folder / "caa_sweep.json").write_text(json.dumps({**sweep, "chosen": chosen.to_dict()}, indent=2) + "\n")
 
 
+def _control_scores(
+    lm: LoadedModel,
+    val_items: Sequence[ABItem],
+    candidates: Sequence[Intervention],
+    seeds: Sequence[int],
+    prompt: ABPrompt,
+    batch_size: int,
+    k: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-candidate random-direction controls (equal norm, same layer and scope), mean over seeds:
+    p(matching) and matching [n_candidates, n_items]."""
+    controls = [random_direction_control(iv, seed) for iv in candidates for seed in seeds]
+    scores = ABScorer(lm, val_items, prompt, batch_size=batch_size).score(controls, reuse_prefix=k)
+    shape = (len(candidates), len(seeds), -1)
+    return scores.p_matching.double().view(shape).mean(1), scores.matching.double().view(shape).mean(1)
+
+
+def _layer_diagnostics(vectors: CAAVectors, layer: int) -> dict[str, Any]:
+    if vectors.diagnostics is None:
+        return {}
+    index = vectors.layers.index(layer)
+    warnings = vectors.diagnostics.warnings([(index,)], what="CAA layer", names=[str(layer)])
+    for line in warnings:
+        log.warning(line)
+    return {"layer": layer, **vectors.diagnostics.at(index), "warnings": warnings}
+
+
 def fit_caa(
+    lm: LoadedModel,
+    train_items: Sequence[ABItem],
+    val_items: Sequence[ABItem],
+    **settings: Any,
+) -> Steering:
+    """`fit_caa_selection`'s steering (same keywords; `finesteer.methods.caa` also gives the verdict)."""
+    return fit_caa_selection(lm, train_items, val_items, **settings)[0]
+
+
+def fit_caa_selection(
     lm: LoadedModel,
     train_items: Sequence[ABItem],
     val_items: Sequence[ABItem],
@@ -201,11 +247,15 @@ def fit_caa(
     batch_size: int = 8,
     run_dir: str | Path | None = None,
     progress: bool = True,
-) -> Steering:
+    balance_letters: bool = True,
+    balance_format: bool = False,
+    control_seeds: Sequence[int] = CONTROL_SEEDS,
+) -> tuple[Steering, SelectionEvidence]:
     """CAA vectors from `train_items`, layer × multiplier chosen on `val_items` (letter probability).
 
     `direction="away"` negates the multipliers and picks the lowest p(matching). Writes
-    `caa_vectors.safetensors` and `caa_sweep.json` to `run_dir` when given.
+    `caa_vectors.safetensors` and `caa_sweep.json` to `run_dir` when given. Also returns every
+    candidate's per-item validation scores, with its random-direction controls (`control_seeds`).
     """
     if not train_items:
         raise CAAError("no training items for CAA")
@@ -214,9 +264,18 @@ def fit_caa(
     if direction not in ("towards", "away"):
         raise CAAError(f"direction must be 'towards' or 'away', got {direction!r}")
     started = time.perf_counter()
+    if balance_letters:
+        train_items = letter_balanced(train_items, strict=False)
+        val_items = letter_balanced(val_items, strict=False)
     k = instruction_tail_tokens(lm.tokenizer, prompt)
     vectors = caa_vectors(
-        lm, train_items, layers=layers, prompt=prompt, batch_size=batch_size, progress=progress
+        lm,
+        train_items,
+        layers=layers,
+        prompt=prompt,
+        batch_size=batch_size,
+        progress=progress,
+        balance_format=balance_format,
     )
     sign = 1.0 if direction == "towards" else -1.0
     mults = [sign * abs(float(m)) for m in multipliers]
@@ -228,6 +287,23 @@ def fit_caa(
     intervention = caa_intervention(vectors.vector(chosen.layer), chosen.layer, chosen.multiplier, k)
     norms = vectors.norms()
     check_p, check_rate = _reference_check(lm, val_items, prompt, batch_size, intervention, chosen)
+    grid = [caa_intervention(vectors.vector(p.layer), p.layer, p.multiplier, k) for p in points]
+    evidence = SelectionEvidence(
+        labels=[f"layer {p.layer}, ×{p.multiplier:g}" for p in points],
+        p_matching=scores.p_matching[1:].double(),
+        matching=scores.matching[1:].double(),
+        baseline_p=scores.p_matching[0].double(),
+        baseline_matching=scores.matching[0].double(),
+        item_ids=[item.id for item in val_items],
+        polarities=[matching_polarity(item) for item in val_items],
+        chosen_index=list(points).index(chosen),
+        direction=int(sign),
+    )
+    if control_seeds:
+        evidence.control_p, evidence.control_matching = _control_scores(
+            lm, val_items, grid, control_seeds, prompt, batch_size, k
+        )
+        evidence.control_seeds, evidence.control_kind = tuple(control_seeds), "random-direction"
     metadata: dict[str, Any] = {
         "method": "caa",
         "layer": chosen.layer,
@@ -244,6 +320,9 @@ def fit_caa(
         "val_matching_rate": check_rate,
         "val_baseline_mean_p_matching": base_p,
         "val_baseline_matching_rate": base_rate,
+        "balance_letters": balance_letters,
+        "balance_format": balance_format,
+        "direction_diagnostics": _layer_diagnostics(vectors, chosen.layer),
         "n_train": len(train_items),
         "n_val": len(val_items),
         "layers_swept": list(vectors.layers),
@@ -263,7 +342,7 @@ def fit_caa(
         chosen.mean_p_matching,
         base_p,
     )
-    return Steering("caa", intervention, metadata)
+    return Steering("caa", intervention, metadata), evidence
 
 
 __all__ = [
@@ -272,6 +351,7 @@ __all__ = [
     "SweepPoint",
     "caa_intervention",
     "fit_caa",
+    "fit_caa_selection",
     "select_point",
     "sweep_caa",
 ]

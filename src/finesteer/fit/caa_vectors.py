@@ -18,6 +18,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from finesteer.activations.capture import capture
+from finesteer.activations.diagnostics import (
+    DirectionDiagnostics,
+    direction_diagnostics,
+    format_axes,
+    project_out,
+)
+from finesteer.data.balance import contrast_row_factors
 from finesteer.data.items import ABItem
 from finesteer.fit.caa_tail import CAAError
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt, item_target
@@ -29,11 +36,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CAAVectors:
-    """Raw mean-difference vectors [len(layers), hidden], one per layer (not normalised)."""
+    """Raw mean-difference vectors [len(layers), hidden], one per layer (not normalised), and the
+    per-layer direction diagnostics when computed from activations (not saved)."""
 
     vectors: Tensor
     layers: tuple[int, ...]
     n_items: int
+    diagnostics: DirectionDiagnostics | None = None
 
     def __post_init__(self) -> None:
         if self.vectors.dim() != 2 or self.vectors.shape[0] != len(self.layers):
@@ -96,8 +105,12 @@ def caa_vectors(
     prompt: ABPrompt = DEFAULT_PROMPT,
     batch_size: int = 8,
     progress: bool = False,
+    balance_format: bool = False,
 ) -> CAAVectors:
-    """Mean over items of resid_post(letter of matching) − resid_post(letter of not matching), per layer."""
+    """Mean over items of resid_post(letter of matching) − resid_post(letter of not matching), per layer.
+
+    `balance_format` projects the answer-letter and Yes/No axes (`format_axes`, estimated within
+    each class) out of every layer's vector; the vector keeps only what carries the behaviour."""
     chosen = tuple(range(lm.info.n_layers)) if layers is None else tuple(int(x) for x in layers)
     if not chosen:
         raise CAAError("no layers given")
@@ -110,7 +123,14 @@ def caa_vectors(
     acts = capture(lm, inputs, sites, position="last", batch_size=batch_size, progress=progress)
     stacked = torch.stack([acts[site] for site in sites], dim=1).double()  # [2N, layers, hidden]
     diff = (stacked[0::2] - stacked[1::2]).mean(0)
-    return CAAVectors(diff.float(), chosen, len(items))
+    labels = [i % 2 == 0 for i in range(stacked.shape[0])]
+    axes = None
+    if balance_format:
+        letters, polarities = contrast_row_factors(items)
+        axes = format_axes(stacked, labels, letters, polarities)
+        diff = project_out(diff, axes)
+    diagnostics = direction_diagnostics(stacked, labels, axes) if len(items) >= 2 else None
+    return CAAVectors(diff.float(), chosen, len(items), diagnostics)
 
 
 __all__ = ["CAAVectors", "caa_contrast_inputs", "caa_vectors"]

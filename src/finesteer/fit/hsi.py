@@ -19,35 +19,39 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from finesteer.activations.directions import HeadDirections, LabelledCompletion
+from finesteer.activations.directions import LabelledCompletion
 from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
-from finesteer.errors import FinesteerError
-from finesteer.fit.hsi_directions import DIRECTIONS_FROM, DirectionsFrom, hsi_directions, items_hash
+from finesteer.fit.controls import CONTROL_SEEDS
+from finesteer.fit.head_evidence import head_diagnostics, random_head_builder
+from finesteer.fit.hsi_directions import DIRECTIONS_FROM, DirectionsFrom, items_hash
+from finesteer.fit.hsi_sweep import (
+    DirectionSource,
+    HeadSweep,
+    HSIConfigError,
+    SweepPlan,
+    split_items,
+    sweep_split,
+    validate_heads,
+)
 from finesteer.fit.steering import Steering
-from finesteer.locate.hsi import select_heads, sweep_heads
-from finesteer.locate.hsi_table import RANK_BY, HsiSweep, RankBy, check_alphas
+from finesteer.locate.hsi import select_heads
+from finesteer.locate.hsi_table import RANK_BY, RankBy, check_alphas
 from finesteer.locate.selection import Selection
 from finesteer.models.loading import LoadedModel
-from finesteer.runs.backend import Backend
 from finesteer.scoring.ab import DEFAULT_PROMPT, ABPrompt
-from finesteer.sites import Head, check_heads
+from finesteer.sites import Head
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HSI_ALPHAS: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0)
 """α grid (units of σ) of the sweep and of the shared-α choice; see the module docstring."""
-
-
-class HSIConfigError(FinesteerError, ValueError):
-    """HSI settings that cannot work (k < 1, an unknown rank or directions source, a bad α grid)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,10 @@ class HSIConfig:
     heads on. rank_by: "balanced" (the worst letter group's gain), "max" or "mean". prompt: the A/B
     prompt format. batch_size / max_rows: prompts per prefix batch / rows per cached forward. seed:
     the held-out split. balance_letters: score every item in both option orders. directions_from,
-    n_samples, sample_temperature: where directions come from (see `fit_hsi`).
+    n_samples, sample_temperature: where directions come from (see `fit_hsi`). balance_format:
+    project the answer-letter and Yes/No axes out of the directions. control_seeds: seeds of the
+    random-head control scored beside every candidate of the selection (empty: none).
+    rank_by "polarity" ranks heads and chooses among candidates by the worst letter × polarity group.
     """
 
     k: int = 4
@@ -77,6 +84,8 @@ class HSIConfig:
     directions_from: DirectionsFrom = "ab"
     n_samples: int = 2
     sample_temperature: float = 0.8
+    balance_format: bool = False
+    control_seeds: tuple[int, ...] = CONTROL_SEEDS
 
     def __post_init__(self) -> None:
         for name in ("k", "n_sweep", "batch_size", "max_rows", "n_samples"):
@@ -104,6 +113,10 @@ class HSIConfig:
             raise HSIConfigError(f"sample_temperature must be a number ≥ 0, got {self.sample_temperature}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise HSIConfigError(f"seed must be an integer, got {self.seed!r}")
+        seeds = tuple(self.control_seeds)
+        if len(set(seeds)) != len(seeds) or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
+            raise HSIConfigError(f"control_seeds must be distinct integers, got {self.control_seeds!r}")
+        object.__setattr__(self, "control_seeds", seeds)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> HSIConfig:
@@ -119,142 +132,10 @@ class HSIConfig:
             if "prompt" in values:
                 raise HSIConfigError("give either prompt or system / prefill, not both")
             values["prompt"] = ABPrompt(settings.get("system"), settings.get("prefill", "("))
-        if isinstance(values.get("alphas"), list):
-            values["alphas"] = tuple(values["alphas"])
+        for name in ("alphas", "control_seeds"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
         return cls(**values)
-
-
-def split_items(items: Sequence[ABItem], n_held_out: int, seed: int = 0) -> tuple[list[ABItem], list[ABItem]]:
-    """(rest, held_out): `n_held_out` items (at most half) set aside, balanced by matching letter.
-
-    Each letter's items are shuffled with `seed` and dealt round-robin, so a held-out set has as
-    many "(A)"- as "(B)"-matching items as possible (a letter-preference shift then cannot pass
-    for a behaviour change); the order of `rest` follows the input.
-    """
-    if len(items) < 2:
-        raise HSIConfigError(f"need at least 2 training items to split, got {len(items)}")
-    if isinstance(n_held_out, bool) or not isinstance(n_held_out, int) or n_held_out < 1:
-        raise HSIConfigError(f"the held-out split needs ≥ 1 item, got {n_held_out!r}")
-    n = min(n_held_out, len(items) // 2)
-    rng = random.Random(seed)
-    groups: dict[str, list[int]] = {}
-    for index, item in enumerate(items):
-        groups.setdefault(item.matching_letter, []).append(index)
-    queues = []
-    for letter in sorted(groups):
-        indices = groups[letter]
-        rng.shuffle(indices)
-        queues.append(indices)
-    held_idx: list[int] = []
-    while len(held_idx) < n:
-        for queue in queues:
-            if queue and len(held_idx) < n:
-                held_idx.append(queue.pop(0))
-    chosen = set(held_idx)
-    return [item for i, item in enumerate(items) if i not in chosen], [items[i] for i in held_idx]
-
-
-def validate_heads(lm: LoadedModel, heads: Iterable[Head]) -> list[Head]:
-    """The heads as (layer, head) ints, checked against the model before any expensive step."""
-    checked = check_heads(heads, lm.info.n_layers, lm.info.n_heads)
-    if not checked:
-        raise HSIConfigError("empty head subset")
-    return checked
-
-
-@dataclass(frozen=True)
-class SweepPlan:
-    """Which items rank the heads: `n_sweep` training items held out (split with `seed`), every head
-    or `heads` steered alone on them (`max_rows` rows per cached forward), in both option orders
-    with `balance_letters`."""
-
-    n_sweep: int
-    seed: int
-    heads: list[Head] | None
-    balance_letters: bool
-    max_rows: int = 128
-
-
-@dataclass(frozen=True)
-class DirectionSource:
-    """What the head directions are read from (see `fit_hsi`); `batch_size`: prompts per capture."""
-
-    directions_from: DirectionsFrom
-    completions: Sequence[LabelledCompletion]
-    n_samples: int
-    temperature: float
-    batch_size: int
-
-
-@dataclass
-class HeadSweep:
-    """A finished sweep and what it was read from."""
-
-    sweep: HsiSweep
-    directions: HeadDirections
-    n_direction_items: int
-    n_sweep_items: int
-    direction_items_hash: str
-    source: dict[str, Any] = field(default_factory=dict)  # directions_from, n_completions, sampled
-    seconds: dict[str, float] = field(default_factory=dict)  # directions, sweep
-
-
-def sweep_split(
-    lm: LoadedModel,
-    items: Sequence[ABItem],
-    alphas: Sequence[float],
-    plan: SweepPlan,
-    source: DirectionSource,
-    *,
-    prompt: ABPrompt,
-    batch_size: int,
-    run_dir: Path | None,
-    progress: bool,
-    backend: Backend | None = None,
-) -> HeadSweep:
-    """HSI's locate half: directions from `items` minus the held-out items, then every head swept
-    alone on those over `alphas` (the part of `fit_hsi` before the top-k and α choice)."""
-    started = time.perf_counter()
-    direction_items, sweep_items = split_items(items, plan.n_sweep, plan.seed)
-    if plan.balance_letters:
-        direction_items = letter_balanced(direction_items, strict=False)
-        sweep_items = letter_balanced(sweep_items, strict=False)
-    log.info(
-        "HSI sweep on %s: directions from %d items, sweep on %d, α = %s",
-        lm.name,
-        len(direction_items),
-        len(sweep_items),
-        list(alphas),
-    )
-    directions, record = hsi_directions(
-        lm,
-        direction_items,
-        run_dir,
-        directions_from=source.directions_from,
-        completions=source.completions,
-        n_samples=source.n_samples,
-        temperature=source.temperature,
-        prompt=prompt,
-        batch_size=source.batch_size,
-        progress=progress,
-    )
-    t_directions = time.perf_counter() - started
-    sweep = sweep_heads(
-        lm,
-        sweep_items,
-        directions,
-        alphas,
-        heads=plan.heads,
-        prompt=prompt,
-        batch_size=batch_size,
-        max_rows=plan.max_rows,
-        run_dir=run_dir,
-        progress=progress,
-        backend=backend,
-    )
-    seconds = {"directions": t_directions, "sweep": time.perf_counter() - started - t_directions}
-    hashed = items_hash(direction_items)
-    return HeadSweep(sweep, directions, len(direction_items), len(sweep_items), hashed, record, seconds)
 
 
 def _metadata(
@@ -268,7 +149,11 @@ def _metadata(
         "scope": "last",
         "sigma": run.directions.summary(selection.heads),
         "selection": selection.to_dict(),
-        "sweep": run.sweep.summary(top=max(10, c.k), rank_by=c.rank_by),
+        "sweep": run.sweep.summary(
+            top=max(10, c.k), rank_by=c.rank_by, diagnostics=run.directions.diagnostics
+        ),
+        "direction_diagnostics": head_diagnostics(run.directions, selection.heads),
+        "balance_format": c.balance_format,
         "rank_by": c.rank_by,
         "balance_letters": c.balance_letters,
         "n_direction_items": run.n_direction_items,
@@ -299,6 +184,22 @@ def fit_hsi(
     run_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Steering:
+    """`fit_hsi_selection`'s steering (see there)."""
+    return fit_hsi_selection(
+        lm, train_items, val_items, config, completions=completions, run_dir=run_dir, progress=progress
+    )[0]
+
+
+def fit_hsi_selection(
+    lm: LoadedModel,
+    train_items: Sequence[ABItem],
+    val_items: Sequence[ABItem],
+    config: HSIConfig = HSIConfig(),
+    *,
+    completions: Sequence[LabelledCompletion] = (),
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[Steering, Selection]:
     """HSI: steer the k heads most sensitive to their behaviour direction, with one shared α.
 
     Directions come from `train_items` minus `config.n_sweep` held-out items, on which every head (or
@@ -317,6 +218,8 @@ def fit_hsi(
     prompt, reply, label) are added in every case.
 
     Fitting does not generate: the generated-answer final check is `finesteer.methods.hsi.fit_hsi_checked`.
+    The selection comes back too, with every candidate's per-item validation scores and those of its
+    random-head control (`control_seeds`), for `finesteer.methods.verdict`.
     """
     if not isinstance(config, HSIConfig):
         raise HSIConfigError(f"config must be an HSIConfig, got {type(config).__name__}")
@@ -335,13 +238,16 @@ def fit_hsi(
         train_items,
         c.alphas,
         SweepPlan(c.n_sweep, c.seed, subset, c.balance_letters, c.max_rows),
-        DirectionSource(c.directions_from, completions, c.n_samples, c.sample_temperature, c.batch_size),
+        DirectionSource(
+            c.directions_from, completions, c.n_samples, c.sample_temperature, c.batch_size, c.balance_format
+        ),
         prompt=c.prompt,
         batch_size=c.batch_size,
         run_dir=folder,
         progress=progress,
     )
     sweep, directions = run.sweep, run.directions
+    ranked = [(layer, head) for layer, head, _ in sweep.ranked_heads(c.rank_by)[: c.k]]
     selection = select_heads(
         lm,
         sweep,
@@ -354,6 +260,8 @@ def fit_hsi(
         prompt=c.prompt,
         batch_size=c.batch_size,
         max_rows=c.max_rows,
+        control=random_head_builder(directions, ranked) if c.control_seeds else None,
+        control_seeds=c.control_seeds,
     )
     intervention = directions.intervention(selection.heads, selection.alpha, scope="last")
     metadata = _metadata(c, run, selection, val_items, time.perf_counter() - started)
@@ -361,7 +269,7 @@ def fit_hsi(
         scores = sweep.head_scores(c.rank_by, model_name=lm.name, model_fingerprint=lm.fingerprint)
         scores.save(folder / "head_scores")
         (folder / "selection.json").write_text(json.dumps(metadata, indent=1) + "\n")
-    return Steering("hsi", intervention, metadata)
+    return Steering("hsi", intervention, metadata), selection
 
 
 __all__ = [
@@ -372,6 +280,7 @@ __all__ = [
     "HeadSweep",
     "SweepPlan",
     "fit_hsi",
+    "fit_hsi_selection",
     "split_items",
     "sweep_split",
     "validate_heads",

@@ -58,11 +58,15 @@ def cached_directions(
     ddof: int = 0,
     batch_size: int = 8,
     progress: bool = False,
+    balance_format: bool = False,
 ) -> HeadDirections:
-    """Directions, reused from `run_dir` when they were fitted on the same model, data and format."""
+    """Directions, reused from `run_dir` when they were fitted on the same model, data and format
+    (`balance_format`: answer-letter and Yes/No axes projected out, see `fit_head_directions`)."""
     parts: list[Any] = [lm.name, lm.fingerprint, items_hash(items), prompt.system, prompt.prefill, ddof]
     if completions:
         parts.append(completions_hash(completions))
+    if balance_format:
+        parts.append("balance_format")
     key = json.dumps(parts)
     stamp = run_dir / (DIRECTIONS_FILE + ".key") if run_dir else None
     path = run_dir / DIRECTIONS_FILE if run_dir else None
@@ -77,6 +81,7 @@ def cached_directions(
         ddof=ddof,
         batch_size=batch_size,
         progress=progress,
+        balance_format=balance_format,
     )
     if path is not None and stamp is not None:
         directions.save(path)
@@ -152,6 +157,7 @@ def hsi_directions(
     prompt: ABPrompt = DEFAULT_PROMPT,
     batch_size: int = 8,
     progress: bool = False,
+    balance_format: bool = False,
 ) -> tuple[HeadDirections, dict[str, Any]]:
     """HSI's directions from `items` as `directions_from` says, plus a record of where they came from."""
     labelled, sampled = direction_completions(
@@ -174,9 +180,11 @@ def hsi_directions(
         prompt=prompt,
         batch_size=batch_size,
         progress=progress,
+        balance_format=balance_format,
     )
     return directions, {
         "directions_from": directions_from,
+        "balance_format": balance_format,
         "n_completions": len(labelled),
         "sampled": sampled,
     }

@@ -5,6 +5,11 @@ and ranked by accuracy on the val items' activations; the top-k heads are steere
 mass-mean direction of train ∪ val (ITI's `use_center_of_mass`) by α·σ, with σ the unbiased std of
 the projections (ITI's current code). The number of heads (≤ k) and α are chosen on the val items
 with HSI's letter-balanced criterion, so the two differ only in how heads are ranked.
+
+By default every item is used in both option orders (`balance_letters`: probes cannot rank heads by
+answer letter, and the choice is letter-balanced), each candidate is scored beside random-head
+controls (`control_seeds`, for the selection's verdict) and the chosen heads' direction diagnostics
+are recorded; `balance_format` projects the answer-letter and Yes/No axes out of the directions.
 """
 
 from __future__ import annotations
@@ -17,13 +22,17 @@ from typing import Any
 
 import torch
 
+from finesteer.activations.diagnostics import format_axes
 from finesteer.activations.directions import ab_contrast_inputs, capture_heads, directions_from_activations
+from finesteer.data.balance import contrast_row_factors, letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.errors import FinesteerError
+from finesteer.fit.controls import CONTROL_SEEDS
+from finesteer.fit.head_evidence import head_diagnostics, random_head_builder
 from finesteer.fit.steering import Steering
 from finesteer.locate.hsi_table import check_alphas
 from finesteer.locate.iti import ProbeScores, train_probes
-from finesteer.locate.selection import select_prefix_and_alpha
+from finesteer.locate.selection import Criterion, Selection, select_prefix_and_alpha
 from finesteer.models.loading import LoadedModel
 from finesteer.scoring.ab import ABPrompt
 
@@ -66,6 +75,16 @@ def fit_iti(
     lm: LoadedModel,
     train_items: Sequence[ABItem],
     val_items: Sequence[ABItem],
+    **settings: Any,
+) -> Steering:
+    """`fit_iti_selection`'s steering (same keywords; `finesteer.methods.iti` also gives the verdict)."""
+    return fit_iti_selection(lm, train_items, val_items, **settings)[0]
+
+
+def fit_iti_selection(
+    lm: LoadedModel,
+    train_items: Sequence[ABItem],
+    val_items: Sequence[ABItem],
     *,
     k: int = 4,
     alphas: Sequence[float] = DEFAULT_ITI_ALPHAS,
@@ -77,7 +96,11 @@ def fit_iti(
     max_rows: int = 128,
     seed: int = 0,
     search_k: bool = True,
-) -> Steering:
+    balance_letters: bool = True,
+    balance_format: bool = False,
+    criterion: Criterion = "letter",
+    control_seeds: Sequence[int] = CONTROL_SEEDS,
+) -> tuple[Steering, Selection]:
     """ITI: top heads by probe val accuracy, mass-mean directions, head count (≤ k) and α chosen on val.
 
     The head count and α are chosen exactly as for HSI (letter-balanced val matching rate over the
@@ -87,6 +110,9 @@ def fit_iti(
     """
     grid = check_alphas(alphas)
     started = time.perf_counter()
+    if balance_letters:
+        train_items = letter_balanced(train_items, strict=False)
+        val_items = letter_balanced(val_items, strict=False)
     probes, z, labels = probe_items(
         lm,
         train_items,
@@ -97,7 +123,11 @@ def fit_iti(
         seed=seed,
         progress=progress,
     )
-    directions = directions_from_activations(z, labels, ddof=1)
+    remove = None
+    if balance_format:
+        letters, polarities = contrast_row_factors([*train_items, *val_items])
+        remove = format_axes(z, labels, letters, polarities)
+    directions = directions_from_activations(z, labels, ddof=1, remove=remove)
     ranked = probes.top_heads(k)
     selection = select_prefix_and_alpha(
         lm,
@@ -110,6 +140,9 @@ def fit_iti(
         prompt=ABPrompt(system, prefill),
         batch_size=batch_size,
         max_rows=max_rows,
+        criterion=criterion,
+        control=random_head_builder(directions, ranked) if control_seeds else None,
+        control_seeds=control_seeds,
     )
     heads, alpha = selection.heads, selection.alpha
     metadata: dict[str, Any] = {
@@ -127,6 +160,9 @@ def fit_iti(
         "system": system,
         "prefill": prefill,
         "sigma_ddof": 1,
+        "balance_letters": balance_letters,
+        "balance_format": balance_format,
+        "direction_diagnostics": head_diagnostics(directions, heads, "ITI"),
         "seconds": {"total": round(time.perf_counter() - started, 1)},
     }
     if run_dir is not None:
@@ -135,4 +171,4 @@ def fit_iti(
         table = probes.head_scores(model_name=lm.name, model_fingerprint=lm.fingerprint, n_prompts=len(z))
         table.save(run_dir / PROBE_SCORES_DIR)
         (run_dir / SELECTION_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
-    return Steering("iti", intervention=directions.intervention(heads, alpha), metadata=metadata)
+    return Steering("iti", intervention=directions.intervention(heads, alpha), metadata=metadata), selection

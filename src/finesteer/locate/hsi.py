@@ -40,7 +40,7 @@ from finesteer.locate.hsi_plan import (
 )
 from finesteer.locate.hsi_table import HsiSweep, RankBy, SweepError, check_alphas
 from finesteer.locate.scores import hash_prompts
-from finesteer.locate.selection import Selection, select_prefix_and_alpha
+from finesteer.locate.selection import ControlBuilder, Selection, polarity_groups, select_prefix_and_alpha
 from finesteer.models.loading import LoadedModel
 from finesteer.runs.backend import Backend
 from finesteer.runs.lock import FolderLock
@@ -231,7 +231,8 @@ def sweep_heads(
         }
         letters = [item.matching_letter for item in items]
         ids = [t.id for t in scorer.targets]
-        sweep = HsiSweep(alphas, p_matching, rate, per_item, baseline_p, ids, letters, meta)
+        groups = polarity_groups(items)
+        sweep = HsiSweep(alphas, p_matching, rate, per_item, baseline_p, ids, letters, meta, groups)
         if folder is not None:
             sweep.save(folder.parent / SWEEP_FILE)
         return sweep
@@ -250,11 +251,15 @@ def select_heads(
     prompt: ABPrompt = DEFAULT_PROMPT,
     batch_size: int = 8,
     max_rows: int = 128,
+    control: ControlBuilder | None = None,
+    control_seeds: Sequence[int] = (0, 1, 2),
 ) -> Selection:
     """Steer the sweep's top heads together and choose how many (≤ k) and the shared α on `val_items`.
 
     `alphas` defaults to the sweep's grid; the criterion is the letter-balanced validation matching
-    rate (`finesteer.locate.selection`). Without `search_k` exactly k heads are used.
+    rate (`finesteer.locate.selection`), or the worst letter × polarity group's gain with
+    `rank_by="polarity"`. Without `search_k` exactly k heads are used. `control` scores every
+    candidate's matched control too (kept in the selection's evidence).
     """
     if k < 1:
         raise SweepError(f"k must be ≥ 1, got {k}")
@@ -273,4 +278,7 @@ def select_heads(
         prompt=prompt,
         batch_size=batch_size,
         max_rows=max_rows,
+        criterion="polarity" if rank_by == "polarity" else "letter",
+        control=control,
+        control_seeds=control_seeds,
     )

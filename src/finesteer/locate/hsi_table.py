@@ -19,12 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from finesteer.activations.diagnostics import DirectionDiagnostics
 from finesteer.errors import FinesteerError
 from finesteer.locate.scores import HeadScores
 from finesteer.locate.selection import worst_letter_gain
 
-RankBy = Literal["balanced", "max", "mean"]
-RANK_BY: tuple[str, ...] = ("balanced", "max", "mean")
+RankBy = Literal["balanced", "max", "mean", "polarity"]
+RANK_BY: tuple[str, ...] = ("balanced", "max", "mean", "polarity")
 
 
 class SweepError(FinesteerError, ValueError):
@@ -58,7 +59,8 @@ class HsiSweep:
     `p_matching` and `matching_rate` are [n_layers, n_heads, n_alphas] (NaN for heads not swept),
     `per_item` is [n_layers, n_heads, n_alphas, n_items] p_matching; `baseline_p_matching` is the
     unsteered model's per-item value; `matching_letters` the items' matching letters (for the
-    letter-balanced ranking, see `finesteer.locate.selection`).
+    letter-balanced ranking, see `finesteer.locate.selection`); `groups` the items' letter × polarity
+    groups (`polarity_groups`, for the "polarity" ranking: the worst group's gain).
     """
 
     alphas: tuple[float, ...]
@@ -69,6 +71,7 @@ class HsiSweep:
     item_ids: list[str]
     matching_letters: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    groups: list[str] | None = None
 
     @property
     def baseline_mean(self) -> float:
@@ -90,10 +93,15 @@ class HsiSweep:
         away from it for α < 0).
 
         'balanced': the worst letter group's change of mean p_matching (a head must help items of
-        every matching letter, so a mere letter-preference shift scores ≤ 0); 'max' / 'mean': the
-        change of the plain mean over all items.
+        every matching letter, so a mere letter-preference shift scores ≤ 0); 'polarity': the worst
+        letter × polarity (Yes / not Yes) group's change, so a mere "Yes" bias scores ≤ 0 too;
+        'max' / 'mean': the change of the plain mean over all items.
         """
         sign = _sign(self.alphas)
+        if rank_by == "polarity":
+            if self.groups is None:
+                raise SweepError("this sweep has no polarity groups; rank it by 'balanced'")
+            return worst_letter_gain(sign * self.per_item, sign * self.baseline_p_matching, self.groups)
         if rank_by == "balanced":
             return worst_letter_gain(
                 sign * self.per_item, sign * self.baseline_p_matching, self.matching_letters
@@ -141,8 +149,11 @@ class HsiSweep:
             **provenance,
         )
 
-    def summary(self, top: int = 10, rank_by: RankBy = "balanced") -> dict[str, Any]:
-        """JSON-able digest: baseline, best heads with their best α and values."""
+    def summary(
+        self, top: int = 10, rank_by: RankBy = "balanced", diagnostics: DirectionDiagnostics | None = None
+    ) -> dict[str, Any]:
+        """JSON-able digest: baseline, best heads with their best α and values (and each head's
+        direction diagnostics when given: consistency, d′, AUROC, `low` when below the thresholds)."""
         rows = []
         best_alpha = self.gain_per_alpha(rank_by).nan_to_num(float("-inf")).argmax(dim=-1)
         for layer, head, gain in self.ranked_heads(rank_by)[:top]:
@@ -157,6 +168,9 @@ class HsiSweep:
                     "matching_rate": float(self.matching_rate[layer, head, a]),
                 }
             )
+            if diagnostics is not None:
+                low = diagnostics.is_low(layer, head)
+                rows[-1]["diagnostics"] = {**diagnostics.at(layer, head), "low": low}
         return {
             "alphas": list(self.alphas),
             "n_items": len(self.item_ids),
@@ -182,6 +196,8 @@ class HsiSweep:
             "matching_letters": self.matching_letters,
             "meta": self.meta,
         }
+        if self.groups is not None:
+            header["groups"] = self.groups
         save_file(tensors, str(path), metadata={"finesteer_hsi_sweep": json.dumps(header)})
         return path
 
@@ -202,4 +218,5 @@ class HsiSweep:
             header["item_ids"],
             header["matching_letters"],
             header.get("meta", {}),
+            header.get("groups"),
         )

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from finesteer.fit.caa import DEFAULT_MULTIPLIERS, Direction, fit_caa
+from finesteer.fit.caa import DEFAULT_MULTIPLIERS, Direction, fit_caa_selection
+from finesteer.fit.controls import CONTROL_SEEDS
 from finesteer.fit.steering import Steering
 from finesteer.methods.base import MethodSettings
 from finesteer.methods.data import BehaviourData, ContrastData, require_behaviour
+from finesteer.methods.verdict import attach_verdict
 from finesteer.scoring.ab import ABPrompt
 
 if TYPE_CHECKING:
@@ -30,6 +32,9 @@ class CAASettings(MethodSettings):
     prefill: str = "("
     batch_size: int = 8
     progress: bool = True
+    balance_letters: bool = True
+    balance_format: bool = False
+    control_seeds: Sequence[int] = CONTROL_SEEDS
 
 
 class CAA:
@@ -48,7 +53,7 @@ class CAA:
     ) -> Steering:
         s = CAASettings.parse(settings)
         behaviour = require_behaviour(self.name, data)
-        fitted = fit_caa(
+        fitted, evidence = fit_caa_selection(
             lm,
             list(behaviour.train),
             list(behaviour.val),
@@ -60,7 +65,11 @@ class CAA:
             batch_size=s.batch_size,
             run_dir=run_dir,
             progress=s.progress,
+            balance_letters=s.balance_letters,
+            balance_format=s.balance_format,
+            control_seeds=s.control_seeds,
         )
+        attach_verdict(fitted.metadata, evidence, "CAA selection")
         return save_fitted(fitted.bound(lm), run_dir)
 
 

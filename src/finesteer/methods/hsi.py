@@ -11,13 +11,15 @@ from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.evaluate.ab import generation_check
 from finesteer.fit.completions import LabelledCompletion
-from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig, HSIConfigError, fit_hsi
+from finesteer.fit.controls import CONTROL_SEEDS
+from finesteer.fit.hsi import DEFAULT_HSI_ALPHAS, HSIConfig, HSIConfigError, fit_hsi_selection
 from finesteer.fit.hsi_directions import DirectionsFrom
 from finesteer.fit.steering import Steering
 from finesteer.locate.hsi_table import RankBy
 from finesteer.methods.base import MethodSettings
 from finesteer.methods.caa import save_fitted
 from finesteer.methods.data import BehaviourData, ContrastData, require_behaviour
+from finesteer.methods.verdict import attach_verdict
 from finesteer.report.sweep import plot_sweep_folder
 from finesteer.runs import write_json_atomic
 
@@ -48,6 +50,8 @@ class HSISettings(MethodSettings):
     completions: Sequence[LabelledCompletion] = ()
     n_samples: int = 2
     sample_temperature: float = 0.8
+    balance_format: bool = False
+    control_seeds: Sequence[int] = CONTROL_SEEDS
     final_check_tokens: int = 0
 
     def config_fields(self) -> dict[str, object]:
@@ -69,12 +73,17 @@ def fit_hsi_checked(
 ) -> Steering:
     """`fit_hsi`, then (`final_check_tokens` > 0) the generated-answer final check on the validation
     items, unmodified vs steered (`finesteer.evaluate.ab.generation_check`), stored as the metadata's
-    `final_check` and in `selection.json`. Fitting itself never generates."""
+    `final_check` and in `selection.json`. Fitting itself never generates. The selection's verdict
+    (`finesteer.methods.verdict`: does the choice beat its random-head control on validation, given
+    every candidate tried?) is added as `verdict` / `selection_verdict` and said on the terminal."""
     if isinstance(final_check_tokens, bool) or final_check_tokens < 0:
         raise HSIConfigError(f"final_check_tokens must be ≥ 0, got {final_check_tokens!r}")
-    fitted = fit_hsi(
+    fitted, selection = fit_hsi_selection(
         lm, train_items, val_items, config, completions=completions, run_dir=run_dir, progress=progress
     )
+    attach_verdict(fitted.metadata, selection.evidence, "HSI selection")
+    if run_dir is not None:
+        write_json_atomic(Path(run_dir) / "selection.json", fitted.metadata, indent=1)
     if final_check_tokens == 0 or fitted.intervention is None:
         return fitted
     items = letter_balanced(val_items, strict=False) if config.balance_letters else list(val_items)

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from finesteer.fit.iti import DEFAULT_ITI_ALPHAS, fit_iti
+from finesteer.fit.controls import CONTROL_SEEDS
+from finesteer.fit.iti import DEFAULT_ITI_ALPHAS, fit_iti_selection
 from finesteer.fit.steering import Steering
+from finesteer.locate.selection import Criterion
 from finesteer.methods.base import MethodSettings
 from finesteer.methods.caa import save_fitted
 from finesteer.methods.data import BehaviourData, ContrastData, require_behaviour
+from finesteer.methods.verdict import attach_verdict
 from finesteer.report.probes import plot_probe_accuracy_folder
 
 if TYPE_CHECKING:
@@ -32,6 +35,10 @@ class ITISettings(MethodSettings):
     max_rows: int = 128
     seed: int = 0
     search_k: bool = True
+    balance_letters: bool = True
+    balance_format: bool = False
+    criterion: Criterion = "letter"
+    control_seeds: Sequence[int] = CONTROL_SEEDS
 
 
 class ITI:
@@ -51,7 +58,10 @@ class ITI:
         s = ITISettings.parse(settings)
         behaviour = require_behaviour(self.name, data)
         # ITISettings' fields are fit_iti's keywords (tests/test_compare.py keeps them in step).
-        fitted = fit_iti(lm, list(behaviour.train), list(behaviour.val), run_dir=run_dir, **s.to_dict())
+        fitted, selection = fit_iti_selection(
+            lm, list(behaviour.train), list(behaviour.val), run_dir=run_dir, **s.to_dict()
+        )
+        attach_verdict(fitted.metadata, selection.evidence, "ITI selection")
         if run_dir is not None:
             plot_probe_accuracy_folder(run_dir)
         return save_fitted(fitted.bound(lm), run_dir)

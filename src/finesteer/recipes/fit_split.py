@@ -3,7 +3,10 @@
 The first `limit` items of the split are divided with a seeded shuffle (`split_items`): `n_val` items
 choose α, the rest are the training items the method reads its directions from. With `test`, the
 dataset's `test_ab` split is scored (letter probability) with and without the fitted intervention and
-the numbers are kept in the artifact's metadata too.
+the numbers are kept in the artifact's metadata too. The test split is scored once, after the
+selection, in both option orders by default (`balance_letters`), with the paired effect, the
+anti-steerable fraction and the split by matching polarity (`finesteer.evaluate.ab_effect`). The
+result carries the selection's `verdict` (validation only, see `finesteer.methods.verdict`) first.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from finesteer.data.balance import letter_balanced
 from finesteer.data.items import ABItem
 from finesteer.data.typed import load_ab_set
 from finesteer.evaluate.ab_effect import ab_effect
@@ -47,6 +51,7 @@ def fit_on_generate_split(
     say: Callable[[str], None] = log.info,
     device: str = "cpu",
     dtype: str = "float32",
+    balance_letters: bool = True,
 ) -> dict[str, Any]:
     """Load `model`, fit `method` with `fit(lm, train, val)`, optionally score test_ab, save to `out`.
 
@@ -65,6 +70,7 @@ def fit_on_generate_split(
     fit_seconds = time.perf_counter() - started
     metadata = {**fitted.metadata, "data": data, "limit": limit, "split_seed": seed}
     result: dict[str, Any] = {
+        "verdict": metadata.get("verdict"),
         "method": method,
         "model": model,
         "data": data,
@@ -74,10 +80,17 @@ def fit_on_generate_split(
         "selection": metadata["selection"],
         "fit_seconds": round(fit_seconds, 1),
     }
+    for key in ("selection_verdict", "direction_diagnostics"):
+        if metadata.get(key) is not None:
+            result[key] = metadata[key]
     if metadata.get("final_check") is not None:
         result["final_check"] = metadata["final_check"]
     if test:
-        say("scoring the test_ab split")
+        if balance_letters:
+            test_items = letter_balanced(test_items, strict=False)
+        orders = ", both option orders" if balance_letters else ""
+        say(f"scoring the test_ab split once ({len(test_items)} rows{orders})")
+        result["test_letter_balanced"] = balance_letters
         result["test"] = ab_effect(lm, test_items, fitted.intervention, prompt=prompt, batch_size=batch_size)
         metadata["test"] = result["test"]
     fitted.metadata.update(metadata)

@@ -3,6 +3,11 @@
 Steps (each checkpointed in the run folder): baseline A/B rate on the test split → HSI fit
 (directions, per-head α sweep, head + α selection; writes the sweep heatmap) → steered A/B rate →
 optional baselines on the same data → open-ended generations before/after → report.
+
+The test split is scored in both option orders, once, after the selection; the steered rate comes
+with its paired effect, anti-steerable fraction and split by matching polarity. The selection's
+verdict (validation only, against random-head controls, `finesteer.methods.verdict`) leads the
+summary: "no reliable effect" is said plainly.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from finesteer.artifacts import load_intervention, save_intervention
+from finesteer.data.balance import letter_balanced
 from finesteer.evaluate.ab import ab_matching_rate_prob
+from finesteer.evaluate.ab_paired import ab_effect_vs
 from finesteer.evaluate.eval_sets import load_eval_sets, score_eval_sets
-from finesteer.fit.hsi import HSIConfig, fit_hsi
+from finesteer.fit.hsi import HSIConfig, fit_hsi_selection
 from finesteer.methods import fit_method, load_behaviour_data
+from finesteer.methods.verdict import attach_verdict
 from finesteer.models import load_model
 from finesteer.recipes.config import HSIRecipe
 from finesteer.recipes.run import RunFolder
@@ -50,11 +58,18 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     lm = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     run.pin(model_fingerprint=lm.fingerprint, model_info=lm.info.to_dict())
 
+    test_items = letter_balanced(data.test_ab, strict=False)  # both option orders
+
     def ab(intervention: Any = None, system: str | None = None) -> dict[str, Any]:
         result = ab_matching_rate_prob(
-            lm, data.test_ab, intervention=intervention, prompt=ABPrompt(system), progress=progress
+            lm, test_items, intervention=intervention, prompt=ABPrompt(system), progress=progress
         )
         return result.to_dict(per_item=True)
+
+    def steered_step(intervention: Any) -> dict[str, Any]:
+        base = ab_matching_rate_prob(lm, test_items, progress=progress)
+        steered = ab_matching_rate_prob(lm, test_items, intervention=intervention, progress=progress)
+        return {**steered.to_dict(per_item=False), "effect": ab_effect_vs(base, steered).to_dict()}
 
     baseline = run.step("baseline", lambda folder: ab())
     artifact_dir = run.path / "artifacts" / "hsi"
@@ -70,14 +85,17 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
             directions_from=recipe.directions_from,
             n_samples=recipe.n_samples,
         )
-        fitted = fit_hsi(lm, data.train, data.val, config, run_dir=folder, progress=progress)
+        fitted, selection = fit_hsi_selection(
+            lm, data.train, data.val, config, run_dir=folder, progress=progress
+        )
+        attach_verdict(fitted.metadata, selection.evidence, "HSI selection")
         plot_sweep_folder(folder, rank_by=config.rank_by, top=config.k)
         fitted.save(artifact_dir, lm)
         return fitted.metadata
 
     fitted = run.step("locate_and_fit", fit)
     steer = load_intervention(artifact_dir).intervention
-    steered = run.step("steered", lambda folder: ab(steer))
+    steered = run.step("steered", lambda folder: steered_step(steer))
     methods = {"baseline": ab_row(baseline), "hsi": ab_row(steered)}
     for name in recipe.baselines:
 
@@ -98,6 +116,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     examples = run.step("examples", examples_step(run, lm, questions, steer))
     heads = ", ".join(f"{layer}.{head}" for layer, head in fitted["heads"])
     summary = {
+        "verdict": fitted.get("verdict"),
         "behaviour": recipe.behaviour,
         "model": recipe.model,
         "heads (layer.head)": heads,
@@ -106,8 +125,9 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         "A/B matching rate, HSI": steered["matching_rate"],
         "change": round(steered["matching_rate"] - baseline["matching_rate"], 4),
         "test items": baseline["n"],
+        "test in both option orders": True,
     }
-    metrics = {"summary": summary, "methods": methods, "hsi": fitted}
+    metrics = {"verdict": fitted.get("verdict"), "summary": summary, "methods": methods, "hsi": fitted}
     if eval_rows:
         metrics["eval_sets"] = eval_rows
     images = sorted((run.path / "steps" / "locate_and_fit").glob("*.png"))

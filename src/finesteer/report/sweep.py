@@ -1,4 +1,5 @@
-"""Plots of an HSI single-head sweep (`finesteer.locate.hsi_table.HsiSweep`)."""
+"""Plots of an HSI single-head sweep (`finesteer.locate.hsi_table.HsiSweep`), and of each head's
+direction diagnostics (`finesteer.activations.diagnostics`) beside it when they are given."""
 
 from __future__ import annotations
 
@@ -6,15 +7,24 @@ from pathlib import Path
 
 import torch
 
+from finesteer.activations.diagnostics import DirectionDiagnostics
+from finesteer.activations.directions import HeadDirections
+from finesteer.fit.hsi_directions import DIRECTIONS_FILE
 from finesteer.locate.hsi import SWEEP_FILE
 from finesteer.locate.hsi_table import HsiSweep, RankBy
 from finesteer.report.heatmap import plot_head_heatmap
 
 
 def plot_sweep(
-    sweep: HsiSweep, folder: str | Path, *, rank_by: RankBy = "balanced", top: int = 8
+    sweep: HsiSweep,
+    folder: str | Path,
+    *,
+    rank_by: RankBy = "balanced",
+    top: int = 8,
+    diagnostics: DirectionDiagnostics | None = None,
 ) -> list[Path]:
-    """Heatmaps: the ranking gain, and mean p_matching at each α (one PNG each)."""
+    """Heatmaps: the ranking gain, mean p_matching at each α, and (with `diagnostics`) each head's
+    consistency of per-item differences and AUROC along its direction (one PNG each)."""
     folder = Path(folder)
     scores = sweep.head_scores(rank_by)
     model = sweep.meta.get("model_name", "")
@@ -42,13 +52,28 @@ def plot_sweep(
                 cmap="RdBu_r",
             )
         )
+    if diagnostics is not None:
+        for key, label in (("consistency", "mean cos(per-item diff, mean diff)"), ("auroc", "AUROC")):
+            paths.append(
+                plot_head_heatmap(
+                    getattr(diagnostics, key).float(),
+                    folder / f"hsi_direction_{key}.png",
+                    title=f"HSI direction diagnostics: {label} · {model}",
+                    annotate_top=0,
+                    label=label,
+                    cmap="viridis",
+                )
+            )
     return paths
 
 
 def plot_sweep_folder(run_dir: str | Path, *, rank_by: RankBy = "balanced", top: int = 8) -> list[Path]:
     """`plot_sweep` of the sweep table a run folder holds (written by `sweep_heads` / `fit_hsi`), into it."""
     folder = Path(run_dir)
-    return plot_sweep(HsiSweep.load(folder / SWEEP_FILE), folder, rank_by=rank_by, top=top)
+    saved = folder / DIRECTIONS_FILE
+    diagnostics = HeadDirections.load(saved).diagnostics if saved.is_file() else None
+    sweep = HsiSweep.load(folder / SWEEP_FILE)
+    return plot_sweep(sweep, folder, rank_by=rank_by, top=top, diagnostics=diagnostics)
 
 
 __all__ = ["plot_sweep", "plot_sweep_folder"]
