@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -130,3 +131,38 @@ def test_hsi_tour_prints_its_own_verdict(tmp_path: Path) -> None:
     assert metrics["effect"]["matching"]["n"] == 6
     stored = json.loads((run.path / "metrics.json").read_text())
     assert stored["verdict"] == metrics["verdict"] and "report" in stored
+
+
+def test_unified_effects_give_the_old_demo_numbers() -> None:
+    """`asr_paired.ablation_effect` (+ `helpfulness_effects`) on the same outcomes as the old
+    records-based `asr_paired_effects`: every number the demo prints is the same."""
+    from finesteer.evaluate.asr_paired import ablation_effect, helpfulness_effects
+
+    rng = np.random.default_rng(5)
+    for trial in range(6):
+        n = 30
+        base = rng.binomial(1, 0.3, n).tolist()
+        top = rng.binomial(1, 0.3 + 0.1 * trial, n).tolist()
+        controls = [rng.binomial(1, 0.3, n).tolist() for _ in range(3)]
+        before, after = rng.binomial(1, 0.2, 12).tolist(), rng.binomial(1, 0.4, 12).tolist()
+        harmless = _records("harmless-baseline", [1 - x for x in before])
+        harmless += _records("harmless-top-2", [1 - x for x in after])
+        seed = trial % 2
+        old = asr_paired_effects(_generations(base, top, controls) + harmless, 2, seed=seed)
+        new = ablation_effect(base, top, {str(s): c for s, c in enumerate(controls)}, seed=seed)
+        cost = helpfulness_effects({"over_refusal": before}, {"over_refusal": after}, seed=seed)["over_refusal"]
+        assert new["vs_baseline"] == old["vs_unmodified"] and new["vs_random"] == old["vs_control"]
+        assert new["holm_p"] == {"vs_baseline": old["holm_p"]["vs_unmodified"], "vs_random": old["holm_p"]["vs_control"]}
+        assert new["verdict"] == old["verdict"] and new["verdict_vs_baseline"] == old["verdict_vs_unmodified"]
+        assert new["vs_baseline"]["reference"] == old["asr"]["unmodified"]
+        assert new["vs_baseline"]["treated"] == old["asr"]["top-2"]
+        control = new["random"]
+        assert control["asr_mean"] == old["control"]["asr_mean"]
+        assert control["asr_per_seed"] == old["control"]["asr_per_seed"]
+        assert control["change_vs_baseline_per_seed"] == old["control"]["change_vs_unmodified_per_seed"]
+        for name, entry in control["seeds"].items():
+            assert entry["asr"] == old["control"]["seeds"][name]["asr"]
+            assert entry["vs_baseline"] == old["control"]["seeds"][name]["change_vs_unmodified"]
+        assert cost == old["over_refusal"]["change"]
+        assert cost["reference"]["value"] == old["over_refusal"]["unmodified"]["value"]
+        assert cost["treated"]["value"] == old["over_refusal"]["top-2"]["value"]
