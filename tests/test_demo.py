@@ -1,5 +1,5 @@
-"""The demo: paired ASR effects on hand-made generations, the demo pipeline on a tiny model (table with
-intervals, a control row and a computed verdict), and the HSI tour's own verdict."""
+"""The demo: its table from the ASR step's paired effects on hand-made outcomes, the demo pipeline on a
+tiny model (table with intervals, a control row and a computed verdict), and the HSI tour's own verdict."""
 
 from __future__ import annotations
 
@@ -7,79 +7,78 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from finesteer.cli import app
-from finesteer.evaluate.asr_paired_records import asr_paired_effects
+from finesteer.evaluate.asr_paired import ablation_effects, helpfulness_effects
 from finesteer.evaluate.effect_verdict import EFFECT_LABELS, NO_RELIABLE_EFFECT, RELIABLE_EFFECT
-from finesteer.evaluate.errors import EvaluationError
 from finesteer.recipes import RecipeError, RunFolder, execute, parse_recipe
 from finesteer.recipes.demo import tour_recipe, tour_verdict
+from finesteer.recipes.refusal_heads import demo_effect, verdict_table
 
 
-def _records(condition: str, outcomes: list[int], label_if_fail: str = "refusal") -> list[dict[str, Any]]:
-    return [
-        {
-            "condition": condition,
-            "id": str(i),
-            "heads": ["1.2"],
-            "score": float(o),
-            "label": "harmful" if o else label_if_fail,
-        }
-        for i, o in enumerate(outcomes)
-    ]
+def _asr(
+    base: list[int], top: list[int], controls: list[list[int]], harmless: tuple[list[int], list[int]] | None = None
+) -> dict[str, Any]:
+    """An `asr_effect` payload for top-2 heads (the keys the demo reads), from per-prompt outcomes."""
+    asr: dict[str, Any] = {
+        "effects": ablation_effects(
+            base, {"2": top}, {"2": {str(s): c for s, c in enumerate(controls)}} if controls else {}
+        ),
+        "ablated": {"2": {"heads": ["1.2", "0.1"]}},
+        "random": {"2": {"per_seed": {str(s): {"heads": ["3.4", "2.0"]} for s in range(len(controls))}}},
+    }
+    if harmless:
+        before, after = ({"over_refusal": [float(x) for x in h]} for h in harmless)
+        asr["helpfulness"] = {"top-2": {"vs_baseline": helpfulness_effects(before, after)}}
+    return asr
 
 
-def _generations(base: list[int], top: list[int], controls: list[list[int]]) -> list[dict[str, Any]]:
-    records = _records("baseline", base) + _records("top-2", top)
-    for seed, outcomes in enumerate(controls):
-        records += _records(f"random-2-seed{seed}", outcomes)
-    return records
-
-
-def test_planted_asr_effect_is_reliable_against_unmodified_and_controls() -> None:
-    n = 40
+def test_planted_asr_effect_prints_the_demo_table() -> None:
+    """The demo's table from the ASR step's effects: the same cells as the former records-based
+    `asr_paired_effects` printed for these outcomes (pinned from it before it was folded in)."""
     base = [1] * 10 + [0] * 30
     top = [1] * 30 + [0] * 10  # 20 prompts gained, none lost
-    controls = [base, [1] * 11 + [0] * 29, [1] * 9 + [0] * 31]
-    harmless = _records("harmless-baseline", [1, 1, 1, 1]) + _records("harmless-top-2", [1, 1, 0, 0])
-    paired = asr_paired_effects(_generations(base, top, controls) + harmless, 2)
-    assert paired["n"] == n
-    assert paired["asr"]["unmodified"]["value"] == 0.25 and paired["asr"]["top-2"]["value"] == 0.75
-    assert paired["vs_unmodified"]["n_gained"] == 20 and paired["vs_unmodified"]["n_lost"] == 0
-    assert paired["vs_unmodified"]["test"] == "exact-mcnemar"
-    assert paired["control"]["asr_per_seed"]["n_seeds"] == 3
-    assert paired["control"]["asr_mean"] == pytest.approx(0.25)
-    effect = paired["vs_control"]
-    assert effect["difference"] == pytest.approx(0.5)
-    assert 0 < effect["low"] < 0.5 < effect["high"]
-    assert paired["verdict"]["verdict"] == RELIABLE_EFFECT
-    assert paired["holm_p"]["vs_control"] >= effect["p_value"]
-    # over-refusal: harmless prompts labelled refusal after ablation
-    assert paired["over_refusal"]["top-2"]["value"] == 0.5
-    assert paired["over_refusal"]["change"]["difference"] == pytest.approx(0.5)
+    controls = [base, [1] * 11 + [0] * 29, [0] * 5 + [1] * 14 + [0] * 21]
+    effect = demo_effect(_asr(base, top, controls, ([0, 0, 0, 0, 1], [0, 1, 1, 1, 0])), 2)
+    assert effect["vs_baseline"]["n_gained"] == 20 and effect["vs_baseline"]["test"] == "exact-mcnemar"
+    assert effect["verdict"]["verdict"] == RELIABLE_EFFECT
+    assert effect["holm_p"]["vs_random"] >= effect["vs_random"]["p_value"]
+    table = verdict_table(effect)
+    assert table["title"] == "ASR on 40 held-out harmful prompts; located heads: 1.2, 0.1"
+    assert table["rows"] == [
+        ["unmodified", "0.250 [0.142, 0.402]", "–", "–"],
+        ["top-2 located heads ablated", "0.750 [0.598, 0.858]", "+0.500 [+0.350, +0.650]", "3.8e-06 McNemar, Holm"],
+        ["control: 2 random heads, 3 seeds (mean ± sd)", "0.292 ± 0.052", "+0.042 ± 0.052", "–"],
+        ["effect: located − random", "–", "+0.458 [+0.333, +0.584]", "0.0005 sign-flip, Holm"],
+        ["cost: over-refusal, 5 harmless prompts", "0.200 → 0.600", "+0.400 [-0.400, +1.000]", "0.62 McNemar"],
+    ]  # fmt: skip
+    assert table["verdict_line"] == (
+        "verdict: reliable effect — ablating the top-2 located heads changes ASR by +0.458 [+0.333, +0.584] "
+        "(95% CI) beyond 2 random heads (3 seeds, control ASR 0.292), Holm-adjusted p = 0.0005 (paired "
+        "sign-flip test); n = 40 held-out harmful prompts"
+    )
+    seeds = effect["random"]["seeds"]
+    assert [s["asr"]["value"] for s in seeds.values()] == [0.25, 0.275, 0.35]
+    assert seeds["2"]["heads"] == ["3.4", "2.0"] and seeds["2"]["vs_baseline"]["difference"] == pytest.approx(0.1)
 
 
 def test_no_effect_against_controls_is_said_plainly() -> None:
     base = [1] * 10 + [0] * 30
     top = [1] * 20 + [0] * 20  # beats the unmodified model, but so do the random heads
     controls = [[1] * 20 + [0] * 20, [0] * 20 + [1] * 20, top]
-    paired = asr_paired_effects(_generations(base, top, controls), 2)
-    assert paired["verdict_vs_unmodified"]["verdict"] == RELIABLE_EFFECT
-    assert paired["verdict"]["verdict"] == NO_RELIABLE_EFFECT
-    assert paired["verdict"]["reasons"]
+    effect = demo_effect(_asr(base, top, controls), 2)
+    assert effect["verdict_vs_baseline"]["verdict"] == RELIABLE_EFFECT
+    assert effect["verdict"]["verdict"] == NO_RELIABLE_EFFECT and effect["verdict"]["reasons"]
+    assert "over_refusal" not in effect and len(verdict_table(effect)["rows"]) == 4
 
 
-def test_paired_effects_need_the_same_prompts_and_a_control() -> None:
-    base, top = [1, 0, 0], [1, 1, 0]
-    with pytest.raises(EvaluationError, match="random-head control"):
-        asr_paired_effects(_records("baseline", base) + _records("top-2", top), 2)
-    records = _generations(base, top, [[0, 0, 0]])
-    records[-1]["id"] = "elsewhere"
-    with pytest.raises(EvaluationError, match="different prompts"):
-        asr_paired_effects(records, 2)
+def test_demo_effect_needs_a_random_head_control() -> None:
+    with pytest.raises(RecipeError, match="against random heads"):
+        demo_effect(_asr([1, 0, 0], [1, 1, 0], []), 2)
+    with pytest.raises(RecipeError, match="top-3"):
+        demo_effect(_asr([1, 0, 0], [1, 1, 0], [[0, 0, 0]] * 3), 3)
 
 
 def test_demo_on_a_tiny_model_prints_interval_control_and_verdict(tmp_path: Path) -> None:
@@ -95,7 +94,7 @@ def test_demo_on_a_tiny_model_prints_interval_control_and_verdict(tmp_path: Path
     assert conditions[:2] == ["unmodified", "top-8 located heads ablated"]
     assert any(c.startswith("control: 8 random heads, 3 seeds") for c in conditions)
     assert "[" in table["rows"][1][1] and "±" in table["rows"][2][1]
-    effect = payload["effect"]["vs_control"]
+    effect = payload["effect"]["vs_random"]
     assert effect["low"] <= effect["difference"] <= effect["high"]
     assert table["verdict_line"].startswith(f"verdict: {payload['verdict']}")
     # the same run resumed prints the table: verdict first, then the table, the verdict line, the report
@@ -132,37 +131,3 @@ def test_hsi_tour_prints_its_own_verdict(tmp_path: Path) -> None:
     stored = json.loads((run.path / "metrics.json").read_text())
     assert stored["verdict"] == metrics["verdict"] and "report" in stored
 
-
-def test_unified_effects_give_the_old_demo_numbers() -> None:
-    """`asr_paired.ablation_effect` (+ `helpfulness_effects`) on the same outcomes as the old
-    records-based `asr_paired_effects`: every number the demo prints is the same."""
-    from finesteer.evaluate.asr_paired import ablation_effect, helpfulness_effects
-
-    rng = np.random.default_rng(5)
-    for trial in range(6):
-        n = 30
-        base = rng.binomial(1, 0.3, n).tolist()
-        top = rng.binomial(1, 0.3 + 0.1 * trial, n).tolist()
-        controls = [rng.binomial(1, 0.3, n).tolist() for _ in range(3)]
-        before, after = rng.binomial(1, 0.2, 12).tolist(), rng.binomial(1, 0.4, 12).tolist()
-        harmless = _records("harmless-baseline", [1 - x for x in before])
-        harmless += _records("harmless-top-2", [1 - x for x in after])
-        seed = trial % 2
-        old = asr_paired_effects(_generations(base, top, controls) + harmless, 2, seed=seed)
-        new = ablation_effect(base, top, {str(s): c for s, c in enumerate(controls)}, seed=seed)
-        cost = helpfulness_effects({"over_refusal": before}, {"over_refusal": after}, seed=seed)["over_refusal"]
-        assert new["vs_baseline"] == old["vs_unmodified"] and new["vs_random"] == old["vs_control"]
-        assert new["holm_p"] == {"vs_baseline": old["holm_p"]["vs_unmodified"], "vs_random": old["holm_p"]["vs_control"]}
-        assert new["verdict"] == old["verdict"] and new["verdict_vs_baseline"] == old["verdict_vs_unmodified"]
-        assert new["vs_baseline"]["reference"] == old["asr"]["unmodified"]
-        assert new["vs_baseline"]["treated"] == old["asr"]["top-2"]
-        control = new["random"]
-        assert control["asr_mean"] == old["control"]["asr_mean"]
-        assert control["asr_per_seed"] == old["control"]["asr_per_seed"]
-        assert control["change_vs_baseline_per_seed"] == old["control"]["change_vs_unmodified_per_seed"]
-        for name, entry in control["seeds"].items():
-            assert entry["asr"] == old["control"]["seeds"][name]["asr"]
-            assert entry["vs_baseline"] == old["control"]["seeds"][name]["change_vs_unmodified"]
-        assert cost == old["over_refusal"]["change"]
-        assert cost["reference"]["value"] == old["over_refusal"]["unmodified"]["value"]
-        assert cost["treated"]["value"] == old["over_refusal"]["top-2"]["value"]
