@@ -19,7 +19,10 @@ from finesteer.recipes.refusal_heads import demo_effect, verdict_table
 
 
 def _asr(
-    base: list[int], top: list[int], controls: list[list[int]], harmless: tuple[list[int], list[int]] | None = None
+    base: list[int],
+    top: list[int],
+    controls: list[list[int]],
+    harmless: tuple[list[int], list[int]] | None = None,
 ) -> dict[str, Any]:
     """An `asr_effect` payload for top-2 heads (the keys the demo reads), from per-prompt outcomes."""
     asr: dict[str, Any] = {
@@ -49,10 +52,12 @@ def test_planted_asr_effect_prints_the_demo_table() -> None:
     assert table["title"] == "ASR on 40 held-out harmful prompts; located heads: 1.2, 0.1"
     assert table["rows"] == [
         ["unmodified", "0.250 [0.142, 0.402]", "–", "–"],
-        ["top-2 located heads ablated", "0.750 [0.598, 0.858]", "+0.500 [+0.350, +0.650]", "3.8e-06 McNemar, Holm"],
+        ["top-2 located heads ablated", "0.750 [0.598, 0.858]", "+0.500 [+0.350, +0.650]",
+         "3.8e-06 McNemar, Holm"],
         ["control: 2 random heads, 3 seeds (mean ± sd)", "0.292 ± 0.052", "+0.042 ± 0.052", "–"],
         ["effect: located − random", "–", "+0.458 [+0.333, +0.584]", "0.0005 sign-flip, Holm"],
-        ["cost: over-refusal, 5 harmless prompts", "0.200 → 0.600", "+0.400 [-0.400, +1.000]", "0.62 McNemar"],
+        ["cost: over-refusal, 5 harmless prompts", "0.200 → 0.600", "+0.400 [-0.400, +1.000]",
+         "0.62 McNemar"],
     ]  # fmt: skip
     assert table["verdict_line"] == (
         "verdict: reliable effect — ablating the top-2 located heads changes ASR by +0.458 [+0.333, +0.584] "
@@ -61,7 +66,8 @@ def test_planted_asr_effect_prints_the_demo_table() -> None:
     )
     seeds = effect["random"]["seeds"]
     assert [s["asr"]["value"] for s in seeds.values()] == [0.25, 0.275, 0.35]
-    assert seeds["2"]["heads"] == ["3.4", "2.0"] and seeds["2"]["vs_baseline"]["difference"] == pytest.approx(0.1)
+    assert seeds["2"]["heads"] == ["3.4", "2.0"]
+    assert seeds["2"]["vs_baseline"]["difference"] == pytest.approx(0.1)
 
 
 def test_no_effect_against_controls_is_said_plainly() -> None:
@@ -130,4 +136,3 @@ def test_hsi_tour_prints_its_own_verdict(tmp_path: Path) -> None:
     assert metrics["effect"]["matching"]["n"] == 6
     stored = json.loads((run.path / "metrics.json").read_text())
     assert stored["verdict"] == metrics["verdict"] and "report" in stored
-

@@ -87,7 +87,10 @@ def ablation_effect(
         "asr_per_seed": seed_spread(rows.mean(axis=1)),
         "change_vs_baseline_per_seed": seed_spread(rows.mean(axis=1) - base.mean()),
         "seeds": {
-            name: {"asr": _rate(row), "vs_baseline": paired_effect(row, base, binary=True, seed=seed).to_dict()}
+            name: {
+                "asr": _rate(row),
+                "vs_baseline": paired_effect(row, base, binary=True, seed=seed).to_dict(),
+            }
             for name, row in zip(random, rows, strict=True)
         },
     }
