@@ -128,11 +128,23 @@ def test_hsi_tour_prints_its_own_verdict(tmp_path: Path) -> None:
         update={"train_limit": 12, "sweep_limit": 4, "val_limit": 4, "test_limit": 6, "layers": [1],
                 "k": 2, "examples": 1, "open_ended_limit": 1}
     )  # fmt: skip
+    assert recipe.controls == 3  # the tour judges HSI against random heads at the same α
     recipe = parse_recipe(recipe.model_dump(mode="json"))
     run = RunFolder.create(tmp_path, recipe, "test")
     metrics = tour_verdict(run, execute(run, progress=False))
     assert metrics["verdict"] in EFFECT_LABELS
     assert metrics["table"]["verdict_line"].startswith(f"verdict: {metrics['verdict']}")
+    assert "beyond as many random heads at the same α (3 seeds)" in metrics["table"]["verdict_line"]
     assert metrics["effect"]["matching"]["n"] == 6
+    vs_control = metrics["effect_vs_control"]
+    assert vs_control["n_seeds"] == 3 and vs_control["matching"]["n"] == 6
+    assert metrics["holm_p"]["vs_control"] >= vs_control["matching"]["p_value"]
+    rows, k = metrics["table"]["rows"], len(metrics["hsi"]["heads"])
+    assert rows[2][0] == f"control: {k} random heads, 3 seeds (mean ± sd)" and "±" in rows[2][2]
+    assert rows[3][0] == "effect: HSI − random" and "[" in rows[3][3]
+    seeds = run.result("controls")["seeds"]
+    hsi_heads = {f"{a}.{b}" for a, b in metrics["hsi"]["heads"]}
+    assert len(seeds) == 3
+    assert all(len(s["heads"]) == k and not hsi_heads & set(s["heads"]) for s in seeds.values())
     stored = json.loads((run.path / "metrics.json").read_text())
     assert stored["verdict"] == metrics["verdict"] and "report" in stored

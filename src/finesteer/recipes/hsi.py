@@ -14,7 +14,9 @@ from typing import Any
 from finesteer.artifacts import load_intervention, save_intervention
 from finesteer.evaluate.ab import ab_matching_rate_prob
 from finesteer.evaluate.eval_sets import load_eval_sets, score_eval_sets
+from finesteer.fit.controls import controls_for
 from finesteer.fit.hsi import HSIConfig, fit_hsi
+from finesteer.fit.hsi_directions import cached_directions
 from finesteer.methods import fit_method, load_behaviour_data
 from finesteer.models import load_model
 from finesteer.recipes.config import HSIRecipe
@@ -79,6 +81,23 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     steer = load_intervention(artifact_dir).intervention
     steered = run.step("steered", lambda folder: ab(steer))
     methods = {"baseline": ab_row(baseline), "hsi": ab_row(steered)}
+    if recipe.controls:
+
+        def control(folder: Path) -> dict[str, Any]:
+            """As many random heads, steered at the same α in units of their own σ (every head's
+            direction fitted on the train split, as `compare` does), one A/B run per seed."""
+            directions = cached_directions(lm, data.train, folder, progress=progress)
+            info, seeds = lm.info, range(recipe.controls)
+            built = controls_for(steer, info.n_layers, info.n_heads, seeds, directions=directions)
+            return {
+                "kind": built[0].kind,
+                "seeds": {
+                    str(c.seed): {"heads": [f"{a}.{b}" for a, b in c.heads], **ab(c.intervention)}
+                    for c in built
+                },
+            }
+
+        run.step("controls", control)
     for name in recipe.baselines:
 
         def other(folder: Path, name: str = name) -> dict[str, Any]:
