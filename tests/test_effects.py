@@ -112,8 +112,19 @@ def test_ablation_planted_lift_is_found_with_its_spread_and_helpfulness() -> Non
     assert effects["verdict"]["verdict"] == RELIABLE_EFFECT
     assert effects["vs_baseline"]["test"] == "exact-mcnemar" and effects["vs_random"]["low"] > 0
     assert effects["random_per_seed"]["n_seeds"] == 3 and effects["random_per_seed"]["std"] is not None
+    # both ASR tests Holm-adjusted; the verdict uses the adjusted p of top-k − random heads
+    holm_p = effects["holm_p"]
+    assert holm_p["vs_random"] >= effects["vs_random"]["p_value"]
+    assert holm_p["vs_baseline"] >= effects["vs_baseline"]["p_value"]
+    assert effects["verdict"]["p_value"] == pytest.approx(holm_p["vs_random"])
+    assert effects["verdict_vs_baseline"]["verdict"] == RELIABLE_EFFECT
+    control = effects["random"]  # each seed's ASR and its own change vs the unmodified model
+    assert set(control["seeds"]) == {"0", "1", "2"} and control["asr_per_seed"]["n_seeds"] == 3
+    seeds = control["seeds"].values()
+    assert control["asr_mean"] == pytest.approx(np.mean([s["asr"]["value"] for s in seeds]))
+    assert all(s["vs_baseline"]["test"] == "exact-mcnemar" for s in seeds)
     no_random = ablation_effects(base, {"8": _draws(rng, 0.7, n)}, {})["8"]
-    assert no_random["headline"].endswith("(no random-head control)")
+    assert no_random["headline"].endswith("(no random-head control)") and "holm_p" not in no_random
     help_effects = helpfulness_effects(
         {"over_refusal": [0.0] * 10, "kl": [0.0] * 10},
         {"over_refusal": [1.0] * 8 + [0.0] * 2, "kl": [0.1] * 10},

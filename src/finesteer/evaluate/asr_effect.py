@@ -56,6 +56,7 @@ class AsrSettings:
     max_new_tokens: int = 64
     batch_size: int = 8
     helpfulness_ks: tuple[int, ...] | None = None
+    seed: int = 0  # of the paired effects' bootstrap intervals and sign-flip tests
 
     def __post_init__(self) -> None:
         if not self.ks or any(k < 1 for k in self.ks):
@@ -205,7 +206,7 @@ def asr_effect(
         judge, gcg = KeywordRefusalJudge.ships(), KeywordRefusalJudge.gcg()
         if generations is not None:
             _annotate(generations, judge)
-        result = _assemble(conditions, records, judge, gcg)
+        result = _assemble(conditions, records, judge, gcg, settings.seed)
         if harmless_prompts is not None:
             result["helpfulness"] = _helpfulness(
                 lm, conditions, records, judge, harmless_prompts, settings, mc_items
@@ -316,6 +317,7 @@ def _assemble(
     records: dict[str, list[dict]],
     judge: KeywordRefusalJudge,
     gcg: KeywordRefusalJudge,
+    seed: int = 0,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"baseline": {}, "ablated": {}, "random": {}}
     for c in conditions:
@@ -337,9 +339,7 @@ def _assemble(
     result["lift"] = {
         str(k): {
             "ablated": result["ablated"][str(k)]["asr"] - base,
-            "random_mean": result["random"][str(k)]["mean"] - base
-            if str(k) in result["random"]
-            else math.nan,
+            "random_mean": result["random"].get(str(k), {"mean": math.nan})["mean"] - base,
         }
         for k in sorted(int(k) for k in result["ablated"])
     }
@@ -354,6 +354,7 @@ def _assemble(
             }
             for k in sorted({c.k for c in conditions if c.group == "random"})
         },
+        seed=seed,
     )
     return result
 
@@ -395,5 +396,5 @@ def _helpfulness(
         out[name] = entry
     for name, entry in out.items():
         if name != "baseline" and "baseline" in raw:
-            entry["vs_baseline"] = helpfulness_effects(raw["baseline"], raw[name])
+            entry["vs_baseline"] = helpfulness_effects(raw["baseline"], raw[name], seed=settings.seed)
     return out

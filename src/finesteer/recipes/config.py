@@ -91,6 +91,9 @@ class HSIRecipe(RecipeBase):
     )
     n_samples: PositiveInt = Field(2, description="sampled answers per training item (directions_from)")
     baselines: list[Literal["prompt", "caa", "iti"]] = Field(default_factory=list)
+    controls: int = Field(
+        0, ge=0, description="random-head control seeds (as many heads, same α in σ units); 0: none"
+    )
     eval_data: list[str] = Field(
         default_factory=list,
         description="extra A/B test files (Anthropic evals JSONL) scored alongside the test split",

@@ -21,7 +21,9 @@ from finesteer.data.balance import letter_balanced
 from finesteer.evaluate.ab import ab_matching_rate_prob
 from finesteer.evaluate.ab_paired import ab_effect_vs
 from finesteer.evaluate.eval_sets import load_eval_sets, score_eval_sets
+from finesteer.fit.controls import controls_for
 from finesteer.fit.hsi import HSIConfig, fit_hsi_selection
+from finesteer.fit.hsi_directions import cached_directions
 from finesteer.methods import fit_method, load_behaviour_data
 from finesteer.methods.verdict import attach_verdict
 from finesteer.models import load_model
@@ -69,7 +71,7 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     def steered_step(intervention: Any) -> dict[str, Any]:
         base = ab_matching_rate_prob(lm, test_items, progress=progress)
         steered = ab_matching_rate_prob(lm, test_items, intervention=intervention, progress=progress)
-        return {**steered.to_dict(per_item=False), "effect": ab_effect_vs(base, steered).to_dict()}
+        return {**steered.to_dict(per_item=True), "effect": ab_effect_vs(base, steered).to_dict()}
 
     baseline = run.step("baseline", lambda folder: ab())
     artifact_dir = run.path / "artifacts" / "hsi"
@@ -97,6 +99,23 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     steer = load_intervention(artifact_dir).intervention
     steered = run.step("steered", lambda folder: steered_step(steer))
     methods = {"baseline": ab_row(baseline), "hsi": ab_row(steered)}
+    if recipe.controls:
+
+        def control(folder: Path) -> dict[str, Any]:
+            """As many random heads, steered at the same α in units of their own σ (every head's
+            direction fitted on the train split, as `compare` does), one A/B run per seed."""
+            directions = cached_directions(lm, data.train, folder, progress=progress)
+            info, seeds = lm.info, range(recipe.controls)
+            built = controls_for(steer, info.n_layers, info.n_heads, seeds, directions=directions)
+            return {
+                "kind": built[0].kind,
+                "seeds": {
+                    str(c.seed): {"heads": [f"{a}.{b}" for a, b in c.heads], **ab(c.intervention)}
+                    for c in built
+                },
+            }
+
+        run.step("controls", control)
     for name in recipe.baselines:
 
         def other(folder: Path, name: str = name) -> dict[str, Any]:

@@ -104,6 +104,7 @@ def _asr_settings(recipe: ShipsRecipe) -> AsrSettings:
         max_new_tokens=recipe.generation.max_new_tokens,
         batch_size=recipe.generation.batch_size,
         helpfulness_ks=(max(recipe.top_k),),
+        seed=recipe.seed,
     )
 
 
