@@ -52,6 +52,7 @@ from finesteer.cli.options import (
     ValLimitOpt,
     data_source,
     out_option,
+    parse_columns,
     parse_numbers,
 )
 
@@ -315,6 +316,7 @@ def fit_sta_command(
     trim: Annotated[float, typer.Option(help="Top fraction of atoms kept by each criterion.")] = 0.35,
     multiplier: Annotated[float, typer.Option("--lambda", help="Multiplier λ of the CAA-norm vector.")] = 1.0,
     run_dir: Annotated[Path | None, typer.Option(help="Where to keep atom statistics and sta.json.")] = None,
+    columns: ColumnsOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     json_out: JsonFlag = False,
@@ -330,11 +332,11 @@ def fit_sta_command(
             raise OptionError(f"unknown --mode {mode!r}; choose {', '.join(SELECTION_MODES)}")
         if limit < 1:
             raise OptionError("--limit must be ≥ 1")
-        loaded = load_sae(sae)
-        lm = load_model(model, device=device, dtype=dtype)
-        triples = load_triples(data, limit)
+        triples = load_triples(data, limit, parse_columns(columns))  # checked before any load
         if not triples:
             raise OptionError(f"--data {data!r} gave no triples")
+        loaded = load_sae(sae)
+        lm = load_model(model, device=device, dtype=dtype)
         stderr_console().print(f"STA ({mode}) on {len(triples)} triples at {loaded.cfg.hook_name}")
         fitted = fit_sta(
             lm,

@@ -196,16 +196,19 @@ def require_behaviour(method: str, data: BehaviourData | ContrastData) -> Behavi
     return data
 
 
-def load_triples(source: str, limit: int) -> list[Triple]:
+def load_triples(source: str, limit: int, columns: Mapping[str, str] | None = None) -> list[Triple]:
     """Up to `limit` (question, positive, negative) triples from `source`: "refusal-pairs" (built in),
     an A/B catalog behaviour (its answers as texts; the `generate` split where there is one), or a
-    .jsonl / .json / .csv file with question, matching, not_matching columns (the STA authors' layout)."""
+    .jsonl / .json / .csv file with question, matching, not_matching columns (the STA authors' layout;
+    `columns` maps those fields to the file's own column names)."""
     if source == "refusal-pairs":
         n_ab = limit // 5
         return refusal_triples(n_harmful=limit - n_ab, n_ab=n_ab)
     path = Path(source).expanduser()
     if path.suffix in (".jsonl", ".csv", ".json") and path.exists():
-        return _file_triples(path, limit)
+        return _file_triples(path, limit, columns or {})
+    if columns:
+        raise MethodError("--columns applies to a --data file, not to a built-in set")
     known = {d.name: d for d in list_datasets() if d.kind == "ab"}
     if source not in known:
         raise MethodError(
@@ -216,17 +219,35 @@ def load_triples(source: str, limit: int) -> list[Triple]:
     return ab_triples(load_ab_items(source, split, limit=limit))
 
 
-def _file_triples(path: Path, limit: int) -> list[Triple]:
+TRIPLE_FIELDS = ("question", "matching", "not_matching")
+
+
+def _file_triples(path: Path, limit: int, columns: Mapping[str, str]) -> list[Triple]:
+    """Every row checked (a missing or empty field names the file, line and field), then the first `limit`."""
+    unknown = sorted(set(columns) - set(TRIPLE_FIELDS))
+    if unknown:
+        raise MethodError(f"--columns: unknown field(s) {unknown}; the fields are {', '.join(TRIPLE_FIELDS)}")
+    names = [columns.get(f, f) for f in TRIPLE_FIELDS]
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
+        first_line = 2  # after the header
     else:
         text = path.read_text(encoding="utf-8")
-        lines = [x for x in text.splitlines() if x.strip()]
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in lines]
-    missing = {"question", "matching", "not_matching"} - set(rows[0] if rows else {})
-    if not rows or missing:
-        raise MethodError(
-            f"{path}: need rows with question, matching, not_matching columns; missing {sorted(missing)}"
-        )
-    return [(r["question"], r["matching"], r["not_matching"]) for r in rows[:limit]]
+        try:
+            if path.suffix == ".json":
+                rows = json.loads(text)
+            else:
+                rows = [json.loads(x) if x.strip() else None for x in text.splitlines()]
+        except json.JSONDecodeError as exc:
+            raise MethodError(f"{path}: not valid JSON ({exc})") from exc
+        first_line = 1
+    numbered = [(i + first_line, r) for i, r in enumerate(rows) if r is not None]
+    if not numbered:
+        raise MethodError(f"{path}: no rows; need {', '.join(TRIPLE_FIELDS)} columns")
+    for line, row in numbered:
+        for what, name in zip(TRIPLE_FIELDS, names, strict=True):
+            value = row.get(name) if isinstance(row, Mapping) else None
+            if not isinstance(value, str) or not value.strip():
+                raise MethodError(f"{path}, line {line}: missing or empty column {name!r} ({what})")
+    return [tuple(row[n] for n in names) for _, row in numbered[:limit]]  # type: ignore[misc]
