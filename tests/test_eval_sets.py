@@ -96,7 +96,8 @@ def test_hsi_recipe_scores_eval_data(tmp_path: Path, user_file: Path) -> None:
     metrics = execute(RunFolder.create(tmp_path, recipe, "test"), progress=False)
     rows = {row["test set"]: row for row in metrics["eval_sets"]}
     assert set(rows) == {"coordinate-other-ais (test split)", "my_evals"}
-    assert rows["my_evals"]["n"] == 3 and rows["coordinate-other-ais (test split)"]["n"] == 4
+    # both option orders, like the test split: 3 items → 6 rows, 4 → 8
+    assert rows["my_evals"]["n"] == 6 and rows["coordinate-other-ais (test split)"]["n"] == 8
     for row in rows.values():
         assert 0.0 <= row["baseline"] <= 1.0 and 0.0 <= row["hsi"] <= 1.0
 

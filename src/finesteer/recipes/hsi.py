@@ -12,6 +12,7 @@ summary: "no reliable effect" is said plainly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,11 @@ def _eval_sets(
     recipe: HSIRecipe, lm: Any, steer: Any, baseline: dict[str, Any], steered: dict[str, Any]
 ) -> dict[str, Any]:
     """One row per test set (the behaviour's test split, then each `eval_data` file): the matching rate
-    by letter probability unmodified and with HSI."""
-    sets = load_eval_sets(recipe.eval_data)
+    by letter probability unmodified and with HSI, every set in both option orders like the test split."""
+    sets = [
+        dataclasses.replace(s, items=tuple(letter_balanced(s.items, strict=False)))
+        for s in load_eval_sets(recipe.eval_data)
+    ]
     before = score_eval_sets(lm, sets, None, method="prob", progress=False)
     after = score_eval_sets(lm, sets, steer, method="prob", progress=False)
     rows = [
