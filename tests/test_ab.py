@@ -253,12 +253,13 @@ def test_cli_ab_json(monkeypatch: pytest.MonkeyPatch) -> None:
             "3",
             "--max-new-tokens",
             "3",
+            "--single-order",
             "--json",
         ],
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)  # exactly one JSON object on stdout
-    assert payload["n"] == 3
+    assert payload["n"] == 3 and not payload["letter_balanced"]  # --single-order: items as written
     assert 0 <= payload["matching_rate_prob"] <= 1 and 0 <= payload["matching_rate_generated"] <= 1
     assert len(payload["prob"]["per_item"]) == 3 and len(payload["generated"]["per_item"]) == 3
     bad = CliRunner().invoke(
@@ -266,7 +267,7 @@ def test_cli_ab_json(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert bad.exit_code == 2 and "not an A/B set" in bad.output
     args = ["eval", "ab", "tiny-qwen2", "--data", "coordinate-other-ais", "--limit", "3", "--method", "prob"]
-    balanced = CliRunner().invoke(app, [*args, "--balanced", "--json"])
+    balanced = CliRunner().invoke(app, [*args, "--json"])  # both option orders: the default
     assert balanced.exit_code == 0, balanced.output
     both = json.loads(balanced.stdout)
     assert both["letter_balanced"] and both["n"] == 6

@@ -71,9 +71,12 @@ def test_eval_ab_scores_one_row_per_test_set(user_file: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--eval-data", str(user_file), "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout.strip().splitlines()[-1])
-    [row] = payload["eval_sets"]
-    assert row["name"] == "my_evals" and row["n"] == 3 and row["prob"]["n"] == 3
+    [row] = payload["eval_sets"]  # both option orders by default: 3 items → 6 rows
+    assert row["name"] == "my_evals" and row["n"] == 6 and row["prob"]["n"] == 6
     assert 0.0 <= row["matching_rate_prob"] <= 1.0
+    single = CliRunner().invoke(app, [*args, "--eval-data", str(user_file), "--single-order", "--json"])
+    [row] = json.loads(single.stdout.strip().splitlines()[-1])["eval_sets"]
+    assert row["n"] == 3 and row["prob"]["n"] == 3
     printed = CliRunner().invoke(app, [*args, "--eval-data", str(user_file)])
     assert printed.exit_code == 0, printed.output
     assert "A/B matching rate per test set" in printed.stdout and "my_evals" in printed.stdout
@@ -121,7 +124,7 @@ def test_compare_scores_eval_data_per_method(tmp_path: Path, user_file: Path) ->
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     for row in payload["methods"].values():
         [extra] = row["eval_sets"]
-        assert extra["name"] == "my_evals" and extra["n"] == 3 and 0 <= extra["ab_matching_rate"] <= 1
+        assert extra["name"] == "my_evals" and extra["n"] == 6 and 0 <= extra["ab_matching_rate"] <= 1
     printed = CliRunner().invoke(app, args)  # resumed from the folder: same sets, printed per test set
     assert printed.exit_code == 0, printed.output
     assert "per test set" in printed.stdout and "my_evals" in printed.stdout

@@ -167,7 +167,7 @@ def test_eval_ab_runs_on_a_user_file_in_bf16(files: dict[str, Path]) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["n"] == 4 and payload["data"] == str(files["ab"])
+    assert payload["n"] == 8 and payload["data"] == str(files["ab"])  # 4 items in both option orders
     assert 0.0 <= payload["mean_p_matching"] <= 1.0
 
 

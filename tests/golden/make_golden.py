@@ -108,7 +108,10 @@ AB_SETTINGS = shlex.quote(json.dumps({"lora": {"max_steps": 2}, "hsi": {"k": 1}}
 
 CASES: tuple[Case, ...] = (
     # --- eval ab ---------------------------------------------------------------------------------
-    Case("eval_ab", "eval ab tiny-qwen2 --data coordinate-other-ais --limit 3 --max-new-tokens 3"),
+    Case(
+        "eval_ab",
+        "eval ab tiny-qwen2 --data coordinate-other-ais --limit 3 --max-new-tokens 3 --single-order",
+    ),
     Case(
         "eval_ab_balanced",
         "eval ab tiny-qwen2 --data coordinate-other-ais --limit 3 --max-new-tokens 3 --balanced",
@@ -117,7 +120,7 @@ CASES: tuple[Case, ...] = (
     Case(
         "compare_ab_all_methods",
         "compare tiny-llama --data coordinate-other-ais --methods baseline,prompt,caa,iti,hsi,lora "
-        f"{AB_SMALL} --settings {AB_SETTINGS} --out WORK/compare_ab_all_methods",
+        f"{AB_SMALL} --settings {AB_SETTINGS} --single-order --out WORK/compare_ab_all_methods",
     ),
     Case(
         "compare_ab_balanced",
@@ -187,7 +190,8 @@ CASES: tuple[Case, ...] = (
     ),
     Case(
         "eval_ab_with_hsi_artifact",
-        "eval ab tiny-llama --data coordinate-other-ais --limit 3 --method prob --intervention WORK/fit_hsi",
+        "eval ab tiny-llama --data coordinate-other-ais --limit 3 --method prob --intervention WORK/fit_hsi "
+        "--single-order",
         needs=("fit_hsi",),
     ),
     # --- ablate ------------------------------------------------------------------------------------
@@ -210,7 +214,7 @@ CASES: tuple[Case, ...] = (
     # --- SmolLM2-135M-Instruct (real weights; small limits) ----------------------------------------
     Case(
         "real_eval_ab",
-        f"eval ab {REAL} --data coordinate-other-ais --limit 4 --max-new-tokens 4",
+        f"eval ab {REAL} --data coordinate-other-ais --limit 4 --max-new-tokens 4 --single-order",
         real=True,
     ),
     Case(

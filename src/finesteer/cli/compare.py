@@ -86,10 +86,11 @@ def compare_command(
     balanced: Annotated[
         bool,
         typer.Option(
-            "--balanced",
-            help="Score the A/B test split in both option orders (a pure letter bias scores 0.5).",
+            "--balanced/--single-order",
+            help="Score the A/B test split in both option orders (a pure letter bias scores 0.5); default. "
+            "--single-order scores each item once, as written.",
         ),
-    ] = False,
+    ] = True,
     harmless_data: Annotated[str, typer.Option(help="Harmless prompts for the KL column.")] = "alpaca",
     harmless_limit: Annotated[int, typer.Option(help="Harmless prompts for the KL (0 = no KL).")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per open-ended reply.")] = 64,

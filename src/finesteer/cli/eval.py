@@ -69,10 +69,11 @@ def ab(
     balanced: Annotated[
         bool,
         typer.Option(
-            "--balanced",
-            help="Score every item in both option orders, so a pure A/B letter bias scores 0.5.",
+            "--balanced/--single-order",
+            help="Score every item in both option orders, so a pure A/B letter bias scores 0.5; default. "
+            "--single-order scores each item once, as written.",
         ),
-    ] = False,
+    ] = True,
     batch_size: BatchOpt = 8,
     allow_other_weights: OtherWeightsOpt = False,
     device: DeviceOpt = "cpu",

@@ -59,7 +59,7 @@ class ABComparison:
     val_limit: int | None = None
     test_limit: int | None = None
     open_ended_limit: int | None = None
-    balanced: bool = False
+    balanced: bool = True  # the A/B test split in both option orders (a letter bias scores 0.5)
     harmless_data: str = "alpaca"
     harmless_limit: int = 32
     max_new_tokens: int = 64
