@@ -143,3 +143,57 @@ def test_frontier_recipe_validation_names_the_missing_sae_and_unknown_methods() 
         parse_recipe({"method": "frontier", "name": "x", "methods": ["nope"]})
     ok = parse_recipe({"method": "frontier", "name": "x", "methods": ["prompt"], "heads": ["1.0,0.1"]})
     assert ok.head_fields() == {"heads": [(1, 0), (0, 1)]}
+
+
+def test_cli_frontier_remove_compares_directional_ablation_with_several_rankings(
+    tiny_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    """--goal remove: the saved refusal direction ablated everywhere is one point; every ranking
+    (--heads NAME=…, a joint run's forward order via --ranking) gets its top-k; only the first ranking's
+    sizes get random-head controls, and a ranking shorter than some k keeps the ks it can fill."""
+    from finesteer.fit.refusal_direction import RefusalDirection
+
+    lm = tiny_models["tiny-llama"]
+    vector = torch.randn(lm.info.hidden_size, generator=torch.Generator().manual_seed(0))
+    RefusalDirection(vector, 1, -1).save(tmp_path / "refdir", lm)
+    joint = tmp_path / "joint"
+    joint.mkdir()
+    forward = [{"heads": ["1.1"]}, {"heads": ["1.1", "0.0"]}]
+    (joint / "result.json").write_text(json.dumps({"forward": forward}))
+    out = tmp_path / "run"
+    args = ["frontier", "tiny-llama", "--out", str(out), *SMALL, "--methods", "", "--goal", "remove",
+            "--direction", str(tmp_path / "refdir"), "--heads", "logit=1.0,0.1", "--heads", "single=0.1",
+            "--ranking", str(joint), "--ks", "1,2", "--seeds", "0,1", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    points = {row["id"]: row for row in payload["points"]}
+    assert set(points) == {
+        "baseline",
+        "direction:refdir-ablation@1",
+        "top:logit@1",
+        "top:logit@2",
+        "top:single@1",
+        "top:joint@1",
+        "top:joint@2",
+        *(f"random:logit@{k}-seed{s}" for k in (1, 2) for s in (0, 1)),
+    }
+    assert points["top:joint@2"]["metadata"]["heads"] == [[1, 1], [0, 0]]
+    assert points["direction:refdir-ablation@1"]["metadata"]["op"] == "ablation"
+    assert payload["y_label"].startswith("attack success rate")
+    # a direction that moves the stream costs KL; the unmodified model costs none
+    assert points["direction:refdir-ablation@1"]["kl"]["value"] > 0 == points["baseline"]["kl"]["value"]
+    bad = CliRunner().invoke(app, [*args[:-1], "--ranking", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "nowhere" in bad.output
+    with pytest.raises(ComparisonError, match="fewer than every k"):
+        FrontierExperiment(methods=(), heads=((0, 0), (1, 1)), rankings=(("one", ((0, 1),)),), ks=(2,))
+
+
+def test_frontier_recipe_takes_named_rankings_and_directions() -> None:
+    from finesteer.recipes import RecipeError, parse_recipe
+
+    ok = parse_recipe({"method": "frontier", "name": "x", "methods": [], "goal": "remove",
+                       "rankings": {"logit": "12.2,8.3"}, "directions": ["runs/dir"]})  # fmt: skip
+    assert ok.head_fields() == {"rankings.logit": [(12, 2), (8, 3)]}
+    with pytest.raises(RecipeError, match="rankings"):
+        parse_recipe({"method": "frontier", "name": "x", "methods": [], "rankings": {"bad": "twelve"}})

@@ -42,10 +42,25 @@ def frontier_command(
         str, typer.Option(help="induce: y = refusal rate (steering towards refusal); remove: y = ASR.")
     ] = "induce",
     heads: Annotated[
-        str | None, typer.Option(help="Head ranking to ablate top-k of, e.g. '12.3,13.1,4.0' (LAYER.HEAD).")
+        list[str] | None,
+        typer.Option(
+            help="Head ranking to ablate top-k of, best first: '12.3,13.1,4.0' or 'NAME=12.3,13.1' "
+            "(repeatable; the first one's top-k get the random-head controls)."
+        ),
     ] = None,
     ranking: Annotated[
-        Path | None, typer.Option(help="Or a head-scores folder (`finesteer locate …` output) to rank by.")
+        list[Path] | None,
+        typer.Option(
+            help="Or a folder to rank by (repeatable): head scores (`finesteer locate …`) or a "
+            "`locate joint` run (its forward-selection order)."
+        ),
+    ] = None,
+    direction: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Refusal direction folder (`locate refusal-direction`, repeatable): ablated everywhere "
+            "(--goal remove) or added at its layer over --lambdas (induce)."
+        ),
     ] = None,
     ks: Annotated[str, typer.Option(help="Head counts k of the top-k ablations.")] = "1,3,8",
     seeds: Annotated[str, typer.Option(help="Seeds of the random-head (and direction) controls.")] = "0,1,2",
@@ -76,27 +91,29 @@ def frontier_command(
     json_out: JsonFlag = False,
 ) -> None:
     """Refusal (or ASR) against harmless cost for steering methods, head ablations and random controls."""
-    from finesteer.locate.scores import HeadScores
+    from finesteer.locate.run_folder import ranking_from_folder
     from finesteer.recipes.frontier import FrontierExperiment, frontier_experiment, summary
     from finesteer.report.frontier import equal_cost_table, frontier_table, markdown
-    from finesteer.sites import parse_heads
 
     def work() -> dict[str, Any]:
-        if heads is not None and ranking is not None:
-            raise OptionError("give --heads or --ranking, not both")
-        head_list: list[tuple[int, int]] = parse_heads(heads) if heads else []
         ks_parsed = parse_numbers(ks, "--ks", int) or ()
-        if ranking is not None:
-            head_list = HeadScores.load(ranking).top_heads(max(ks_parsed))
+        ranked = [_named_heads(text, i) for i, text in enumerate(heads or [])]
+        for folder in ranking or []:
+            if not folder.exists():
+                raise OptionError(f"--ranking {folder}: no such folder")
+            ranked.append((folder.name, tuple(ranking_from_folder(folder, max(ks_parsed, default=1)))))
+        for folder in direction or []:
+            if not folder.is_dir():
+                raise OptionError(f"--direction {folder}: no such folder")
         experiment = FrontierExperiment(
             methods=tuple(parse_names(methods, "--methods")) if methods.strip() else (),
             lambdas=parse_numbers(lambdas, "--lambdas") or (),
             goal=goal,
-            heads=tuple(head_list),
-            ks=ks_parsed if head_list else (),
+            rankings=tuple(ranked),
+            directions=tuple(str(d) for d in direction or []),
+            ks=ks_parsed if ranked else (),
             seeds=parse_numbers(seeds, "--seeds", int) or (),
             ablation_mode=mode,
-            head_name=ranking.name if ranking is not None else "heads",
             direction_controls_at=direction_controls_at,
             head_steer_k=head_steer_k,
             head_steer_alpha=head_steer_alpha,
@@ -127,3 +144,15 @@ def frontier_command(
     for key, value in result["summary"].items():
         Console().print(f"{key}: {value}")
     Console().print(f"table and charts in {out}")
+
+
+def _named_heads(text: str, index: int) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """'NAME=12.3,4.0' or '12.3,4.0' (named 'heads', or 'heads2'… after the first) as a named ranking."""
+    from finesteer.sites import parse_heads
+
+    name, sep, rest = text.partition("=")
+    if not sep:
+        name, rest = ("heads" if index == 0 else f"heads{index + 1}"), text
+    if not name.strip():
+        raise OptionError(f"--heads {text!r}: empty ranking name before '='")
+    return name.strip(), tuple(parse_heads(rest))

@@ -18,9 +18,9 @@ from typing import Any
 
 from finesteer.errors import FinesteerError
 from finesteer.locate.scores import HeadScores
-from finesteer.runs import RUN_JSON, write_json_atomic
+from finesteer.runs import RESULT_JSON, RUN_JSON, read_json_object, write_json_atomic
 from finesteer.runs.lock import FolderLock, check_writable
-from finesteer.sites import Head
+from finesteer.sites import Head, parse_heads
 
 CHECKPOINT_DIR = "checkpoint"
 PROMPTS_FILE = "prompts.jsonl"
@@ -251,3 +251,14 @@ def scores_folder(path: Path) -> Path:
         if (candidate / SCORES_FILE).is_file():
             return candidate
     raise FileNotFoundError(f"{path}: no scores.safetensors here, in scores/ or in steps/ships/scores/")
+
+
+def ranking_from_folder(path: Path, k: int) -> list[Head]:
+    """The head order a folder stands for: a `locate joint` run's forward-selection order (every head it
+    chose), else the `k` best heads of the scores folder in or under `path`."""
+    joint = path / RESULT_JSON
+    if joint.is_file():
+        forward = read_json_object(joint, RunFolderError).get("forward")
+        if forward:
+            return parse_heads(",".join(forward[-1]["heads"]))
+    return HeadScores.load(scores_folder(path)).top_heads(k)

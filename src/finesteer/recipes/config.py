@@ -192,6 +192,12 @@ class FrontierRecipe(RecipeBase):
     lambdas: list[float] = Field(default_factory=lambda: [0.5, 1.0, 1.5])
     goal: Literal["induce", "remove"] = "induce"
     heads: list[str] | None = Field(None, description="head ranking (LAYER.HEAD), best first")
+    rankings: dict[str, str] = Field(
+        default_factory=dict, description="more named rankings, NAME: 'L.H,L.H,…' (no controls of their own)"
+    )
+    directions: list[str] = Field(
+        default_factory=list, description="refusal direction folders (ablated, or added over λ)"
+    )
     ks: list[PositiveInt] = Field(default_factory=lambda: [1, 3, 8])
     control_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     ablation_mode: Literal["ua", "sc"] = "ua"
@@ -214,8 +220,18 @@ class FrontierRecipe(RecipeBase):
             raise ValueError(f"methods {', '.join(need)} read an SAE: set sae_path")
         return self
 
+    @field_validator("rankings")
+    @classmethod
+    def _rankings(cls, value: dict[str, str]) -> dict[str, str]:
+        for text in value.values():
+            parse_heads(text)
+        return value
+
     def head_fields(self) -> dict[str, list[tuple[int, int]]]:
-        return {"heads": [h for item in self.heads for h in parse_heads(item)]} if self.heads else {}
+        fields = {f"rankings.{name}": parse_heads(text) for name, text in self.rankings.items()}
+        if self.heads:
+            fields["heads"] = [h for item in self.heads for h in parse_heads(item)]
+        return fields
 
 
 AnyRecipe = HSIRecipe | ShipsRecipe | RefusalHeadsRecipe | STARecipe | FrontierRecipe

@@ -34,6 +34,7 @@ from finesteer.evaluate.frontier import (
 )
 from finesteer.evaluate.frontier_equal import at_equal_cost
 from finesteer.evaluate.refusal_compare import RefusalSettings
+from finesteer.fit.refusal_direction import RefusalDirection
 from finesteer.fit.refusal_pairs import REFUSAL_SYSTEM_PROMPT, refusal_triples
 from finesteer.fit.steering import Steering
 from finesteer.generation import GenerationConfig
@@ -68,6 +69,8 @@ class FrontierExperiment:
     heads: tuple[Head, ...] = ()
     ks: tuple[int, ...] = (1, 3, 8)
     head_name: str = "heads"
+    rankings: tuple[tuple[str, tuple[Head, ...]], ...] = ()
+    directions: tuple[str, ...] = ()
     ablation_mode: str = "ua"
     seeds: tuple[int, ...] = (0, 1, 2)
     direction_controls_at: float | None = None
@@ -91,11 +94,23 @@ class FrontierExperiment:
             resolve_method(name, "refusal")
         if any(not math.isfinite(x) for x in self.lambdas) or not self.lambdas:
             raise ComparisonError("--lambdas must be finite numbers (at least one)")
-        if self.heads and any(k < 1 or k > len(self.heads) for k in self.ks):
+        ranked = self.head_rankings()
+        names = [name for name, _ in ranked]
+        if len(set(names)) != len(names):
+            raise ComparisonError(f"head rankings need distinct names, got {names}")
+        if ranked and any(k < 1 for k in self.ks):
+            raise ComparisonError(f"--ks must be ≥ 1, got {list(self.ks)}")
+        for name, heads in ranked:
+            if not any(k <= len(heads) for k in self.ks):
+                raise ComparisonError(
+                    f"ranking {name!r} has {len(heads)} heads, fewer than every k in --ks {list(self.ks)}"
+                )
+        if ranked and not all(k <= len(ranked[0][1]) for k in self.ks):
             raise ComparisonError(
-                f"--ks {list(self.ks)} must lie in 1..{len(self.heads)} (the ranking's length)"
+                f"--ks {list(self.ks)} must lie in 1..{len(ranked[0][1])} (the first ranking's length: "
+                "its random-head controls cover every k)"
             )
-        if len(set(self.seeds)) != len(self.seeds) or (self.heads and len(self.seeds) < 1):
+        if len(set(self.seeds)) != len(self.seeds) or (ranked and len(self.seeds) < 1):
             raise ComparisonError(f"control seeds must be distinct and at least one, got {list(self.seeds)}")
         for n, what in (
             (self.n_harmful, "--n-harmful"),
@@ -105,6 +120,11 @@ class FrontierExperiment:
             if n < 1:
                 raise ComparisonError(f"{what} must be ≥ 1, got {n}")
         RefusalSettings(judge=self.judge)  # type: ignore[arg-type]
+
+    def head_rankings(self) -> list[tuple[str, tuple[Head, ...]]]:
+        """Every named head ranking, `heads` (as `head_name`) first: its top-k get the random controls."""
+        first = [(self.head_name, self.heads)] if self.heads else []
+        return first + [(name, tuple(heads)) for name, heads in self.rankings]
 
     @property
     def needs_sae(self) -> bool:
@@ -158,6 +178,27 @@ def method_entries(
     return entries
 
 
+def direction_entries(
+    lm: LoadedModel, folders: Sequence[str], goal: str, lambdas: Sequence[float]
+) -> list[FrontierEntry]:
+    """Each saved refusal direction (`finesteer locate refusal-direction` folder) as the coarse
+    reference: projected out at every layer (goal "remove", one point) or added at its layer and
+    swept over λ (goal "induce")."""
+    entries: list[FrontierEntry] = []
+    for folder in folders:
+        direction = RefusalDirection.load(folder, lm)
+        label = f"direction:{Path(folder).name}"
+        meta = {"direction": str(folder), "layer": direction.layer, "position": direction.position}
+        if goal == "remove":
+            edit = direction.ablation(lm.info.n_layers)
+            name = f"{label}-ablation"
+            entries += swept_entries(Steering(name, edit, {**meta, "op": "ablation"}, lm=lm), [1.0])
+        else:
+            steering = Steering(f"{label}-addition", direction.addition(), {**meta, "op": "addition"}, lm=lm)
+            entries += swept_entries(steering, lambdas)
+    return entries
+
+
 def run_frontier_experiment(
     lm: LoadedModel,
     out_dir: str | Path,
@@ -185,10 +226,11 @@ def run_frontier_experiment(
     for steering in extra:
         bound = steering if steering.lm is not None else steering.bound(lm)
         entries += swept_entries(bound, extra_lambdas or [1.0], steering.name)
-    if e.heads:
-        entries += head_ablation_entries(
-            lm, e.heads, e.ks, name=e.head_name, mode=e.ablation_mode, seeds=e.seeds
-        )
+    entries += direction_entries(lm, e.directions, e.goal, e.lambdas)
+    for i, (name, heads) in enumerate(e.head_rankings()):
+        ks = [k for k in e.ks if k <= len(heads)]
+        seeds = e.seeds if i == 0 else ()
+        entries += head_ablation_entries(lm, heads, ks, name=name, mode=e.ablation_mode, seeds=seeds)
     fitted_s = round(time.perf_counter() - started, 1)
     table = run_frontier(lm, entries, prompts, e.settings(), folder, progress=progress)
     table["equal_over_refusal"] = at_equal_cost(table, cost="over_refusal")
@@ -252,6 +294,7 @@ __all__ = [
     "NEEDS_SAE",
     "RESULT_FILE",
     "FrontierExperiment",
+    "direction_entries",
     "frontier_experiment",
     "frontier_prompts",
     "method_entries",
@@ -272,7 +315,9 @@ def run(run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
         lambdas=tuple(recipe.lambdas),
         goal=recipe.goal,
         heads=heads,
-        ks=tuple(recipe.ks) if heads else (),
+        rankings=tuple((name, tuple(parse_heads(text))) for name, text in recipe.rankings.items()),
+        directions=tuple(recipe.directions),
+        ks=tuple(recipe.ks) if heads or recipe.rankings else (),
         seeds=tuple(recipe.control_seeds),
         ablation_mode=recipe.ablation_mode,
         n_harmful=recipe.n_harmful,
