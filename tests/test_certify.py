@@ -188,3 +188,50 @@ def test_certified_scan_runs_the_same_loop_for_first_order_metrics(tiny_models, 
     exact = exact_effects(lm, encoded, metric, result.verified, mode="sc", batch_size=2)
     torch.testing.assert_close(result.exact.double(), exact, atol=1e-5, rtol=1e-5)
     assert result.ranking()[:3] == sorted(result.verified, key=lambda h: -result.scores[h])[:3]
+
+
+def test_ab_inputs_read_the_scorers_letter_margin_in_both_orders(tiny_models):
+    """The A/B attribution inputs are the scorer's own sequences: at the unmodified model the metric
+    equals log p(matching) − log p(other) of `ABScorer`'s option probabilities, and each item comes
+    with its mirror (matching letter swapped)."""
+    from finesteer.data import load_dataset
+    from finesteer.data.balance import letter_balanced
+    from finesteer.locate.attribution.ab_inputs import ab_attribution_inputs
+    from finesteer.scoring.ab import ABScorer
+
+    lm = tiny_models["tiny-llama"]
+    items = load_dataset("coordinate-other-ais", "test_ab", limit=3)
+    encoded, metric, ids = ab_attribution_inputs(lm, items)
+    assert ids == [i for item in items for i in (item.id, item.id + "~swap")]
+    assert len(encoded) == 6 and metric.key() == "letter_margin:6"
+    assert all(metric.matching[2 * i] != metric.matching[2 * i + 1] for i in range(3))
+    values = []
+    for row, tokens in enumerate(encoded.ids):
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([tokens])).logits[:, -1]
+        values.append(float(metric.values(logits, torch.tensor([row]))[0]))
+    p = ABScorer(lm, letter_balanced(items)).score([None]).p_matching[0]
+    expected = torch.log(p) - torch.log1p(-p)
+    assert torch.allclose(torch.tensor(values), expected.float(), atol=1e-4)
+
+
+def test_cli_attribution_ab_metric_prints_the_bound(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from finesteer.cli import app
+
+    out = tmp_path / "ab"
+    args = ["locate", "attribution", "tiny-llama", "--data", "coordinate-other-ais", "--limit", "3",
+            "--metric", "ab", "--confidence", "0.9", "--certify-top", "3",
+            "--out", str(out), "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["metric"] == "letter_margin:6" and payload["n_prompts"] == 6
+    assert "estimated probability that one of them belongs in the top-3" in " ".join(result.stderr.split())
+    bad = CliRunner().invoke(app, [*args[:-3], "--confidence", "1.5", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--confidence" in bad.output
+    prompts = CliRunner().invoke(app, [*args[:4], "advbench", *args[5:-2], str(tmp_path / "y")])
+    assert prompts.exit_code == 2 and "A/B" in prompts.output

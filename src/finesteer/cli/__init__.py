@@ -41,6 +41,7 @@ from finesteer.cli import export as _export  # noqa: E402,F401
 from finesteer.cli import fit as _fit  # noqa: E402,F401
 from finesteer.cli import frontier as _frontier  # noqa: E402,F401
 from finesteer.cli import locate as _locate  # noqa: E402,F401
+from finesteer.cli import locate_attribution as _locate_attribution  # noqa: E402,F401
 from finesteer.cli import locate_overlap as _locate_overlap  # noqa: E402,F401
 from finesteer.cli import refusal_locate as _refusal_locate  # noqa: E402,F401
 from finesteer.cli import run as _run  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""`finesteer locate ships|sahara|attribution|hsi|iti|overlap`: score every head for a behaviour.
+"""`finesteer locate ships|sahara|hsi|iti`: score every head for a behaviour.
 
 Ships, Sahara and attribution ablate heads on a prompt set (run folder: `finesteer.locate.run_folder`);
 `locate hsi` sweeps single-head steering and `locate iti` probes every head on an A/B `generate` split.
@@ -48,7 +48,6 @@ from finesteer.cli.options import (
     SplitOpt,
     SystemOpt,
     TemplateOpt,
-    TopNOpt,
     check_choice,
     data_source,
     head_names,
@@ -58,10 +57,9 @@ from finesteer.cli.options import (
 )
 
 LEVELS = ("query", "dataset", "both")
-METRICS = ("kl", "refusal")
 
 
-def _prompts(
+def scan_prompts(
     model: str, data: str, split: str | None, limit: int | None, template: str, folder: Path | None = None,
     device: str = "cpu", dtype: str = "float32",
 ) -> tuple[Any, list[str], list[str], list[str]]:
@@ -123,8 +121,9 @@ def ships(
             mode=mode, eps=eps, template=template, batch_size=batch_size, r_main=r_main)  # fmt: skip
         folder = out or Path("runs") / slug("ships", model, data, mode, level)
         with run_folder.writing(folder, resume) as checkpoint:  # locked until saved
-            lm, queries, ids, prompts = _prompts(model, data_source(data, columns, "prompts"), split, limit,
-                                                 template, folder, device, dtype)  # fmt: skip
+            source = data_source(data, columns, "prompts")
+            lm, queries, ids, prompts = scan_prompts(model, source, split, limit, template, folder, device,
+                                                     dtype)  # fmt: skip
             levels = ("query", "dataset") if level == "both" else (level,)
             n_heads, what = lm.info.n_layers * lm.info.n_heads, f"Ships {'+'.join(levels)} ({mode}, ε={eps})"
             stderr_console().print(f"{what}: {len(prompts)} prompts × {n_heads} heads of {model}")
@@ -192,8 +191,9 @@ def sahara(
                               eps=eps, template=template, batch_size=batch_size, r_main=r_main)  # fmt: skip
         folder = out or Path("runs") / slug("sahara", model, data, mode)
         with run_folder.writing(folder, resume) as checkpoint:  # locked until saved
-            lm, _, _, prompts = _prompts(model, data_source(data, columns, "prompts"), split, limit, template,
-                                         folder, device, dtype)  # fmt: skip
+            source = data_source(data, columns, "prompts")
+            lm, _, _, prompts = scan_prompts(model, source, split, limit, template, folder, device,
+                                             dtype)  # fmt: skip
             started = time.perf_counter()
             result = run_sahara(
                 lm, prompts, group_size=group_size, mode=mode, eps=eps, r_main=r_main, candidates=candidates,
@@ -217,71 +217,6 @@ def sahara(
 
     result = run_command(work)
     show(result, json_out)
-
-
-@locate_app.command("attribution")
-def attribution(
-    model: ModelArg,
-    data: PromptDataOpt,
-    columns: ColumnsOpt = None,
-    split: SplitOpt = None,
-    limit: LimitOpt = None,
-    mode: ModeOpt = "ua",
-    eps: EpsOpt = 1e-5,
-    metric: Annotated[
-        str, typer.Option(help="kl (query-level Ships: KL from the unablated next-token distribution, second "
-                          "order) or refusal (drop in log p(refusal opening tokens), first order).")
-    ] = "kl",
-    top_n: TopNOpt = None,
-    outcomes: Annotated[int, typer.Option(help="KL: likeliest tokens kept as outcomes (+ the rest).")] = 2,
-    linearize: Annotated[
-        str, typer.Option(help="activation (ua: exact uniform-attention output change) or gate.")
-    ] = "activation",
-    template: TemplateOpt = "chat",
-    batch_size: BatchOpt = 8,
-    engine: EngineOpt = "fast",
-    out: Annotated[Path | None, typer.Option("--out", help="Run folder.")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    json_out: JsonFlag = False,
-) -> None:
-    """Estimate every head's ablation effect from one forward + backward, verify the top ones exactly."""
-
-    def work() -> dict[str, Any]:
-        from finesteer.locate import run_folder
-        from finesteer.locate import ships as ships_lib
-        from finesteer.locate.attribution.metrics import KLDivergence, TokenLogProb, refusal_token_ids
-        from finesteer.locate.attribution.prerank import attribution_scan
-        from finesteer.report.certificate import attribution_report
-        from finesteer.runs.lock import FolderLock
-
-        check_choice(metric, METRICS, "--metric")
-        ships_lib.ablation_method(mode)
-        folder = out or Path("runs") / slug("attribution", model, data, mode, metric)
-        with FolderLock(folder):  # checks the folder is writable, before the model loads
-            lm, queries, ids, prompts = _prompts(model, data_source(data, columns, "prompts"), split, limit,
-                                                 template, None, device, dtype)  # fmt: skip
-            refusal = metric == "refusal"
-            chosen = TokenLogProb(refusal_token_ids(lm.tokenizer)) if refusal else KLDivergence(outcomes)
-            n_heads = lm.info.n_layers * lm.info.n_heads
-            stderr_console().print(f"Attribution ({metric}, {mode}, ε={eps}) of {n_heads} heads of {model} "
-                                   f"on {len(prompts)} prompts, verifying {top_n or 'adaptively'}")
-            started = time.perf_counter()
-            result = attribution_scan(
-                lm, prompts, chosen, top_n=top_n, k=min(10, n_heads), mode=mode, eps=eps,
-                linearize=linearize, batch_size=batch_size, engine=engine, say=stderr_console().print,
-            )  # fmt: skip
-            seconds = round(time.perf_counter() - started, 1)
-            info = {
-                "command": "locate attribution", "model": model, "data": data, "split": split, "limit": limit,
-                "n_prompts": len(prompts), "mode": mode, "eps": eps, "metric": chosen.key(),
-                "linearize": linearize, "top_n": top_n or len(result.verified),
-            }  # fmt: skip
-            payload = run_folder.save_attribution(folder, result, queries, ids, info, seconds)
-            attribution_report(folder, result, payload)
-            return payload
-
-    show(run_command(work), json_out)
 
 
 @locate_app.command("hsi")
