@@ -203,6 +203,9 @@ def test_anti_steerable_fraction_on_a_hand_made_example() -> None:
     assert (est.value, est.n) == (0.4, 5) and est.low < 0.4 < est.high
     assert anti_steerable_fraction(before, after, direction=-1).value == 0.4  # items 0 and 3 moved up
     assert anti_steerable_fraction(before, after, tolerance=0.2).value == 0.2
+    noise = np.array(before) + np.array([-3e-8, 2e-8, -1e-7, 5e-8, -4e-8])  # float32 rounding, no change
+    assert anti_steerable_fraction(before, noise).value == 0.0
+    assert anti_steerable_fraction(before, noise, tolerance=0.0).value == 0.6
     with pytest.raises(StatsError):
         anti_steerable_fraction(before, after[:3])
 

@@ -40,6 +40,7 @@ from finesteer.evaluate.resampling import (
 )
 
 __all__ = [
+    "ANTI_STEERABLE_TOLERANCE",
     "DEFAULT_CONFIDENCE",
     "DEFAULT_RESAMPLES",
     "Estimate",
@@ -269,16 +270,22 @@ def paired_effect(
     )  # fmt: skip
 
 
+ANTI_STEERABLE_TOLERANCE = 1e-6
+"""Moves smaller than this (in the score's units, e.g. p(matching)) are float noise, not a direction."""
+
+
 def anti_steerable_fraction(
     before: Sequence[float] | np.ndarray,
     after: Sequence[float] | np.ndarray,
     direction: int = 1,
     *,
-    tolerance: float = 0.0,
+    tolerance: float = ANTI_STEERABLE_TOLERANCE,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> Estimate:
     """Share of items whose score (e.g. p(matching)) moved against `direction` (+1: steering should
-    raise it, −1: lower it) by more than `tolerance`, with its Wilson interval (Tan et al. 2024)."""
+    raise it, −1: lower it) by more than `tolerance`, with its Wilson interval (Tan et al. 2024). The
+    default tolerance ignores float32 rounding, so an edit that changes nothing is 0 % anti-steerable
+    rather than the ~50 % its last-bit noise would give."""
     if direction not in (1, -1):
         raise StatsError(f"direction must be +1 or -1, got {direction}")
     x, y = finite_values(before, "before values"), finite_values(after, "after values")
