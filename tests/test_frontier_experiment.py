@@ -155,7 +155,7 @@ def test_cli_frontier_remove_compares_directional_ablation_with_several_rankings
 
     lm = tiny_models["tiny-llama"]
     vector = torch.randn(lm.info.hidden_size, generator=torch.Generator().manual_seed(0))
-    RefusalDirection(vector, 1, -1).save(tmp_path / "refdir", lm)
+    RefusalDirection(vector, 1, -1).save(tmp_path / "refdir" / "direction", lm)  # a run folder's layout
     joint = tmp_path / "joint"
     joint.mkdir()
     forward = [{"heads": ["1.1"]}, {"heads": ["1.1", "0.0"]}]

@@ -103,7 +103,9 @@ def refusal_direction(
 @locate_app.command("head-direction")
 def head_direction(
     model: ModelArg,
-    direction: Annotated[Path, typer.Option(help="Refusal-direction artifact (locate refusal-direction).")],
+    direction: Annotated[
+        Path, typer.Option(help="Refusal direction: a `locate refusal-direction` run folder or its artifact.")
+    ],
     harmful: HarmfulOpt = "refusal-direction-harmful",
     harmless: HarmlessOpt = "refusal-direction-harmless",
     split: SplitOpt = "train",

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from finesteer.activations.capture import capture
-from finesteer.artifacts import load_intervention, save_intervention
+from finesteer.artifacts import SPEC_FILE, load_intervention, save_intervention
 from finesteer.errors import FinesteerError
 from finesteer.fit.caa_tail import template_tail_ids
 from finesteer.interventions.edit import Edit, Intervention, steer_residual
@@ -38,6 +38,8 @@ from finesteer.scoring.ab import ABPrompt
 from finesteer.sites import Site
 
 METHOD = "refusal-direction"
+RUN_SUBFOLDER = "direction"
+"""Where `locate refusal-direction` puts the artifact inside its run folder."""
 
 
 class RefusalDirectionError(FinesteerError, ValueError):
@@ -90,8 +92,12 @@ class RefusalDirection:
 
     @classmethod
     def load(cls, folder: str | Path, lm: LoadedModel | None = None) -> RefusalDirection:
-        """Read a folder written by `save` (checked against `lm`'s shape and weights when given)."""
-        artifact = load_intervention(folder, lm)
+        """Read a folder written by `save`, or the `locate refusal-direction` run folder holding one in
+        `direction/` (checked against `lm`'s shape and weights when given)."""
+        path = Path(folder)
+        if not (path / SPEC_FILE).is_file() and (path / RUN_SUBFOLDER / SPEC_FILE).is_file():
+            path = path / RUN_SUBFOLDER
+        artifact = load_intervention(path, lm)
         meta = dict(artifact.metadata)
         ops = [e.op for e in artifact.intervention.edits if isinstance(e.op, ProjectOut)]
         if meta.get("method") != METHOD or not ops:
@@ -166,6 +172,7 @@ def _mean(lm: LoadedModel, prompts: Sequence[str], n_positions: int, batch_size:
 
 __all__ = [
     "METHOD",
+    "RUN_SUBFOLDER",
     "RefusalDirection",
     "RefusalDirectionError",
     "ablation_sites",

@@ -25,6 +25,7 @@ from typing import Any
 
 from finesteer.errors import check_count
 from finesteer.fit.refusal_direction import (
+    RUN_SUBFOLDER,
     RefusalDirection,
     RefusalDirectionError,
     directional_ablation,
@@ -37,7 +38,7 @@ from finesteer.locate.refusal_proxy import base_last_logits, harmless_kl, refusa
 from finesteer.models.loading import LoadedModel
 from finesteer.runs import RESULT_JSON, write_json_atomic
 
-DIRECTION_DIR = "direction"
+DIRECTION_DIR = RUN_SUBFOLDER
 
 
 @dataclass(frozen=True)
