@@ -172,3 +172,22 @@ def test_equal_over_refusal_interpolates_each_curve_from_the_baseline() -> None:
     assert at_prompt["methods"]["a"]["value"] == pytest.approx(0.8) and at_prompt["best"] == "a"
     kl = at_equal_cost(table, cost="kl", levels=[0.04])
     assert kl["by_level"][0]["methods"]["a"]["value"] == pytest.approx(0.7)
+
+
+def test_share_of_gain_is_the_ratio_of_paired_changes_with_a_covering_interval() -> None:
+    import numpy as np
+
+    from finesteer.evaluate.frontier_share import share_of_gain
+
+    rng = np.random.default_rng(0)
+    base = (rng.random(400) < 0.3).astype(float)
+    reference = np.maximum(base, (rng.random(400) < 0.8).astype(float))  # gains ~0.56
+    treated = np.where(rng.random(400) < 0.5, reference, base)  # about half of that gain
+    est = share_of_gain(treated, reference, base)
+    exact = (treated.mean() - base.mean()) / (reference.mean() - base.mean())
+    assert est.value == pytest.approx(exact) and est.low < exact < est.high and 0.3 < est.value < 0.7
+    assert share_of_gain(base, reference, base).value == 0.0
+    none = share_of_gain(treated, base, base)
+    assert none.reason is not None and "changes nothing" in none.reason
+    with pytest.raises(ValueError, match="same items"):
+        share_of_gain(treated[:3], reference, base)

@@ -181,6 +181,10 @@ def test_cli_frontier_remove_compares_directional_ablation_with_several_rankings
     assert points["top:joint@2"]["metadata"]["heads"] == [[1, 1], [0, 0]]
     assert points["direction:refdir-ablation@1"]["metadata"]["op"] == "ablation"
     assert payload["y_label"].startswith("attack success rate")
+    assert payload["reference"] == "direction:refdir-ablation@1"
+    share = points["top:logit@2"]["share_of_reference"]
+    assert share["reference"] == "direction:refdir-ablation@1" and share["n"] == 3
+    assert "share_of_reference" not in points["baseline"]
     # a direction that moves the stream costs KL; the unmodified model costs none
     assert points["direction:refdir-ablation@1"]["kl"]["value"] > 0 == points["baseline"]["kl"]["value"]
     bad = CliRunner().invoke(app, [*args[:-1], "--ranking", str(tmp_path / "nowhere")])

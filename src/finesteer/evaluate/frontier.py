@@ -19,7 +19,6 @@ finished points, and a point made with other prompts, settings or intervention i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Literal
 from finesteer.data.items import ABItem, PromptItem
 from finesteer.data.prompts import chat_prompt
 from finesteer.evaluate.compare import ComparisonError, PendingSteering, built, digest
+from finesteer.evaluate.frontier_share import add_shares
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.helpfulness import mc_accuracy
 from finesteer.evaluate.kl import next_token_kl_between
@@ -250,8 +250,10 @@ def run_frontier(
     *,
     progress: bool = False,
     on_point: Callable[[str, Record, bool], None] | None = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
-    """Measure every entry (resumable per point under `out_dir/points/`) and assemble the table."""
+    """Measure every entry (resumable per point under `out_dir/points/`) and assemble the table; with
+    `reference` (a point id), each point's share of that point's change of y."""
     settings = settings or FrontierSettings()
     ids = [e.id for e in entries]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -297,7 +299,7 @@ def run_frontier(
             desc="frontier",
             unit="point",
         )
-    return assemble(entries, records, settings)
+    return assemble(entries, records, settings, reference)
 
 
 def _y(outcomes: Mapping[str, Any], goal: str) -> list[float]:
@@ -341,13 +343,19 @@ def point_row(
 
 
 def assemble(
-    entries: Sequence[FrontierEntry], records: Mapping[str, Record], settings: FrontierSettings
+    entries: Sequence[FrontierEntry],
+    records: Mapping[str, Record],
+    settings: FrontierSettings,
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """The frontier table: `points` (one row per entry), `controls` (per control series and size, the
     spread of y and KL over seeds) and the y label."""
     base_ids = [e.id for e in entries if e.kind == "baseline"]
     baseline = records.get(base_ids[0]) if base_ids else None
     rows = [point_row(e, records[e.id], settings, baseline) for e in entries]
+    if reference is not None and base_ids and reference in records:
+        y = {e.id: _y(records[e.id]["outcomes"], settings.goal) for e in entries}
+        add_shares(rows, y, base_ids[0], reference, confidence=settings.confidence, seed=settings.seed)
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         if row["kind"] == "control":
@@ -370,11 +378,8 @@ def assemble(
         "settings": settings.to_dict(),
         "points": rows,
         "controls": controls,
+        "reference": reference if reference in records else None,
     }
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 __all__ = [
@@ -385,7 +390,6 @@ __all__ = [
     "assemble",
     "baseline_entry",
     "direction_control_entries",
-    "finite",
     "head_ablation_entries",
     "measure_point",
     "point_id",

@@ -232,7 +232,9 @@ def run_frontier_experiment(
         seeds = e.seeds if i == 0 else ()
         entries += head_ablation_entries(lm, heads, ks, name=name, mode=e.ablation_mode, seeds=seeds)
     fitted_s = round(time.perf_counter() - started, 1)
-    table = run_frontier(lm, entries, prompts, e.settings(), folder, progress=progress)
+    directional = [x.id for x in entries if x.series.startswith("direction:") and "ablation" in x.series]
+    reference = directional[0] if directional and e.goal == "remove" else None
+    table = run_frontier(lm, entries, prompts, e.settings(), folder, progress=progress, reference=reference)
     table["equal_over_refusal"] = at_equal_cost(table, cost="over_refusal")
     table["equal_kl"] = at_equal_cost(table, cost="kl")
     table.update(

@@ -113,6 +113,7 @@ def frontier_table(table: Mapping[str, Any]) -> Table:
                 _fmt(r["over_refusal"]),
                 _fmt(r["mc_accuracy"]),
                 delta,
+                *([_fmt(r.get("share_of_reference"))] if table.get("reference") else []),
             ]
         )
     columns = [
@@ -125,8 +126,9 @@ def frontier_table(table: Mapping[str, Any]) -> Table:
         "over-refusal",
         "MC accuracy",
         "Δy vs unmodified",
+        *([f"share of {table['reference']}'s Δy"] if table.get("reference") else []),
     ]
-    note = "95% intervals: Wilson for rates, bootstrap for the KL mean, paired bootstrap for Δy."
+    note = "95% intervals: Wilson for rates, bootstrap for the KL mean, paired bootstrap for Δy and shares."
     return Table("Refusal frontier", columns, rows, note)
 
 
