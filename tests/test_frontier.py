@@ -14,10 +14,12 @@ from finesteer.evaluate.compare import ComparisonError
 from finesteer.evaluate.frontier import (
     FrontierPrompts,
     FrontierSettings,
+    run_frontier,
+)
+from finesteer.evaluate.frontier_entries import (
     baseline_entry,
     direction_control_entries,
     head_ablation_entries,
-    run_frontier,
     swept_entries,
 )
 from finesteer.evaluate.refusal_compare import RefusalSettings

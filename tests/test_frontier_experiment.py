@@ -185,6 +185,8 @@ def test_cli_frontier_remove_compares_directional_ablation_with_several_rankings
     share = points["top:logit@2"]["share_of_reference"]
     assert share["reference"] == "direction:refdir-ablation@1" and share["n"] == 3
     assert "share_of_reference" not in points["baseline"]
+    first = points["baseline"]["p_refusal_first_token"]
+    assert first["n"] == 3 and 0.0 <= first["low"] <= first["value"] <= first["high"] <= 1.0
     # a direction that moves the stream costs KL; the unmodified model costs none
     assert points["direction:refdir-ablation@1"]["kl"]["value"] > 0 == points["baseline"]["kl"]["value"]
     bad = CliRunner().invoke(app, [*args[:-1], "--ranking", str(tmp_path / "nowhere")])

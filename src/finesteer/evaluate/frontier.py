@@ -34,14 +34,12 @@ from finesteer.evaluate.helpfulness import mc_accuracy
 from finesteer.evaluate.kl import next_token_kl_between
 from finesteer.evaluate.refusal_compare import RefusalSettings
 from finesteer.evaluate.stats import mean_estimate, paired_effect, rate_estimate, seed_spread
-from finesteer.fit.controls import CONTROL_SEEDS, random_ablation_control, random_direction_control
 from finesteer.fit.steering import Steering
-from finesteer.locate.ships import DEFAULT_EPS, ablation
+from finesteer.locate.refusal_proxy import first_token_refusal
 from finesteer.models.loading import LoadedModel
 from finesteer.runs.lock import FolderLock
 from finesteer.runs.records import JsonFileRecords, Record
 from finesteer.runs.runner import Job, run_jobs
-from finesteer.sites import Head
 
 Goal = Literal["induce", "remove"]
 GOALS: tuple[str, ...] = ("induce", "remove")
@@ -110,93 +108,6 @@ class FrontierEntry:
         return self.steering.name
 
 
-def point_id(series: str, strength: float, seed: int | None = None) -> str:
-    return f"{series}@{strength:g}" + (f"-seed{seed}" if seed is not None else "")
-
-
-def baseline_entry(lm: LoadedModel) -> FrontierEntry:
-    return FrontierEntry("baseline", 0.0, Steering("baseline", lm=lm), "baseline")
-
-
-def swept_entries(
-    steering: Steering, strengths: Sequence[float], series: str | None = None
-) -> list[FrontierEntry]:
-    """`steering.scaled(λ)` for each λ: one curve (a steering without intervention is one point)."""
-    name = series or steering.name
-    if steering.intervention is None:
-        return [FrontierEntry(name, 1.0, steering.renamed(point_id(name, 1.0)))]
-    return [FrontierEntry(name, float(s), steering.scaled(s, name=point_id(name, s))) for s in strengths]
-
-
-def direction_control_entries(
-    steering: Steering, strength: float, seeds: Sequence[int] = CONTROL_SEEDS, series: str | None = None
-) -> list[FrontierEntry]:
-    """Random directions of the same norms at `strength` (`fit.controls.random_direction_control`)."""
-    name = f"random-direction:{series or steering.name}"
-    if steering.intervention is None:
-        raise ComparisonError(f"'{steering.name}' has no vector to replace by random directions")
-    scaled = steering.intervention.scaled(strength)
-    return [
-        FrontierEntry(
-            name,
-            float(strength),
-            Steering(
-                point_id(name, strength, s),
-                random_direction_control(scaled, s),
-                {"control_of": steering.name},
-                lm=steering.lm,
-            ),
-            "control",
-            None,
-            int(s),
-        )
-        for s in seeds
-    ]
-
-
-def head_ablation_entries(
-    lm: LoadedModel,
-    ranking: Sequence[Head],
-    ks: Sequence[int],
-    *,
-    name: str = "heads",
-    mode: str = "ua",
-    eps: float = DEFAULT_EPS,
-    seeds: Sequence[int] = CONTROL_SEEDS,
-) -> list[FrontierEntry]:
-    """Ablating the top-k heads of `ranking` (k = strength and size) and, per k, as many random heads
-    (never ranked top-k ones) for each seed (`fit.controls.random_ablation_control`)."""
-    heads = [(int(layer), int(head)) for layer, head in ranking]
-    if not ks or any(k < 1 or k > len(heads) for k in ks):
-        raise ComparisonError(f"head counts {list(ks)} must lie in 1..{len(heads)} (the ranking's length)")
-    entries = []
-    for k in sorted(set(int(k) for k in ks)):
-        edit = ablation(heads[:k], mode, eps)
-        meta = {"heads": [list(h) for h in heads[:k]], "mode": mode, "eps": eps}
-        entries.append(
-            FrontierEntry(
-                f"top:{name}", k, Steering(point_id(f"top:{name}", k), edit, meta, lm=lm), "method", k
-            )
-        )
-        for seed in seeds:
-            control = random_ablation_control(
-                edit, lm.info.n_layers, lm.info.n_heads, int(seed), exclude=heads[:k]
-            )
-            sid = point_id(f"random:{name}", k, int(seed))
-            meta = {"heads": [list(h) for h in control.heads], "mode": mode, "control_of": f"top:{name}"}
-            entries.append(
-                FrontierEntry(
-                    f"random:{name}",
-                    k,
-                    Steering(sid, control.intervention, meta, lm=lm),
-                    "control",
-                    k,
-                    int(seed),
-                )
-            )
-    return entries
-
-
 def _refused(rows: Sequence[Mapping[str, Any]]) -> list[float]:
     return [1.0 if row["verdicts"]["refusal"]["label"] == "refusal" else 0.0 for row in rows]
 
@@ -226,6 +137,10 @@ def measure_point(
         )
         outcomes[f"refused_{kind}"] = _refused(rows)
         outcomes[f"examples_{kind}"] = [row["response"][:160] for row in rows[:2]]
+    texts = [chat_prompt(model.tokenizer, i.prompt, system=steering.system_prompt) for i in prompts.harmful]
+    outcomes["p_refusal_first_token"] = first_token_refusal(
+        model, texts, steering.intervention, batch_size=settings.kl_batch_size
+    )
     outcomes["kl"] = next_token_kl_between(
         lm, steering, list(prompts.kl_prompts), batch_size=settings.kl_batch_size
     )
@@ -326,9 +241,13 @@ def point_row(
             int(sum(o["refused_harmless"])), len(o["refused_harmless"]), c
         ).to_dict(),
         "mc_accuracy": None,
+        "p_refusal_first_token": None,
         "examples": {"harmful": o["examples_harmful"], "harmless": o["examples_harmless"]},
         "metadata": {k: v for k, v in record.get("metadata", {}).items() if k != "top_atoms"},
     }
+    if "p_refusal_first_token" in o:  # points measured before this field existed lack it
+        first = mean_estimate(o["p_refusal_first_token"], c, seed=settings.seed)
+        row["p_refusal_first_token"] = first.to_dict()
     if "mc_correct" in o:
         row["mc_accuracy"] = rate_estimate(int(sum(o["mc_correct"])), len(o["mc_correct"]), c).to_dict()
     if baseline is not None and entry.kind != "baseline":
@@ -388,12 +307,7 @@ __all__ = [
     "FrontierPrompts",
     "FrontierSettings",
     "assemble",
-    "baseline_entry",
-    "direction_control_entries",
-    "head_ablation_entries",
     "measure_point",
-    "point_id",
     "point_row",
     "run_frontier",
-    "swept_entries",
 ]

@@ -50,6 +50,14 @@ def refusal_scores(
     return log_odds(values)
 
 
+def first_token_refusal(
+    lm: LoadedModel, prompts: Sequence[str], intervention: Intervention | None = None, *, batch_size: int = 8
+) -> list[float]:
+    """p(the reply starts like a refusal) per formatted prompt, under `intervention` (None: unedited)."""
+    odds = refusal_scores(lm, list(prompts), [intervention or Intervention()], batch_size=batch_size)[0]
+    return torch.sigmoid(odds).tolist()
+
+
 def base_last_logits(
     lm: LoadedModel, prompts: EncodedPrompts | Sequence[str], *, batch_size: int = 8
 ) -> Tensor:
@@ -80,4 +88,11 @@ def harmless_kl(
     )
 
 
-__all__ = ["base_last_logits", "harmless_kl", "log_odds", "refusal_metric", "refusal_scores"]
+__all__ = [
+    "base_last_logits",
+    "first_token_refusal",
+    "harmless_kl",
+    "log_odds",
+    "refusal_metric",
+    "refusal_scores",
+]

@@ -26,10 +26,12 @@ from finesteer.evaluate.frontier import (
     FrontierEntry,
     FrontierPrompts,
     FrontierSettings,
+    run_frontier,
+)
+from finesteer.evaluate.frontier_entries import (
     baseline_entry,
     direction_control_entries,
     head_ablation_entries,
-    run_frontier,
     swept_entries,
 )
 from finesteer.evaluate.frontier_equal import at_equal_cost

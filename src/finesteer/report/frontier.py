@@ -112,6 +112,7 @@ def frontier_table(table: Mapping[str, Any]) -> Table:
                 _fmt(r["kl"], 3),
                 _fmt(r["over_refusal"]),
                 _fmt(r["mc_accuracy"]),
+                _fmt(r.get("p_refusal_first_token")),
                 delta,
                 *([_fmt(r.get("share_of_reference"))] if table.get("reference") else []),
             ]
@@ -125,6 +126,7 @@ def frontier_table(table: Mapping[str, Any]) -> Table:
         "KL (harmless)",
         "over-refusal",
         "MC accuracy",
+        "p(refusal), first token",
         "Δy vs unmodified",
         *([f"share of {table['reference']}'s Δy"] if table.get("reference") else []),
     ]
