@@ -8,7 +8,7 @@ set -euo pipefail
 M=${1:-qwen2.5-coder-0.5b-instruct}
 R=${2:-runs/frontier-qwen0.5b}
 N=${3:-100}
-KS=${4:-1,3,8}
+KS=${4:-3,8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$R"
 step() { echo "[$(date +%T)] $*" >&2; }
@@ -32,6 +32,6 @@ fi
 step "frontier"
 finesteer frontier "$M" --goal remove --methods '' --direction "$R/direction" \
   --ranking "$R/refusal-logit" --ranking "$R/ships-kl" --ranking "$R/head-direction" --ranking "$R/joint" \
-  --ks "$KS" --mode sc --n-harmful "$N" --n-harmless 50 --n-kl 50 --max-new-tokens 32 --batch-size 25 \
+  --ks "$KS" --mode sc --n-harmful "$N" --n-harmless 30 --n-kl 30 --max-new-tokens 32 --batch-size 25 \
   --judge gcg+ --out "$R/frontier" --json > "$R/frontier-result.json"
 step "done"

@@ -275,13 +275,17 @@ def frontier_experiment(
     *,
     device: str = "cpu",
     dtype: str = "float32",
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """`finesteer frontier`: load the SAE (when given) and the model, run the experiment."""
+    """`finesteer frontier`: load the SAE (when given) and the model, run the experiment (progress bars
+    on stderr by default)."""
     if experiment.needs_sae and sae is None:
         raise ComparisonError("the steering methods read an SAE's layer and atoms: pass --sae FOLDER")
     loaded = load_sae(sae) if sae is not None else None
     lm = load_model(model, device=device, dtype=dtype)
-    return run_frontier_experiment(lm, out, experiment, sae=loaded, sae_path=str(sae) if sae else None)
+    return run_frontier_experiment(
+        lm, out, experiment, sae=loaded, sae_path=str(sae) if sae else None, progress=progress
+    )
 
 
 def summary(table: dict[str, Any]) -> dict[str, Any]:
