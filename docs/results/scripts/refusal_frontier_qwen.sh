@@ -30,8 +30,12 @@ fi
   finesteer locate joint "$M" --pool-from "$R/refusal-logit,$R/ships-kl,$R/head-direction" --per-table 4 \
     --k 8 --split val --limit 16 --search --n-trials 30 --max-heads 3 --out "$R/joint" --json > "$R/joint.json"; }
 step "frontier"
+# the ranking whose top-k get the random controls comes first; Ships KL and the direction score only at k = 3
+top() { python -c "from pathlib import Path; from finesteer.locate.run_folder import ranking_from_folder as r; \
+print(','.join(f'{a}.{b}' for a, b in r(Path('$1'), $2)))"; }
 finesteer frontier "$M" --goal remove --methods '' --direction "$R/direction" \
-  --ranking "$R/refusal-logit" --ranking "$R/ships-kl" --ranking "$R/head-direction" --ranking "$R/joint" \
+  --heads "refusal-logit=$(top "$R/refusal-logit" 8)" --heads "ships-kl=$(top "$R/ships-kl" 3)" \
+  --heads "head-direction=$(top "$R/head-direction" 3)" --ranking "$R/joint" \
   --ks "$KS" --mode sc --n-harmful "$N" --n-harmless 30 --n-kl 30 --max-new-tokens 32 --batch-size 25 \
   --judge gcg+ --out "$R/frontier" --json > "$R/frontier-result.json"
 step "done"
