@@ -46,7 +46,8 @@ def main() -> None:
         over = statistics.mean(r["over_refusal"]["value"] for r in rows)
         first = statistics.mean(r["p_refusal_first_token"]["value"] for r in rows)
         y = f"{statistics.mean(ys):.2f} ± {statistics.pstdev(ys):.2f}"
-        cells = [f"{name} ({len(rows)} seeds)", "random", y, "–", share, f"{first:.2f}", f"{kl:.3f}", f"{over:.2f}"]
+        cells = [f"{name} ({len(rows)} seeds)", "random", y, "–", share]
+        cells += [f"{first:.2f}", f"{kl:.3f}", f"{over:.2f}"]
         print("| " + " | ".join(cells) + " |")
 
 
