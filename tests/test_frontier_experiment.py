@@ -203,3 +203,21 @@ def test_frontier_recipe_takes_named_rankings_and_directions() -> None:
     assert ok.head_fields() == {"rankings.logit": [(12, 2), (8, 3)]}
     with pytest.raises(RecipeError, match="rankings"):
         parse_recipe({"method": "frontier", "name": "x", "methods": [], "rankings": {"bad": "twelve"}})
+
+
+def test_a_pre_ranked_folder_ranks_past_its_verified_heads_by_the_estimate(tmp_path: Path) -> None:
+    """A fixed `--top-n` scan saves exact values for its verified heads only (0 elsewhere); a longer
+    ranking must continue in the estimate's order, not in head-index order."""
+    from finesteer.locate.run_folder import ranking_from_folder
+    from finesteer.locate.scores import HeadScores
+
+    out = tmp_path / "attr"
+    args = ["locate", "attribution", "tiny-llama", "--data", "advbench", "--limit", "3", "--top-n", "2",
+            "--metric", "refusal", "--out", str(out), "--json"]  # fmt: skip
+    assert CliRunner().invoke(app, args).exit_code == 0
+    scores = HeadScores.load(out)
+    verified = scores.top_heads(2)
+    estimate = [h for h in HeadScores.load(out / "estimate").top_heads(12) if h not in verified]
+    ranking = ranking_from_folder(out, 6)
+    assert ranking == verified + estimate[:4] and len(set(ranking)) == 6
+    assert ranking_from_folder(out, 2) == verified

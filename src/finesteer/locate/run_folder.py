@@ -255,10 +255,20 @@ def scores_folder(path: Path) -> Path:
 
 def ranking_from_folder(path: Path, k: int) -> list[Head]:
     """The head order a folder stands for: a `locate joint` run's forward-selection order (every head it
-    chose), else the `k` best heads of the scores folder in or under `path`."""
+    chose), else the `k` best heads of the scores folder in or under `path` (for a pre-ranked scan, its
+    verified heads by exact value, then the rest in the estimate's order)."""
     joint = path / RESULT_JSON
     if joint.is_file():
         forward = read_json_object(joint, RunFolderError).get("forward")
         if forward:
             return parse_heads(",".join(forward[-1]["heads"]))
-    return HeadScores.load(scores_folder(path)).top_heads(k)
+    folder = scores_folder(path)
+    scores = HeadScores.load(folder)
+    verified = scores.extra.get("verified")
+    if verified is None or k <= len(verified) or not (folder / ESTIMATE_DIR).is_dir():
+        return scores.top_heads(k)
+    # a pre-ranked scan holds exact values for its verified heads only (0 elsewhere): past them, the
+    # order is the estimate's
+    first = scores.top_heads(len(verified))
+    rest = [h for h in HeadScores.load(folder / ESTIMATE_DIR).top_heads(scores.n_layers * scores.n_heads)]
+    return (first + [h for h in rest if h not in first])[:k]
