@@ -191,6 +191,8 @@ def test_cli_frontier_remove_compares_directional_ablation_with_several_rankings
     assert points["direction:refdir-ablation@1"]["kl"]["value"] > 0 == points["baseline"]["kl"]["value"]
     bad = CliRunner().invoke(app, [*args[:-1], "--ranking", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and "nowhere" in bad.output
+    wrong = CliRunner().invoke(app, [*args[:-1], "--heads", "far=9.0", "--out", str(tmp_path / "w")])
+    assert wrong.exit_code == 2 and "9.0" in wrong.output and not (tmp_path / "w").exists()
     with pytest.raises(ComparisonError, match="fewer than every k"):
         FrontierExperiment(methods=(), heads=((0, 0), (1, 1)), rankings=(("one", ((0, 1),)),), ks=(2,))
 

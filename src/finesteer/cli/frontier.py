@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from finesteer.cli.apps import app
-from finesteer.cli.common import emit_json, run_command, stderr_console
+from finesteer.cli.common import check_model_heads, emit_json, run_command, stderr_console
 from finesteer.cli.options import (
     DeviceOpt,
     DtypeOpt,
@@ -102,6 +102,8 @@ def frontier_command(
             if not folder.exists():
                 raise OptionError(f"--ranking {folder}: no such folder")
             ranked.append((folder.name, tuple(ranking_from_folder(folder, max(ks_parsed, default=1)))))
+        for _, listed in ranked:
+            check_model_heads(model, list(listed))  # against the model's shape, before it loads
         for folder in direction or []:
             if not folder.is_dir():
                 raise OptionError(f"--direction {folder}: no such folder")
