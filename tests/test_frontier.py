@@ -95,6 +95,14 @@ def test_frontier_table_has_points_intervals_and_controls(llama: LoadedModel, tm
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert len(frontier_table(table).rows) == len(table["points"])
     assert markdown(frontier_table(table)).count("\n") == len(table["points"]) + 1
+    # every method point is judged: against its controls when it has them, else the unmodified model
+    assert points["top:heads@2"]["verdict"]["against"].startswith("control")
+    assert points["top:heads@2"]["vs_control"]["n_seeds"] == 3
+    assert points["vec@2"]["verdict"]["against"].startswith("control")
+    assert points["vec@0.5"]["verdict"]["against"] == "unmodified model"
+    assert "vs_control" not in points["vec@0.5"]
+    assert "verdict" not in points["random:heads@1-seed0"] and "verdict" not in points["baseline"]
+    assert "verdict (Holm" in frontier_table(table).columns[-1]
 
 
 def test_resume_does_not_repeat_a_point_and_refuses_stale_ones(
@@ -193,3 +201,38 @@ def test_share_of_gain_is_the_ratio_of_paired_changes_with_a_covering_interval()
     assert none.reason is not None and "changes nothing" in none.reason
     with pytest.raises(ValueError, match="same items"):
         share_of_gain(treated[:3], reference, base)
+
+
+def test_point_verdicts_find_a_planted_effect_and_call_a_null_one_no_reliable_effect() -> None:
+    """Constructed outcomes: a head set that lifts y on 30 of 60 prompts beyond its random controls is
+    a reliable effect; one that does what its controls do is not; Holm runs over all points."""
+    from finesteer.evaluate.frontier_verdicts import add_point_verdicts, controlled_series
+
+    assert controlled_series("random:heads") == "top:heads"
+    assert controlled_series("random-direction:caa") == "caa" and controlled_series("caa") is None
+    n = 60
+    base = [0.0] * n
+    control = [1.0 if i % 6 == 0 else 0.0 for i in range(n)]  # controls move 10 of 60
+    planted = [1.0 if i < 30 or i % 6 == 0 else 0.0 for i in range(n)]
+    rows = [{"id": "baseline", "series": "baseline", "strength": 0.0, "kind": "baseline"}]
+    y = {"baseline": base}
+    for name, outcome in (("top:a", planted), ("top:b", control)):
+        rows.append({"id": f"{name}@3", "series": name, "strength": 3, "kind": "method"})
+        y[f"{name}@3"] = outcome
+        for seed in range(3):
+            cid = f"random:{name[4:]}@3-seed{seed}"
+            rows.append({"id": cid, "series": f"random:{name[4:]}", "strength": 3, "kind": "control"})
+            y[cid] = control
+    rows.append({"id": "direction@1", "series": "direction", "strength": 1.0, "kind": "method"})
+    y["direction@1"] = [1.0] * n
+    add_point_verdicts(rows, y, "baseline")
+    by_id = {r["id"]: r for r in rows}
+    planted_row, null_row = by_id["top:a@3"], by_id["top:b@3"]
+    assert planted_row["verdict"]["verdict"] == "reliable effect"
+    assert planted_row["vs_control"]["difference"] == pytest.approx(25 / 60)
+    assert null_row["verdict"]["verdict"] == "no reliable effect"
+    assert null_row["vs_control"]["difference"] == 0.0
+    assert by_id["direction@1"]["verdict"]["against"] == "unmodified model"
+    assert by_id["direction@1"]["verdict"]["verdict"] == "reliable effect"
+    assert planted_row["verdict"]["adjustment"] == "Holm over the 3 points compared"
+    assert planted_row["verdict"]["p_value"] >= planted_row["verdict"]["p_value_unadjusted"]

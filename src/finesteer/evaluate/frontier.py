@@ -29,6 +29,7 @@ from finesteer.data.items import ABItem, PromptItem
 from finesteer.data.prompts import chat_prompt
 from finesteer.evaluate.compare import ComparisonError, PendingSteering, built, digest
 from finesteer.evaluate.frontier_share import add_shares
+from finesteer.evaluate.frontier_verdicts import add_point_verdicts
 from finesteer.evaluate.harness import run_generations
 from finesteer.evaluate.helpfulness import mc_accuracy
 from finesteer.evaluate.kl import next_token_kl_between
@@ -267,14 +268,17 @@ def assemble(
     settings: FrontierSettings,
     reference: str | None = None,
 ) -> dict[str, Any]:
-    """The frontier table: `points` (one row per entry), `controls` (per control series and size, the
-    spread of y and KL over seeds) and the y label."""
+    """The frontier table: `points` (one row per entry, each method point with its verdict against its
+    controls or the unmodified model), `controls` (per control series and size, the spread of y and
+    KL over seeds) and the y label."""
     base_ids = [e.id for e in entries if e.kind == "baseline"]
     baseline = records.get(base_ids[0]) if base_ids else None
     rows = [point_row(e, records[e.id], settings, baseline) for e in entries]
+    y = {e.id: _y(records[e.id]["outcomes"], settings.goal) for e in entries}
     if reference is not None and base_ids and reference in records:
-        y = {e.id: _y(records[e.id]["outcomes"], settings.goal) for e in entries}
         add_shares(rows, y, base_ids[0], reference, confidence=settings.confidence, seed=settings.seed)
+    base_id = base_ids[0] if base_ids else None
+    add_point_verdicts(rows, y, base_id, confidence=settings.confidence, seed=settings.seed)
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         if row["kind"] == "control":

@@ -92,16 +92,27 @@ def _fmt(estimate: Mapping[str, Any] | None, digits: int = 2) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]{n}"
 
 
+def _signed(effect: Mapping[str, Any] | None) -> str:
+    if not effect or effect.get("difference") is None:
+        return "–"
+    if effect.get("low") is None or effect.get("high") is None:
+        return f"{effect['difference']:+.2f}"
+    return f"{effect['difference']:+.2f} [{effect['low']:+.2f}, {effect['high']:+.2f}]"
+
+
+def _verdict(verdict: Mapping[str, Any] | None) -> str:
+    if not verdict:
+        return "–"
+    p = verdict.get("p_value")
+    against = verdict.get("against") or "nothing"
+    return f"{verdict['verdict']} (vs {against}" + ("" if p is None else f", p = {p:.2g}") + ")"
+
+
 def frontier_table(table: Mapping[str, Any]) -> Table:
-    """The report section: one row per point with y, KL, over-refusal, MC accuracy and Δy."""
+    """The report section: one row per point with y, KL, over-refusal, MC accuracy, Δy, y − control
+    and the verdict."""
     rows = []
     for r in table["points"]:
-        effect = r.get("y_effect")
-        delta = (
-            "–"
-            if not effect
-            else f"{effect['difference']:+.2f} [{effect['low']:+.2f}, {effect['high']:+.2f}]"
-        )
         rows.append(
             [
                 r["series"],
@@ -113,8 +124,10 @@ def frontier_table(table: Mapping[str, Any]) -> Table:
                 _fmt(r["over_refusal"]),
                 _fmt(r["mc_accuracy"]),
                 _fmt(r.get("p_refusal_first_token")),
-                delta,
+                _signed(r.get("y_effect")),
                 *([_fmt(r.get("share_of_reference"))] if table.get("reference") else []),
+                _signed(r.get("vs_control")),
+                _verdict(r.get("verdict")),
             ]
         )
     columns = [
@@ -129,8 +142,14 @@ def frontier_table(table: Mapping[str, Any]) -> Table:
         "p(refusal), first token",
         "Δy vs unmodified",
         *([f"share of {table['reference']}'s Δy"] if table.get("reference") else []),
+        "y − control [CI]",
+        "verdict (Holm over the points)",
     ]
-    note = "95% intervals: Wilson for rates, bootstrap for the KL mean, paired bootstrap for Δy and shares."
+    note = (
+        "95% intervals: Wilson for rates, bootstrap for the KL mean, paired bootstrap for Δy, shares and "
+        "y − control (the per-prompt mean of the random controls at the same size or λ). A point without "
+        "controls is judged against the unmodified model."
+    )
     return Table("Refusal frontier", columns, rows, note)
 
 

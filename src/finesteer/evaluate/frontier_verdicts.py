@@ -1,0 +1,83 @@
+"""A verdict for every point of a refusal frontier: does it move y beyond what its control does?
+
+A point with matched controls (the top-k heads of a ranking vs k random heads per seed; a vector at
+λ vs random directions of the same norm at λ) is paired prompt by prompt with the per-prompt mean of
+its controls' y (sign-flip test); a point without one (a directional ablation, a system prompt) with
+the unmodified model (exact McNemar test on the prompts that changed). All points are one family:
+their p-values are Holm-adjusted together, and `effect_verdict` (direction +1: y is defined so that
+the intervention's goal raises it) labels each. The controls themselves get no verdict — they are
+what the points are judged against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from finesteer.evaluate.effect_verdict import effect_verdict
+from finesteer.evaluate.stats import PairedEffect, holm, paired_effect
+
+__all__ = ["add_point_verdicts", "controlled_series"]
+
+# A control series' name → the series it controls (`evaluate.frontier_entries` names them so).
+_CONTROL_PREFIXES = (("random-direction:", ""), ("random:", "top:"))
+
+
+def controlled_series(control_series: str) -> str | None:
+    """The method series a control series stands beside: `random:X` → `top:X` (head ablations),
+    `random-direction:X` → `X` (vectors); None for another name."""
+    for prefix, replacement in _CONTROL_PREFIXES:
+        if control_series.startswith(prefix):
+            return replacement + control_series[len(prefix) :]
+    return None
+
+
+def _control_means(
+    rows: Sequence[Mapping[str, Any]], y: Mapping[str, Sequence[float]]
+) -> dict[tuple[str, float], tuple[list[float], int]]:
+    """Per (controlled series, strength): the per-prompt mean of y over the control seeds, and their count."""
+    groups: dict[tuple[str, float], list[Sequence[float]]] = {}
+    for row in rows:
+        target = controlled_series(row["series"]) if row["kind"] == "control" else None
+        if target is not None:
+            groups.setdefault((target, float(row["strength"])), []).append(y[row["id"]])
+    return {key: (np.mean(np.asarray(g, float), axis=0).tolist(), len(g)) for key, g in groups.items()}
+
+
+def add_point_verdicts(
+    rows: Sequence[dict[str, Any]],
+    y: Mapping[str, Sequence[float]],
+    base_id: str | None,
+    *,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> None:
+    """Give every method point (in place) `vs_control` when it has controls and `verdict`: against
+    its controls, else against the unmodified model (`base_id`), Holm-adjusted over all points."""
+    controls = _control_means(rows, y)
+    tested: list[tuple[dict[str, Any], PairedEffect, str]] = []
+    for row in rows:
+        if row["kind"] != "method":
+            continue
+        control = controls.get((row["series"], float(row["strength"])))
+        if control is not None:
+            mean, n_seeds = control
+            effect = paired_effect(y[row["id"]], mean, binary=False, confidence=confidence, seed=seed)
+            row["vs_control"] = {**effect.to_dict(), "n_seeds": n_seeds}
+            tested.append((row, effect, f"control (random, {n_seeds} seeds)"))
+        elif base_id is not None:
+            effect = paired_effect(y[row["id"]], y[base_id], confidence=confidence, seed=seed)
+            tested.append((row, effect, "unmodified model"))
+        else:
+            row["verdict"] = {"verdict": "no reliable effect", "against": None,
+                              "reasons": ["no unmodified model or control to compare with"]}  # fmt: skip
+    adjusted = holm([effect.p_value for _, effect, _ in tested]) if tested else []
+    for (row, effect, against), p in zip(tested, adjusted, strict=True):
+        row["verdict"] = {
+            **effect_verdict(effect, direction=1, adjusted_p=p).to_dict(),
+            "against": against,
+            "p_value_unadjusted": effect.p_value,
+            "adjustment": f"Holm over the {len(tested)} points compared",
+        }
