@@ -225,6 +225,9 @@ def test_point_verdicts_find_a_planted_effect_and_call_a_null_one_no_reliable_ef
             y[cid] = control
     rows.append({"id": "direction@1", "series": "direction", "strength": 1.0, "kind": "method"})
     y["direction@1"] = [1.0] * n
+    # a second ranking without controls of its own is judged against the random 3-head controls
+    rows.append({"id": "top:other@3", "series": "top:other", "strength": 3, "kind": "method"})
+    y["top:other@3"] = planted
     add_point_verdicts(rows, y, "baseline")
     by_id = {r["id"]: r for r in rows}
     planted_row, null_row = by_id["top:a@3"], by_id["top:b@3"]
@@ -234,5 +237,7 @@ def test_point_verdicts_find_a_planted_effect_and_call_a_null_one_no_reliable_ef
     assert null_row["vs_control"]["difference"] == 0.0
     assert by_id["direction@1"]["verdict"]["against"] == "unmodified model"
     assert by_id["direction@1"]["verdict"]["verdict"] == "reliable effect"
-    assert planted_row["verdict"]["adjustment"] == "Holm over the 3 points compared"
+    assert planted_row["verdict"]["adjustment"] == "Holm over the 4 points compared"
+    assert by_id["top:other@3"]["vs_control"]["n_seeds"] == 6
+    assert by_id["top:other@3"]["verdict"]["against"] == "control (random, 6 seeds)"
     assert planted_row["verdict"]["p_value"] >= planted_row["verdict"]["p_value_unadjusted"]

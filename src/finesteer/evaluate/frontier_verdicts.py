@@ -2,10 +2,12 @@
 
 A point with matched controls (the top-k heads of a ranking vs k random heads per seed; a vector at
 λ vs random directions of the same norm at λ) is paired prompt by prompt with the per-prompt mean of
-its controls' y (sign-flip test); a point without one (a directional ablation, a system prompt) with
-the unmodified model (exact McNemar test on the prompts that changed). All points are one family:
-their p-values are Holm-adjusted together, and `effect_verdict` (direction +1: y is defined so that
-the intervention's goal raises it) labels each. The controls themselves get no verdict — they are
+its controls' y (sign-flip test). Random heads spend the same budget for any ranking, so the top-k of
+a ranking that has no controls of its own (only the first ranking gets them) is judged against the
+random k-head controls of another ranking. A point without any control (a directional ablation, a
+system prompt) is paired with the unmodified model (exact McNemar test on the prompts that changed).
+All points are one family: their p-values are Holm-adjusted together, and `effect_verdict`
+(direction +1: y is defined so that the intervention's goal raises it) labels each. The controls themselves get no verdict — they are
 what the points are judged against.
 """
 
@@ -34,16 +36,32 @@ def controlled_series(control_series: str) -> str | None:
     return None
 
 
+_ANY_HEADS = "top:*"
+
+
 def _control_means(
     rows: Sequence[Mapping[str, Any]], y: Mapping[str, Sequence[float]]
 ) -> dict[tuple[str, float], tuple[list[float], int]]:
-    """Per (controlled series, strength): the per-prompt mean of y over the control seeds, and their count."""
+    """Per (controlled series, strength): the per-prompt mean of y over the control seeds, and their
+    count; random-head controls are also pooled per size under ("top:*", k)."""
     groups: dict[tuple[str, float], list[Sequence[float]]] = {}
     for row in rows:
         target = controlled_series(row["series"]) if row["kind"] == "control" else None
         if target is not None:
             groups.setdefault((target, float(row["strength"])), []).append(y[row["id"]])
+            if target.startswith("top:"):
+                groups.setdefault((_ANY_HEADS, float(row["strength"])), []).append(y[row["id"]])
     return {key: (np.mean(np.asarray(g, float), axis=0).tolist(), len(g)) for key, g in groups.items()}
+
+
+def _control_of(
+    row: Mapping[str, Any], controls: Mapping[tuple[str, float], tuple[list[float], int]]
+) -> tuple[list[float], int] | None:
+    strength = float(row["strength"])
+    own = controls.get((row["series"], strength))
+    if own is None and str(row["series"]).startswith("top:"):
+        return controls.get((_ANY_HEADS, strength))
+    return own
 
 
 def add_point_verdicts(
@@ -61,12 +79,12 @@ def add_point_verdicts(
     for row in rows:
         if row["kind"] != "method":
             continue
-        control = controls.get((row["series"], float(row["strength"])))
+        control = _control_of(row, controls)
         if control is not None:
             mean, n_seeds = control
             effect = paired_effect(y[row["id"]], mean, binary=False, confidence=confidence, seed=seed)
             row["vs_control"] = {**effect.to_dict(), "n_seeds": n_seeds}
-            tested.append((row, effect, f"control (random, {n_seeds} seeds)"))
+            tested.append((row, effect, f"control (random, {n_seeds} seed{'s' * (n_seeds != 1)})"))
         elif base_id is not None:
             effect = paired_effect(y[row["id"]], y[base_id], confidence=confidence, seed=seed)
             tested.append((row, effect, "unmodified model"))
