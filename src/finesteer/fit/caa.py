@@ -205,11 +205,14 @@ def _control_scores(
     prompt: ABPrompt,
     batch_size: int,
     k: int,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-candidate random-direction controls (equal norm, same layer and scope), mean over seeds:
-    p(matching) and matching [n_candidates, n_items]."""
+    p(matching) and matching [n_candidates, n_items]. As costly as the sweep × seeds, so it shows
+    progress too."""
     controls = [random_direction_control(iv, seed) for iv in candidates for seed in seeds]
-    scores = ABScorer(lm, val_items, prompt, batch_size=batch_size).score(controls, reuse_prefix=k)
+    scorer = ABScorer(lm, val_items, prompt, batch_size=batch_size)
+    scores = scorer.score(controls, reuse_prefix=k, progress=progress)
     shape = (len(candidates), len(seeds), -1)
     return scores.p_matching.double().view(shape).mean(1), scores.matching.double().view(shape).mean(1)
 
@@ -301,7 +304,7 @@ def fit_caa_selection(
     )
     if control_seeds:
         evidence.control_p, evidence.control_matching = _control_scores(
-            lm, val_items, grid, control_seeds, prompt, batch_size, k
+            lm, val_items, grid, control_seeds, prompt, batch_size, k, progress
         )
         evidence.control_seeds, evidence.control_kind = tuple(control_seeds), "random-direction"
     metadata: dict[str, Any] = {
