@@ -7,8 +7,8 @@ a ranking that has no controls of its own (only the first ranking gets them) is 
 random k-head controls of another ranking. A point without any control (a directional ablation, a
 system prompt) is paired with the unmodified model (exact McNemar test on the prompts that changed).
 All points are one family: their p-values are Holm-adjusted together, and `effect_verdict`
-(direction +1: y is defined so that the intervention's goal raises it) labels each. The controls themselves get no verdict — they are
-what the points are judged against.
+(direction +1: y is defined so that the intervention's goal raises it) labels each. The controls
+themselves get no verdict — they are what the points are judged against.
 """
 
 from __future__ import annotations
