@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from finesteer.evaluate.effect_verdict import effect_verdict
-from finesteer.evaluate.stats import PairedEffect, holm, paired_effect
+from finesteer.evaluate.effect_verdict import NO_RELIABLE_EFFECT, effect_verdict
+from finesteer.evaluate.stats import DEFAULT_CONFIDENCE, PairedEffect, holm, paired_effect
 
 __all__ = ["add_point_verdicts", "controlled_series"]
 
@@ -69,7 +69,7 @@ def add_point_verdicts(
     y: Mapping[str, Sequence[float]],
     base_id: str | None,
     *,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
     seed: int = 0,
 ) -> None:
     """Give every method point (in place) `vs_control` when it has controls and `verdict`: against
@@ -89,7 +89,7 @@ def add_point_verdicts(
             effect = paired_effect(y[row["id"]], y[base_id], confidence=confidence, seed=seed)
             tested.append((row, effect, "unmodified model"))
         else:
-            row["verdict"] = {"verdict": "no reliable effect", "against": None,
+            row["verdict"] = {"verdict": NO_RELIABLE_EFFECT, "against": None,
                               "reasons": ["no unmodified model or control to compare with"]}  # fmt: skip
     adjusted = holm([effect.p_value for _, effect, _ in tested]) if tested else []
     for (row, effect, against), p in zip(tested, adjusted, strict=True):
