@@ -62,10 +62,28 @@ def _row(name: str, row: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _load(path: str) -> dict[str, Any]:
+    """The comparison's methods, or exit naming the problem (a missing file, or a refusal-task result,
+    whose rows have no A/B scores and would print as an empty A/B table)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            result = json.load(handle)
+    except (OSError, ValueError) as err:
+        sys.exit(f"error: cannot read {path}: {err}")
+    methods = result.get("methods") if isinstance(result, dict) else None
+    if not isinstance(methods, dict) or not methods:
+        sys.exit(f"error: {path} has no 'methods'; pass a `finesteer compare` results.json")
+    no_ab = [name for name, row in methods.items() if "ab_matching_rate" not in row]
+    if no_ab:
+        sys.exit(f"error: {path}: methods without A/B scores ({', '.join(no_ab)}); this table is for the "
+                 "A/B task (a refusal comparison prints its own table.md)")
+    return methods
+
+
 def main() -> None:
-    with open(sys.argv[1], encoding="utf-8") as handle:
-        result = json.load(handle)
-    methods = result["methods"]
+    if len(sys.argv) != 2:
+        sys.exit("usage: python docs/results/scripts/compare_table.py RUN_FOLDER/results.json")
+    methods = _load(sys.argv[1])
     print("| method | A/B match, both orders [95% CI] | Δ vs unmodified [CI] | control ± sd (3 seeds) | "
           "method − control [CI] | p (Holm) | verdict | anti-steerable [CI] | match by polarity | "
           "generated [undefined] | fluency | KL harmless |")

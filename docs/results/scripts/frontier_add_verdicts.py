@@ -17,8 +17,16 @@ from finesteer.evaluate.frontier_verdicts import add_point_verdicts
 
 
 def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit("usage: frontier_add_verdicts.py FRONTIER_JSON RUN_FOLDER/points")
     path, points = Path(sys.argv[1]), Path(sys.argv[2])
+    if not path.is_file() or not points.is_dir():
+        sys.exit(f"error: need a frontier.json ({path}) and its run's points folder ({points})")
     table = json.loads(path.read_text(encoding="utf-8"))
+    missing = [row["id"] for row in table.get("points", []) if not (points / f"{row['id']}.json").is_file()]
+    if missing or "points" not in table:
+        sys.exit(f"error: {points} lacks the stored outcomes of {', '.join(missing) or 'every point'}; "
+                 f"{path} is left unchanged")
     y = {}
     for row in table["points"]:
         refused = json.loads((points / f"{row['id']}.json").read_text(encoding="utf-8"))["outcomes"][
