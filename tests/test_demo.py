@@ -148,3 +148,5 @@ def test_hsi_tour_prints_its_own_verdict(tmp_path: Path) -> None:
     assert all(len(s["heads"]) == k and not hsi_heads & set(s["heads"]) for s in seeds.values())
     stored = json.loads((run.path / "metrics.json").read_text())
     assert stored["verdict"] == metrics["verdict"] and "report" in stored
+    bias = stored["answer_bias"]  # the polarity groups checked for a wrong-way move
+    assert bias["caveat"] is None or bias["caveat"] in metrics["table"]["verdict_line"]

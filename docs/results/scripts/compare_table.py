@@ -52,7 +52,7 @@ def _row(name: str, row: dict[str, Any]) -> str:
         control,
         _ci(vs_control.get("matching"), "difference"),
         "–" if p is None else f"{p:.3f}",
-        str(verdict.get("verdict", "–")),
+        str(verdict.get("verdict", "–")) + (" ⚠ answer bias" if verdict.get("caveats") else ""),
         _ci(anti),
         _polarity(row),
         generated_cell,
@@ -90,6 +90,11 @@ def main() -> None:
     print("|" + "---|" * 12)
     for name, row in methods.items():
         print(_row(name, row))
+    caveats = [(n, c) for n, row in methods.items() for c in (row.get("verdict") or {}).get("caveats") or []]
+    if caveats:
+        print()
+    for name, caveat in caveats:
+        print(f"- ⚠ {name}: {caveat}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 from finesteer.data.items import ABItem
 from finesteer.evaluate.ab import ab_matching_rate_generated, ab_matching_rate_prob
 from finesteer.evaluate.ab_paired import ab_effect_vs
+from finesteer.evaluate.answer_bias import answer_bias
 from finesteer.generation import GenerationConfig
 from finesteer.interventions.edit import Intervention
 from finesteer.models.loading import LoadedModel
@@ -23,17 +24,20 @@ def ab_effect(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Matching rate (letter probability) of `items` unmodified vs steered, and the difference
-    (`effect`: paired intervals and tests, anti-steerable fraction; see `ab_effect_vs`)."""
+    (`effect`: paired intervals and tests, anti-steerable fraction; see `ab_effect_vs`), and whether
+    a polarity group moves the wrong way (`answer_bias`)."""
     base = ab_matching_rate_prob(lm, items, prompt=prompt, batch_size=batch_size)
     steered = ab_matching_rate_prob(
         lm, items, prompt=prompt, intervention=intervention, batch_size=batch_size
     )
+    comparison = ab_effect_vs(base, steered)
     return {
         "n": base.n,
         "baseline": base.to_dict(per_item=False),
         "steered": steered.to_dict(per_item=False),
         "delta_matching_rate": steered.matching_rate - base.matching_rate,
-        "effect": ab_effect_vs(base, steered).to_dict(),
+        "effect": comparison.to_dict(),
+        "answer_bias": answer_bias(comparison),
     }
 
 

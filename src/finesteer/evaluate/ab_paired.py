@@ -44,6 +44,8 @@ class ABComparison:
     anti_steerable: Estimate | None
     by_polarity: dict[str, dict[str, Any]] = field(default_factory=dict)
     direction: int = 1
+    polarity_effects: dict[str, PairedEffect] = field(default_factory=dict)
+    """Per matching polarity: the paired effect on "answers the matching option" (`answer_bias`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,11 +152,19 @@ def ab_effect_vs(
     groups: dict[str, list[int]] = {}
     for i, record in enumerate(before):
         groups.setdefault(str(record.get("matching_polarity", "unknown")), []).append(i)
-    by_polarity = {
-        name: _group_summary([before[i] for i in idx], [after[i] for i in idx], direction, confidence)
-        for name, idx in sorted(groups.items())
-    }
-    return ABComparison(len(before), matching, p_effect, anti, by_polarity, direction)
+    by_polarity: dict[str, dict[str, Any]] = {}
+    polarity_effects: dict[str, PairedEffect] = {}
+    for name, idx in sorted(groups.items()):
+        was_group, now_group = [before[i] for i in idx], [after[i] for i in idx]
+        by_polarity[name] = _group_summary(was_group, now_group, direction, confidence)
+        polarity_effects[name] = paired_effect(
+            [now[i] for i in idx],
+            [was[i] for i in idx],
+            binary=True,
+            **{**kwargs, "clusters": mirror_clusters(was_group)},
+        )
+        by_polarity[name]["matching"] = polarity_effects[name].to_dict()
+    return ABComparison(len(before), matching, p_effect, anti, by_polarity, direction, polarity_effects)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,13 @@
 
 For every method of a comparison: the paired change of its A/B scores against the unmodified model
 (`ab_effect_vs`: McNemar on the matching answer, sign-flip on p(matching), anti-steerable fraction,
-polarity split), against its matched controls (`ab_effect_vs_controls`: method − control, the
-headline), the fluency change against the unmodified model, and the verdict (`effect_verdict`,
-direction +1: steering is meant to raise the matching rate). The verdict's p-value is Holm-adjusted
-over every method compared in the table. A method without a control is judged against the
-unmodified model and says so. Computed afresh from the stored records, so a resumed comparison
-gets the same numbers.
+polarity split, and whether a polarity group moves the wrong way: `answer_bias`), against its
+matched controls (`ab_effect_vs_controls`: method − control, the headline), the fluency change
+against the unmodified model, and the verdict (`effect_verdict`, direction +1: steering is meant to
+raise the matching rate). The verdict's p-value is Holm-adjusted over every method compared in the
+table; a reliable effect with an answer bias carries it in `caveats`. A method without a control is
+judged against the unmodified model and says so. Computed afresh from the stored records, so a
+resumed comparison gets the same numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 
 from finesteer.evaluate.ab import ABResult
 from finesteer.evaluate.ab_paired import ab_effect_vs, ab_effect_vs_controls
-from finesteer.evaluate.effect_verdict import NO_RELIABLE_EFFECT, effect_verdict
+from finesteer.evaluate.answer_bias import answer_bias
+from finesteer.evaluate.effect_verdict import NO_RELIABLE_EFFECT, RELIABLE_EFFECT, effect_verdict
 from finesteer.evaluate.stats import PairedEffect, StatsError, holm, paired_effect, seed_spread
 
 __all__ = ["REFERENCE", "REFERENCE_VERDICT", "ab_result", "add_effects"]
@@ -60,6 +62,7 @@ def _effects(row: dict[str, Any], base: Mapping[str, Any] | None) -> tuple[Paire
             row["vs_baseline"] = {"reason": str(err)}
         else:
             row["vs_baseline"] = vs_base.to_dict()
+            row["answer_bias"] = answer_bias(vs_base)
             headline, against = vs_base.matching, "unmodified model"
         row["fluency_vs_baseline"] = _fluency_effect(row, base)
     control = row.get("control") or {}
@@ -75,6 +78,12 @@ def _effects(row: dict[str, Any], base: Mapping[str, Any] | None) -> tuple[Paire
             row["control_matching_rate"] = seed_spread([c.matching_rate for c in controls])
             headline, against = vs_control.matching, f"control ({control.get('kind')}, {len(seeds)} seeds)"
     return headline, against
+
+
+def _caveats(row: Mapping[str, Any], label: str) -> list[str]:
+    """What qualifies a reliable effect: an answer bias (`finesteer.evaluate.answer_bias`)."""
+    caveat = (row.get("answer_bias") or {}).get("caveat")
+    return [caveat] if caveat and label == RELIABLE_EFFECT else []
 
 
 def add_effects(results: dict[str, dict[str, Any]], *, direction: int = 1) -> dict[str, dict[str, Any]]:
@@ -99,6 +108,7 @@ def add_effects(results: dict[str, dict[str, Any]], *, direction: int = 1) -> di
             "against": against,
             "p_value_unadjusted": effect.p_value,
             "adjustment": f"Holm over the {len(headlines)} methods compared",
+            "caveats": _caveats(results[name], verdict.label),
         }
         results[name]["headline"] = {
             "against": against,

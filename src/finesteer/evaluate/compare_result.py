@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finesteer.evaluate.answer_bias import ANSWER_BIAS
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -51,7 +53,17 @@ class ComparisonResult:
             f"judge: {self.judge} · [95% intervals] · n = {self.info.get('n_ab')} A/B items · {controls} · "
             "verdict: method − control (or − unmodified model when no control), Holm-adjusted over methods"
         )
+        for name, caveat in self.caveats():
+            table.caption += f"\n⚠ {name}: {caveat}"
         return table
+
+    def caveats(self) -> list[tuple[str, str]]:
+        """(method, caveat) for every qualified verdict, e.g. an answer bias (`answer_bias`)."""
+        return [
+            (name, str(caveat))
+            for name, row in self.methods.items()
+            for caveat in (row.get("verdict") or {}).get("caveats") or []
+        ]
 
     def has_eval_sets(self) -> bool:
         return any(row.get("eval_sets") for row in self.methods.values())
@@ -108,6 +120,12 @@ def _interval(estimate: dict[str, Any] | None, digits: int = 2, key: str = "valu
     return f"{text} [{estimate['low']:.{digits}f}, {estimate['high']:.{digits}f}]"
 
 
+def verdict_label(verdict: dict[str, Any]) -> str:
+    """The verdict cell: the label, marked "⚠ answer bias" when a polarity group moves the wrong way."""
+    label = str(verdict.get("verdict", "–"))
+    return f"{label} ⚠ {ANSWER_BIAS}" if verdict.get("caveats") else label
+
+
 def table_row(name: str, row: dict[str, Any]) -> list[str]:
     """The terminal table's cells for one method (see `TABLE_COLUMNS`)."""
     interval = row.get("ab_interval") or {}
@@ -132,7 +150,7 @@ def table_row(name: str, row: dict[str, Any]) -> list[str]:
         control_cell,
         _interval(vs_control, key="difference"),
         _num(verdict.get("p_value"), 3),
-        str(verdict.get("verdict", "–")),
+        verdict_label(verdict),
         _num(row.get("ab_mean_p_matching")),
         generated,
         _interval(row.get("open_ended_interval") or {"value": row.get("open_ended_score")}),
@@ -141,4 +159,4 @@ def table_row(name: str, row: dict[str, Any]) -> list[str]:
     ]
 
 
-__all__ = ["N_EFFECT_COLUMNS", "TABLE_COLUMNS", "ComparisonResult", "table_row"]
+__all__ = ["N_EFFECT_COLUMNS", "TABLE_COLUMNS", "ComparisonResult", "table_row", "verdict_label"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finesteer.evaluate.compare_result import verdict_label
 from finesteer.report.html import ReportContent, Table, render_html
 
 __all__ = ["Effect", "Rate", "comparison_report", "effects_of", "plot_forest", "plot_rates", "rates_of"]
@@ -154,7 +155,7 @@ def comparison_report(
         plot = plot_forest(effects, folder / "forest.png", title="Change of the A/B matching rate")
         images.append(("forest plot: each method vs its control and vs the unmodified model", plot))
     verdicts = [
-        (name, str((row.get("verdict") or {}).get("verdict", "–")), _why(row.get("verdict") or {}))
+        (name, verdict_label(row.get("verdict") or {}), _why(row.get("verdict") or {}))
         for name, row in methods.items()
     ]
     content = ReportContent(
@@ -170,6 +171,6 @@ def comparison_report(
 
 def _why(verdict: Mapping[str, Any]) -> str:
     against = verdict.get("against")
-    reasons = "; ".join(str(r) for r in verdict.get("reasons") or [])
+    reasons = "; ".join(str(r) for r in [*(verdict.get("reasons") or []), *(verdict.get("caveats") or [])])
     parts = [f"against {against}" if against else "", reasons]
     return " · ".join(p for p in parts if p)
