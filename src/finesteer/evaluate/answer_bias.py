@@ -18,12 +18,14 @@ beside it. Smaller groups are listed as not tested.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from finesteer.evaluate.ab_paired import ABComparison
+from finesteer.evaluate.effect_verdict import RELIABLE_EFFECT
 from finesteer.evaluate.stats import json_number
 
-__all__ = ["ANSWER_BIAS", "MIN_GROUP_ROWS", "answer_bias"]
+__all__ = ["ANSWER_BIAS", "MIN_GROUP_ROWS", "answer_bias", "verdict_caveats"]
 
 MIN_GROUP_ROWS = 8
 """Groups with fewer rows are not tested: a bootstrap interval over so few says little."""
@@ -82,3 +84,10 @@ def _caveat(wrong: list[dict[str, Any]]) -> str | None:
     ]
     why = "so the gain is at least partly an answer preference, not the behaviour"
     return f"{ANSWER_BIAS}: " + "; ".join(parts) + f"; {why}"
+
+
+def verdict_caveats(bias: Mapping[str, Any] | None, label: str) -> list[str]:
+    """The caveats a verdict carries: the answer bias, only on a "reliable effect" (a null or a
+    wrong-direction verdict claims nothing to qualify)."""
+    caveat = (bias or {}).get("caveat")
+    return [str(caveat)] if caveat and label == RELIABLE_EFFECT else []

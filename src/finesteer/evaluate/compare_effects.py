@@ -20,8 +20,8 @@ import numpy as np
 
 from finesteer.evaluate.ab import ABResult
 from finesteer.evaluate.ab_paired import ab_effect_vs, ab_effect_vs_controls
-from finesteer.evaluate.answer_bias import answer_bias
-from finesteer.evaluate.effect_verdict import NO_RELIABLE_EFFECT, RELIABLE_EFFECT, effect_verdict
+from finesteer.evaluate.answer_bias import answer_bias, verdict_caveats
+from finesteer.evaluate.effect_verdict import NO_RELIABLE_EFFECT, effect_verdict
 from finesteer.evaluate.stats import PairedEffect, StatsError, holm, paired_effect, seed_spread
 
 __all__ = ["REFERENCE", "REFERENCE_VERDICT", "ab_result", "add_effects"]
@@ -80,12 +80,6 @@ def _effects(row: dict[str, Any], base: Mapping[str, Any] | None) -> tuple[Paire
     return headline, against
 
 
-def _caveats(row: Mapping[str, Any], label: str) -> list[str]:
-    """What qualifies a reliable effect: an answer bias (`finesteer.evaluate.answer_bias`)."""
-    caveat = (row.get("answer_bias") or {}).get("caveat")
-    return [caveat] if caveat and label == RELIABLE_EFFECT else []
-
-
 def add_effects(results: dict[str, dict[str, Any]], *, direction: int = 1) -> dict[str, dict[str, Any]]:
     """Every row with its paired effects and `verdict` (in place; also returned)."""
     base = results.get(REFERENCE)
@@ -108,7 +102,7 @@ def add_effects(results: dict[str, dict[str, Any]], *, direction: int = 1) -> di
             "against": against,
             "p_value_unadjusted": effect.p_value,
             "adjustment": f"Holm over the {len(headlines)} methods compared",
-            "caveats": _caveats(results[name], verdict.label),
+            "caveats": verdict_caveats(results[name].get("answer_bias"), verdict.label),
         }
         results[name]["headline"] = {
             "against": against,

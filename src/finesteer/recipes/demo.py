@@ -18,8 +18,8 @@ import yaml
 
 from finesteer.evaluate.ab import ABResult
 from finesteer.evaluate.ab_paired import ab_effect_vs, ab_effect_vs_controls
-from finesteer.evaluate.answer_bias import answer_bias
-from finesteer.evaluate.effect_verdict import RELIABLE_EFFECT, effect_verdict
+from finesteer.evaluate.answer_bias import answer_bias, verdict_caveats
+from finesteer.evaluate.effect_verdict import effect_verdict
 from finesteer.evaluate.stats import holm, seed_spread
 from finesteer.recipes.config import AnyRecipe, RecipeError, parse_recipe
 from finesteer.recipes.run import RunFolder
@@ -120,9 +120,8 @@ def tour_verdict(run: RunFolder, metrics: dict[str, Any]) -> dict[str, Any]:
     if verdict["reasons"]:
         line += f" ({'; '.join(verdict['reasons'])})"
     added["answer_bias"] = answer_bias(comparison)
-    if verdict["verdict"] == RELIABLE_EFFECT and added["answer_bias"]["caveat"]:
-        verdict["caveats"] = [added["answer_bias"]["caveat"]]
-        line += f" ⚠ {added['answer_bias']['caveat']}"
+    verdict["caveats"] = verdict_caveats(added["answer_bias"], verdict["verdict"])
+    line += "".join(f" ⚠ {caveat}" for caveat in verdict["caveats"])
     table = {
         "title": "A/B matching rate on the test split",
         "columns": ["condition", "heads", "matching rate [95% CI]", "change [95% CI]", "p"],
